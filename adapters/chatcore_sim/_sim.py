@@ -1,0 +1,368 @@
+"""The simulator: the engine, a log and any number of clients, on a virtual clock.
+
+Clients speak the real wire protocol: what they send goes through the
+engine's codec as text frames, what they receive is the encoded frames the
+engine hands out. Nothing here sleeps or opens a socket; time moves only when
+the test calls :meth:`Simulation.advance`. The same seed gives the same run,
+down to the bytes of :attr:`Simulation.log`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from chatcore import (
+    Close,
+    Command,
+    Config,
+    Connect,
+    CreateRoom,
+    Deliver,
+    Disconnected,
+    Effect,
+    Engine,
+    LocalProtocolError,
+    Mode,
+    Ping,
+    Pong,
+    Receive,
+    SeededIds,
+    Shutdown,
+    Written,
+)
+from chatcore_store import MemoryStore, StorageEffect, is_storage_effect
+
+__all__ = ["SimClient", "Simulation"]
+
+START = 1_795_000_000.0
+"""Where virtual time starts: 2026-11-18T09:46:40Z."""
+
+
+class SimClient:
+    """One simulated user's client: a connection that can drop and resume.
+
+    ``events`` holds every event the client has read, decoded from JSON (in
+    plain-text mode, lines as strings wrapped as ``{"type": "line", ...}``).
+    """
+
+    def __init__(
+        self, sim: Simulation, user: str, rooms: tuple[str, ...], mode: Mode, answer_pings: bool
+    ) -> None:
+        self.sim = sim
+        self.user = user
+        self.rooms = rooms
+        self.mode = mode
+        self.answer_pings = answer_pings
+        self.conn: int | None = None
+        self.token: str | None = None
+        self.session: str | None = None
+        self.offsets: dict[str, int] = {}  # last offset seen per room
+        self.events: list[dict[str, Any]] = []
+        self.closed: tuple[int, str] | None = None
+        self.reading = True
+        self._unread: deque[str] = deque()
+        self._cursor = 0
+        self._sent = 0
+
+    # -- what a user does -----------------------------------------------------
+
+    def send(self, text: str, room: str | None = None, *, id: str | None = None) -> None:
+        """Send a chat message (to the first room, unless ``room`` is given)."""
+        if self.mode is Mode.TEXT:
+            self.send_raw(text)
+            return
+        frame: dict[str, Any] = {"type": "send", "room": room or self.rooms[0], "text": text}
+        if id is not None:
+            frame["id"] = id
+        self.send_json(frame)
+
+    def join(self, room: str) -> None:
+        self.send_json({"type": "join", "room": room})
+
+    def leave(self, room: str) -> None:
+        self.send_json({"type": "leave", "room": room})
+
+    def typing(self, room: str | None = None) -> None:
+        self.send_json({"type": "typing", "room": room or self.rooms[0]})
+
+    def read(self, offset: int, room: str | None = None) -> None:
+        self.send_json({"type": "read", "room": room or self.rooms[0], "offset": offset})
+
+    def history(
+        self, room: str | None = None, *, before: int | None = None, limit: int = 50
+    ) -> None:
+        self.send_json(
+            {"type": "history", "room": room or self.rooms[0], "before": before, "limit": limit}
+        )
+
+    def dm(self, to: str, text: str, *, id: str | None = None) -> None:
+        frame: dict[str, Any] = {"type": "dm", "to": to, "text": text}
+        if id is not None:
+            frame["id"] = id
+        self.send_json(frame)
+
+    def send_json(self, frame: dict[str, Any]) -> None:
+        self.send_raw(json.dumps(frame))
+
+    def send_raw(self, text: str) -> None:
+        """Send one text frame exactly as given (for testing bad input)."""
+        if self.conn is None:
+            raise RuntimeError(f"{self.user} is not connected")
+        self.sim._record(f"{self.user} -> {text}")
+        self.sim._feed(Receive(conn=self.conn, text=text))
+
+    def stop_reading(self) -> None:
+        """Become a slow reader: frames pile up unread in the outbox."""
+        self.reading = False
+
+    def start_reading(self) -> None:
+        self.reading = True
+        self.sim._drain([self])
+        self.sim._settle()
+
+    # -- what a test reads ---------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    def take(self) -> list[dict[str, Any]]:
+        """The events read since the last ``take``."""
+        new = self.events[self._cursor :]
+        self._cursor = len(self.events)
+        return new
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == kind]
+
+    def messages(self, room: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.of_type("message") if room is None or e["room"] == room]
+
+    def texts(self, room: str | None = None) -> list[str]:
+        return [e["text"] for e in self.messages(room)]
+
+    def lines(self) -> list[str]:
+        """Plain-text mode: every line read."""
+        return [e["line"] for e in self.of_type("line")]
+
+    def __repr__(self) -> str:
+        return f"<SimClient {self.user} conn={self.conn}>"
+
+    # -- the transport side ---------------------------------------------------------
+
+    def _arrive(self, data: str) -> None:
+        self._unread.append(data)
+
+    def _read_all(self) -> tuple[int, int]:
+        frames = nbytes = 0
+        while self._unread:
+            data = self._unread.popleft()
+            frames += 1
+            nbytes += len(data.encode())
+            self.sim._record(f"{self.user} <- {data}")
+            if self.mode is Mode.TEXT:
+                for line in data.split("\n"):
+                    self.events.append({"type": "line", "line": line})
+                continue
+            event = json.loads(data)
+            self.events.append(event)
+            self._observe(event)
+        return frames, nbytes
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "welcome":
+            self.token, self.session = event["resume"], event["session"]
+            for room, pos in event["rooms"].items():
+                self.offsets[room] = pos["offset"]
+        elif kind == "members":
+            self.offsets.setdefault(event["room"], event["offset"])
+        elif kind in ("message", "ack"):
+            room = event["room"]
+            self.offsets[room] = max(self.offsets.get(room, 0), event["offset"])
+        elif kind == "left" and event["user"] == self.user:
+            self.offsets.pop(event["room"], None)
+
+
+class Simulation:
+    """Engine + :class:`MemoryStore` + clients on a virtual clock.
+
+    ``store_latency`` delays every store answer by up to that many virtual
+    seconds (drawn from the seed, answers kept in order), so that tests can
+    catch the engine between a send and its ack.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        seed: int = 0,
+        store: MemoryStore | None = None,
+        store_latency: float = 0.0,
+        start: float = START,
+    ) -> None:
+        self.config = config or Config()
+        self.engine = Engine(self.config, SeededIds(seed))
+        self.store = store or MemoryStore()
+        self.now = start
+        self.log: list[str] = []
+        self.clients: list[SimClient] = []
+        self._rng = random.Random(seed)
+        self._latency = store_latency
+        self._queue: deque[Command] = deque()
+        self._later: list[tuple[float, int, Sequence[StorageEffect]]] = []
+        self._last_answer = start
+        self._seq = 0
+        self._next_conn = 0
+        self._by_conn: dict[int, SimClient] = {}
+        self._busy = False
+
+    # -- driving it ----------------------------------------------------------------
+
+    def connect(
+        self,
+        user: str,
+        room: str | None = None,
+        *,
+        rooms: Iterable[str] = (),
+        mode: Mode = Mode.JSON,
+        answer_pings: bool = True,
+    ) -> SimClient:
+        """Open a new client for ``user`` joined to ``room`` / ``rooms``."""
+        wanted = tuple(([room] if room else []) + list(rooms))
+        client = SimClient(self, user, wanted, mode, answer_pings)
+        self.clients.append(client)
+        self._open(client, resume=False)
+        return client
+
+    def drop(self, client: SimClient) -> None:
+        """The client's transport dies without a close frame; unread frames are lost."""
+        if client.conn is None:
+            raise RuntimeError(f"{client.user} is not connected")
+        conn, client.conn = client.conn, None
+        del self._by_conn[conn]
+        client._unread.clear()
+        self._record(f"{client.user} dropped")
+        self._feed(Disconnected(conn=conn))
+
+    def resume(self, client: SimClient) -> None:
+        """Reconnect with the resume token and the last offset seen per room."""
+        if client.conn is not None:
+            self.drop(client)
+        self._open(client, resume=True)
+
+    def create_room(self, room: str, *, allow: Iterable[str], private: bool = True) -> None:
+        self._feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
+
+    def shutdown(self) -> None:
+        self._feed(Shutdown())
+
+    def advance(self, seconds: float) -> None:
+        """Move the virtual clock forward, running every timer and store answer due."""
+        if seconds < 0:
+            raise ValueError("time does not go backwards")
+        until = self.now + seconds
+        while True:
+            due = [
+                t
+                for t in (self.engine.next_deadline(), self._later[0][0] if self._later else None)
+                if t is not None and t <= until
+            ]
+            if not due:
+                break
+            self.now = max(self.now, min(due))
+            if self._later and self._later[0][0] <= self.now:
+                _, _, effects = heapq.heappop(self._later)
+                self._queue.extend(self.store.execute_now(effects))
+                self._settle()
+            else:
+                self._run(self.engine.tick(self.now))
+        self.now = until
+
+    # -- the adapter's side ----------------------------------------------------------
+
+    def _open(self, client: SimClient, *, resume: bool) -> None:
+        self._next_conn += 1
+        conn = self._next_conn
+        client.conn = conn
+        client.closed = None
+        self._by_conn[conn] = client
+        self._record(f"{client.user} connects" + (" (resume)" if resume else ""))
+        offsets = dict(client.offsets) if resume else {}
+        self._feed(
+            Connect(
+                conn=conn,
+                user=client.user,
+                rooms=client.rooms,
+                resume=client.token if resume else None,
+                offsets=offsets,
+                mode=client.mode,
+            )
+        )
+
+    def _record(self, line: str) -> None:
+        self.log.append(f"{self.now - START:10.3f} {line}")
+
+    def _feed(self, command: Command) -> None:
+        self._queue.append(command)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Run queued commands until the system is quiet."""
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            while self._queue:
+                self._run(self.engine.handle(self._queue.popleft(), self.now))
+        finally:
+            self._busy = False
+
+    def _run(self, effects: list[Effect]) -> None:
+        touched: dict[int, SimClient] = {}
+        storage: list[StorageEffect] = []
+        for effect in effects:
+            if is_storage_effect(effect):
+                storage.append(effect)
+            elif isinstance(effect, Deliver):
+                for conn in effect.to:
+                    client = self._by_conn.get(conn)
+                    if client is None:
+                        raise LocalProtocolError(f"engine delivered to unknown conn {conn}")
+                    client._arrive(effect.data)
+                    touched[conn] = client
+            elif isinstance(effect, Close):
+                client = self._by_conn.pop(effect.conn, None)
+                if client is not None:
+                    touched.pop(effect.conn, None)
+                    if client.reading:  # frames sent before the close frame still arrive
+                        client._read_all()
+                    client.conn = None
+                    client._unread.clear()
+                    client.closed = (effect.code, effect.reason)
+                    self._record(f"{client.user} closed {effect.code} {effect.reason}")
+            elif isinstance(effect, Ping):
+                client = self._by_conn.get(effect.conn)
+                if client is not None and client.answer_pings:
+                    self._queue.append(Pong(conn=effect.conn))
+        if storage:
+            if self._latency <= 0:
+                self._queue.extend(self.store.execute_now(storage))
+            else:
+                when = max(self._last_answer, self.now + self._rng.uniform(0, self._latency))
+                self._last_answer = when
+                self._seq += 1
+                heapq.heappush(self._later, (when, self._seq, storage))
+        self._drain(touched.values())
+        self._settle()
+
+    def _drain(self, clients: Iterable[SimClient]) -> None:
+        for client in clients:
+            if client.reading and client.conn is not None and client._unread:
+                frames, nbytes = client._read_all()
+                self._queue.append(Written(conn=client.conn, frames=frames, nbytes=nbytes))

@@ -1,0 +1,257 @@
+"""The wire protocol ``chatcore.v1``: decoding client frames, encoding events.
+
+Pure functions, no state. ``docs/protocol.md`` is the normative description;
+this module is its implementation. Decoding never raises anything but
+:class:`FrameError`, whatever the input.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any, assert_never
+
+from ._commands import (
+    ClientRequest,
+    ConnId,
+    FetchHistory,
+    Join,
+    Leave,
+    MarkRead,
+    Send,
+    SendDirect,
+    StartTyping,
+)
+from ._errors import ErrorCode
+from ._events import (
+    Ack,
+    ErrorEvent,
+    History,
+    Joined,
+    Left,
+    Members,
+    Message,
+    ReadMark,
+    ServerEvent,
+    Typing,
+    Welcome,
+)
+
+__all__ = [
+    "MAX_CLIENT_ID",
+    "FrameError",
+    "decode_request",
+    "encode_json",
+    "encode_text",
+    "format_ts",
+]
+
+MAX_CLIENT_ID = 128
+"""Longest client message id, in characters."""
+
+_MAX_OFFSET = 2**53 - 1  # what a JavaScript number holds exactly
+
+
+class FrameError(Exception):
+    """A client frame that cannot be turned into a request."""
+
+    def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+def _field_str(obj: dict[str, Any], key: str, ref: str | None) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        what = "missing" if key not in obj else "must be a string"
+        raise FrameError(ErrorCode.INVALID_FIELD, f"field {key!r} {what}", ref)
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate escaped in the JSON
+            raise FrameError(
+                ErrorCode.INVALID_FIELD, f"field {key!r} is not valid Unicode", ref
+            ) from None
+    return value
+
+
+def _field_int(obj: dict[str, Any], key: str, ref: str | None, *, low: int = 0) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX_OFFSET:
+        what = "missing" if key not in obj else f"must be an integer >= {low}"
+        raise FrameError(ErrorCode.INVALID_FIELD, f"field {key!r} {what}", ref)
+    return value
+
+
+def _field_opt_int(obj: dict[str, Any], key: str, ref: str | None, *, low: int) -> int | None:
+    return None if obj.get(key) is None else _field_int(obj, key, ref, low=low)
+
+
+def _client_id(obj: dict[str, Any]) -> str | None:
+    value = obj.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_CLIENT_ID or not value.isprintable():
+        raise FrameError(
+            ErrorCode.INVALID_FIELD, f"field 'id' must be a string of 1-{MAX_CLIENT_ID} characters"
+        )
+    return value
+
+
+def decode_request(conn: ConnId, text: str) -> ClientRequest:
+    """Decode one JSON text frame into a client request, or raise FrameError."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise FrameError(ErrorCode.INVALID_JSON, "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise FrameError(ErrorCode.INVALID_JSON, "frame must be a JSON object")
+    kind = obj.get("type")
+    if kind == "send":
+        cid = _client_id(obj)
+        return Send(
+            conn=conn,
+            room=_field_str(obj, "room", cid),
+            text=_field_str(obj, "text", cid),
+            client_id=cid,
+        )
+    if kind == "dm":
+        cid = _client_id(obj)
+        return SendDirect(
+            conn=conn,
+            to=_field_str(obj, "to", cid),
+            text=_field_str(obj, "text", cid),
+            client_id=cid,
+        )
+    if kind == "join":
+        return Join(conn=conn, room=_field_str(obj, "room", None))
+    if kind == "leave":
+        return Leave(conn=conn, room=_field_str(obj, "room", None))
+    if kind == "typing":
+        return StartTyping(conn=conn, room=_field_str(obj, "room", None))
+    if kind == "read":
+        room = _field_str(obj, "room", None)
+        return MarkRead(conn=conn, room=room, offset=_field_int(obj, "offset", room))
+    if kind == "history":
+        room = _field_str(obj, "room", None)
+        before = _field_opt_int(obj, "before", room, low=1)
+        limit = _field_opt_int(obj, "limit", room, low=1)
+        return FetchHistory(
+            conn=conn, room=room, before=before, limit=50 if limit is None else limit
+        )
+    if not isinstance(kind, str):
+        raise FrameError(ErrorCode.UNKNOWN_TYPE, "field 'type' missing or not a string")
+    raise FrameError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:40]!r}")
+
+
+def format_ts(ms: int) -> str:
+    """Milliseconds since the epoch as ISO 8601 UTC, e.g. ``2026-11-21T22:00:00.000Z``."""
+    seconds, millis = divmod(ms, 1000)
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+
+
+def _message_obj(m: Message) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "room": m.room,
+        "offset": m.offset,
+        "epoch": m.epoch,
+        "from": m.sender,
+        "text": m.text,
+        "ts": format_ts(m.ts),
+        "id": m.client_id,
+    }
+
+
+def _to_obj(event: ServerEvent) -> dict[str, Any]:
+    match event:
+        case Message():
+            return _message_obj(event)
+        case Welcome():
+            return {
+                "type": "welcome",
+                "session": event.session,
+                "resume": event.resume,
+                "user": event.user,
+                "resumed": event.resumed,
+                "rooms": {
+                    r: {"offset": p.offset, "epoch": p.epoch, "read": p.read}
+                    for r, p in event.rooms.items()
+                },
+            }
+        case Ack():
+            return {
+                "type": "ack",
+                "room": event.room,
+                "offset": event.offset,
+                "id": event.client_id,
+            }
+        case Joined():
+            return {"type": "joined", "room": event.room, "user": event.user}
+        case Left():
+            return {"type": "left", "room": event.room, "user": event.user}
+        case Members():
+            return {
+                "type": "members",
+                "room": event.room,
+                "users": list(event.users),
+                "offset": event.offset,
+                "epoch": event.epoch,
+            }
+        case Typing():
+            return {
+                "type": "typing",
+                "room": event.room,
+                "user": event.user,
+                "active": event.active,
+            }
+        case ReadMark():
+            return {"type": "read", "room": event.room, "user": event.user, "offset": event.offset}
+        case History():
+            return {
+                "type": "history",
+                "room": event.room,
+                "messages": [_message_obj(m) for m in event.messages],
+                "more": event.more,
+            }
+        case ErrorEvent():
+            obj: dict[str, Any] = {
+                "type": "error",
+                "code": event.code,
+                "message": event.message,
+                "ref": event.ref,
+            }
+            if event.retry_after is not None:
+                obj["retry_after"] = event.retry_after
+            return obj
+        case _:
+            assert_never(event)
+
+
+def encode_json(event: ServerEvent) -> str:
+    """The ``chatcore.v1`` text frame for ``event``."""
+    return json.dumps(_to_obj(event), ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_text(event: ServerEvent) -> str | None:
+    """The plain-text-mode line for ``event``, or None if that mode shows nothing."""
+    match event:
+        case Message():
+            return f"{event.sender}: {event.text}"
+        case Joined():
+            return f"{event.user} joined the room"
+        case Left():
+            return f"{event.user} left the room"
+        case Members():
+            return "In the room: " + ", ".join(event.users)
+        case ErrorEvent():
+            return f"error: {event.message}"
+        case History():
+            return "\n".join(f"{m.sender}: {m.text}" for m in event.messages) or None
+        case Welcome() | Ack() | Typing() | ReadMark():
+            return None
+        case _:
+            assert_never(event)

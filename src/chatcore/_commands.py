@@ -1,0 +1,249 @@
+"""Commands: everything that can happen *to* the engine.
+
+Three families, all frozen values passed to :meth:`Engine.handle`:
+
+* transport commands, from the adapter that owns the sockets
+  (``Connect``, ``Receive``, ``Disconnected``, ``Written``, ``Pong``);
+* client requests, what a decoded frame asks for (``Join``, ``Send``, ...);
+  ``Receive`` decodes into one of these, and a host program may also pass
+  them directly;
+* log answers, the results of storage effects fed back in
+  (``RoomLoaded``, ``Appended``, ``AppendFailed``, ``HistoryLoaded``,
+  ``HistoryFailed``), and host commands (``CreateRoom``, ``Shutdown``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._events import Message
+
+__all__ = [
+    "AppendFailed",
+    "Appended",
+    "ClientRequest",
+    "Command",
+    "Connect",
+    "CreateRoom",
+    "Disconnected",
+    "FetchHistory",
+    "HistoryFailed",
+    "HistoryLoaded",
+    "Join",
+    "Leave",
+    "MarkRead",
+    "Mode",
+    "Pong",
+    "Receive",
+    "RoomLoaded",
+    "Send",
+    "SendDirect",
+    "Shutdown",
+    "StartTyping",
+    "Written",
+]
+
+ConnId = int
+
+
+class Mode(enum.Enum):
+    """How a connection's frames are encoded."""
+
+    JSON = "json"  # subprotocol chatcore.v1
+    TEXT = "text"  # no subprotocol: one line per event, as websocat users expect
+
+
+# -- transport ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connect:
+    """A transport opened for ``user``.
+
+    ``resume`` is the token from an earlier ``welcome``; ``offsets`` is the last
+    offset the client saw per room. ``rooms`` are joined on a fresh session
+    (and on a resumed one, in addition to the rooms it had).
+    """
+
+    conn: ConnId
+    user: str
+    rooms: tuple[str, ...] = ()
+    resume: str | None = None
+    offsets: Mapping[str, int] = field(default_factory=dict)
+    mode: Mode = Mode.JSON
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receive:
+    """One text frame from the client, to be decoded by the engine's codec."""
+
+    conn: ConnId
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Disconnected:
+    """The transport is gone (closed, reset, or failed to write)."""
+
+    conn: ConnId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Written:
+    """The adapter handed ``frames`` frames, ``nbytes`` bytes, to the socket."""
+
+    conn: ConnId
+    frames: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pong:
+    """The client answered a ping (any received frame also counts as alive)."""
+
+    conn: ConnId
+
+
+# -- client requests -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Join:
+    conn: ConnId
+    room: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leave:
+    conn: ConnId
+    room: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Send:
+    conn: ConnId
+    room: str
+    text: str
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendDirect:
+    conn: ConnId
+    to: str
+    text: str
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartTyping:
+    conn: ConnId
+    room: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MarkRead:
+    conn: ConnId
+    room: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchHistory:
+    """Page backwards: up to ``limit`` messages with offset < ``before``.
+
+    ``before=None`` means from the head of the room.
+    """
+
+    conn: ConnId
+    room: str
+    before: int | None = None
+    limit: int = 50
+
+
+ClientRequest = Join | Leave | Send | SendDirect | StartTyping | MarkRead | FetchHistory
+
+
+# -- log answers and host commands ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoomLoaded:
+    """The log's answer to ``LoadRoom``.
+
+    ``head`` is the highest offset stored (0 for a new room), ``recent`` the
+    newest stored messages in ascending order (at most what was asked).
+    """
+
+    room: str
+    epoch: str
+    head: int
+    private: bool = False
+    allow: frozenset[str] = frozenset()
+    recent: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Appended:
+    """The log stored ``message`` (or already had it: ``duplicate``).
+
+    ``ref`` is the ``Append.ref`` this answers, or None for a message that
+    another process appended (it is delivered all the same).
+    """
+
+    message: Message
+    ref: int | None = None
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppendFailed:
+    ref: int
+    reason: str = "store unavailable"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryLoaded:
+    """Answer to ``LoadHistory``: messages in ascending offset order."""
+
+    ref: int
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryFailed:
+    ref: int
+    reason: str = "store unavailable"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateRoom:
+    """Host/admin: create or update a room; private rooms admit only ``allow``."""
+
+    room: str
+    private: bool = True
+    allow: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shutdown:
+    """Close every connection with 1001, save positions, refuse new connections."""
+
+
+Command = (
+    Connect
+    | Receive
+    | Disconnected
+    | Written
+    | Pong
+    | ClientRequest
+    | RoomLoaded
+    | Appended
+    | AppendFailed
+    | HistoryLoaded
+    | HistoryFailed
+    | CreateRoom
+    | Shutdown
+)

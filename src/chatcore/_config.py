@@ -1,0 +1,48 @@
+"""Engine configuration: every bound and policy, with its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+__all__ = ["Config"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Limits and timings. Times are seconds; sizes are bytes of UTF-8.
+
+    Raises ``ValueError`` on construction if a value is out of range.
+    """
+
+    grace_period: float = 30.0
+    """How long a dropped session waits for its client to resume."""
+    max_rooms_per_session: int = 128
+    max_text_bytes: int = 64 * 1024
+    """Largest message text; larger gets error ``too_large``."""
+    max_frame_bytes: int = 80 * 1024
+    """Largest client frame the codec reads (text plus JSON framing)."""
+    echo: bool = False
+    """Send a sender's own message back to the sending connection too."""
+    typing_ttl: float = 5.0
+    history_window: int = 1000
+    """Messages per room kept in memory; older ones are read from the log."""
+    history_page_max: int = 100
+    outbox_frames: int = 256
+    outbox_bytes: int = 1024 * 1024
+    """Per-connection bound on frames and bytes handed out but not yet written."""
+    rate_burst: int = 10
+    rate_per_second: float = 10.0
+    ping_interval: float = 25.0
+    pong_timeout: float = 20.0
+    max_pending_frames: int = 32
+    """Frames a connection may send before its welcome; more are refused."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                continue
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"Config.{f.name} must be a positive number, got {value!r}")
+        if self.max_frame_bytes < self.max_text_bytes:
+            raise ValueError("Config.max_frame_bytes must be at least max_text_bytes")

@@ -1,0 +1,121 @@
+"""Effects: everything the engine asks its adapter to do.
+
+Transport effects (``Deliver``, ``Close``, ``Ping``) act on connections;
+storage effects (``LoadRoom``, ``Append``, ``LoadHistory``, ``SaveRoom``,
+``SavePositions``) go to the log, whose answers come back as commands. The
+adapter carries them out in the order given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._commands import ConnId
+from ._events import ServerEvent
+
+__all__ = [
+    "Append",
+    "Close",
+    "Deliver",
+    "Effect",
+    "LoadHistory",
+    "LoadRoom",
+    "Ping",
+    "Position",
+    "SavePositions",
+    "SaveRoom",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deliver:
+    """Write ``data`` (one text frame, already encoded) to every connection in ``to``.
+
+    The same string goes to all of them: fan-out encodes once. ``size`` is its
+    UTF-8 length, which the engine counts against each outbox until the adapter
+    reports it ``Written``.
+    """
+
+    to: tuple[ConnId, ...]
+    event: ServerEvent
+    data: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Close:
+    """Close the connection with a WebSocket close code and reason.
+
+    The engine has already forgotten the connection; a later ``Disconnected``
+    for it is ignored.
+    """
+
+    conn: ConnId
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ping:
+    conn: ConnId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadRoom:
+    """Answer with ``RoomLoaded`` (creating a public room if it does not exist)."""
+
+    room: str
+    recent: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Append:
+    """Append a message; answer ``Appended`` with the offset the log assigned.
+
+    The log must keep (room, sender, client_id) unique when ``client_id`` is
+    set and answer a repeat with the stored message and ``duplicate=True``.
+    """
+
+    ref: int
+    room: str
+    sender: str
+    text: str
+    ts: int
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadHistory:
+    """Answer ``HistoryLoaded``: the newest ``limit`` messages with
+    ``after < offset < before`` (all of them when ``limit`` is None), ascending."""
+
+    ref: int
+    room: str
+    after: int
+    before: int
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveRoom:
+    room: str
+    private: bool
+    allow: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Position:
+    room: str
+    delivered: int
+    read: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SavePositions:
+    """Persist a user's delivered/read offsets (a read mark, or a session that ended)."""
+
+    user: str
+    positions: tuple[Position, ...]
+
+
+Effect = Deliver | Close | Ping | LoadRoom | Append | LoadHistory | SaveRoom | SavePositions

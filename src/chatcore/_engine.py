@@ -1,0 +1,1129 @@
+"""The engine: every chat rule, as a pure state machine.
+
+``Engine.handle(command, now)`` and ``Engine.tick(now)`` are the only ways in;
+both return the effects to carry out, in order. The engine owns sessions,
+connections, rooms in memory, outboxes and timers. It does not own the
+history: offsets come from the log, so several processes sharing one log
+agree on every room's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import assert_never, cast
+
+from ._codec import FrameError, decode_request, encode_json, encode_text
+from ._commands import (
+    Appended,
+    AppendFailed,
+    ClientRequest,
+    Command,
+    Connect,
+    ConnId,
+    CreateRoom,
+    Disconnected,
+    FetchHistory,
+    HistoryFailed,
+    HistoryLoaded,
+    Join,
+    Leave,
+    MarkRead,
+    Mode,
+    Pong,
+    Receive,
+    RoomLoaded,
+    Send,
+    SendDirect,
+    Shutdown,
+    StartTyping,
+    Written,
+)
+from ._config import Config
+from ._effects import (
+    Append,
+    Close,
+    Deliver,
+    Effect,
+    LoadHistory,
+    LoadRoom,
+    Ping,
+    Position,
+    SavePositions,
+    SaveRoom,
+)
+from ._errors import CloseCode, ErrorCode, LocalProtocolError
+from ._events import (
+    Ack,
+    ErrorEvent,
+    History,
+    Joined,
+    Left,
+    Members,
+    Message,
+    ReadMark,
+    RoomPosition,
+    ServerEvent,
+    Typing,
+    Welcome,
+)
+from ._ids import IdSource
+from ._names import dm_room, dm_users, is_valid_name, is_valid_room
+from ._room import Room
+from ._session import (
+    Catchup,
+    Connection,
+    Session,
+    SessionInput,
+    SessionState,
+    TokenBucket,
+    next_state,
+)
+from ._timers import TimerKind, Timers
+
+__all__ = ["Engine", "SessionInfo"]
+
+_In = SessionInput
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionInfo:
+    """A read-only view of one session, for host programs and tests."""
+
+    id: str
+    user: str
+    state: SessionState
+    conn: ConnId | None
+    rooms: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _PendingSend:
+    session: Session
+    room: str
+    client_id: str | None
+
+
+@dataclass(slots=True)
+class _PendingPage:
+    session: Session
+    room: str
+    before: int
+
+
+class Engine:
+    """The sans-IO chat engine. See the module docstring and docs/engine.md."""
+
+    def __init__(self, config: Config, ids: IdSource) -> None:
+        self.config = config
+        self._ids = ids
+        self._conns: dict[ConnId, Connection] = {}
+        self._sessions: dict[str, Session] = {}  # by resume token
+        self._by_id: dict[str, Session] = {}
+        self._by_user: dict[str, dict[str, Session]] = {}
+        self._rooms: dict[str, Room] = {}
+        self._loading: dict[str, list[tuple[Session, ClientRequest | None]]] = {}
+        self._pending: dict[int, _PendingSend] = {}
+        self._pages: dict[int, _PendingPage] = {}
+        self._catchups: dict[int, tuple[Connection, str]] = {}
+        self._gaps: dict[int, str] = {}
+        self._ref = 0
+        self._timers = Timers()
+        self._closing = False
+        self._now = 0.0
+        self._soft_frames = max(1, config.outbox_frames // 2)
+        self._soft_bytes = max(1, config.outbox_bytes // 2)
+
+    # -- the three calls -----------------------------------------------------
+
+    def handle(self, command: Command, now: float) -> list[Effect]:
+        """Apply one command; return the effects to carry out, in order.
+
+        Raises :class:`LocalProtocolError` (before changing anything) when the
+        host opens a connection id that is open already, reports negative
+        written counts, or creates a room with an invalid name. Commands for
+        a connection that is not open (one the engine closed, racing with the
+        adapter) are ignored.
+        """
+        out: list[Effect] = []
+        self._now = now
+        match command:
+            case Receive():
+                if (conn := self._conns.get(command.conn)) is not None:
+                    conn.last_seen = now
+                    self._receive(conn, command.text, now, out)
+            case (
+                Send()
+                | Join()
+                | Leave()
+                | StartTyping()
+                | MarkRead()
+                | FetchHistory()
+                | SendDirect()
+            ):
+                if (conn := self._conns.get(command.conn)) is not None:
+                    conn.last_seen = now
+                    self._request(conn.session, command, now, out)
+            case Written():
+                if command.frames < 0 or command.nbytes < 0:
+                    raise LocalProtocolError("Written counts must not be negative")
+                if (conn := self._conns.get(command.conn)) is not None:
+                    conn.frames = max(0, conn.frames - command.frames)
+                    conn.nbytes = max(0, conn.nbytes - command.nbytes)
+                    if conn.catchup:
+                        self._pump(conn, out)
+            case Appended():
+                self._appended(command, now, out)
+            case Connect():
+                self._connect(command, now, out)
+            case Disconnected():
+                gone = self._conns.get(command.conn)
+                if gone is not None:  # None: the engine closed it already
+                    self._drop(gone, out)
+            case Pong():
+                if (conn := self._conns.get(command.conn)) is not None:
+                    conn.last_seen = now
+            case RoomLoaded():
+                self._room_loaded(command, now, out)
+            case AppendFailed():
+                pending = self._pending.pop(command.ref, None)
+                if pending is not None:
+                    self._error(
+                        pending.session,
+                        ErrorCode.UNAVAILABLE,
+                        f"message not stored: {command.reason}",
+                        pending.client_id,
+                        out,
+                    )
+            case HistoryLoaded():
+                self._history_loaded(command, out)
+            case HistoryFailed():
+                self._history_failed(command, now, out)
+            case CreateRoom():
+                self._create_room(command, out)
+            case Shutdown():
+                self._shutdown(now, out)
+            case _:
+                assert_never(command)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The absolute time at which :meth:`tick` next has work, or None."""
+        timers = self._timers
+        while (entry := timers.peek()) is not None:
+            if self._timer_live(entry[2], entry[3], entry[4]):
+                return entry[0]
+            timers.pop()
+        return None
+
+    def tick(self, now: float) -> list[Effect]:
+        """Run every timer due at or before ``now``."""
+        out: list[Effect] = []
+        self._now = now
+        timers = self._timers
+        while (entry := timers.peek()) is not None and entry[0] <= now:
+            timers.pop()
+            _, _, kind, key, gen = entry
+            if not self._timer_live(kind, key, gen):
+                continue
+            match kind:
+                case TimerKind.PING:
+                    key.ping_sent = now
+                    out.append(Ping(conn=key.id))
+                    timers.push(now + self.config.pong_timeout, TimerKind.PONG_DEADLINE, key, now)
+                case TimerKind.PONG_DEADLINE:
+                    if key.last_seen >= gen:
+                        timers.push(gen + self.config.ping_interval, TimerKind.PING, key, None)
+                    else:
+                        out.append(
+                            Close(
+                                conn=key.id,
+                                code=CloseCode.HEARTBEAT_TIMEOUT,
+                                reason="heartbeat timeout",
+                            )
+                        )
+                        self._drop(key, out)
+                case TimerKind.GRACE:
+                    self._expire(key, now, out)
+                case TimerKind.TYPING:
+                    room, user = key
+                    del room.typing[user]
+                    self._broadcast(
+                        room,
+                        Typing(room=room.name, user=user, active=False),
+                        None,
+                        out,
+                        ephemeral=True,
+                    )
+        return out
+
+    def _timer_live(self, kind: TimerKind, key: object, gen: object) -> bool:
+        if kind is TimerKind.PING or kind is TimerKind.PONG_DEADLINE:
+            assert isinstance(key, Connection)
+            return self._conns.get(key.id) is key
+        if kind is TimerKind.GRACE:
+            assert isinstance(key, Session)
+            return key.state is SessionState.DETACHED and key.detach_gen == gen
+        room, user = cast(tuple[Room, str], key)
+        return self._rooms.get(room.name) is room and room.typing.get(user) == gen
+
+    # -- read-only views ---------------------------------------------------------
+
+    def session(self, session_id: str) -> SessionInfo | None:
+        s = self._by_id.get(session_id)
+        if s is None:
+            return None
+        return SessionInfo(
+            id=s.id,
+            user=s.user,
+            state=s.state,
+            conn=s.conn.id if s.conn else None,
+            rooms=tuple(s.rooms),
+        )
+
+    def session_of(self, conn: ConnId) -> SessionInfo | None:
+        c = self._conns.get(conn)
+        return None if c is None else self.session(c.session.id)
+
+    def rooms(self) -> dict[str, int]:
+        """Rooms held in memory, with how many users are present in each."""
+        return {name: len(room.users) for name, room in self._rooms.items()}
+
+    def members(self, room: str) -> tuple[str, ...]:
+        r = self._rooms.get(room)
+        return () if r is None else r.member_list()
+
+    def outbox(self, conn: ConnId) -> tuple[int, int]:
+        """(frames, bytes) handed out to ``conn`` and not yet reported written."""
+        c = self._conn(conn)
+        return c.frames, c.nbytes
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    # -- connecting -------------------------------------------------------------
+
+    def _conn(self, conn_id: ConnId) -> Connection:
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            raise LocalProtocolError(f"no open connection {conn_id!r}")
+        return conn
+
+    def _connect(self, cmd: Connect, now: float, out: list[Effect]) -> None:
+        if cmd.conn in self._conns:
+            raise LocalProtocolError(f"connection {cmd.conn!r} is already open")
+        if self._closing:
+            out.append(Close(conn=cmd.conn, code=CloseCode.GOING_AWAY, reason="going away"))
+            return
+        if not is_valid_name(cmd.user):
+            out.append(
+                Close(conn=cmd.conn, code=CloseCode.POLICY_VIOLATION, reason="invalid user name")
+            )
+            return
+        session = self._sessions.get(cmd.resume) if cmd.resume else None
+        if (
+            session is not None
+            and session.user == cmd.user
+            and session.state in (SessionState.LIVE, SessionState.DETACHED, SessionState.RESUMING)
+        ):
+            old = session.conn
+            session.state = next_state(session.state, _In.RESUME)
+            if old is not None:
+                self._detach_conn(old)
+                out.append(
+                    Close(
+                        conn=old.id,
+                        code=CloseCode.NORMAL,
+                        reason="session resumed on another connection",
+                    )
+                )
+            session.resumed = True
+            session.offsets = {r: o for r, o in cmd.offsets.items() if r in session.rooms}
+        else:
+            session = Session(
+                self._ids.session_id(),
+                self._ids.resume_token(),
+                cmd.user,
+                TokenBucket(self.config.rate_burst, now),
+            )
+            self._sessions[session.token] = session
+            self._by_id[session.id] = session
+            self._by_user.setdefault(cmd.user, {})[session.id] = session
+        conn = Connection(cmd.conn, session, cmd.mode, now)
+        self._conns[cmd.conn] = conn
+        session.conn = conn
+        session.backlog = []
+        session.wanted = [r for r in dict.fromkeys(cmd.rooms) if r not in session.rooms]
+        session.text_room = next(iter(session.rooms), None) or next(iter(session.wanted), None)
+        self._timers.push(now + self.config.ping_interval, TimerKind.PING, conn, None)
+        session.waiting = {r for r in session.wanted if is_valid_room(r) and r not in self._rooms}
+        for room in session.waiting:
+            self._await_room(room, session, None, out)
+        if not session.waiting:
+            self._ready(session, now, out)
+
+    def _ready(self, session: Session, now: float, out: list[Effect]) -> None:
+        conn = session.conn
+        assert conn is not None
+        # A room loaded earlier may have been let go while another was loading.
+        session.waiting = {r for r in session.wanted if is_valid_room(r) and r not in self._rooms}
+        if session.waiting:
+            for room_name in session.waiting:
+                self._await_room(room_name, session, None, out)
+            return
+        session.state = next_state(session.state, _In.READY)
+        later: list[Effect] = []
+        for room_name in session.wanted:
+            self._join(session, room_name, later, quiet=True)
+        session.wanted = []
+        # Where this connection's stream starts per room: everything after it follows.
+        starts = {}
+        for name in session.rooms:
+            head = self._rooms[name].head
+            start = head
+            if session.resumed:
+                start = session.offsets.get(name, session.delivered.get(name, head))
+                start = min(max(start, 0), head)
+            starts[name] = start
+        rooms = {
+            name: RoomPosition(
+                offset=start,
+                epoch=self._rooms[name].epoch,
+                read=self._rooms[name].reads.get(session.user, 0),
+            )
+            for name, start in starts.items()
+        }
+        self._to(
+            conn,
+            Welcome(
+                session=session.id,
+                resume=session.token,
+                user=session.user,
+                resumed=session.resumed,
+                rooms=rooms,
+            ),
+            out,
+        )
+        out.extend(later)
+        for name, start in starts.items():
+            room = self._rooms[name]
+            self._to(conn, self._members(room, start), out)
+            if session.conn is not conn:
+                return  # closed as a slow consumer
+            if start < room.head:
+                conn.catchup[name] = Catchup(start + 1)
+            else:
+                room.conns[conn.id] = conn
+        session.offsets = {}
+        if conn.catchup:
+            self._pump(conn, out)
+        backlog, session.backlog = session.backlog, []
+        for request in backlog:
+            if session.conn is not conn:
+                break
+            self._request(session, request, now, out)
+
+    def _await_room(
+        self, name: str, session: Session, request: ClientRequest | None, out: list[Effect]
+    ) -> None:
+        waiters = self._loading.get(name)
+        if waiters is None:
+            self._loading[name] = [(session, request)]
+            out.append(LoadRoom(room=name, recent=self.config.history_window))
+        else:
+            waiters.append((session, request))
+
+    def _room_loaded(self, cmd: RoomLoaded, now: float, out: list[Effect]) -> None:
+        waiters = self._loading.pop(cmd.room, None)
+        if waiters is None or cmd.room in self._rooms:
+            return  # an answer nobody waits for any more
+        private, allow = cmd.private, cmd.allow
+        pair = dm_users(cmd.room)
+        if pair is not None:
+            private, allow = True, frozenset(pair)
+        room = Room(
+            cmd.room,
+            epoch=cmd.epoch,
+            head=cmd.head,
+            private=private,
+            allow=allow,
+            window=self.config.history_window,
+            recent=cmd.recent,
+        )
+        self._rooms[cmd.room] = room
+        for session, request in waiters:
+            if request is None:
+                session.waiting.discard(cmd.room)
+                if not session.waiting and session.state in (
+                    SessionState.OPENING,
+                    SessionState.RESUMING,
+                ):
+                    self._ready(session, now, out)
+            elif session.state is SessionState.LIVE:
+                self._request(session, request, now, out)
+        self._forget_if_empty(room)
+
+    def _forget_if_empty(self, room: Room) -> None:
+        if not room.users and self._rooms.get(room.name) is room:
+            del self._rooms[room.name]
+
+    # -- requests from clients ------------------------------------------------------
+
+    def _receive(self, conn: Connection, text: str, now: float, out: list[Effect]) -> None:
+        session = conn.session
+        if len(text) > self.config.max_frame_bytes:
+            self._error(session, ErrorCode.TOO_LARGE, "frame too large", None, out)
+            return
+        request: ClientRequest
+        if conn.mode is Mode.TEXT:
+            room = session.text_room
+            if room is None:
+                self._error(session, ErrorCode.NOT_MEMBER, "join a room first", None, out)
+                return
+            request = Send(conn=conn.id, room=room, text=text)
+        else:
+            try:
+                request = decode_request(conn.id, text)
+            except FrameError as exc:
+                self._error(session, exc.code, exc.message, exc.ref, out)
+                return
+        self._request(session, request, now, out)
+
+    def _request(
+        self, session: Session, request: ClientRequest, now: float, out: list[Effect]
+    ) -> None:
+        state = next_state(session.state, _In.FRAME)
+        if state is not SessionState.LIVE:
+            if len(session.backlog) >= self.config.max_pending_frames:
+                self._error(
+                    session, ErrorCode.RATE_LIMITED, "too many frames before welcome", None, out
+                )
+            else:
+                session.backlog.append(request)
+            return
+        match request:
+            case Send():
+                self._send(session, request.room, request.text, request.client_id, now, out)
+            case SendDirect():
+                self._send_direct(session, request, now, out)
+            case Join():
+                self._join_request(session, request, out)
+            case Leave():
+                self._leave(session, request.room, out)
+            case StartTyping():
+                self._typing(session, request.room, now, out)
+            case MarkRead():
+                self._mark_read(session, request.room, request.offset, out)
+            case FetchHistory():
+                self._fetch_history(session, request, out)
+            case _:
+                assert_never(request)
+
+    def _check_room_name(self, session: Session, room: str, out: list[Effect]) -> bool:
+        if is_valid_room(room):
+            return True
+        self._error(
+            session,
+            ErrorCode.INVALID_NAME,
+            "room names are 1-64 characters of A-Z a-z 0-9 _ - .",
+            room[:64],
+            out,
+        )
+        return False
+
+    def _send(
+        self,
+        session: Session,
+        room_name: str,
+        text: str,
+        client_id: str | None,
+        now: float,
+        out: list[Effect],
+    ) -> None:
+        ref_name = client_id if client_id is not None else room_name[:64]
+        if room_name not in session.rooms:
+            if self._check_room_name(session, room_name, out):
+                self._error(
+                    session, ErrorCode.NOT_MEMBER, f"not in room {room_name}", ref_name, out
+                )
+            return
+        if not text:
+            self._error(session, ErrorCode.INVALID_FIELD, "text must not be empty", ref_name, out)
+            return
+        try:
+            nbytes = len(text.encode())
+        except UnicodeEncodeError:
+            self._error(
+                session, ErrorCode.INVALID_FIELD, "text is not valid Unicode", ref_name, out
+            )
+            return
+        if nbytes > self.config.max_text_bytes:
+            self._error(
+                session,
+                ErrorCode.TOO_LARGE,
+                f"text over {self.config.max_text_bytes} bytes",
+                ref_name,
+                out,
+            )
+            return
+        wait = session.bucket.take(now, self.config.rate_burst, self.config.rate_per_second)
+        if wait:
+            self._error(
+                session,
+                ErrorCode.RATE_LIMITED,
+                "sending too fast",
+                ref_name,
+                out,
+                retry_after=round(wait, 3),
+            )
+            return
+        self._ref += 1
+        self._pending[self._ref] = _PendingSend(session, room_name, client_id)
+        out.append(
+            Append(
+                ref=self._ref,
+                room=room_name,
+                sender=session.user,
+                text=text,
+                ts=int(now * 1000),
+                client_id=client_id,
+            )
+        )
+
+    def _send_direct(
+        self, session: Session, request: SendDirect, now: float, out: list[Effect]
+    ) -> None:
+        if not is_valid_name(request.to):
+            self._error(session, ErrorCode.INVALID_NAME, "no such user name", request.to[:64], out)
+            return
+        name = dm_room(session.user, request.to)
+        room = self._rooms.get(name)
+        if room is None:
+            self._await_room(name, session, request, out)
+            return
+        for s in (session, *self._by_user.get(request.to, {}).values()):
+            if (
+                name not in s.rooms
+                and s.state is not SessionState.CLOSED
+                and (s is session or len(s.rooms) < self.config.max_rooms_per_session)
+            ):
+                self._add_member(s, room, out, announce=True)
+        self._send(session, name, request.text, request.client_id, now, out)
+
+    def _join_request(self, session: Session, request: Join, out: list[Effect]) -> None:
+        if not self._check_room_name(session, request.room, out):
+            return
+        if request.room not in self._rooms and request.room not in session.rooms:
+            self._await_room(request.room, session, request, out)
+            return
+        self._join(session, request.room, out, quiet=False)
+
+    def _join(self, session: Session, name: str, out: list[Effect], *, quiet: bool) -> None:
+        """Join a loaded room. ``quiet``: during connect, the welcome tells the rest."""
+        if not self._check_room_name(session, name, out):
+            return
+        room = self._rooms[name]
+        conn = session.conn
+        assert conn is not None
+        if name in session.rooms:
+            if not quiet:
+                self._to(conn, self._members(room), out)
+            return
+        if not room.admits(session.user):
+            self._error(session, ErrorCode.FORBIDDEN, f"not allowed in room {name}", name, out)
+            self._forget_if_empty(room)
+            return
+        if len(session.rooms) >= self.config.max_rooms_per_session:
+            self._error(
+                session,
+                ErrorCode.ROOM_LIMIT,
+                f"at most {self.config.max_rooms_per_session} rooms per session",
+                name,
+                out,
+            )
+            self._forget_if_empty(room)
+            return
+        self._add_member(session, room, out, announce=not quiet)
+
+    def _add_member(
+        self, session: Session, room: Room, out: list[Effect], *, announce: bool
+    ) -> None:
+        session.rooms[room.name] = None
+        if session.text_room is None:
+            session.text_room = room.name
+        count = room.users.get(session.user, 0)
+        room.users[session.user] = count + 1
+        if count == 0:
+            self._broadcast(
+                room, Joined(room=room.name, user=session.user), None, out, ephemeral=True
+            )
+        conn = session.conn
+        if conn is not None and session.state is SessionState.LIVE:
+            room.conns[conn.id] = conn
+            if announce:
+                self._to(conn, self._members(room), out)
+        else:
+            session.delivered[room.name] = room.head
+
+    def _leave(self, session: Session, name: str, out: list[Effect]) -> None:
+        if name not in session.rooms:
+            if self._check_room_name(session, name, out):
+                self._error(session, ErrorCode.NOT_MEMBER, f"not in room {name}", name, out)
+            return
+        room = self._rooms[name]
+        self._remove_member(session, room, out)
+        if session.text_room == name:
+            session.text_room = next(iter(session.rooms), None)
+
+    def _remove_member(self, session: Session, room: Room, out: list[Effect]) -> None:
+        del session.rooms[room.name]
+        if session.conn is not None:
+            room.conns.pop(session.conn.id, None)
+            session.conn.catchup.pop(room.name, None)
+        count = room.users[session.user] - 1
+        if count:
+            room.users[session.user] = count
+        else:
+            del room.users[session.user]
+            room.typing.pop(session.user, None)
+            self._broadcast(
+                room, Left(room=room.name, user=session.user), None, out, ephemeral=True
+            )
+        if session.conn is not None and session.state is SessionState.LIVE:
+            self._to(session.conn, Left(room=room.name, user=session.user), out)
+        self._forget_if_empty(room)
+
+    def _typing(self, session: Session, name: str, now: float, out: list[Effect]) -> None:
+        if name not in session.rooms:
+            if self._check_room_name(session, name, out):
+                self._error(session, ErrorCode.NOT_MEMBER, f"not in room {name}", name, out)
+            return
+        room = self._rooms[name]
+        until = now + self.config.typing_ttl
+        previous = room.typing.get(session.user)
+        room.typing[session.user] = until
+        self._timers.push(until, TimerKind.TYPING, (room, session.user), until)
+        # A refresh within half the lifetime extends the indicator silently.
+        if previous is None or previous - now < self.config.typing_ttl / 2:
+            self._broadcast(
+                room, Typing(room=name, user=session.user), session.conn, out, ephemeral=True
+            )
+
+    def _mark_read(self, session: Session, name: str, offset: int, out: list[Effect]) -> None:
+        if name not in session.rooms:
+            if self._check_room_name(session, name, out):
+                self._error(session, ErrorCode.NOT_MEMBER, f"not in room {name}", name, out)
+            return
+        room = self._rooms[name]
+        offset = min(offset, room.head)
+        if offset <= room.reads.get(session.user, 0):
+            return
+        room.reads[session.user] = offset
+        self._broadcast(
+            room,
+            ReadMark(room=name, user=session.user, offset=offset),
+            session.conn,
+            out,
+            ephemeral=True,
+        )
+        out.append(
+            SavePositions(
+                user=session.user,
+                positions=(Position(room=name, delivered=room.head, read=offset),),
+            )
+        )
+
+    def _fetch_history(self, session: Session, request: FetchHistory, out: list[Effect]) -> None:
+        name = request.room
+        if not self._check_room_name(session, name, out):
+            return
+        room = self._rooms.get(name)
+        if room is None:
+            self._await_room(name, session, request, out)
+            return
+        if not room.admits(session.user):
+            self._error(session, ErrorCode.FORBIDDEN, f"not allowed in room {name}", name, out)
+            self._forget_if_empty(room)
+            return
+        limit = min(request.limit, self.config.history_page_max)
+        before = room.head + 1 if request.before is None else min(request.before, room.head + 1)
+        first = max(1, before - limit)
+        if first >= room.window_start() or before <= 1:
+            page = room.window_slice(first, before - 1)
+            assert session.conn is not None
+            self._to(session.conn, History(room=name, messages=tuple(page), more=first > 1), out)
+            self._forget_if_empty(room)
+            return
+        self._ref += 1
+        self._pages[self._ref] = _PendingPage(session, name, before)
+        out.append(LoadHistory(ref=self._ref, room=name, after=0, before=before, limit=limit))
+
+    # -- the log's answers ------------------------------------------------------------
+
+    def _appended(self, cmd: Appended, now: float, out: list[Effect]) -> None:
+        message = cmd.message
+        pending = self._pending.pop(cmd.ref, None) if cmd.ref is not None else None
+        room = self._rooms.get(message.room)
+        if cmd.duplicate or room is None:
+            if pending is not None:
+                self._ack(pending, message.offset, out)
+            return
+        if message.epoch != room.epoch:
+            # The log's history was lost and restarted: follow the new numbering.
+            room.epoch = message.epoch
+            room.head = message.offset - 1
+            room.window.clear()
+            room.early.clear()
+        head = room.head
+        if message.offset <= head:  # already delivered (a replayed answer)
+            if pending is not None:
+                self._ack(pending, message.offset, out)
+            return
+        if message.offset > head + 1:
+            room.early[message.offset] = (message, cmd.ref)
+            if pending is not None:
+                self._pending[cmd.ref] = pending  # type: ignore[index]
+            if room.gap_ref is None:
+                self._ref += 1
+                room.gap_ref = self._ref
+                self._gaps[self._ref] = room.name
+                out.append(
+                    LoadHistory(ref=self._ref, room=room.name, after=head, before=message.offset)
+                )
+            return
+        self._publish(room, message, pending, out)
+        while room.early:
+            nxt = room.early.pop(room.head + 1, None)
+            if nxt is None:
+                break
+            self._publish(room, nxt[0], self._pending.pop(nxt[1], None) if nxt[1] else None, out)
+
+    def _publish(
+        self, room: Room, message: Message, pending: _PendingSend | None, out: list[Effect]
+    ) -> None:
+        room.head = message.offset
+        room.window.append(message)
+        sender_conn: Connection | None = None
+        if pending is not None:
+            sender_conn = self._ack(pending, message.offset, out)
+        if room.typing:
+            room.typing.pop(message.sender, None)
+        self._broadcast(
+            room, message, None if self.config.echo else sender_conn, out, ephemeral=False
+        )
+
+    def _ack(self, pending: _PendingSend, offset: int, out: list[Effect]) -> Connection | None:
+        conn = pending.session.conn
+        if conn is None or pending.session.state is not SessionState.LIVE:
+            return None
+        self._to(conn, Ack(room=pending.room, offset=offset, client_id=pending.client_id), out)
+        return conn
+
+    def _history_loaded(self, cmd: HistoryLoaded, out: list[Effect]) -> None:
+        page = self._pages.pop(cmd.ref, None)
+        if page is not None:
+            conn = page.session.conn
+            if conn is not None and page.session.state is SessionState.LIVE:
+                msgs = tuple(m for m in cmd.messages if m.offset < page.before)
+                self._to(
+                    conn,
+                    History(room=page.room, messages=msgs, more=bool(msgs) and msgs[0].offset > 1),
+                    out,
+                )
+            room = self._rooms.get(page.room)
+            if room is not None:
+                self._forget_if_empty(room)
+            return
+        target = self._catchups.pop(cmd.ref, None)
+        if target is not None:
+            conn, name = target
+            catchup = conn.catchup.get(name)
+            if catchup is not None and catchup.loading == cmd.ref:
+                catchup.loading = None
+                catchup.fetched = True
+                catchup.loaded.extend(m for m in cmd.messages if m.offset >= catchup.next)
+                self._pump(conn, out)
+            return
+        name_or_none = self._gaps.pop(cmd.ref, None)
+        if name_or_none is not None:
+            room = self._rooms.get(name_or_none)
+            if room is not None and room.gap_ref == cmd.ref:
+                room.gap_ref = None
+                for m in cmd.messages:
+                    if m.offset == room.head + 1 and m.epoch == room.epoch:
+                        self._publish(room, m, None, out)
+                if room.early:
+                    # What the log does not have is lost for good: move past it.
+                    room.head = min(room.early) - 1
+                    while room.early:
+                        nxt = room.early.pop(room.head + 1, None)
+                        if nxt is None:
+                            break
+                        self._publish(
+                            room, nxt[0], self._pending.pop(nxt[1], None) if nxt[1] else None, out
+                        )
+
+    def _history_failed(self, cmd: HistoryFailed, now: float, out: list[Effect]) -> None:
+        page = self._pages.pop(cmd.ref, None)
+        if page is not None:
+            self._error(
+                page.session,
+                ErrorCode.UNAVAILABLE,
+                f"history not available: {cmd.reason}",
+                page.room,
+                out,
+            )
+            return
+        target = self._catchups.pop(cmd.ref, None)
+        if target is not None:
+            conn = target[0]
+            if self._conns.get(conn.id) is conn:
+                # Never a partial replay: the client resumes again later.
+                out.append(
+                    Close(
+                        conn=conn.id, code=CloseCode.TRY_AGAIN_LATER, reason="history unavailable"
+                    )
+                )
+                self._drop(conn, out)
+            return
+        name = self._gaps.pop(cmd.ref, None)
+        if name is not None and (room := self._rooms.get(name)) is not None:
+            room.gap_ref = None
+
+    # -- replay ---------------------------------------------------------------------
+
+    def _pump(self, conn: Connection, out: list[Effect]) -> None:
+        """Replay missed messages while the connection's outbox has room."""
+        for name in list(conn.catchup):
+            room = self._rooms[name]
+            catchup = conn.catchup[name]
+            while True:
+                if conn.frames >= self._soft_frames or conn.nbytes >= self._soft_bytes:
+                    return
+                n = catchup.next
+                if n > room.head:
+                    del conn.catchup[name]
+                    room.conns[conn.id] = conn
+                    break
+                loaded = catchup.loaded
+                while loaded and loaded[0].offset < n:
+                    loaded.popleft()
+                start = room.window_start()
+                if loaded and loaded[0].offset == n:
+                    message = loaded.popleft()
+                elif n >= start:
+                    message = room.window[n - start]
+                elif loaded:
+                    catchup.next = loaded[0].offset  # the log no longer has what lies between
+                    continue
+                elif catchup.fetched:
+                    catchup.next = start
+                    continue
+                else:
+                    if catchup.loading is None:
+                        self._ref += 1
+                        catchup.loading = self._ref
+                        self._catchups[self._ref] = (conn, name)
+                        out.append(LoadHistory(ref=self._ref, room=name, after=n - 1, before=start))
+                    break
+                catchup.next = n + 1
+                self._to(conn, message, out)
+                if self._conns.get(conn.id) is not conn:
+                    return
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def _members(self, room: Room, offset: int | None = None) -> Members:
+        return Members(
+            room=room.name,
+            users=room.member_list(),
+            offset=room.head if offset is None else offset,
+            epoch=room.epoch,
+        )
+
+    def _error(
+        self,
+        session: Session,
+        code: ErrorCode,
+        message: str,
+        ref: str | None,
+        out: list[Effect],
+        *,
+        retry_after: float | None = None,
+    ) -> None:
+        if session.conn is not None:
+            self._to(
+                session.conn,
+                ErrorEvent(code=code.value, message=message, ref=ref, retry_after=retry_after),
+                out,
+            )
+
+    def _to(self, conn: Connection, event: ServerEvent, out: list[Effect]) -> None:
+        """Send one event to one connection, within its outbox bounds."""
+        if conn.mode is Mode.JSON:
+            data = encode_json(event)
+        else:
+            line = encode_text(event)
+            if line is None:
+                return
+            data = line
+        size = len(data.encode())
+        if (
+            conn.frames >= self.config.outbox_frames
+            or conn.nbytes + size > self.config.outbox_bytes
+        ):
+            self._slow(conn, out)
+            return
+        conn.frames += 1
+        conn.nbytes += size
+        out.append(Deliver(to=(conn.id,), event=event, data=data, size=size))
+
+    def _broadcast(
+        self,
+        room: Room,
+        event: ServerEvent,
+        skip: Connection | None,
+        out: list[Effect],
+        *,
+        ephemeral: bool,
+    ) -> None:
+        """Fan one event out to the room's live connections: encoded once per mode.
+
+        Ephemeral events are dropped for a connection past half its outbox;
+        a chat message that does not fit closes the connection as too slow.
+        """
+        conns = room.conns
+        if not conns:
+            return
+        json_to: list[ConnId] = []
+        text_to: list[ConnId] = []
+        overflow: list[Connection] = []
+        json_data = encode_json(event)
+        json_size = len(json_data.encode())
+        text_data = None
+        text_size = 0
+        if ephemeral:
+            max_frames, max_bytes = self._soft_frames, self._soft_bytes
+        else:
+            max_frames, max_bytes = self.config.outbox_frames, self.config.outbox_bytes
+        for conn in conns.values():
+            if conn is skip:
+                continue
+            if conn.mode is Mode.JSON:
+                size, to = json_size, json_to
+            else:
+                if text_data is None:
+                    text_data = encode_text(event) or ""
+                    text_size = len(text_data.encode())
+                if not text_data:
+                    continue
+                size, to = text_size, text_to
+            if conn.frames >= max_frames or conn.nbytes + size > max_bytes:
+                if not ephemeral:
+                    overflow.append(conn)
+                continue
+            conn.frames += 1
+            conn.nbytes += size
+            to.append(conn.id)
+        if json_to:
+            out.append(Deliver(to=tuple(json_to), event=event, data=json_data, size=json_size))
+        if text_to and text_data:
+            out.append(Deliver(to=tuple(text_to), event=event, data=text_data, size=text_size))
+        for conn in overflow:
+            if self._conns.get(conn.id) is conn:
+                self._slow(conn, out)
+
+    def _slow(self, conn: Connection, out: list[Effect]) -> None:
+        out.append(Close(conn=conn.id, code=CloseCode.TRY_AGAIN_LATER, reason="slow consumer"))
+        # The grace period starts now; the client resumes from its last offset.
+        self._drop(conn, out)
+
+    # -- losing connections and sessions ---------------------------------------------------
+
+    def _detach_conn(self, conn: Connection) -> None:
+        """Forget a connection; record how far its session had been sent."""
+        session = conn.session
+        del self._conns[conn.id]
+        session.conn = None
+        for name in session.rooms:
+            room = self._rooms[name]
+            room.conns.pop(conn.id, None)
+            catchup = conn.catchup.get(name)
+            session.delivered[name] = room.head if catchup is None else catchup.next - 1
+        conn.catchup.clear()
+
+    def _drop(self, conn: Connection, out: list[Effect]) -> None:
+        session = conn.session
+        self._detach_conn(conn)
+        session.state = next_state(session.state, _In.DROP)
+        if session.state is SessionState.CLOSED:
+            self._end(session, out)
+            return
+        session.detach_gen += 1
+        self._timers.push(
+            self._now + self.config.grace_period, TimerKind.GRACE, session, session.detach_gen
+        )
+
+    def _expire(self, session: Session, now: float, out: list[Effect]) -> None:
+        session.state = next_state(session.state, _In.EXPIRE)
+        self._end(session, out)
+
+    def _end(self, session: Session, out: list[Effect]) -> None:
+        """A session is over: save where it stood, leave its rooms."""
+        positions = []
+        for name in session.rooms:
+            room = self._rooms[name]
+            positions.append(
+                Position(
+                    room=name,
+                    delivered=session.delivered.get(name, room.head),
+                    read=room.reads.get(session.user, 0),
+                )
+            )
+        if positions:
+            out.append(SavePositions(user=session.user, positions=tuple(positions)))
+        for name in list(session.rooms):
+            self._remove_member(session, self._rooms[name], out)
+        self._sessions.pop(session.token, None)
+        self._by_id.pop(session.id, None)
+        sessions = self._by_user.get(session.user)
+        if sessions is not None:
+            sessions.pop(session.id, None)
+            if not sessions:
+                del self._by_user[session.user]
+        for ref in [r for r, p in self._pending.items() if p.session is session]:
+            del self._pending[ref]
+
+    def _create_room(self, cmd: CreateRoom, out: list[Effect]) -> None:
+        if not is_valid_name(cmd.room):
+            raise LocalProtocolError(f"invalid room name {cmd.room!r}")
+        bad = [u for u in cmd.allow if not is_valid_name(u)]
+        if bad:
+            raise LocalProtocolError(f"invalid user names in allow list: {sorted(bad)!r}")
+        out.append(SaveRoom(room=cmd.room, private=cmd.private, allow=cmd.allow))
+        room = self._rooms.get(cmd.room)
+        if room is None:
+            return
+        room.private, room.allow = cmd.private, cmd.allow
+        for user in [u for u in room.users if not room.admits(u)]:
+            for session in list(self._by_user.get(user, {}).values()):
+                if cmd.room in session.rooms:
+                    self._remove_member(session, room, out)
+                    self._error(
+                        session,
+                        ErrorCode.FORBIDDEN,
+                        f"removed from private room {cmd.room}",
+                        cmd.room,
+                        out,
+                    )
+
+    def _shutdown(self, now: float, out: list[Effect]) -> None:
+        self._closing = True
+        sessions = list(self._by_id.values())
+        for conn in list(self._conns.values()):
+            out.append(Close(conn=conn.id, code=CloseCode.GOING_AWAY, reason="going away"))
+            self._detach_conn(conn)
+        for session in sessions:
+            session.state = next_state(session.state, _In.SHUTDOWN)
+            self._end(session, out)
+        self._timers.clear()

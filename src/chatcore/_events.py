@@ -1,0 +1,130 @@
+"""Server-to-client events: the values a client receives.
+
+These are the contract clients see; ``_codec`` turns each into one JSON text
+frame (or a line in plain-text mode). They are plain immutable values so that
+an embedding program can read them without parsing JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Ack",
+    "ErrorEvent",
+    "History",
+    "Joined",
+    "Left",
+    "Members",
+    "Message",
+    "ReadMark",
+    "RoomPosition",
+    "ServerEvent",
+    "Typing",
+    "Welcome",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """One chat message as the log stored it.
+
+    ``offset`` is gap-free per room (1, 2, 3...) and assigned by the log, never
+    by the engine. ``ts`` is the server time in milliseconds since the Unix
+    epoch, UTC. ``client_id`` is the id the sender attached, if any.
+    """
+
+    room: str
+    offset: int
+    epoch: str
+    sender: str
+    text: str
+    ts: int
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoomPosition:
+    """A room in ``welcome``: every message after ``offset`` will be delivered on
+    this connection (replayed first when resuming); ``read`` is the user's read mark."""
+
+    offset: int
+    epoch: str
+    read: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome:
+    session: str
+    resume: str
+    user: str
+    resumed: bool
+    rooms: Mapping[str, RoomPosition] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack:
+    room: str
+    offset: int
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Joined:
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Left:
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Members:
+    """The member list, sent on joining; ``offset``: every message after it follows."""
+
+    room: str
+    users: tuple[str, ...]
+    offset: int = 0
+    epoch: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Typing:
+    """``active`` is False when the indicator expired or the user sent a message."""
+
+    room: str
+    user: str
+    active: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadMark:
+    room: str
+    user: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class History:
+    room: str
+    messages: tuple[Message, ...]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorEvent:
+    """``ref`` names what failed: the client message id, else the room, else None."""
+
+    code: str
+    message: str
+    ref: str | None = None
+    retry_after: float | None = None
+
+
+ServerEvent = (
+    Welcome | Message | Ack | Joined | Left | Members | Typing | ReadMark | History | ErrorEvent
+)
