@@ -60,6 +60,7 @@ from ._events import (
     Typing,
     Welcome,
 )
+from ._handshake import SUBPROTOCOL, HandshakeError, parse_connect, select_mode
 from ._ids import IdSource, RandomIds, SeededIds
 from ._names import NAME_PATTERN, dm_room, dm_users, is_valid_name, is_valid_room
 from ._session import TRANSITIONS, SessionInput, SessionState
@@ -68,6 +69,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NAME_PATTERN",
+    "SUBPROTOCOL",
     "TRANSITIONS",
     "Ack",
     "Append",
@@ -89,6 +91,7 @@ __all__ = [
     "ErrorEvent",
     "FetchHistory",
     "FrameError",
+    "HandshakeError",
     "History",
     "HistoryFailed",
     "HistoryLoaded",
@@ -135,4 +138,6 @@ __all__ = [
     "format_ts",
     "is_valid_name",
     "is_valid_room",
+    "parse_connect",
+    "select_mode",
 ]
