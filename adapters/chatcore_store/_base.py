@@ -1,13 +1,37 @@
-"""The interface every history store offers to adapters."""
+"""The interface every history store offers to adapters, and what stores share.
+
+Adapters need only :class:`HistoryStore`. Admin tools (``chatcore rooms``,
+``chatcore history``) and servers that apply retention use the wider
+:class:`DurableStore`, which the SQLite and PostgreSQL stores implement.
+"""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
-from typing import Protocol, TypeGuard
+from dataclasses import dataclass
+from typing import Protocol, TypeGuard, runtime_checkable
 
-from chatcore import Append, Command, Effect, LoadHistory, LoadRoom, SavePositions, SaveRoom
+from chatcore import (
+    Append,
+    Command,
+    Effect,
+    LoadHistory,
+    LoadRoom,
+    Message,
+    SavePositions,
+    SaveRoom,
+)
 
-__all__ = ["HistoryStore", "StorageEffect", "is_storage_effect"]
+__all__ = [
+    "DurableStore",
+    "HistoryStore",
+    "RoomInfo",
+    "StorageEffect",
+    "StoreUnavailable",
+    "is_storage_effect",
+    "new_epoch",
+]
 
 StorageEffect = LoadRoom | Append | LoadHistory | SaveRoom | SavePositions
 _STORAGE = (LoadRoom, Append, LoadHistory, SaveRoom, SavePositions)
@@ -17,6 +41,53 @@ def is_storage_effect(effect: Effect) -> TypeGuard[StorageEffect]:
     return isinstance(effect, _STORAGE)
 
 
+def new_epoch() -> str:
+    """A fresh epoch for a room that is created: random, so a log that was lost
+    and started again can never be confused with the old one."""
+    return secrets.token_hex(8)
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached, and the request has no failure answer.
+
+    Raised by admin calls (``create_room``, ``list_rooms``, ``history``) and by
+    ``execute`` for a batch holding a ``LoadRoom`` it could not answer: the
+    engine has no failure answer for ``LoadRoom``, and a made-up ``RoomLoaded``
+    (a new epoch, an empty room) would be worse than a late one. ``answers``
+    holds the answers to the rest of that batch, in order (feed them to the
+    engine as usual); ``unanswered`` holds the ``LoadRoom`` effects to retry
+    later, which succeed once the database is back.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        answers: Sequence[Command] = (),
+        unanswered: Sequence[LoadRoom] = (),
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.answers = list(answers)
+        self.unanswered = tuple(unanswered)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoomInfo:
+    """A room as the store keeps it. ``head`` is the highest offset ever assigned
+    (retention never lowers it); ``stored`` is how many messages are kept."""
+
+    name: str
+    private: bool
+    allow: frozenset[str]
+    epoch: str
+    head: int
+    stored: int = 0
+    max_messages: int | None = None
+    max_age: float | None = None
+    """Seconds."""
+
+
 class HistoryStore(Protocol):
     """What an adapter needs of a store.
 
@@ -24,7 +95,7 @@ class HistoryStore(Protocol):
     of durability where the store has transactions (group commit), and
     returns the answering commands in the same order. A failure of the
     database must come back as ``AppendFailed`` / ``HistoryFailed`` answers,
-    not as an exception.
+    not as an exception (``LoadRoom`` aside: see :class:`StoreUnavailable`).
     """
 
     async def open(self) -> None: ...
@@ -32,3 +103,39 @@ class HistoryStore(Protocol):
     async def close(self) -> None: ...
 
     async def execute(self, effects: Sequence[StorageEffect]) -> list[Command]: ...
+
+
+@runtime_checkable
+class DurableStore(HistoryStore, Protocol):
+    """A store with admin and maintenance calls. Each raises
+    :class:`StoreUnavailable` when the database cannot be reached."""
+
+    async def rooms(self) -> list[RoomInfo]: ...
+
+    async def room(self, name: str) -> RoomInfo | None: ...
+
+    async def save_room(self, name: str, *, private: bool, allow: frozenset[str]) -> RoomInfo:
+        """Create the room (new epoch) or change who may enter it."""
+        ...
+
+    async def set_retention(
+        self, name: str, *, max_messages: int | None = None, max_age: float | None = None
+    ) -> None:
+        """Per-room limits (None: keep everything); applied by ``apply_retention``."""
+        ...
+
+    async def apply_retention(self, now: float) -> int:
+        """Delete what the limits no longer keep; returns how many messages went.
+
+        Works in small transactions, so appends to the same rooms go on meanwhile."""
+        ...
+
+    async def history(
+        self, room: str, *, after: int = 0, before: int | None = None, limit: int | None = None
+    ) -> tuple[Message, ...]:
+        """Stored messages with ``after < offset < before``: the newest ``limit``, ascending."""
+        ...
+
+    async def positions(self, user: str) -> dict[str, tuple[int, int]]:
+        """The user's (delivered, read) offsets per room."""
+        ...

@@ -1,0 +1,552 @@
+"""SQLiteStore: the default durable store, one file in WAL mode (or ``:memory:``).
+
+This module owns the SQLite schema and every statement against it. The
+standard library's ``sqlite3`` blocks, so every call runs on an anyio worker
+thread, one at a time (a capacity limiter of one guards the one connection):
+the event loop never waits on the disk, on asyncio and trio alike, with no
+dependency beyond anyio. An async driver (aiosqlite) would be the same
+design, a thread per connection, behind another package.
+
+One ``execute`` batch is one transaction (group commit): every ``Appended``
+in its answer is committed, or none is and each ``Append`` gets
+``AppendFailed``. After a database error the connection is dropped and opened
+again on the next call, so the store recovers by itself once the file is
+writable again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from chatcore import (
+    Append,
+    Appended,
+    AppendFailed,
+    Command,
+    HistoryFailed,
+    HistoryLoaded,
+    LoadHistory,
+    LoadRoom,
+    Message,
+    RoomLoaded,
+    SavePositions,
+    SaveRoom,
+)
+
+from ._base import RoomInfo, StorageEffect, StoreUnavailable, new_epoch
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+log = logging.getLogger("chatcore_store.sqlite")
+
+T = TypeVar("T")
+
+UNAVAILABLE = "store unavailable"
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE rooms (
+            name TEXT PRIMARY KEY,
+            private INTEGER NOT NULL DEFAULT 0,
+            allow TEXT NOT NULL DEFAULT '[]',
+            epoch TEXT NOT NULL,
+            head INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE messages (
+            room TEXT NOT NULL,
+            msg_offset INTEGER NOT NULL,
+            epoch TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            text TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            client_id TEXT,
+            PRIMARY KEY (room, msg_offset)
+        ) WITHOUT ROWID""",
+        # The exactly-once key: a retried send with the same client id finds its message.
+        """CREATE UNIQUE INDEX messages_client_key
+            ON messages (room, sender, client_id) WHERE client_id IS NOT NULL""",
+        """CREATE TABLE positions (
+            username TEXT NOT NULL,
+            room TEXT NOT NULL,
+            delivered INTEGER NOT NULL,
+            read INTEGER NOT NULL,
+            PRIMARY KEY (username, room)
+        ) WITHOUT ROWID""",
+    ),
+    2: (
+        "ALTER TABLE rooms ADD COLUMN max_messages INTEGER",
+        "ALTER TABLE rooms ADD COLUMN max_age_ms INTEGER",
+        "CREATE INDEX messages_ts ON messages (room, ts)",
+    ),
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
+
+_MESSAGE_COLUMNS = "room, msg_offset, epoch, sender, text, ts, client_id"
+
+
+def _message(row: Sequence[Any]) -> Message:
+    return Message(
+        room=row[0],
+        offset=row[1],
+        epoch=row[2],
+        sender=row[3],
+        text=row[4],
+        ts=row[5],
+        client_id=row[6],
+    )
+
+
+def _allow_text(allow: Iterable[str]) -> str:
+    return json.dumps(sorted(allow))
+
+
+def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Bring the schema up to ``target`` in place; returns the version found.
+
+    Each step runs in the same transaction as the version row that records it.
+    """
+    found = _version(db)
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {found} is newer than this chatcore ({SCHEMA_VERSION})"
+        )
+    if found >= target:
+        return found
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        found = _version(db)  # another process may have migrated meanwhile
+        for version in range(found + 1, target + 1):
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return found
+
+
+def _version(db: sqlite3.Connection) -> int:
+    exists = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if exists is None:
+        return 0
+    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+class SQLiteStore:
+    """History in one SQLite file (``":memory:"``: in this process only).
+
+    ``synchronous`` is SQLite's ``PRAGMA synchronous``: ``FULL`` (the default)
+    keeps every committed batch through a power cut; ``NORMAL`` keeps them
+    through a crash of this process but may lose the last batches on power loss.
+    ``busy_timeout`` (seconds) is how long a write waits for another process's lock
+    before the batch fails.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "chatcore.db",
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 5.0,
+        epochs: Callable[[], str] = new_epoch,
+        retention_chunk: int = 500,
+    ) -> None:
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"unknown synchronous mode {synchronous!r}")
+        self.path = os.fspath(path)
+        self._synchronous = synchronous.upper()
+        self._busy_timeout = busy_timeout
+        self._epochs = epochs
+        self._chunk = retention_chunk
+        self._db: sqlite3.Connection | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    @property
+    def in_memory(self) -> bool:
+        return self.path == ":memory:" or self.path.startswith("file::memory:")
+
+    # -- life cycle ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the file, switch to WAL and create or upgrade the schema.
+
+        Raises ``StoreUnavailable`` if the file cannot be opened."""
+        self._closed = False
+        try:
+            await self._run(self._connection)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._run(self._drop)
+
+    async def __aenter__(self) -> SQLiteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- the adapter's face -----------------------------------------------------------
+
+    async def execute(self, effects: Sequence[StorageEffect]) -> list[Command]:
+        if not effects:
+            return []
+        answers, unanswered = await self._run(self._execute, effects)
+        if unanswered:
+            raise StoreUnavailable(UNAVAILABLE, answers=answers, unanswered=unanswered)
+        return answers
+
+    # -- admin and maintenance ------------------------------------------------------------
+
+    async def rooms(self) -> list[RoomInfo]:
+        return await self._guarded(self._rooms)
+
+    async def room(self, name: str) -> RoomInfo | None:
+        found = [r for r in await self._guarded(self._rooms, name) if r.name == name]
+        return found[0] if found else None
+
+    async def save_room(self, name: str, *, private: bool, allow: frozenset[str]) -> RoomInfo:
+        def work(db: sqlite3.Connection) -> RoomInfo:
+            with _transaction(db):
+                self._save_room(db, SaveRoom(room=name, private=private, allow=allow))
+            return self._rooms(db, name)[0]
+
+        return await self._guarded(work)
+
+    async def set_retention(
+        self, name: str, *, max_messages: int | None = None, max_age: float | None = None
+    ) -> None:
+        if max_messages is not None and max_messages < 0:
+            raise ValueError("max_messages must not be negative")
+        if max_age is not None and max_age < 0:
+            raise ValueError("max_age must not be negative")
+        age_ms = None if max_age is None else round(max_age * 1000)
+
+        def work(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                self._room_row(db, name)
+                db.execute(
+                    "UPDATE rooms SET max_messages = ?, max_age_ms = ? WHERE name = ?",
+                    (max_messages, age_ms, name),
+                )
+
+        await self._guarded(work)
+
+    async def apply_retention(self, now: float) -> int:
+        """Cut every room down to its limits, oldest first, ``retention_chunk``
+        messages per transaction: appends interleave between the chunks."""
+        now_ms = round(now * 1000)
+        cuts = await self._guarded(self._retention_cuts, now_ms)
+        deleted = 0
+        for room, first, cut in cuts:
+            lo = first
+            while lo <= cut:
+                hi = min(cut, lo + self._chunk - 1)
+                deleted += await self._guarded(self._delete_range, room, lo, hi)
+                lo = hi + 1
+        return deleted
+
+    async def history(
+        self, room: str, *, after: int = 0, before: int | None = None, limit: int | None = None
+    ) -> tuple[Message, ...]:
+        effect = LoadHistory(ref=0, room=room, after=after, before=before or 2**62, limit=limit)
+        return await self._guarded(self._range, effect)
+
+    async def positions(self, user: str) -> dict[str, tuple[int, int]]:
+        def work(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+            rows = db.execute(
+                "SELECT room, delivered, read FROM positions WHERE username = ?", (user,)
+            ).fetchall()
+            return {r[0]: (r[1], r[2]) for r in rows}
+
+        return await self._guarded(work)
+
+    # -- threads and connections -----------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(db, *args)`` on the worker; a database failure becomes StoreUnavailable."""
+
+        def work() -> T:
+            try:
+                return fn(self._connection(), *args)
+            except (sqlite3.Error, OSError) as exc:
+                self._broken(exc)
+                raise StoreUnavailable(f"{UNAVAILABLE}: {exc}") from exc
+
+        return await self._run(work)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise sqlite3.ProgrammingError("the store is closed")
+        if self._db is not None:
+            return self._db
+        db = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,
+            isolation_level=None,  # transactions are begun and ended here, explicitly
+            check_same_thread=False,  # one worker at a time, guarded by the limiter
+            uri=self.path.startswith("file:"),
+        )
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {self._synchronous}")
+            migrate(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    def _drop(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):  # closing a broken handle
+                db.close()
+
+    def _broken(self, exc: BaseException) -> None:
+        log.warning("sqlite store %s failed: %s", self.path, exc)
+        db = self._db
+        if db is not None and db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        if not self.in_memory:  # an in-memory database dies with its only connection
+            self._drop()
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def _execute(self, effects: Sequence[StorageEffect]) -> tuple[list[Command], list[LoadRoom]]:
+        try:
+            db = self._connection()
+            with _transaction(db):
+                answers = [self._apply(db, effect) for effect in effects]
+            return [a for a in answers if a is not None], []
+        except (sqlite3.Error, OSError) as exc:
+            self._broken(exc)
+            return self._degraded(effects)
+
+    def _degraded(self, effects: Sequence[StorageEffect]) -> tuple[list[Command], list[LoadRoom]]:
+        """The batch failed: no Append of it is stored. Reads are still tried one by
+        one (a read-only or locked file can still be read)."""
+        answers: list[Command] = []
+        unanswered: list[LoadRoom] = []
+        for effect in effects:
+            if isinstance(effect, Append):
+                answers.append(AppendFailed(ref=effect.ref, reason=UNAVAILABLE))
+                continue
+            try:
+                db = self._connection()
+                with _transaction(db, write=not isinstance(effect, LoadHistory)):
+                    answer = self._apply(db, effect)
+            except (sqlite3.Error, OSError) as exc:
+                self._broken(exc)
+                match effect:
+                    case LoadHistory():
+                        answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
+                    case LoadRoom():
+                        unanswered.append(effect)
+                    case _:
+                        log.warning("sqlite store %s lost %r", self.path, effect)
+                continue
+            if answer is not None:
+                answers.append(answer)
+        return answers, unanswered
+
+    def _apply(self, db: sqlite3.Connection, effect: StorageEffect) -> Command | None:
+        match effect:
+            case Append():
+                return self._append(db, effect)
+            case LoadRoom():
+                epoch, head, private, allow = self._room_row(db, effect.room)
+                recent: tuple[Message, ...] = ()
+                if effect.recent > 0:
+                    rows = db.execute(
+                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE room = ?"
+                        " ORDER BY msg_offset DESC LIMIT ?",
+                        (effect.room, effect.recent),
+                    ).fetchall()
+                    recent = tuple(_message(r) for r in reversed(rows))
+                return RoomLoaded(
+                    room=effect.room,
+                    epoch=epoch,
+                    head=head,
+                    private=private,
+                    allow=allow,
+                    recent=recent,
+                )
+            case LoadHistory():
+                return HistoryLoaded(ref=effect.ref, messages=self._range(db, effect))
+            case SaveRoom():
+                self._save_room(db, effect)
+                return None
+            case SavePositions():
+                db.executemany(
+                    "INSERT INTO positions (username, room, delivered, read) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (username, room) DO UPDATE SET"
+                    " delivered = max(delivered, excluded.delivered),"
+                    " read = max(read, excluded.read)",
+                    [(effect.user, p.room, p.delivered, p.read) for p in effect.positions],
+                )
+                return None
+
+    def _room_row(self, db: sqlite3.Connection, name: str) -> tuple[str, int, bool, frozenset[str]]:
+        """(epoch, head, private, allow) of the room, creating it public if new."""
+        row = db.execute(
+            "SELECT epoch, head, private, allow FROM rooms WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            epoch = self._epochs()
+            db.execute("INSERT INTO rooms (name, epoch) VALUES (?, ?)", (name, epoch))
+            return epoch, 0, False, frozenset()
+        return row[0], row[1], bool(row[2]), frozenset(json.loads(row[3]))
+
+    def _save_room(self, db: sqlite3.Connection, effect: SaveRoom) -> None:
+        db.execute(
+            "INSERT INTO rooms (name, private, allow, epoch) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET private = excluded.private,"
+            " allow = excluded.allow",
+            (effect.room, int(effect.private), _allow_text(effect.allow), self._epochs()),
+        )
+
+    def _append(self, db: sqlite3.Connection, effect: Append) -> Appended:
+        if effect.client_id is not None:
+            row = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                " WHERE room = ? AND sender = ? AND client_id = ?",
+                (effect.room, effect.sender, effect.client_id),
+            ).fetchone()
+            if row is not None:
+                return Appended(message=_message(row), ref=effect.ref, duplicate=True)
+        epoch, head, _, _ = self._room_row(db, effect.room)
+        message = Message(
+            room=effect.room,
+            offset=head + 1,
+            epoch=epoch,
+            sender=effect.sender,
+            text=effect.text,
+            ts=effect.ts,
+            client_id=effect.client_id,
+        )
+        db.execute("UPDATE rooms SET head = ? WHERE name = ?", (message.offset, effect.room))
+        db.execute(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                message.room,
+                message.offset,
+                message.epoch,
+                message.sender,
+                message.text,
+                message.ts,
+                message.client_id,
+            ),
+        )
+        return Appended(message=message, ref=effect.ref)
+
+    def _range(self, db: sqlite3.Connection, effect: LoadHistory) -> tuple[Message, ...]:
+        rows = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE room = ? AND msg_offset > ? AND msg_offset < ?"
+            " ORDER BY msg_offset DESC LIMIT ?",
+            (
+                effect.room,
+                effect.after,
+                effect.before,
+                -1 if effect.limit is None else max(0, effect.limit),
+            ),
+        ).fetchall()
+        return tuple(_message(r) for r in reversed(rows))
+
+    def _rooms(self, db: sqlite3.Connection, name: str | None = None) -> list[RoomInfo]:
+        where, args = ("WHERE r.name = ?", (name,)) if name is not None else ("", ())
+        rows = db.execute(
+            "SELECT r.name, r.private, r.allow, r.epoch, r.head, r.max_messages, r.max_age_ms,"
+            " (SELECT count(*) FROM messages m WHERE m.room = r.name)"
+            f" FROM rooms r {where} ORDER BY r.name",
+            args,
+        ).fetchall()
+        return [
+            RoomInfo(
+                name=r[0],
+                private=bool(r[1]),
+                allow=frozenset(json.loads(r[2])),
+                epoch=r[3],
+                head=r[4],
+                max_messages=r[5],
+                max_age=None if r[6] is None else r[6] / 1000,
+                stored=r[7],
+            )
+            for r in rows
+        ]
+
+    def _retention_cuts(self, db: sqlite3.Connection, now_ms: int) -> list[tuple[str, int, int]]:
+        """(room, first stored offset, last offset to delete) for every room over a limit."""
+        cuts = []
+        rows = db.execute(
+            "SELECT name, head, max_messages, max_age_ms FROM rooms"
+            " WHERE max_messages IS NOT NULL OR max_age_ms IS NOT NULL"
+        ).fetchall()
+        for name, head, max_messages, max_age_ms in rows:
+            cut = 0
+            if max_messages is not None:
+                cut = head - max_messages
+            if max_age_ms is not None:
+                row = db.execute(
+                    "SELECT max(msg_offset) FROM messages WHERE room = ? AND ts < ?",
+                    (name, now_ms - max_age_ms),
+                ).fetchone()
+                cut = max(cut, row[0] or 0)
+            first = db.execute(
+                "SELECT min(msg_offset) FROM messages WHERE room = ?", (name,)
+            ).fetchone()[0]
+            if first is not None and cut >= first:
+                cuts.append((name, first, cut))
+        return cuts
+
+    def _delete_range(self, db: sqlite3.Connection, room: str, lo: int, hi: int) -> int:
+        with _transaction(db):
+            cursor = db.execute(
+                "DELETE FROM messages WHERE room = ? AND msg_offset BETWEEN ? AND ?",
+                (room, lo, hi),
+            )
+        return cursor.rowcount
+
+
+class _transaction:
+    """BEGIN ... COMMIT, or ROLLBACK when the body raises."""
+
+    def __init__(self, db: sqlite3.Connection, *, write: bool = True) -> None:
+        self._db = db
+        self._begin = "BEGIN IMMEDIATE" if write else "BEGIN"
+
+    def __enter__(self) -> None:
+        self._db.execute(self._begin)
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        if kind is None:
+            self._db.execute("COMMIT")
+        elif self._db.in_transaction:
+            self._db.execute("ROLLBACK")
