@@ -1,0 +1,676 @@
+"""The chat server: sockets and time in, engine effects out.
+
+:class:`ChatServer` listens with anyio (asyncio or trio), speaks HTTP with h11
+and WebSocket with wsproto, and drives one :class:`chatcore.Engine`:
+
+* every event from a socket becomes one command, and the effects of each
+  call are carried out at once (``_run``), without awaiting;
+* one timer per server, re-armed from ``engine.next_deadline()`` after each
+  call, runs ``engine.tick``;
+* storage effects pile up in a batch that one worker hands to the
+  :class:`chatcore_store.HistoryStore` (what accumulates while the store is
+  busy goes in the next batch: group commit), feeding every answer back.
+
+Chat rules live in the engine, not here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import anyio
+import anyio.abc
+import h11
+from anyio.abc import TaskStatus
+from anyio.streams.tls import TLSListener
+from wsproto.connection import Connection as WebSocket
+from wsproto.connection import ConnectionType
+from wsproto.utilities import generate_accept_token
+
+from chatcore import (
+    Close,
+    Command,
+    Config,
+    Deliver,
+    Disconnected,
+    Effect,
+    Engine,
+    HandshakeError,
+    HistoryLoaded,
+    IdSource,
+    LoadHistory,
+    LoadRoom,
+    Message,
+    Ping,
+    Pong,
+    RandomIds,
+    Receive,
+    RoomLoaded,
+    Shutdown,
+    Written,
+    format_ts,
+    is_valid_room,
+    parse_connect,
+    select_mode,
+)
+from chatcore_store import (
+    DurableStore,
+    HistoryStore,
+    MemoryStore,
+    StorageEffect,
+    StoreUnavailable,
+)
+
+from . import _http
+from ._frames import text_frame
+from ._http import AuthError, Reply, error, header, header_list, json_reply
+from ._peer import Peer
+
+__all__ = ["ChatServer", "Limits"]
+
+log = logging.getLogger("chatcore_server")
+
+_ROOM_MESSAGES = re.compile(r"/rooms/([^/]+)/messages")
+_HISTORY_LIMIT = 100
+_RETRY_ROOMS = 1.0  # seconds between attempts to load a room while the store is down
+_RETENTION_EVERY = 60.0
+_CLOSE_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Transport bounds; the engine's own bounds are in :class:`chatcore.Config`."""
+
+    max_connections: int = 10_000
+    """Open TCP connections; a request beyond this gets 503 and is not upgraded."""
+    handshake_timeout: float = 10.0
+    """Seconds to receive a complete request (and TLS handshake); else the socket is closed."""
+    max_request_bytes: int = 16 * 1024
+    """Request line plus headers (h11's bound): more gets 431."""
+    close_timeout: float = 3.0
+    """Seconds a closing connection gets to take its last frames and answer the close."""
+    shutdown_timeout: float = 10.0
+    """Seconds a graceful shutdown may take in all."""
+
+
+class ChatServer:
+    """A WebSocket chat server around one engine and one history store.
+
+    ``await server.serve()`` runs until :meth:`shutdown` (or cancellation);
+    ``url = await task_group.start(server.serve)`` gives the address once the
+    listener is up, which is how tests and embedding programs start it.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config | None = None,
+        store: HistoryStore | None = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        ssl_context: ssl.SSLContext | None = None,
+        jwt_secret: str | None = None,
+        allow_origins: Sequence[str] = (),
+        limits: Limits | None = None,
+        static_dir: Path | None = None,
+        ids: IdSource | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self.engine = Engine(self.config, ids or RandomIds(secrets.token_bytes))
+        self.store: HistoryStore = store if store is not None else MemoryStore()
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.jwt_secret = jwt_secret
+        self.allow_origins = tuple(allow_origins)
+        self.limits = limits or Limits()
+        self.static_dir = static_dir or _http.STATIC_DIR
+        self.url = ""
+        self._peers: dict[int, Peer] = {}
+        self._tcp = 0
+        self._next_id = 0
+        self._storage: list[StorageEffect] = []
+        self._storage_wake: anyio.Event | None = None
+        self._storage_idle: anyio.Event | None = None
+        self._store_lock = anyio.Lock()
+        self._timer: anyio.CancelScope | None = None
+        self._armed: float | None = None
+        self._stop: anyio.Event | None = None
+        self._stopping = False
+        self._drained: anyio.Event | None = None
+        self._ws_running = 0
+        self._storage_busy = False
+        self._service: anyio.abc.TaskGroup | None = None
+
+    # -- running -------------------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        """Open WebSocket connections."""
+        return len(self._peers)
+
+    async def serve(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen, serve until :meth:`shutdown`, then close everything gracefully."""
+        self._stop = anyio.Event()
+        listener: anyio.abc.Listener[Any] = await anyio.create_tcp_listener(
+            local_host=self.host, local_port=self.port
+        )
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        if self.ssl_context is not None:
+            listener = TLSListener(
+                listener,
+                self.ssl_context,
+                standard_compatible=False,
+                handshake_timeout=self.limits.handshake_timeout,
+            )
+        scheme = "https" if self.ssl_context is not None else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"{scheme}://{host}:{port}/"
+        if self.jwt_secret is None:
+            log.warning("no --jwt-secret: clients are trusted to name themselves (unauthenticated)")
+        await self.store.open()
+        try:
+            async with anyio.create_task_group() as service:
+                self._service = service
+                service.start_soon(self._timer_loop)
+                service.start_soon(self._storage_loop)
+                service.start_soon(self._retention_loop)
+                async with anyio.create_task_group() as conns:
+                    accept = anyio.CancelScope()
+                    conns.start_soon(self._accept, listener, conns, accept)
+                    log.info("chatcore listening on %s", self.url)
+                    task_status.started(self.url)
+                    await self._stop.wait()
+                    accept.cancel()
+                    with anyio.move_on_after(max(0.1, self.limits.shutdown_timeout - 2)):
+                        await self._close_all()
+                    conns.cancel_scope.cancel()
+                with anyio.move_on_after(1.5):
+                    await self._flush_storage()
+                service.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self.store.close()
+            log.info("chatcore stopped")
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every client with 1001, flush the store, return from serve."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _accept(
+        self,
+        listener: anyio.abc.Listener[Any],
+        conns: anyio.abc.TaskGroup,
+        scope: anyio.CancelScope,
+    ) -> None:
+        with scope:
+            await listener.serve(self._handle_tcp, conns)
+        await listener.aclose()
+
+    async def _close_all(self) -> None:
+        self._stopping = True
+        self._feed(Shutdown())
+        # Engine closes came with Close effects; peers finish within close_timeout.
+        while self._peers or self._ws_running:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+
+    async def _flush_storage(self) -> None:
+        while self._storage or self._storage_busy:
+            self._storage_idle = anyio.Event()
+            await self._storage_idle.wait()
+
+    # -- driving the engine --------------------------------------------------------
+
+    def _feed(self, command: Command) -> None:
+        effects = self.engine.handle(command, time.time())
+        if effects:
+            self._run(effects)
+        self._rearm()
+
+    def _run(self, effects: list[Effect]) -> None:
+        peers = self._peers
+        stored = False
+        for effect in effects:
+            kind = type(effect)
+            if kind is Deliver:
+                assert isinstance(effect, Deliver)
+                frame = text_frame(effect.data.encode())
+                size = effect.size
+                for conn in effect.to:
+                    peer = peers.get(conn)
+                    if peer is not None:
+                        peer.deliver(frame, size)
+            elif kind is Close:
+                assert isinstance(effect, Close)
+                peer = peers.pop(effect.conn, None)
+                if peer is not None:
+                    peer.close(effect.code, effect.reason)
+            elif kind is Ping:
+                assert isinstance(effect, Ping)
+                peer = peers.get(effect.conn)
+                if peer is not None:
+                    peer.ping()
+            else:
+                self._storage.append(effect)  # type: ignore[arg-type]
+                stored = True
+        if stored and (wake := self._storage_wake) is not None:
+            self._storage_wake = None
+            wake.set()
+
+    def _rearm(self) -> None:
+        deadline = self.engine.next_deadline()
+        if deadline is None or self._timer is None:
+            return
+        if self._armed is not None and deadline >= self._armed:
+            return
+        self._armed = deadline
+        self._timer.deadline = anyio.current_time() + (deadline - time.time())
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with anyio.CancelScope() as scope:
+                self._timer = scope
+                self._armed = None
+                self._rearm()
+                await anyio.sleep_forever()
+            self._timer = None
+            effects = self.engine.tick(time.time())
+            if effects:
+                self._run(effects)
+
+    async def _storage_loop(self) -> None:
+        while True:
+            while not self._storage:
+                if (idle := self._storage_idle) is not None:
+                    self._storage_idle = None
+                    idle.set()
+                wake = self._storage_wake = anyio.Event()
+                await wake.wait()
+            batch, self._storage = self._storage, []
+            self._storage_busy = True
+            async with self._store_lock:
+                answers = await self._execute(batch)
+            for answer in answers:
+                self._feed(answer)
+            self._storage_busy = False
+
+    async def _execute(self, batch: Sequence[StorageEffect]) -> list[Command]:
+        try:
+            return await self.store.execute(batch)
+        except StoreUnavailable as exc:
+            # LoadRoom has no failure answer: try those again until the store is back.
+            if exc.unanswered and self._service is not None:
+                log.warning("history store unavailable (%s): retrying room loads", exc.reason)
+                self._service.start_soon(self._retry_rooms, exc.unanswered)
+            return exc.answers
+        except Exception:
+            log.exception("history store failed on a batch of %d effects", len(batch))
+            return []
+
+    async def _retry_rooms(self, effects: Sequence[StorageEffect]) -> None:
+        await anyio.sleep(_RETRY_ROOMS)
+        self._storage.extend(effects)
+        if (wake := self._storage_wake) is not None:
+            self._storage_wake = None
+            wake.set()
+
+    async def _retention_loop(self) -> None:
+        apply = getattr(self.store, "apply_retention", None)
+        if apply is None:
+            return
+        while True:
+            await anyio.sleep(_RETENTION_EVERY)
+            try:
+                async with self._store_lock:
+                    await apply(time.time())
+            except StoreUnavailable as exc:
+                log.warning("retention skipped: %s", exc.reason)
+
+    # -- callbacks from peers ----------------------------------------------------------
+
+    def peer_received(self, peer: Peer, text: str) -> None:
+        self._feed(Receive(conn=peer.id, text=text))
+
+    def peer_alive(self, peer: Peer) -> None:
+        if not peer.closing:
+            self._feed(Pong(conn=peer.id))
+
+    def peer_written(self, peer: Peer, frames: int, nbytes: int) -> None:
+        self._feed(Written(conn=peer.id, frames=frames, nbytes=nbytes))
+
+    def peer_left(self, peer: Peer) -> None:
+        """The client sent a close frame."""
+        peer.closing = True
+        if self._peers.pop(peer.id, None) is not None:
+            self._feed(Disconnected(conn=peer.id))
+
+    def peer_refused(self, peer: Peer, code: int, reason: str) -> None:
+        """The client broke a rule the transport enforces (size, UTF-8, binary)."""
+        peer.close(code, reason)
+        if self._peers.pop(peer.id, None) is not None:
+            self._feed(Disconnected(conn=peer.id))
+
+    def peer_lost(self, peer: Peer) -> None:
+        """EOF, reset or a failed write."""
+        if self._peers.pop(peer.id, None) is not None:
+            self._feed(Disconnected(conn=peer.id))
+        peer.abort()
+
+    def peer_finished(self, peer: Peer) -> None:
+        if self._peers.pop(peer.id, None) is not None:
+            self._feed(Disconnected(conn=peer.id))
+        self._ws_running -= 1
+        code = 1006 if peer.aborted and peer.close_code == 1006 else peer.close_code
+        log.info("closed conn=%d user=%s code=%d", peer.id, peer.user, code)
+        if self._drained is not None and not self._peers and not self._ws_running:
+            self._drained.set()
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _handle_tcp(self, stream: anyio.abc.ByteStream) -> None:
+        self._tcp += 1
+        try:
+            await self._http(stream)
+        except _CLOSE_ERRORS:
+            pass
+        finally:
+            self._tcp -= 1
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await stream.aclose()
+
+    async def _http(self, stream: anyio.abc.ByteStream) -> None:
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_request_bytes)
+        while True:
+            request: h11.Request | None = None
+            with anyio.move_on_after(self.limits.handshake_timeout):
+                try:
+                    request = await _read_request(stream, http)
+                except h11.RemoteProtocolError as exc:
+                    status = exc.error_status_hint
+                    reply = error(
+                        status,
+                        "request header fields too large"
+                        if status == 431
+                        else "malformed HTTP request",
+                    )
+                    await _send_reply(stream, http, reply, head=False, close=True)
+                    return
+            if request is None:
+                return  # EOF, or too slow to send a request
+            method = request.method.decode("ascii", "replace")
+            parts = urlsplit(request.target.decode("latin-1"))
+            path = parts.path
+            head = method == "HEAD"
+            if self._tcp > self.limits.max_connections:
+                reply = error(503, "too many connections", ("retry-after", "5"))
+                await _send_reply(stream, http, reply, head=head, close=True)
+                return
+            if path == "/ws":
+                reply_or_none = await self._websocket(stream, http, request, parts.query)
+                if reply_or_none is None:
+                    return  # the WebSocket ran and is over
+                reply = reply_or_none
+            elif method not in ("GET", "HEAD"):
+                reply = error(405, "method not allowed", ("allow", "GET, HEAD"))
+            else:
+                reply = await self._route(path, parts.query, request)
+            close = http.their_state is not h11.DONE or reply.status >= 500 or self._stopping
+            if not await _send_reply(stream, http, reply, head=head, close=close):
+                return
+            if http.our_state is h11.MUST_CLOSE or close:
+                return
+            try:
+                http.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _route(self, path: str, query: str, request: h11.Request) -> Reply:
+        if path in ("/", "/index.html"):
+            return _http.static_file("index.html", self.static_dir) or error(
+                404, "the browser client is not installed"
+            )
+        if path.startswith("/static/"):
+            found = _http.static_file(unquote(path[len("/static/") :]), self.static_dir)
+            return found or error(404, "no such file")
+        if path == "/healthz":
+            if self._stopping:
+                return json_reply(503, {"status": "stopping"})
+            return json_reply(200, {"status": "ok", "connections": len(self._peers)})
+        if path == "/rooms":
+            try:
+                return json_reply(200, {"rooms": await self._public_rooms()})
+            except StoreUnavailable:
+                return error(503, "history store unavailable", ("retry-after", "5"))
+        match = _ROOM_MESSAGES.fullmatch(path)
+        if match:
+            return await self._history(unquote(match.group(1)), query, request)
+        return error(404, "not found")
+
+    async def _public_rooms(self) -> list[dict[str, Any]]:
+        counts = self.engine.rooms()
+        if not counts:
+            return []
+        private = set()
+        for name in counts:
+            meta = await self._room_meta(name)
+            if meta is None or meta[0]:
+                private.add(name)
+        return [
+            {"room": name, "members": n}
+            for name, n in sorted(counts.items())
+            if name not in private
+        ]
+
+    async def _room_meta(self, room: str) -> tuple[bool, frozenset[str]] | None:
+        """(private, allow) of a stored room, None if unknown; raises StoreUnavailable."""
+        store = self.store
+        if isinstance(store, DurableStore):
+            info = await store.room(room)
+            return None if info is None else (info.private, info.allow)
+        async with self._store_lock:
+            answers = await self._execute([LoadRoom(room=room, recent=0)])
+        meta = next((a for a in answers if isinstance(a, RoomLoaded)), None)
+        return None if meta is None else (meta.private, meta.allow)
+
+    async def _load_history(self, room: str, before: int, limit: int) -> tuple[Message, ...]:
+        store = self.store
+        if isinstance(store, DurableStore):
+            return await store.history(room, before=before, limit=limit)
+        async with self._store_lock:
+            answers = await self._execute(
+                [LoadHistory(ref=-1, room=room, after=0, before=before, limit=limit)]
+            )
+        loaded = next((a for a in answers if isinstance(a, HistoryLoaded)), None)
+        if loaded is None:
+            raise StoreUnavailable("history not available")
+        return loaded.messages
+
+    async def _history(self, room: str, query: str, request: h11.Request) -> Reply:
+        if not is_valid_room(room):
+            return error(400, "invalid room name")
+        params = parse_qsl(query)
+        try:
+            before = _int_param(params, "before", math.inf)
+            limit = min(_int_param(params, "limit", 50), _HISTORY_LIMIT)
+        except ValueError as exc:
+            return error(400, str(exc))
+        if self.jwt_secret is not None:
+            try:
+                user: str | None = _http.authenticate(request, params, self.jwt_secret)
+            except AuthError as exc:
+                user = None
+                denied = str(exc)
+        else:
+            user = next((v for k, v in params if k == "user"), None)
+            denied = "a user parameter is required for a private room"
+        end = 2**62 if before == math.inf else int(before)
+        try:
+            loaded = await self._load_history(room, end, limit + 1)
+            # A room neither stored nor in memory is answered empty, and not created.
+            if loaded or room in self.engine.rooms():
+                meta = await self._room_meta(room)
+                if meta is not None and meta[0] and (user is None or user not in meta[1]):
+                    if user is None:
+                        return error(401, denied)
+                    return error(403, "this room is private")
+        except StoreUnavailable:
+            return error(503, "history store unavailable", ("retry-after", "5"))
+        messages = loaded[-limit:]
+        return json_reply(
+            200,
+            {
+                "room": room,
+                "messages": [_message_json(m) for m in messages],
+                "more": len(loaded) > limit,
+            },
+        )
+
+    # -- the WebSocket handshake --------------------------------------------------------------
+
+    async def _websocket(
+        self, stream: anyio.abc.ByteStream, http: h11.Connection, request: h11.Request, query: str
+    ) -> Reply | None:
+        """Upgrade and run the connection (None), or the reply that refuses it."""
+        upgrade = [t.lower() for t in header_list(request, b"upgrade")]
+        connection = [t.lower() for t in header_list(request, b"connection")]
+        if "websocket" not in upgrade or "upgrade" not in connection:
+            return error(
+                426,
+                "this endpoint speaks WebSocket only",
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
+            )
+        if request.method != b"GET":
+            return error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
+        if self._stopping:
+            return error(503, "shutting down", ("retry-after", "5"))
+        if not _http.origin_allowed(
+            header(request, b"origin"), header(request, b"host"), self.allow_origins
+        ):
+            return error(403, "origin not allowed")
+        if header(request, b"sec-websocket-version") != "13":
+            return error(426, "WebSocket version 13 only", ("sec-websocket-version", "13"))
+        key = header(request, b"sec-websocket-key")
+        if key is None or not _valid_key(key):
+            return error(400, "missing or invalid Sec-WebSocket-Key")
+        user: str | None = None
+        if self.jwt_secret is not None:
+            try:
+                user = _http.authenticate(request, parse_qsl(query), self.jwt_secret)
+            except AuthError as exc:
+                return error(401, str(exc), ("www-authenticate", "Bearer"))
+        mode, subprotocol = select_mode(header_list(request, b"sec-websocket-protocol"))
+        self._next_id += 1
+        conn = self._next_id
+        try:
+            connect = parse_connect(conn, query, mode, user=user)
+        except HandshakeError as exc:
+            return error(exc.status, exc.reason)
+        headers = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", generate_accept_token(key.encode("ascii"))),
+        ]
+        if subprotocol is not None:
+            headers.append((b"sec-websocket-protocol", subprotocol.encode()))
+        accept = http.send(h11.InformationalResponse(status_code=101, headers=headers)) or b""
+        trailing, _ = http.trailing_data
+        await stream.send(accept)
+        address = _address(stream)
+        peer = Peer(conn, connect.user, address, stream, WebSocket(ConnectionType.SERVER), self)
+        self._peers[conn] = peer
+        self._ws_running += 1
+        log.info("opened conn=%d user=%s mode=%s from=%s", conn, connect.user, mode.value, address)
+        self._feed(connect)
+        await peer.run(bytes(trailing))
+        return None
+
+
+async def _read_request(stream: anyio.abc.ByteStream, http: h11.Connection) -> h11.Request | None:
+    """The next request and its (empty) body, or None at EOF."""
+    request: h11.Request | None = None
+    while True:
+        event = http.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                data = b""
+            http.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+            continue
+        if isinstance(event, h11.Data):
+            continue  # a body we do not want (the route answers 405)
+        if isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+            return request
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        return None
+
+
+async def _send_reply(
+    stream: anyio.abc.ByteStream, http: h11.Connection, reply: Reply, *, head: bool, close: bool
+) -> bool:
+    try:
+        data = _http.render(reply, http, head=head, close=close)
+    except h11.LocalProtocolError:
+        return False
+    try:
+        await stream.send(data)
+    except _CLOSE_ERRORS:
+        return False
+    return True
+
+
+def _valid_key(key: str) -> bool:
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _int_param(params: list[tuple[str, str]], name: str, default: Any) -> Any:
+    for key, value in params:
+        if key == name:
+            if not value.isdigit() or len(value) > 15 or int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer")
+            return int(value)
+    return default
+
+
+def _message_json(m: Message) -> dict[str, Any]:
+    return {
+        "room": m.room,
+        "offset": m.offset,
+        "epoch": m.epoch,
+        "from": m.sender,
+        "text": m.text,
+        "ts": format_ts(m.ts),
+        "id": m.client_id,
+    }
+
+
+def _address(stream: anyio.abc.ByteStream) -> str:
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:
+        return "?"
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
