@@ -324,19 +324,29 @@ class PostgresStore:
     async def _execute(
         self, effects: Sequence[StorageEffect]
     ) -> tuple[list[Command], list[LoadRoom]]:
-        try:
-            db = await self._connection()
-            answers: list[Command] = []
-            async with db.transaction():
-                for run in _runs(effects):
-                    if isinstance(run, list):
-                        answers.extend(await self._append_run(db, run))
-                    elif (answer := await self._apply(db, run)) is not None:
-                        answers.append(answer)
-            return answers, []
-        except psycopg.Error as exc:
-            await self._broken(exc)
-            return await self._degraded(effects)
+        for attempt in (1, 2):
+            reused = self._db is not None and not self._db.closed
+            committing = False
+            try:
+                db = await self._connection()
+                answers: list[Command] = []
+                async with db.transaction():
+                    for run in _runs(effects):
+                        if isinstance(run, list):
+                            answers.extend(await self._append_run(db, run))
+                        elif (answer := await self._apply(db, run)) is not None:
+                            answers.append(answer)
+                    committing = True
+                return answers, []
+            except psycopg.Error as exc:
+                await self._broken(exc)
+                # A connection the server closed since the last batch (a restart) gets
+                # one more try on a fresh one. Not after a failed COMMIT: it may have
+                # been stored, and a retry would store it twice (a client's retry with
+                # its client id is answered as a duplicate instead).
+                if attempt == 2 or not reused or committing or self._db is not None:
+                    break
+        return await self._degraded(effects)
 
     async def _degraded(
         self, effects: Sequence[StorageEffect]

@@ -340,14 +340,20 @@ class SQLiteStore:
     # -- one batch ------------------------------------------------------------------------
 
     def _execute(self, effects: Sequence[StorageEffect]) -> tuple[list[Command], list[LoadRoom]]:
-        try:
-            db = self._connection()
-            with _transaction(db):
-                answers = [self._apply(db, effect) for effect in effects]
-            return [a for a in answers if a is not None], []
-        except (sqlite3.Error, OSError) as exc:
-            self._broken(exc)
-            return self._degraded(effects)
+        for attempt in (1, 2):
+            reused = self._db is not None
+            try:
+                db = self._connection()
+                with _transaction(db):
+                    answers = [self._apply(db, effect) for effect in effects]
+                return [a for a in answers if a is not None], []
+            except (sqlite3.Error, OSError) as exc:
+                self._broken(exc)
+                # A handle opened while the file was read-only stays read-only: a batch
+                # that failed on an old handle gets one more try on a fresh one.
+                if attempt == 2 or not reused or self._db is not None:
+                    break
+        return self._degraded(effects)
 
     def _degraded(self, effects: Sequence[StorageEffect]) -> tuple[list[Command], list[LoadRoom]]:
         """The batch failed: no Append of it is stored. Reads are still tried one by

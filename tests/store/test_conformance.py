@@ -1,0 +1,267 @@
+"""One conformance suite, run against every store: MemoryStore, SQLite, PostgreSQL.
+
+Each test states what the engine (and so a user) relies on. ``make_store()``
+opened twice is a server restart on the same database.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chatcore import (
+    Append,
+    Appended,
+    HistoryLoaded,
+    LoadHistory,
+    LoadRoom,
+    Message,
+    Position,
+    RoomLoaded,
+    SavePositions,
+    SaveRoom,
+)
+from chatcore_store import DurableStore, HistoryStore, MemoryStore
+
+from .conftest import MakeStore
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_795_000_000_000  # ms
+
+
+def append(
+    ref: int, room: str = "lobby", sender: str = "alice", cid: str | None = None, ts: int = T0
+) -> Append:
+    return Append(ref=ref, room=room, sender=sender, text=f"text {ref}", ts=ts, client_id=cid)
+
+
+async def load(store: HistoryStore, room: str = "lobby", recent: int = 10) -> RoomLoaded:
+    [answer] = await store.execute([LoadRoom(room=room, recent=recent)])
+    assert isinstance(answer, RoomLoaded)
+    return answer
+
+
+async def appended(store: HistoryStore, *effects: Append) -> list[Appended]:
+    answers = await store.execute(list(effects))
+    assert all(isinstance(a, Appended) for a in answers), answers
+    return answers  # type: ignore[return-value]
+
+
+async def page(
+    store: HistoryStore,
+    room: str = "lobby",
+    after: int = 0,
+    before: int = 10**9,
+    limit: int | None = None,
+) -> list[int]:
+    [answer] = await store.execute(
+        [LoadHistory(ref=99, room=room, after=after, before=before, limit=limit)]
+    )
+    assert isinstance(answer, HistoryLoaded)
+    assert answer.ref == 99
+    return [m.offset for m in answer.messages]
+
+
+async def positions(store: HistoryStore, user: str) -> dict[str, tuple[int, int]]:
+    if isinstance(store, MemoryStore):
+        return {room: p for (u, room), p in store.positions.items() if u == user}
+    assert isinstance(store, DurableStore)
+    return await store.positions(user)
+
+
+def needs_retention(store: HistoryStore) -> DurableStore:
+    if not hasattr(store, "apply_retention"):
+        pytest.skip("MemoryStore has no per-room retention yet (see /work/requests/store.md)")
+    assert isinstance(store, DurableStore)
+    return store
+
+
+async def test_a_new_room_is_public_and_empty(make_store: MakeStore) -> None:
+    store = await make_store()
+    room = await load(store, "fresh")
+    assert (room.head, room.private, room.allow, room.recent) == (0, False, frozenset(), ())
+    assert room.epoch
+
+
+async def test_offsets_are_gap_free_per_room_across_batches(make_store: MakeStore) -> None:
+    store = await make_store()
+    await load(store, "a")
+    await load(store, "b")
+    first = await appended(store, append(1, "a"), append(2, "b"), append(3, "a"))
+    second = await appended(store, append(4, "a"), append(5, "b"))
+    offsets = [(a.ref, a.message.room, a.message.offset) for a in first + second]
+    assert offsets == [(1, "a", 1), (2, "b", 1), (3, "a", 2), (4, "a", 3), (5, "b", 2)]
+    assert all(not a.duplicate for a in first + second)
+    assert (await load(store, "a")).head == 3
+    assert await page(store, "a") == [1, 2, 3]
+
+
+async def test_the_stored_message_is_what_was_appended(make_store: MakeStore) -> None:
+    store = await make_store()
+    room = await load(store)
+    effect = Append(
+        ref=7, room="lobby", sender="bob", text="héllo ✓\nline 2", ts=T0 + 5, client_id="c-1"
+    )
+    [answer] = await appended(store, effect)
+    want = Message(
+        room="lobby",
+        offset=1,
+        epoch=room.epoch,
+        sender="bob",
+        text=effect.text,
+        ts=T0 + 5,
+        client_id="c-1",
+    )
+    assert answer == Appended(message=want, ref=7)
+    store = await make_store()
+    assert (await load(store)).recent == (want,)
+
+
+async def test_epoch_and_head_survive_a_restart(make_store: MakeStore) -> None:
+    store = await make_store()
+    before = await load(store, "a")
+    other = await load(store, "b")
+    assert before.epoch != other.epoch
+    await appended(store, append(1, "a"), append(2, "a"))
+    await store.close()
+    store = await make_store()
+    after = await load(store, "a")
+    assert after.epoch == before.epoch
+    assert after.head == 2
+    [next_one] = await appended(store, append(3, "a"))
+    assert (next_one.message.offset, next_one.message.epoch) == (3, before.epoch)
+
+
+async def test_a_retried_send_is_stored_once_even_across_a_restart(make_store: MakeStore) -> None:
+    store = await make_store()
+    await load(store)
+    [first] = await appended(store, append(1, cid="x"))
+    await store.close()
+    store = await make_store()
+    [again] = await appended(store, append(2, cid="x"))
+    assert again.duplicate
+    assert again.ref == 2
+    assert again.message == first.message
+    assert await page(store) == [1]
+    # The key is (room, sender, client id): other senders and rooms may reuse an id.
+    answers = await appended(
+        store, append(3, sender="bob", cid="x"), append(4, room="other", cid="x")
+    )
+    assert [(a.duplicate, a.message.offset) for a in answers] == [(False, 2), (False, 1)]
+
+
+async def test_a_repeat_inside_one_batch_is_a_duplicate(make_store: MakeStore) -> None:
+    store = await make_store()
+    await load(store)
+    answers = await appended(store, append(1, cid="k"), append(2), append(3, cid="k"), append(4))
+    assert [(a.ref, a.message.offset, a.duplicate) for a in answers] == [
+        (1, 1, False),
+        (2, 2, False),
+        (3, 1, True),
+        (4, 3, False),
+    ]
+
+
+async def test_load_room_returns_the_newest_messages_ascending(make_store: MakeStore) -> None:
+    store = await make_store()
+    await load(store)
+    await appended(store, *(append(i) for i in range(1, 8)))
+    room = await load(store, recent=3)
+    assert room.head == 7
+    assert [m.offset for m in room.recent] == [5, 6, 7]
+    assert [m.offset for m in (await load(store, recent=50)).recent] == list(range(1, 8))
+
+
+async def test_history_ranges_and_limits(make_store: MakeStore) -> None:
+    store = await make_store()
+    await load(store)
+    await appended(store, *(append(i) for i in range(1, 11)))
+    assert await page(store, after=0, before=11) == list(range(1, 11))
+    assert await page(store, after=3, before=7) == [4, 5, 6]  # both ends excluded
+    assert await page(store, after=0, before=11, limit=3) == [8, 9, 10]  # the newest, ascending
+    assert await page(store, after=0, before=5, limit=2) == [3, 4]
+    assert await page(store, after=8, before=100, limit=5) == [9, 10]
+    assert await page(store, after=5, before=6) == []
+    assert await page(store, after=10, before=100) == []
+    assert await page(store, room="nowhere") == []
+
+
+async def test_private_rooms_keep_their_allow_list(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.execute([SaveRoom(room="staff", private=True, allow=frozenset({"alice", "bob"}))])
+    room = await load(store, "staff")
+    assert (room.private, room.allow, room.head) == (True, frozenset({"alice", "bob"}), 0)
+    await appended(store, append(1, "staff"))
+    await store.close()
+    store = await make_store()
+    again = await load(store, "staff")
+    assert (again.private, again.allow, again.epoch) == (
+        True,
+        frozenset({"alice", "bob"}),
+        room.epoch,
+    )
+    # Changing the list keeps the room's history and numbering.
+    await store.execute([SaveRoom(room="staff", private=False, allow=frozenset())])
+    opened = await load(store, "staff")
+    assert (opened.private, opened.allow, opened.epoch, opened.head) == (
+        False,
+        frozenset(),
+        room.epoch,
+        1,
+    )
+
+
+async def test_positions_are_saved_per_user_and_room(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.execute(
+        [
+            SavePositions(user="alice", positions=(Position(room="a", delivered=5, read=3),)),
+            SavePositions(user="bob", positions=(Position(room="a", delivered=2, read=2),)),
+            SavePositions(
+                user="alice",
+                positions=(
+                    Position(room="a", delivered=9, read=7),
+                    Position(room="b", delivered=1, read=0),
+                ),
+            ),
+        ]
+    )
+    await store.close()
+    store = await make_store()
+    assert await positions(store, "alice") == {"a": (9, 7), "b": (1, 0)}
+    assert await positions(store, "bob") == {"a": (2, 2)}
+    assert await positions(store, "carol") == {}
+
+
+async def test_retention_by_count_cuts_the_oldest_and_keeps_numbering(
+    make_store: MakeStore,
+) -> None:
+    store = needs_retention(await make_store())
+    epoch = (await load(store)).epoch
+    await appended(store, *(append(i, cid=f"c{i}") for i in range(1, 11)))
+    await load(store, "quiet")
+    await appended(store, append(20, "quiet"))
+    await store.set_retention("lobby", max_messages=4)
+    assert await store.apply_retention(T0 / 1000) == 6
+    assert await page(store) == [7, 8, 9, 10]
+    assert await page(store, "quiet") == [1]  # rooms without limits keep everything
+    room = await load(store)
+    assert (room.head, room.epoch) == (10, epoch)
+    [nxt] = await appended(store, append(11))
+    assert nxt.message.offset == 11
+    assert await store.apply_retention(T0 / 1000) == 1
+    assert await page(store) == [8, 9, 10, 11]
+
+
+async def test_retention_by_age(make_store: MakeStore) -> None:
+    store = needs_retention(await make_store())
+    await load(store)
+    day = 86_400_000
+    await appended(store, *(append(i, ts=T0 - (10 - i) * day) for i in range(1, 11)))
+    await store.set_retention("lobby", max_age=3 * 86_400)
+    # Messages older than 3 days at T0: offsets 1..6 (ages 9..4 days); 7 is exactly 3 days.
+    assert await store.apply_retention(T0 / 1000) == 6
+    assert await page(store) == [7, 8, 9, 10]
+    info = await store.room("lobby")
+    assert info is not None
+    assert (info.stored, info.head, info.max_age) == (4, 10, 3 * 86_400)

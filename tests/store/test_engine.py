@@ -1,0 +1,54 @@
+"""A real Engine on each store: what users see survives a restart of the store."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatcore_store import create_room
+
+from .conftest import MakeStore
+from .driver import Driver
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_messages_acks_and_retries_survive_a_restart(make_store: MakeStore) -> None:
+    store = await make_store()
+    first = Driver(store, history_window=2)  # older pages must come from the store
+    alice = await first.connect("alice", "lobby")
+    bob = await first.connect("bob", "lobby")
+    epoch = first.welcome(alice).rooms["lobby"].epoch
+    for i in range(1, 6):
+        await first.send(alice, "lobby", f"hello {i}", client_id=f"m{i}")
+    assert [(a.offset, a.client_id) for a in first.acks(alice)] == [
+        (i, f"m{i}") for i in range(1, 6)
+    ]
+    assert [m.text for m in first.messages(bob)] == [f"hello {i}" for i in range(1, 6)]
+    await store.close()
+
+    # The server restarts: a new engine, the store opened again on the same database.
+    second = Driver(await make_store(), seed=1, history_window=2)
+    alice = await second.connect("alice", "lobby")
+    carol = await second.connect("carol", "lobby")
+    assert second.welcome(carol).rooms["lobby"].epoch == epoch
+    page = await second.fetch(carol, "lobby")
+    assert [(m.offset, m.sender, m.text) for m in page.messages] == [
+        (i, "alice", f"hello {i}") for i in range(1, 6)
+    ]
+    # A send retried after the restart is acked with its first offset and not delivered again.
+    await second.send(alice, "lobby", "hello 3", client_id="m3")
+    assert [a.offset for a in second.acks(alice)] == [3]
+    assert second.messages(carol) == []
+    await second.send(alice, "lobby", "after the restart", client_id="m6")
+    assert [(m.offset, m.epoch) for m in second.messages(carol)] == [(6, epoch)]
+
+
+async def test_a_room_created_by_the_admin_call_is_private(make_store: MakeStore) -> None:
+    store = await make_store()
+    await create_room(store, "staff", private=True, allow=["alice"])
+    driver = Driver(store)
+    alice = await driver.connect("alice", "staff")
+    mallory = await driver.connect("mallory", "staff")
+    assert "staff" in driver.welcome(alice).rooms
+    assert "staff" not in driver.welcome(mallory).rooms
+    assert [e.code for e in driver.errors(mallory)] == ["forbidden"]
