@@ -96,3 +96,11 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
             await store.close()
         if kind == "postgres":
             await drop_schema(schema)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "pg_outage: stops and restarts the local PostgreSQL server"
+        " (deselect with -m 'not pg_outage')",
+    )
