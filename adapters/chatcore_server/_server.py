@@ -24,7 +24,7 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from chatcore import (
     Close,
     Command,
     Config,
+    CreateRoom,
     Deliver,
     Disconnected,
     Effect,
@@ -204,6 +205,10 @@ class ChatServer:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await self.store.close()
             log.info("chatcore stopped")
+
+    def create_room(self, room: str, *, private: bool = True, allow: Iterable[str] = ()) -> None:
+        """Create or change a room; a private room admits only the users in ``allow``."""
+        self._feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
 
     def shutdown(self) -> None:
         """Stop accepting, close every client with 1001, flush the store, return from serve."""
@@ -411,6 +416,11 @@ class ChatServer:
                     return
             if request is None:
                 return  # EOF, or too slow to send a request
+            if _request_size(request) > self.limits.max_request_bytes:
+                # h11 bounds only what arrives in pieces; one big read is bounded here.
+                reply = error(431, "request header fields too large")
+                await _send_reply(stream, http, reply, head=False, close=True)
+                return
             method = request.method.decode("ascii", "replace")
             parts = urlsplit(request.target.decode("latin-1"))
             path = parts.path
@@ -636,6 +646,10 @@ async def _send_reply(
     except _CLOSE_ERRORS:
         return False
     return True
+
+
+def _request_size(request: h11.Request) -> int:
+    return len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
 
 
 def _valid_key(key: str) -> bool:
