@@ -23,6 +23,7 @@ import pytest
 import sniffio
 import websockets.asyncio.client
 import websockets.trio.client
+from websockets.exceptions import ConnectionClosed
 
 from chatcore_server import ChatServer
 
@@ -176,3 +177,16 @@ async def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True)
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     break
             return out
+
+
+async def close_code(conn: Any) -> int:
+    """Read (and drop) frames until the server's close frame; its code."""
+    with anyio.fail_after(GUARD):
+        try:
+            while True:
+                await conn.recv()
+        except ConnectionClosed as exc:
+            closed = exc
+    if closed.rcvd is None:
+        raise AssertionError(f"closed without a close frame: {closed!r}")
+    return closed.rcvd.code

@@ -6,7 +6,7 @@ import json
 
 import anyio
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from chatcore import Config
 from chatcore_server import Limits
@@ -15,6 +15,7 @@ from .conftest import (
     GUARD,
     JSON,
     Running,
+    close_code,
     http_get,
     masked_frame,
     raw_exchange,
@@ -39,14 +40,6 @@ async def still_serving(srv: Running) -> None:
         await welcome(b)
         await a.send(json.dumps({"type": "send", "room": "probe", "text": "still here"}))
         await recv_until(b, lambda e: e.get("text") == "still here")
-
-
-async def closed_with(conn: object) -> int:
-    with anyio.fail_after(GUARD), pytest.raises(ConnectionClosed) as closed:
-        while True:
-            await conn.recv()  # type: ignore[attr-defined]
-    assert closed.value.rcvd is not None
-    return closed.value.rcvd.code
 
 
 async def test_slow_handshake_is_cut_off() -> None:
@@ -91,11 +84,11 @@ async def test_message_over_the_limit_closes_1009() -> None:
         async with ws_connect(f"{srv.ws}?user=a&room=r", **JSON) as a:
             await welcome(a)
             await a.send(json.dumps({"type": "send", "room": "r", "text": "y" * 3000}))
-            assert await closed_with(a) == 1009
+            assert await close_code(a) == 1009
         async with ws_connect(f"{srv.ws}?user=b&room=r", **JSON) as b:
             await welcome(b)
             await b.send(["z" * 1500, "z" * 1500])  # fragmented: the sum counts
-            assert await closed_with(b) == 1009
+            assert await close_code(b) == 1009
         await still_serving(srv)
 
 
@@ -104,11 +97,11 @@ async def test_invalid_utf8_closes_1007_and_binary_1003() -> None:
         async with ws_connect(f"{srv.ws}?user=a&room=r", **JSON) as a:
             await welcome(a)
             await send_raw(a, masked_frame(0x1, b'{"type":"send","text":"\xff\xfe"}'))
-            assert await closed_with(a) == 1007
+            assert await close_code(a) == 1007
         async with ws_connect(f"{srv.ws}?user=b&room=r", **JSON) as b:
             await welcome(b)
             await b.send(b"\x00\x01")
-            assert await closed_with(b) == 1003
+            assert await close_code(b) == 1003
         await still_serving(srv)
 
 
