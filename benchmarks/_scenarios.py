@@ -1,0 +1,398 @@
+"""One server, one scenario: set up the clients, climb the ladder, judge each step.
+
+A step *passes* when at least 99.9% of the deliveries arrived, the probes' p99
+latency is at most 50 ms and the deliveries received during the sending window
+reach 97% of the offered rate. A step is *valid* only if the measurement itself
+was sound: the generator kept its schedule (send lag p99 under 5 ms, its main
+process under 90% of its core, the counting process not saturated) and other
+processes on the machine stayed under 15% of a core. Invalid steps are run
+again (twice at most) and, if still invalid, recorded as such and the ladder stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._counters import Counters
+from ._load import Load, Step, pct
+from ._proc import CpuWatch, proc_cpu, rss_kib, wait_quiet
+from ._servers import RunningServer, ServerSpec
+from ._wire import CLOSE_FRAME, SOCKETIO, open_many
+
+DELIVERED_MIN = 0.999
+P99_MAX_MS = 50.0
+ACHIEVED_MIN = 0.97
+OTHERS_MAX = 0.15
+LAG_MAX_MS = 5.0
+CPU_RATE = 100_000
+LATENCY_RATE = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    title: str
+    clients: int
+    rooms: int
+    senders_per_room: int
+    probes_per_room: int
+
+
+SCENARIOS = {
+    "a": Scenario("a", "100 clients, 1 room", 100, 1, 4, 2),
+    "b": Scenario("b", "1,000 clients, 1 room", 1000, 1, 4, 12),
+    "c": Scenario("c", "1,000 clients, 10 rooms", 1000, 10, 2, 1),
+}
+
+Log = Callable[[str], None]
+
+
+def _settle(pid: int, *, share: float = 0.05, timeout: float = 20.0) -> None:
+    """Wait until the server's CPU use falls under ``share`` (setup work done)."""
+    deadline = time.monotonic() + timeout
+    time.sleep(0.2)
+    while time.monotonic() < deadline:
+        c0 = proc_cpu(pid)
+        time.sleep(0.3)
+        if (proc_cpu(pid) - c0) / 0.3 < share:
+            return
+
+
+class Session:
+    """A running server with its clients connected."""
+
+    def __init__(
+        self,
+        spec: ServerSpec,
+        sc: Scenario,
+        counters: Counters,
+        *,
+        slow: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.sc = sc
+        self.counters = counters
+        self.notes: list[str] = []
+        self.server = RunningServer(spec, core=0)
+        flavor = spec.flavor
+        self.load = Load(self.server.port, flavor)
+        per_room = sc.clients // sc.rooms
+        plan: list[tuple[str, str, bool]] = []
+        slow_targets: list[str] = []
+        targets: list[str] = []
+        for r in range(sc.rooms):
+            room = f"room{r}"
+            self.load.members[room] = per_room
+            plan += [(f"s{r}x{i}", room, True) for i in range(sc.senders_per_room)]
+            plan += [(f"p{r}x{i}", room, False) for i in range(sc.probes_per_room)]
+            n = per_room - sc.senders_per_room - sc.probes_per_room
+            targets += [flavor.target(f"c{r}x{i}", [room]) for i in range(n)]
+        # The slow consumers come first in the counting process (it pauses the first k).
+        slow_targets, targets = targets[:slow], targets[slow:]
+        self.n_counters = len(slow_targets) + len(targets)
+        self.load.connect(plan)
+        _settle(self.server.pid)
+        rss0 = rss_kib(self.server.pid)
+        sio = flavor.kind == SOCKETIO
+        if slow_targets:
+            counters.connect(
+                self.server.port, slow_targets, flavor.subprotocol, sio, flavor.after_open, 4096
+            )
+        counters.connect(self.server.port, targets, flavor.subprotocol, sio, flavor.after_open)
+        _settle(self.server.pid)
+        time.sleep(0.3)
+        rss1 = rss_kib(self.server.pid)
+        self.rss_per_conn_kib = (rss1 - rss0) / max(1, self.n_counters)
+        self.rss_idle_kib = rss1
+
+    def pids(self) -> dict[str, int]:
+        return {
+            "server": self.server.pid,
+            "generator": os.getpid(),
+            "counters": self.counters.pid,
+        }
+
+    def step(self, offered: float, seconds: float) -> Step:
+        watch: list[CpuWatch] = []
+        result: dict[str, float] = {}
+
+        def marks(edge: str) -> None:
+            if edge == "start":
+                watch.append(CpuWatch(self.pids()))
+            else:
+                result.update(watch[0].stop())
+
+        st = self.load.step(offered, seconds, self.counters, marks)
+        st.cpu = result
+        return st
+
+    def warm_up(self, offered: float) -> bool:
+        """Check every client gets messages (all joined) before measuring."""
+        for _ in range(4):
+            st = self.step(min(offered, 10_000), 0.5)
+            if st.expected and st.delivered >= st.expected:
+                return True
+            time.sleep(0.5)
+        self.notes.append(f"warm-up: {st.delivered}/{st.expected} deliveries arrived")
+        return False
+
+    def close(self) -> None:
+        try:
+            self.counters.call("close_all", timeout=30)
+        finally:
+            self.load.close()
+            if not self.server.alive():
+                self.notes.append(f"server died: {self.server.log_tail(5)}")
+            self.server.stop()
+
+
+def summarize(st: Step) -> dict[str, Any]:
+    cpu = st.cpu
+    wall = cpu.get("wall", st.seconds) or st.seconds
+    delivered_frac = st.delivered / st.expected if st.expected else 0.0
+    achieved = st.delivered_in_window / (st.offered * st.seconds) if st.offered else 0.0
+    p50 = pct(st.latencies_ns, 0.50) / 1e6
+    p99 = pct(st.latencies_ns, 0.99) / 1e6
+    others = cpu.get("others", 0.0) / wall
+    gen = cpu.get("generator", 0.0) / wall
+    problems = []
+    if others > OTHERS_MAX:
+        problems.append(f"other processes used {others:.0%} of a core")
+    if gen > 0.9:
+        problems.append(f"generator at {gen:.0%} of its core")
+    if st.counter_busy > 0.9:
+        problems.append(f"counting process busy {st.counter_busy:.0%}")
+    if st.lag_p99_ms > LAG_MAX_MS:
+        problems.append(f"generator send lag p99 {st.lag_p99_ms:.1f} ms")
+    passed = (
+        delivered_frac >= DELIVERED_MIN
+        and p99 <= P99_MAX_MS
+        and achieved >= ACHIEVED_MIN
+        and not st.errors
+    )
+    deliveries = st.delivered_in_window
+    server_cpu = cpu.get("server", 0.0)
+    return {
+        "offered": st.offered,
+        "seconds": st.seconds,
+        "sent": st.sent,
+        "expected": st.expected,
+        "delivered": st.delivered,
+        "delivered_frac": round(delivered_frac, 5),
+        "achieved_per_s": round(deliveries / st.seconds),
+        "achieved_frac": round(achieved, 4),
+        "p50_ms": round(p50, 3),
+        "p99_ms": round(p99, 3),
+        "samples": len(st.latencies_ns),
+        "server_cpu_share": round(server_cpu / wall, 3),
+        "server_us_per_delivery": round(server_cpu / deliveries * 1e6, 3) if deliveries else None,
+        "generator_share": round(gen, 3),
+        "counter_busy": round(st.counter_busy, 3),
+        "others_share": round(others, 3),
+        "lag_p99_ms": round(st.lag_p99_ms, 3),
+        "lag_max_ms": round(st.lag_max_ms, 3),
+        "backpressure_s": round(st.backpressure_s, 3),
+        "errors": st.errors,
+        "passed": passed,
+        "valid": not problems,
+        "problems": problems,
+    }
+
+
+def ladder_run(
+    spec: ServerSpec,
+    sc: Scenario,
+    ladder: list[int],
+    step_s: float,
+    counters: Counters,
+    log: Log,
+    *,
+    quiet_timeout: float,
+) -> dict[str, Any]:
+    """Climb the ladder of offered delivery rates; the figures of one run."""
+    out: dict[str, Any] = {"server": spec.name, "scenario": sc.key, "steps": [], "notes": []}
+    quiet, share = wait_quiet([counters.pid, os.getpid()], timeout=quiet_timeout)
+    if not quiet:
+        out["notes"].append(f"machine not quiet at start: others used {share:.0%} of a core")
+    t_start = time.monotonic()
+    session = Session(spec, sc, counters)
+    try:
+        out["rss_per_idle_conn_kib"] = round(session.rss_per_conn_kib, 2)
+        out["rss_idle_kib"] = session.rss_idle_kib
+        session.warm_up(ladder[0])
+        sustained = 0
+        done_cpu = False
+        stop_reason = "top of the ladder"
+        for rate in ladder:
+            seconds = max(step_s, 3.0) if rate == CPU_RATE else step_s
+            verdict = _measure(session, rate, seconds, log)
+            out["steps"].append(verdict)
+            done_cpu = done_cpu or rate == CPU_RATE
+            if verdict["passed"]:
+                sustained = rate
+                continue
+            stop_reason = f"failed at {rate:,}/s" if verdict["valid"] else f"invalid at {rate:,}/s"
+            break
+        if not done_cpu and session.server.alive():
+            time.sleep(1.0)
+            out["steps"].append(_measure(session, CPU_RATE, max(step_s, 3.0), log, tries=1))
+        out["sustained"] = sustained
+        out["stop"] = stop_reason
+        out["top"] = sustained == ladder[-1]
+        cpu_steps = [s for s in out["steps"] if s["offered"] == CPU_RATE]
+        if cpu_steps:
+            s = cpu_steps[-1]
+            out["us_per_delivery"] = s["server_us_per_delivery"]
+            out["us_per_delivery_sustained"] = s["passed"]
+        lat_steps = [s for s in out["steps"] if s["offered"] == LATENCY_RATE]
+        if lat_steps:
+            out["p50_ms_20k"] = lat_steps[0]["p50_ms"]
+            out["p99_ms_20k"] = lat_steps[0]["p99_ms"]
+    finally:
+        session.close()
+        out["notes"] += session.notes
+    out["seconds"] = round(time.monotonic() - t_start, 1)
+    return out
+
+
+def _measure(
+    session: Session, rate: int, seconds: float, log: Log, tries: int = 3
+) -> dict[str, Any]:
+    """One ladder step, run again if the measurement was unsound or it just failed once."""
+    verdict: dict[str, Any] = {}
+    failed_once = False
+    for attempt in range(tries):
+        if not session.server.alive():
+            verdict = verdict or {"offered": rate, "valid": True, "passed": False}
+            verdict["problems"] = ["server process died"]
+            return verdict
+        verdict = summarize(session.step(rate, seconds))
+        verdict["attempt"] = attempt + 1
+        log(
+            f"    {session.spec.name:16} {session.sc.key} {rate:>8,}/s "
+            f"got {verdict['achieved_per_s']:>8,}/s delivered {verdict['delivered_frac']:.4f} "
+            f"p50 {verdict['p50_ms']:6.2f} p99 {verdict['p99_ms']:7.2f} ms "
+            f"cpu {verdict['server_cpu_share']:.0%} "
+            f"{'PASS' if verdict['passed'] else 'fail'}"
+            f"{'' if verdict['valid'] else ' INVALID: ' + '; '.join(verdict['problems'])}"
+        )
+        if verdict["passed"]:
+            return verdict  # noise only ever hurts a server: a pass under noise stands
+        if verdict["valid"]:
+            if failed_once:
+                return verdict
+            failed_once = True
+        time.sleep(1.0)  # let queues drain before trying again
+    return verdict
+
+
+def slow_consumer_run(
+    spec: ServerSpec,
+    counters: Counters,
+    log: Log,
+    *,
+    rate: int,
+    seconds: float,
+    quiet_timeout: float,
+) -> dict[str, Any]:
+    """Scenario b with a tenth of the clients that stop reading."""
+    sc = SCENARIOS["b"]
+    slow = sc.clients // 10
+    out: dict[str, Any] = {"server": spec.name, "scenario": "slow", "rate": rate, "notes": []}
+    wait_quiet([counters.pid, os.getpid()], timeout=quiet_timeout)
+    session = Session(spec, sc, counters, slow=slow)
+    try:
+        session.warm_up(rate)
+        base = summarize(session.step(rate, seconds))
+        out["p99_ms_base"] = base["p99_ms"]
+        counters.call("pause", slow)
+        rss: list[int] = [rss_kib(session.server.pid)]
+        p99s: list[float] = []
+        for _ in range(4):
+            st = summarize(session.step(rate, seconds))
+            p99s.append(st["p99_ms"])
+            rss.append(rss_kib(session.server.pid))
+        out["p99_ms_slow"] = max(p99s)
+        out["rss_kib"] = rss
+        out["rss_growth_kib"] = rss[-1] - rss[1]
+        closed = int(counters.call("paused_closed"))
+        out["slow_closed_by_server"] = int(closed)
+        out["p99_ratio"] = round(out["p99_ms_slow"] / base["p99_ms"], 2) if base["p99_ms"] else None
+        log(
+            f"    {spec.name:16} slow  p99 {base['p99_ms']:.2f} -> {out['p99_ms_slow']:.2f} ms, "
+            f"RSS {rss[0] // 1024} -> {rss[-1] // 1024} MiB, slow clients closed: {int(closed)}"
+        )
+    finally:
+        session.close()
+        out["notes"] += session.notes
+    return out
+
+
+def churn_run(
+    spec: ServerSpec, counters: Counters, log: Log, *, seconds: float, quiet_timeout: float
+) -> dict[str, Any]:
+    """Connect and disconnect as fast as possible (20 in flight) next to 100 idle members."""
+    sc = Scenario("churn", "100 members + churn", 100, 1, 1, 1)
+    out: dict[str, Any] = {"server": spec.name, "scenario": "churn", "notes": []}
+    wait_quiet([counters.pid, os.getpid()], timeout=quiet_timeout)
+    session = Session(spec, sc, counters)
+    flavor = spec.flavor
+    cycles = 0
+    failures = 0
+    try:
+        watch = CpuWatch(session.pids())
+        t_end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < t_end:
+            targets = [flavor.target(f"churn{n + i}", ["room0"]) for i in range(20)]
+            n += 20
+            try:
+                opened = open_many(session.server.port, targets, flavor.subprotocol, timeout=5)
+            except (OSError, Exception):  # a refused or failed handshake counts, then go on
+                failures += 1
+                continue
+            ep = select.epoll()
+            live = {}
+            for sock, _ in opened:
+                with contextlib.suppress(OSError):
+                    sock.send(flavor.after_open + CLOSE_FRAME)
+                ep.register(sock.fileno(), select.EPOLLIN)
+                live[sock.fileno()] = sock
+            deadline = time.monotonic() + 5
+            while live and time.monotonic() < deadline:
+                for fd, _ in ep.poll(0.1):
+                    sock = live[fd]
+                    try:
+                        data = sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        ep.unregister(fd)
+                        sock.close()
+                        del live[fd]
+                        cycles += 1
+            for sock in live.values():
+                failures += 1
+                sock.close()
+            ep.close()
+        used = watch.stop()
+        out["cycles_per_s"] = round(cycles / used["wall"], 1)
+        out["failures"] = failures
+        out["server_cpu_share"] = round(used["server"] / used["wall"], 3)
+        out["others_share"] = round(used["others"] / used["wall"], 3)
+        log(
+            f"    {spec.name:16} churn {out['cycles_per_s']:,.0f} connect+close/s "
+            f"(server cpu {out['server_cpu_share']:.0%}, failures {failures})"
+        )
+    finally:
+        session.close()
+        out["notes"] += session.notes
+    return out
