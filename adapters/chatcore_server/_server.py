@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import h11
 from anyio.abc import TaskStatus
 from anyio.streams.tls import TLSListener
@@ -312,6 +313,8 @@ class ChatServer:
             for answer in answers:
                 self._feed(answer)
             self._storage_busy = False
+            # A store that answers at once must not starve the sockets.
+            await anyio.lowlevel.checkpoint()
 
     async def _execute(self, batch: Sequence[StorageEffect]) -> list[Command]:
         try:

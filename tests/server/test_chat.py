@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import pytest
 
 from .conftest import JSON, recv, recv_until, serving, welcome, ws_connect
@@ -94,3 +95,20 @@ async def test_history_page_over_the_websocket() -> None:
         page = (await recv_until(alice, lambda e: e["type"] == "history"))[-1]
         assert [m["text"] for m in page["messages"]] == ["m2", "m3"]
         assert page["more"] is True
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="engine bug: a connect naming 2+ unloaded rooms reloads them forever "
+    "(/work/requests/server.md #1)",
+)
+async def test_connect_with_several_rooms() -> None:
+    rooms: list[str] = []
+    async with (
+        serving() as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=one&room=two", **JSON) as alice,
+    ):
+        with anyio.move_on_after(3):
+            rooms = sorted((await recv(alice))["rooms"])
+    assert rooms == ["one", "two"]
