@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -62,7 +63,15 @@ def check() -> int:
 
 def serve() -> int:
     setup("server")
-    return run(PY, "-m", "chatcore_server", "serve", *sys.argv[2:], check=False)
+    command = [str(PY), "-m", "chatcore_server", "serve", *sys.argv[2:]]
+    print("+", " ".join(command), flush=True)
+    # The caller's directory, not ROOT: the default --db is chatcore.db "here".
+    child = subprocess.Popen(command)
+    # Ctrl-C reaches the server directly (same process group); it shuts down
+    # gracefully, so this process must wait for it rather than die first.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    return child.wait()
 
 
 def bench() -> int:
