@@ -114,7 +114,7 @@ class SimClient:
         if self.conn is None:
             raise RuntimeError(f"{self.user} is not connected")
         self.sim._record(f"{self.user} -> {text}")
-        self.sim._feed(Receive(conn=self.conn, text=text))
+        self.sim.feed(Receive(conn=self.conn, text=text))
 
     def stop_reading(self) -> None:
         """Become a slow reader: frames pile up unread in the outbox."""
@@ -248,7 +248,7 @@ class Simulation:
         del self._by_conn[conn]
         client._unread.clear()
         self._record(f"{client.user} dropped")
-        self._feed(Disconnected(conn=conn))
+        self.feed(Disconnected(conn=conn))
 
     def resume(self, client: SimClient) -> None:
         """Reconnect with the resume token and the last offset seen per room."""
@@ -257,10 +257,10 @@ class Simulation:
         self._open(client, resume=True)
 
     def create_room(self, room: str, *, allow: Iterable[str], private: bool = True) -> None:
-        self._feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
+        self.feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
 
     def shutdown(self) -> None:
-        self._feed(Shutdown())
+        self.feed(Shutdown())
 
     def advance(self, seconds: float) -> None:
         """Move the virtual clock forward, running every timer and store answer due."""
@@ -294,7 +294,7 @@ class Simulation:
         self._by_conn[conn] = client
         self._record(f"{client.user} connects" + (" (resume)" if resume else ""))
         offsets = dict(client.offsets) if resume else {}
-        self._feed(
+        self.feed(
             Connect(
                 conn=conn,
                 user=client.user,
@@ -308,7 +308,8 @@ class Simulation:
     def _record(self, line: str) -> None:
         self.log.append(f"{self.now - START:10.3f} {line}")
 
-    def _feed(self, command: Command) -> None:
+    def feed(self, command: Command) -> None:
+        """Hand the engine a command directly, as an adapter would, and run it through."""
         self._queue.append(command)
         self._settle()
 

@@ -122,6 +122,7 @@ class Engine:
         self._by_user: dict[str, dict[str, Session]] = {}
         self._rooms: dict[str, Room] = {}
         self._loading: dict[str, list[tuple[Session, ClientRequest | None]]] = {}
+        self._wanted: dict[str, int] = {}  # rooms sessions wait for before their welcome
         self._pending: dict[int, _PendingSend] = {}
         self._pages: dict[int, _PendingPage] = {}
         self._catchups: dict[int, tuple[Connection, str]] = {}
@@ -253,6 +254,7 @@ class Engine:
                         None,
                         out,
                         ephemeral=True,
+                        skip_user=user,
                     )
         return out
 
@@ -353,7 +355,10 @@ class Engine:
         self._conns[cmd.conn] = conn
         session.conn = conn
         session.backlog = []
+        self._release_wanted(session)
         session.wanted = [r for r in dict.fromkeys(cmd.rooms) if r not in session.rooms]
+        for name in session.wanted:
+            self._wanted[name] = self._wanted.get(name, 0) + 1
         session.text_room = next(iter(session.rooms), None) or next(iter(session.wanted), None)
         self._timers.push(now + self.config.ping_interval, TimerKind.PING, conn, None)
         session.waiting = {r for r in session.wanted if is_valid_room(r) and r not in self._rooms}
@@ -365,17 +370,11 @@ class Engine:
     def _ready(self, session: Session, now: float, out: list[Effect]) -> None:
         conn = session.conn
         assert conn is not None
-        # A room loaded earlier may have been let go while another was loading.
-        session.waiting = {r for r in session.wanted if is_valid_room(r) and r not in self._rooms}
-        if session.waiting:
-            for room_name in session.waiting:
-                self._await_room(room_name, session, None, out)
-            return
         session.state = next_state(session.state, _In.READY)
         later: list[Effect] = []
         for room_name in session.wanted:
             self._join(session, room_name, later, quiet=True)
-        session.wanted = []
+        self._release_wanted(session)
         # Where this connection's stream starts per room: everything after it follows.
         starts = {}
         for name in session.rooms:
@@ -463,8 +462,20 @@ class Engine:
                 self._request(session, request, now, out)
         self._forget_if_empty(room)
 
+    def _release_wanted(self, session: Session) -> None:
+        """The session no longer holds the rooms it asked for at connect in memory."""
+        for name in session.wanted:
+            count = self._wanted[name] - 1
+            if count:
+                self._wanted[name] = count
+            else:
+                del self._wanted[name]
+                if (room := self._rooms.get(name)) is not None:
+                    self._forget_if_empty(room)
+        session.wanted = []
+
     def _forget_if_empty(self, room: Room) -> None:
-        if not room.users and self._rooms.get(room.name) is room:
+        if not room.users and room.name not in self._wanted and self._rooms.get(room.name) is room:
             del self._rooms[room.name]
 
     # -- requests from clients ------------------------------------------------------
@@ -706,7 +717,12 @@ class Engine:
         # A refresh within half the lifetime extends the indicator silently.
         if previous is None or previous - now < self.config.typing_ttl / 2:
             self._broadcast(
-                room, Typing(room=name, user=session.user), session.conn, out, ephemeral=True
+                room,
+                Typing(room=name, user=session.user),
+                None,
+                out,
+                ephemeral=True,
+                skip_user=session.user,
             )
 
     def _mark_read(self, session: Session, name: str, offset: int, out: list[Effect]) -> None:
@@ -986,6 +1002,7 @@ class Engine:
         out: list[Effect],
         *,
         ephemeral: bool,
+        skip_user: str | None = None,
     ) -> None:
         """Fan one event out to the room's live connections: encoded once per mode.
 
@@ -1007,7 +1024,7 @@ class Engine:
         else:
             max_frames, max_bytes = self.config.outbox_frames, self.config.outbox_bytes
         for conn in conns.values():
-            if conn is skip:
+            if conn is skip or (skip_user is not None and conn.session.user == skip_user):
                 continue
             if conn.mode is Mode.JSON:
                 size, to = json_size, json_to
@@ -1055,6 +1072,7 @@ class Engine:
     def _drop(self, conn: Connection, out: list[Effect]) -> None:
         session = conn.session
         self._detach_conn(conn)
+        self._release_wanted(session)
         session.state = next_state(session.state, _In.DROP)
         if session.state is SessionState.CLOSED:
             self._end(session, out)
@@ -1070,6 +1088,7 @@ class Engine:
 
     def _end(self, session: Session, out: list[Effect]) -> None:
         """A session is over: save where it stood, leave its rooms."""
+        self._release_wanted(session)
         positions = []
         for name in session.rooms:
             room = self._rooms[name]
