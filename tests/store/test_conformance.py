@@ -6,6 +6,7 @@ opened twice is a server restart on the same database.
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from chatcore import (
@@ -265,3 +266,25 @@ async def test_retention_by_age(make_store: MakeStore) -> None:
     info = await store.room("lobby")
     assert info is not None
     assert (info.stored, info.head, info.max_age) == (4, 10, 3 * 86_400)
+
+
+async def test_appends_go_on_while_retention_runs(make_store: MakeStore) -> None:
+    store = needs_retention(await make_store())
+    await load(store)
+    await appended(store, *(append(i) for i in range(1, 401)))
+    await store.set_retention("lobby", max_messages=0)
+    done: list[str] = []
+
+    async def retention() -> None:
+        await store.apply_retention(T0 / 1000)
+        done.append("retention")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(retention)
+        await anyio.sleep(0)  # let retention take the database first
+        [late] = await appended(store, append(401))
+        done.append("append")
+    # Retention deletes in chunks and lets the append in between them.
+    assert done == ["append", "retention"]
+    assert late.message.offset == 401
+    assert await page(store) == [401]  # the cut was set before it came
