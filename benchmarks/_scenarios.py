@@ -96,6 +96,17 @@ class Session:
         # The slow consumers come first in the counting process (it pauses the first k).
         slow_targets, targets = targets[:slow], targets[slow:]
         self.n_counters = len(slow_targets) + len(targets)
+        try:
+            self._connect(plan, slow_targets, targets)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(
+        self, plan: list[tuple[str, str, bool]], slow_targets: list[str], targets: list[str]
+    ) -> None:
+        counters = self.counters
+        flavor = self.spec.flavor
         self.load.connect(plan)
         _settle(self.server.pid)
         rss0 = rss_kib(self.server.pid)

@@ -1,0 +1,114 @@
+"""Profile a server under a fixed fan-out load with py-spy.
+
+    python -m benchmarks.profile [--server chatcore] [--scenario b] [--rate 100000]
+                                 [--seconds 8] [--out /tmp/chatcore-profile.txt]
+
+Starts the server and its clients exactly as the benchmark does, attaches
+``py-spy record`` (raw collapsed stacks) to the server while the generator
+offers ``--rate`` deliveries/s, then prints where the time goes: the frames
+with the most samples on top of the stack (self) and anywhere in it (total).
+The raw file can be turned into a flame graph with any collapsed-stack tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from ._counters import Counters, raise_nofile
+from ._scenarios import SCENARIOS, Session, summarize
+from ._servers import PRIORITY, SERVERS
+
+# Frames of threads that only wait (the store's worker threads, idle selects).
+_IDLE = ("_worker (concurrent/futures/thread.py", "select (selectors.py", "wait (threading.py")
+
+
+def report(path: Path, top: int = 25) -> str:
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    n = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].startswith(_IDLE):
+            continue
+        c = int(count)
+        n += c
+        own[frames[-1]] += c
+        for f in set(frames):
+            total[f] += c
+    if not n:
+        return "no samples"
+    lines = [f"{n} samples (idle threads left out)", "", "self:"]
+    lines += [f"  {c / n:6.1%}  {f}" for f, c in own.most_common(top)]
+    lines += ["", "total (frame anywhere on the stack):"]
+    lines += [f"  {c / n:6.1%}  {f}" for f, c in total.most_common(top + 12)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile")
+    p.add_argument("--server", default="chatcore", choices=sorted(SERVERS))
+    p.add_argument("--scenario", default="b", choices=sorted(SCENARIOS))
+    p.add_argument("--rate", type=int, default=100_000)
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--out", type=Path, default=Path("/tmp/chatcore-profile.txt"))
+    args = p.parse_args()
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        print("py-spy not found: pip install 'chatcore[bench]'")
+        return 2
+    raise_nofile(8192)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {1})
+        if PRIORITY:
+            os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+    counters = Counters(1, nice=PRIORITY + 15 if PRIORITY else 19)
+    session = Session(SERVERS[args.server], SCENARIOS[args.scenario], counters)
+    try:
+        session.warm_up(args.rate)
+        spy = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "-p",
+                str(session.server.pid),
+                "-f",
+                "raw",
+                "-r",
+                "250",
+                "-d",
+                str(int(args.seconds) + 1),
+                "-o",
+                str(args.out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        verdict = summarize(session.step(args.rate, args.seconds))
+        spy.wait(timeout=args.seconds + 30)
+    finally:
+        session.close()
+        counters.stop()
+    print(
+        f"{args.server} scenario {args.scenario} at {args.rate:,}/s: got "
+        f"{verdict['achieved_per_s']:,}/s, p99 {verdict['p99_ms']} ms, "
+        f"{verdict['server_us_per_delivery']} us/delivery, server CPU "
+        f"{verdict['server_cpu_share']:.0%}"
+    )
+    print(report(args.out))
+    print(f"\nraw stacks: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
