@@ -474,19 +474,8 @@ class ChatServer:
         return error(404, "not found")
 
     async def _public_rooms(self) -> list[dict[str, Any]]:
-        counts = self.engine.rooms()
-        if not counts:
-            return []
-        private = set()
-        for name in counts:
-            meta = await self._room_meta(name)
-            if meta is None or meta[0]:
-                private.add(name)
-        return [
-            {"room": name, "members": n}
-            for name, n in sorted(counts.items())
-            if name not in private
-        ]
+        rooms = self.engine.rooms(include_private=False)
+        return [{"room": name, "members": len(view.users)} for name, view in sorted(rooms.items())]
 
     async def _room_meta(self, room: str) -> tuple[bool, frozenset[str]] | None:
         """(private, allow) of a stored room, None if unknown; raises StoreUnavailable."""

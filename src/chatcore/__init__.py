@@ -25,11 +25,13 @@ from ._commands import (
     Pong,
     Receive,
     RoomLoaded,
+    RoomLoadFailed,
     Send,
     SendDirect,
     Shutdown,
     StartTyping,
     Written,
+    WrittenMany,
 )
 from ._config import Config
 from ._effects import (
@@ -44,7 +46,7 @@ from ._effects import (
     SavePositions,
     SaveRoom,
 )
-from ._engine import Engine, SessionInfo
+from ._engine import Engine, RoomView, SessionInfo
 from ._errors import CloseCode, ErrorCode, LocalProtocolError
 from ._events import (
     Ack,
@@ -113,8 +115,10 @@ __all__ = [
     "RandomIds",
     "ReadMark",
     "Receive",
+    "RoomLoadFailed",
     "RoomLoaded",
     "RoomPosition",
+    "RoomView",
     "SavePositions",
     "SaveRoom",
     "SeededIds",
@@ -129,6 +133,7 @@ __all__ = [
     "Typing",
     "Welcome",
     "Written",
+    "WrittenMany",
     "__version__",
     "decode_request",
     "dm_room",

@@ -37,12 +37,14 @@ __all__ = [
     "Mode",
     "Pong",
     "Receive",
+    "RoomLoadFailed",
     "RoomLoaded",
     "Send",
     "SendDirect",
     "Shutdown",
     "StartTyping",
     "Written",
+    "WrittenMany",
 ]
 
 ConnId = int
@@ -97,6 +99,17 @@ class Written:
     conn: ConnId
     frames: int
     nbytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WrittenMany:
+    """Several ``Written`` reports in one command: ``(conn, frames, nbytes)`` each.
+
+    An adapter that flushes many connections per loop iteration reports them
+    all at once, saving an engine call per connection.
+    """
+
+    reports: tuple[tuple[ConnId, int, int], ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +199,14 @@ class RoomLoaded:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RoomLoadFailed:
+    """The log could not answer ``LoadRoom``: whoever waited gets ``unavailable``."""
+
+    room: str
+    reason: str = "store unavailable"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Appended:
     """The log stored ``message`` (or already had it: ``duplicate``).
 
@@ -237,9 +258,11 @@ Command = (
     | Receive
     | Disconnected
     | Written
+    | WrittenMany
     | Pong
     | ClientRequest
     | RoomLoaded
+    | RoomLoadFailed
     | Appended
     | AppendFailed
     | HistoryLoaded

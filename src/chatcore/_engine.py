@@ -32,11 +32,13 @@ from ._commands import (
     Pong,
     Receive,
     RoomLoaded,
+    RoomLoadFailed,
     Send,
     SendDirect,
     Shutdown,
     StartTyping,
     Written,
+    WrittenMany,
 )
 from ._config import Config
 from ._effects import (
@@ -80,7 +82,7 @@ from ._session import (
 )
 from ._timers import TimerKind, Timers
 
-__all__ = ["Engine", "SessionInfo"]
+__all__ = ["Engine", "RoomView", "SessionInfo"]
 
 _In = SessionInput
 
@@ -94,6 +96,17 @@ class SessionInfo:
     state: SessionState
     conn: ConnId | None
     rooms: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoomView:
+    """A read-only view of a room held in memory."""
+
+    name: str
+    private: bool
+    users: tuple[str, ...]
+    head: int
+    epoch: str
 
 
 @dataclass(slots=True)
@@ -172,6 +185,17 @@ class Engine:
                     conn.nbytes = max(0, conn.nbytes - command.nbytes)
                     if conn.catchup:
                         self._pump(conn, out)
+            case WrittenMany():
+                conns = self._conns
+                for conn_id, frames, nbytes in command.reports:
+                    if frames < 0 or nbytes < 0:
+                        raise LocalProtocolError("Written counts must not be negative")
+                for conn_id, frames, nbytes in command.reports:
+                    if (conn := conns.get(conn_id)) is not None:
+                        conn.frames = max(0, conn.frames - frames)
+                        conn.nbytes = max(0, conn.nbytes - nbytes)
+                        if conn.catchup:
+                            self._pump(conn, out)
             case Appended():
                 self._appended(command, now, out)
             case Connect():
@@ -185,6 +209,8 @@ class Engine:
                     conn.last_seen = now
             case RoomLoaded():
                 self._room_loaded(command, now, out)
+            case RoomLoadFailed():
+                self._room_failed(command, now, out)
             case AppendFailed():
                 pending = self._pending.pop(command.ref, None)
                 if pending is not None:
@@ -286,9 +312,19 @@ class Engine:
         c = self._conns.get(conn)
         return None if c is None else self.session(c.session.id)
 
-    def rooms(self) -> dict[str, int]:
-        """Rooms held in memory, with how many users are present in each."""
-        return {name: len(room.users) for name, room in self._rooms.items()}
+    def rooms(self, *, include_private: bool = True) -> dict[str, RoomView]:
+        """Rooms held in memory (a room with nobody in it is not held)."""
+        return {
+            name: RoomView(
+                name=name,
+                private=room.private,
+                users=room.member_list(),
+                head=room.head,
+                epoch=room.epoch,
+            )
+            for name, room in self._rooms.items()
+            if include_private or not room.private
+        }
 
     def members(self, room: str) -> tuple[str, ...]:
         r = self._rooms.get(room)
@@ -462,6 +498,25 @@ class Engine:
                 self._request(session, request, now, out)
         self._forget_if_empty(room)
 
+    def _room_failed(self, cmd: RoomLoadFailed, now: float, out: list[Effect]) -> None:
+        waiters = self._loading.pop(cmd.room, None)
+        for session, request in waiters or ():
+            if request is not None:
+                self._error(
+                    session,
+                    ErrorCode.UNAVAILABLE,
+                    f"room {cmd.room} unavailable: {cmd.reason}",
+                    cmd.room,
+                    out,
+                )
+            elif cmd.room in session.waiting:
+                session.waiting.discard(cmd.room)
+                if not session.waiting and session.state in (
+                    SessionState.OPENING,
+                    SessionState.RESUMING,
+                ):
+                    self._ready(session, now, out)
+
     def _release_wanted(self, session: Session) -> None:
         """The session no longer holds the rooms it asked for at connect in memory."""
         for name in session.wanted:
@@ -633,7 +688,10 @@ class Engine:
         """Join a loaded room. ``quiet``: during connect, the welcome tells the rest."""
         if not self._check_room_name(session, name, out):
             return
-        room = self._rooms[name]
+        room = self._rooms.get(name)
+        if room is None:  # the log could not load it
+            self._error(session, ErrorCode.UNAVAILABLE, f"room {name} unavailable", name, out)
+            return
         conn = session.conn
         assert conn is not None
         if name in session.rooms:
