@@ -326,9 +326,13 @@ class PostgresStore:
     ) -> tuple[list[Command], list[LoadRoom]]:
         for attempt in (1, 2):
             reused = self._db is not None and not self._db.closed
-            committing = False
             try:
                 db = await self._connection()
+            except psycopg.Error as exc:
+                await self._broken(exc)
+                return await self._degraded(effects, reachable=False)
+            committing = False
+            try:
                 answers: list[Command] = []
                 async with db.transaction():
                     for run in _runs(effects):
@@ -346,34 +350,45 @@ class PostgresStore:
                 # its client id is answered as a duplicate instead).
                 if attempt == 2 or not reused or committing or self._db is not None:
                     break
-        return await self._degraded(effects)
+        return await self._degraded(effects, reachable=True)
 
     async def _degraded(
-        self, effects: Sequence[StorageEffect]
+        self, effects: Sequence[StorageEffect], *, reachable: bool
     ) -> tuple[list[Command], list[LoadRoom]]:
-        """The batch failed: none of its appends is stored. Reads are tried one by one."""
+        """The batch failed: none of its appends is stored. Reads are tried one by
+        one until a connection cannot be made (one failed connect per batch at most:
+        an unreachable host costs ``connect_timeout`` each time)."""
         answers: list[Command] = []
         unanswered: list[LoadRoom] = []
         for effect in effects:
             if isinstance(effect, Append):
                 answers.append(AppendFailed(ref=effect.ref, reason=UNAVAILABLE))
                 continue
-            try:
-                db = await self._connection()
-                async with db.transaction():
-                    answer = await self._apply(db, effect)
-            except psycopg.Error as exc:
-                await self._broken(exc)
-                match effect:
-                    case LoadHistory():
-                        answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
-                    case LoadRoom():
-                        unanswered.append(effect)
-                    case _:
-                        log.warning("postgres store lost %r", effect)
+            done, answer = False, None
+            if reachable:
+                try:
+                    db = await self._connection()
+                except psycopg.Error as exc:
+                    await self._broken(exc)
+                    reachable = False
+                else:
+                    try:
+                        async with db.transaction():
+                            answer = await self._apply(db, effect)
+                        done = True
+                    except psycopg.Error as exc:
+                        await self._broken(exc)
+            if done:
+                if answer is not None:
+                    answers.append(answer)
                 continue
-            if answer is not None:
-                answers.append(answer)
+            match effect:
+                case LoadHistory():
+                    answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
+                case LoadRoom():
+                    unanswered.append(effect)
+                case _:
+                    log.warning("postgres store lost %r", effect)
         return answers, unanswered
 
     async def _apply(

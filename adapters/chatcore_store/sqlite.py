@@ -344,6 +344,10 @@ class SQLiteStore:
             reused = self._db is not None
             try:
                 db = self._connection()
+            except (sqlite3.Error, OSError) as exc:
+                self._broken(exc)
+                return self._degraded(effects, reachable=False)
+            try:
                 with _transaction(db):
                     answers = [self._apply(db, effect) for effect in effects]
                 return [a for a in answers if a is not None], []
@@ -353,33 +357,45 @@ class SQLiteStore:
                 # that failed on an old handle gets one more try on a fresh one.
                 if attempt == 2 or not reused or self._db is not None:
                     break
-        return self._degraded(effects)
+        return self._degraded(effects, reachable=True)
 
-    def _degraded(self, effects: Sequence[StorageEffect]) -> tuple[list[Command], list[LoadRoom]]:
+    def _degraded(
+        self, effects: Sequence[StorageEffect], *, reachable: bool
+    ) -> tuple[list[Command], list[LoadRoom]]:
         """The batch failed: no Append of it is stored. Reads are still tried one by
-        one (a read-only or locked file can still be read)."""
+        one (a read-only or locked file can still be read) until the database cannot
+        even be opened."""
         answers: list[Command] = []
         unanswered: list[LoadRoom] = []
         for effect in effects:
             if isinstance(effect, Append):
                 answers.append(AppendFailed(ref=effect.ref, reason=UNAVAILABLE))
                 continue
-            try:
-                db = self._connection()
-                with _transaction(db, write=not isinstance(effect, LoadHistory)):
-                    answer = self._apply(db, effect)
-            except (sqlite3.Error, OSError) as exc:
-                self._broken(exc)
-                match effect:
-                    case LoadHistory():
-                        answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
-                    case LoadRoom():
-                        unanswered.append(effect)
-                    case _:
-                        log.warning("sqlite store %s lost %r", self.path, effect)
+            done, answer = False, None
+            if reachable:
+                try:
+                    db = self._connection()
+                except (sqlite3.Error, OSError) as exc:
+                    self._broken(exc)
+                    reachable = False
+                else:
+                    try:
+                        with _transaction(db, write=not isinstance(effect, LoadHistory)):
+                            answer = self._apply(db, effect)
+                        done = True
+                    except (sqlite3.Error, OSError) as exc:
+                        self._broken(exc)
+            if done:
+                if answer is not None:
+                    answers.append(answer)
                 continue
-            if answer is not None:
-                answers.append(answer)
+            match effect:
+                case LoadHistory():
+                    answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
+                case LoadRoom():
+                    unanswered.append(effect)
+                case _:
+                    log.warning("sqlite store %s lost %r", self.path, effect)
         return answers, unanswered
 
     def _apply(self, db: sqlite3.Connection, effect: StorageEffect) -> Command | None:
