@@ -25,7 +25,7 @@ from chatcore import (
     SaveRoom,
 )
 
-from ._base import StorageEffect
+from ._base import RoomInfo, StorageEffect
 
 __all__ = ["MemoryStore"]
 
@@ -38,17 +38,32 @@ class _Room:
     head: int = 0
     messages: list[Message] = field(default_factory=list)  # ascending offsets
     keys: dict[tuple[str, str], Message] = field(default_factory=dict)
+    max_messages: int | None = None
+    max_age: float | None = None
+
+    def cut(self, count: int) -> int:
+        """Drop the ``count`` oldest messages and their exactly-once keys."""
+        count = min(count, len(self.messages))
+        for old in self.messages[:count]:
+            if old.client_id is not None:
+                self.keys.pop((old.sender, old.client_id), None)
+        del self.messages[:count]
+        return count
 
 
 class MemoryStore:
-    """An in-process log. ``available = False`` simulates a database outage."""
+    """An in-process log. ``available = False`` simulates a database outage.
+
+    ``max_messages`` caps every room (applied on append); per-room limits set
+    with :meth:`set_retention` are applied by :meth:`apply_retention`.
+    """
 
     def __init__(self, *, epoch_prefix: str = "m", max_messages: int | None = None) -> None:
         self._rooms: dict[str, _Room] = {}
         self._epoch_prefix = epoch_prefix
         self._epochs = 0
         self.max_messages = max_messages
-        self.positions: dict[tuple[str, str], tuple[int, int]] = {}
+        self.positions_by_key: dict[tuple[str, str], tuple[int, int]] = {}
         self.available = True
 
     # -- the async face adapters use ------------------------------------------
@@ -61,6 +76,66 @@ class MemoryStore:
 
     async def execute(self, effects: Sequence[StorageEffect]) -> list[Command]:
         return self.execute_now(effects)
+
+    # -- admin and maintenance (the DurableStore calls) ------------------------------
+
+    def _info(self, name: str, room: _Room) -> RoomInfo:
+        return RoomInfo(
+            name=name,
+            private=room.private,
+            allow=room.allow,
+            epoch=room.epoch,
+            head=room.head,
+            stored=len(room.messages),
+            max_messages=room.max_messages,
+            max_age=room.max_age,
+        )
+
+    async def rooms(self) -> list[RoomInfo]:
+        return [self._info(name, room) for name, room in sorted(self._rooms.items())]
+
+    async def room(self, name: str) -> RoomInfo | None:
+        room = self._rooms.get(name)
+        return None if room is None else self._info(name, room)
+
+    async def save_room(self, name: str, *, private: bool, allow: frozenset[str]) -> RoomInfo:
+        self._apply(SaveRoom(room=name, private=private, allow=allow))
+        return self._info(name, self._rooms[name])
+
+    async def set_retention(
+        self, name: str, *, max_messages: int | None = None, max_age: float | None = None
+    ) -> None:
+        room = self._room(name)
+        room.max_messages, room.max_age = max_messages, max_age
+
+    async def apply_retention(self, now: float) -> int:
+        removed = 0
+        for room in self._rooms.values():
+            if room.max_messages is not None and len(room.messages) > room.max_messages:
+                removed += room.cut(len(room.messages) - room.max_messages)
+            if room.max_age is not None:
+                oldest_kept = (now - room.max_age) * 1000
+                stale = 0
+                while stale < len(room.messages) and room.messages[stale].ts < oldest_kept:
+                    stale += 1
+                removed += room.cut(stale)
+        return removed
+
+    async def history(
+        self, room: str, *, after: int = 0, before: int | None = None, limit: int | None = None
+    ) -> tuple[Message, ...]:
+        return self._range(
+            LoadHistory(
+                ref=0,
+                room=room,
+                after=after,
+                before=2**62 if before is None else before,
+                limit=limit,
+            )
+        )
+
+    async def positions(self, user: str) -> dict[str, tuple[int, int]]:
+        return {room: pos for (who, room), pos in self.positions_by_key.items() if who == user}
 
     # -- the sync face the simulator uses ----------------------------------------
 
@@ -109,8 +184,11 @@ class MemoryStore:
                 room.private, room.allow = effect.private, effect.allow
                 return None
             case SavePositions():
+                # Keep the furthest position: a late report never moves a mark back.
                 for p in effect.positions:
-                    self.positions[effect.user, p.room] = (p.delivered, p.read)
+                    key = (effect.user, p.room)
+                    delivered, read = self.positions_by_key.get(key, (0, 0))
+                    self.positions_by_key[key] = (max(delivered, p.delivered), max(read, p.read))
                 return None
 
     def _append(self, effect: Append) -> Appended:
@@ -133,11 +211,7 @@ class MemoryStore:
         if effect.client_id is not None:
             room.keys[effect.sender, effect.client_id] = message
         if self.max_messages is not None and len(room.messages) > self.max_messages:
-            cut = len(room.messages) - self.max_messages
-            for old in room.messages[:cut]:
-                if old.client_id is not None:
-                    room.keys.pop((old.sender, old.client_id), None)
-            del room.messages[:cut]
+            room.cut(len(room.messages) - self.max_messages)
         return Appended(message=message, ref=effect.ref)
 
     def _range(self, effect: LoadHistory) -> tuple[Message, ...]:

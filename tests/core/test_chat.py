@@ -286,7 +286,7 @@ def test_read_marks_are_kept_and_shown_to_the_room() -> None:
     ]
     bob.read(1)  # going back is ignored
     assert len(alice.of_type("read")) == 1
-    assert sim.store.positions["bob", "general"] == (2, 2)
+    assert sim.store.positions_by_key["bob", "general"] == (2, 2)
     other_tab = sim.connect("bob", room="general")
     assert other_tab.of_type("welcome")[0]["rooms"]["general"]["read"] == 2
 

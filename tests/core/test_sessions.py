@@ -124,7 +124,7 @@ def test_after_the_grace_period_others_see_left_and_resume_starts_fresh() -> Non
     assert alice.take() == []
     sim.advance(0.2)
     assert alice.take() == [{"type": "left", "room": "general", "user": "bob"}]
-    assert sim.store.positions["bob", "general"] == (1, 0)
+    assert sim.store.positions_by_key["bob", "general"] == (1, 0)
     alice.send("after bob left")
     sim.resume(bob)
     welcome = bob.of_type("welcome")[-1]
@@ -249,8 +249,8 @@ def test_shutdown_closes_everyone_with_1001_saves_positions_and_refuses_newcomer
     sim.drop(bob)
     sim.shutdown()
     assert alice.closed == (1001, "going away")
-    assert sim.store.positions["alice", "general"] == (1, 0)
-    assert sim.store.positions["bob", "general"] == (1, 0)
+    assert sim.store.positions_by_key["alice", "general"] == (1, 0)
+    assert sim.store.positions_by_key["bob", "general"] == (1, 0)
     late = sim.connect("late", room="general")
     assert late.closed == (1001, "going away")
     assert sim.engine.next_deadline() is None

@@ -64,8 +64,6 @@ async def page(
 
 
 async def positions(store: HistoryStore, user: str) -> dict[str, tuple[int, int]]:
-    if isinstance(store, MemoryStore):
-        return {room: p for (u, room), p in store.positions.items() if u == user}
     assert isinstance(store, DurableStore)
     return await store.positions(user)
 
@@ -270,6 +268,8 @@ async def test_retention_by_age(make_store: MakeStore) -> None:
 
 async def test_appends_go_on_while_retention_runs(make_store: MakeStore) -> None:
     store = needs_retention(await make_store())
+    if isinstance(store, MemoryStore):
+        pytest.skip("MemoryStore's retention never waits, so there is nothing to interleave")
     await load(store)
     await appended(store, *(append(i) for i in range(1, 401)))
     await store.set_retention("lobby", max_messages=0)
