@@ -48,15 +48,14 @@ def new_epoch() -> str:
 
 
 class StoreUnavailable(Exception):
-    """The database cannot be reached, and the request has no failure answer.
+    """The database cannot be reached by an admin or maintenance call
+    (``create_room``, ``list_rooms``, ``history``, ``apply_retention``...).
 
-    Raised by admin calls (``create_room``, ``list_rooms``, ``history``) and by
-    ``execute`` for a batch holding a ``LoadRoom`` it could not answer: the
-    engine has no failure answer for ``LoadRoom``, and a made-up ``RoomLoaded``
-    (a new epoch, an empty room) would be worse than a late one. ``answers``
-    holds the answers to the rest of that batch, in order (feed them to the
-    engine as usual); ``unanswered`` holds the ``LoadRoom`` effects to retry
-    later, which succeed once the database is back.
+    ``execute`` never raises it: a failed ``LoadRoom`` is answered with
+    ``RoomLoadFailed``, never with a made-up ``RoomLoaded`` (a new epoch and an
+    empty room would be worse than a refused join). ``answers`` and
+    ``unanswered`` stay empty with the stores in this package; they remain for
+    adapters written when ``execute`` raised for an unanswerable ``LoadRoom``.
     """
 
     def __init__(
@@ -94,8 +93,8 @@ class HistoryStore(Protocol):
     ``execute`` carries out a batch of storage effects in order, as one unit
     of durability where the store has transactions (group commit), and
     returns the answering commands in the same order. A failure of the
-    database must come back as ``AppendFailed`` / ``HistoryFailed`` answers,
-    not as an exception (``LoadRoom`` aside: see :class:`StoreUnavailable`).
+    database must come back as ``AppendFailed`` / ``HistoryFailed`` /
+    ``RoomLoadFailed`` answers, not as an exception.
     """
 
     async def open(self) -> None: ...

@@ -103,17 +103,4 @@ async def list_rooms(store: HistoryStore) -> list[RoomInfo]:
     """Every room the store knows, by name."""
     if isinstance(store, DurableStore):
         return await store.rooms()
-    if isinstance(store, MemoryStore):
-        # MemoryStore has no rooms() yet (requested in /work/requests/store.md).
-        return [
-            RoomInfo(
-                name=name,
-                private=r.private,
-                allow=r.allow,
-                epoch=r.epoch,
-                head=r.head,
-                stored=len(r.messages),
-            )
-            for name, r in sorted(store._rooms.items())
-        ]
     raise TypeError(f"{type(store).__name__} cannot list its rooms")

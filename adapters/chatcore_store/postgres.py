@@ -38,6 +38,7 @@ from chatcore import (
     LoadRoom,
     Message,
     RoomLoaded,
+    RoomLoadFailed,
     SavePositions,
     SaveRoom,
 )
@@ -201,10 +202,7 @@ class PostgresStore:
     async def execute(self, effects: Sequence[StorageEffect]) -> list[Command]:
         if not effects:
             return []
-        answers, unanswered = await self._locked(self._execute, effects)
-        if unanswered:
-            raise StoreUnavailable(UNAVAILABLE, answers=answers, unanswered=unanswered)
-        return answers
+        return await self._locked(self._execute, effects)
 
     # -- admin and maintenance ------------------------------------------------------------
 
@@ -321,9 +319,7 @@ class PostgresStore:
 
     # -- one batch ------------------------------------------------------------------------
 
-    async def _execute(
-        self, effects: Sequence[StorageEffect]
-    ) -> tuple[list[Command], list[LoadRoom]]:
+    async def _execute(self, effects: Sequence[StorageEffect]) -> list[Command]:
         for attempt in (1, 2):
             reused = self._db is not None and not self._db.closed
             try:
@@ -341,7 +337,7 @@ class PostgresStore:
                         elif (answer := await self._apply(db, run)) is not None:
                             answers.append(answer)
                     committing = True
-                return answers, []
+                return answers
             except psycopg.Error as exc:
                 await self._broken(exc)
                 # A connection the server closed since the last batch (a restart) gets
@@ -354,12 +350,11 @@ class PostgresStore:
 
     async def _degraded(
         self, effects: Sequence[StorageEffect], *, reachable: bool
-    ) -> tuple[list[Command], list[LoadRoom]]:
+    ) -> list[Command]:
         """The batch failed: none of its appends is stored. Reads are tried one by
         one until a connection cannot be made (one failed connect per batch at most:
         an unreachable host costs ``connect_timeout`` each time)."""
         answers: list[Command] = []
-        unanswered: list[LoadRoom] = []
         for effect in effects:
             if isinstance(effect, Append):
                 answers.append(AppendFailed(ref=effect.ref, reason=UNAVAILABLE))
@@ -386,10 +381,10 @@ class PostgresStore:
                 case LoadHistory():
                     answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
                 case LoadRoom():
-                    unanswered.append(effect)
+                    answers.append(RoomLoadFailed(room=effect.room, reason=UNAVAILABLE))
                 case _:
                     log.warning("postgres store lost %r", effect)
-        return answers, unanswered
+        return answers
 
     async def _apply(
         self, db: psycopg.AsyncConnection[Any], effect: StorageEffect

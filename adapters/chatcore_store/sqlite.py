@@ -9,7 +9,8 @@ design, a thread per connection, behind another package.
 
 One ``execute`` batch is one transaction (group commit): every ``Appended``
 in its answer is committed, or none is and each ``Append`` gets
-``AppendFailed``. After a database error the connection is dropped and opened
+``AppendFailed`` (and a ``LoadRoom`` it cannot answer ``RoomLoadFailed``).
+After a database error the connection is dropped and opened
 again on the next call, so the store recovers by itself once the file is
 writable again.
 """
@@ -38,6 +39,7 @@ from chatcore import (
     LoadRoom,
     Message,
     RoomLoaded,
+    RoomLoadFailed,
     SavePositions,
     SaveRoom,
 )
@@ -211,10 +213,7 @@ class SQLiteStore:
     async def execute(self, effects: Sequence[StorageEffect]) -> list[Command]:
         if not effects:
             return []
-        answers, unanswered = await self._run(self._execute, effects)
-        if unanswered:
-            raise StoreUnavailable(UNAVAILABLE, answers=answers, unanswered=unanswered)
-        return answers
+        return await self._run(self._execute, effects)
 
     # -- admin and maintenance ------------------------------------------------------------
 
@@ -339,7 +338,7 @@ class SQLiteStore:
 
     # -- one batch ------------------------------------------------------------------------
 
-    def _execute(self, effects: Sequence[StorageEffect]) -> tuple[list[Command], list[LoadRoom]]:
+    def _execute(self, effects: Sequence[StorageEffect]) -> list[Command]:
         for attempt in (1, 2):
             reused = self._db is not None
             try:
@@ -350,7 +349,7 @@ class SQLiteStore:
             try:
                 with _transaction(db):
                     answers = [self._apply(db, effect) for effect in effects]
-                return [a for a in answers if a is not None], []
+                return [a for a in answers if a is not None]
             except (sqlite3.Error, OSError) as exc:
                 self._broken(exc)
                 # A handle opened while the file was read-only stays read-only: a batch
@@ -359,14 +358,11 @@ class SQLiteStore:
                     break
         return self._degraded(effects, reachable=True)
 
-    def _degraded(
-        self, effects: Sequence[StorageEffect], *, reachable: bool
-    ) -> tuple[list[Command], list[LoadRoom]]:
+    def _degraded(self, effects: Sequence[StorageEffect], *, reachable: bool) -> list[Command]:
         """The batch failed: no Append of it is stored. Reads are still tried one by
         one (a read-only or locked file can still be read) until the database cannot
         even be opened."""
         answers: list[Command] = []
-        unanswered: list[LoadRoom] = []
         for effect in effects:
             if isinstance(effect, Append):
                 answers.append(AppendFailed(ref=effect.ref, reason=UNAVAILABLE))
@@ -393,10 +389,10 @@ class SQLiteStore:
                 case LoadHistory():
                     answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
                 case LoadRoom():
-                    unanswered.append(effect)
+                    answers.append(RoomLoadFailed(room=effect.room, reason=UNAVAILABLE))
                 case _:
                     log.warning("sqlite store %s lost %r", self.path, effect)
-        return answers, unanswered
+        return answers
 
     def _apply(self, db: sqlite3.Connection, effect: StorageEffect) -> Command | None:
         match effect:

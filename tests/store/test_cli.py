@@ -60,8 +60,9 @@ async def test_admin_calls_on_a_durable_store(tmp_path: Path) -> None:
 
 async def test_admin_calls_on_the_memory_store() -> None:
     store = MemoryStore()
-    assert await create_room(store, "staff", allow=["alice"]) is None
+    made = await create_room(store, "staff", allow=["alice"])
     [room] = await list_rooms(store)
+    assert made == room
     assert (room.name, room.private, room.allow) == ("staff", True, frozenset({"alice"}))
 
 

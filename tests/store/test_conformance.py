@@ -68,9 +68,7 @@ async def positions(store: HistoryStore, user: str) -> dict[str, tuple[int, int]
     return await store.positions(user)
 
 
-def needs_retention(store: HistoryStore) -> DurableStore:
-    if not hasattr(store, "apply_retention"):
-        pytest.skip("MemoryStore has no per-room retention yet (see /work/requests/store.md)")
+def durable(store: HistoryStore) -> DurableStore:
     assert isinstance(store, DurableStore)
     return store
 
@@ -235,7 +233,7 @@ async def test_positions_are_saved_per_user_and_room(make_store: MakeStore) -> N
 async def test_retention_by_count_cuts_the_oldest_and_keeps_numbering(
     make_store: MakeStore,
 ) -> None:
-    store = needs_retention(await make_store())
+    store = durable(await make_store())
     epoch = (await load(store)).epoch
     await appended(store, *(append(i, cid=f"c{i}") for i in range(1, 11)))
     await load(store, "quiet")
@@ -253,7 +251,7 @@ async def test_retention_by_count_cuts_the_oldest_and_keeps_numbering(
 
 
 async def test_retention_by_age(make_store: MakeStore) -> None:
-    store = needs_retention(await make_store())
+    store = durable(await make_store())
     await load(store)
     day = 86_400_000
     await appended(store, *(append(i, ts=T0 - (10 - i) * day) for i in range(1, 11)))
@@ -267,7 +265,7 @@ async def test_retention_by_age(make_store: MakeStore) -> None:
 
 
 async def test_appends_go_on_while_retention_runs(make_store: MakeStore) -> None:
-    store = needs_retention(await make_store())
+    store = durable(await make_store())
     if isinstance(store, MemoryStore):
         pytest.skip("MemoryStore's retention never waits, so there is nothing to interleave")
     await load(store)
