@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from wsproto.connection import Connection as WebSocket
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -39,7 +40,7 @@ _STREAM_ERRORS = (
     anyio.EndOfStream,
     OSError,
 )
-_READ_SIZE = 65536
+_READ_SIZE = 16384  # bounds the frames one read can queue for a whole room
 
 
 class Peer:
@@ -62,9 +63,11 @@ class Peer:
         "close_seen",
         "close_waiter",
         "send_scope",
-        "scope",
         "parts",
         "part_bytes",
+        "sending",
+        "writer_done",
+        "done_event",
     )
 
     def __init__(
@@ -92,9 +95,11 @@ class Peer:
         self.close_seen = False  # the client's close frame arrived (or cannot any more)
         self.close_waiter: anyio.Event | None = None
         self.send_scope: anyio.CancelScope | None = None
-        self.scope: anyio.CancelScope | None = None
         self.parts: list[str] = []
         self.part_bytes = 0
+        self.sending = False  # the writer is inside stream.send
+        self.writer_done = False
+        self.done_event: anyio.Event | None = None
 
     # -- called by the server while carrying out effects (never blocks) ----------
 
@@ -102,6 +107,9 @@ class Peer:
         self.out.append(frame)
         self.frames += 1
         self.nbytes += size
+        if self.frames >= self.server.high_water and not self.sending:
+            # A burst of input filled a queue faster than its writer got to run.
+            self.server.backlogged = True
         if (wake := self.wake) is not None:
             self.wake = None
             wake.set()
@@ -131,8 +139,9 @@ class Peer:
         self.closing = True
         self.aborted = True
         self.out.clear()
-        if self.scope is not None:
-            self.scope.cancel()
+        if self.send_scope is not None:
+            self.send_scope.cancel()
+        self._wake()
 
     def _queue(self, data: bytes) -> None:
         self.out.append(data)
@@ -145,16 +154,22 @@ class Peer:
 
     # -- the two loops ------------------------------------------------------------
 
-    async def run(self, trailing: bytes) -> None:
+    async def run(self, trailing: bytes, writers: anyio.abc.TaskGroup) -> None:
+        """Read in this task; the writer runs in ``writers`` (no task group per connection).
+
+        The writer ends the connection: it closes the stream, which wakes this
+        reader if it still waits for data.
+        """
+        writers.start_soon(self._write_loop)
         try:
-            async with anyio.create_task_group() as tg:
-                self.scope = tg.cancel_scope
-                tg.start_soon(self._write_loop)
-                if trailing:
-                    self.ws.receive_data(trailing)
-                    self._events()
-                if not self.close_seen:
-                    await self._read_loop()
+            if trailing:
+                self.ws.receive_data(trailing)
+                await self._events()
+            if not self.close_seen:
+                await self._read_loop()
+            if not self.writer_done:  # it sends what is left, the close frame last
+                self.done_event = anyio.Event()
+                await self.done_event.wait()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await self.stream.aclose()
@@ -170,14 +185,18 @@ class Peer:
                 self.server.peer_lost(self)
                 return
             ws.receive_data(data)
-            self._events()
+            await self._events()
             if self.close_seen:
                 return
 
-    def _events(self) -> None:
+    async def _events(self) -> None:
         server = self.server
         for event in self.ws.events():
             if isinstance(event, TextMessage):
+                if server.backlogged:
+                    # Let the woken writers send before this message fans out more.
+                    server.backlogged = False
+                    await anyio.lowlevel.checkpoint()
                 if self.closing:
                     continue
                 data = event.data
@@ -221,9 +240,21 @@ class Peer:
                 server.peer_refused(self, 1003, "binary frames are not supported")
 
     async def _write_loop(self) -> None:
+        try:
+            await self._write()
+        finally:
+            self.writer_done = True
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await self.stream.aclose()  # wakes the reader
+            if self.done_event is not None:
+                self.done_event.set()
+
+    async def _write(self) -> None:
         stream = self.stream
         server = self.server
         while True:
+            if self.aborted:
+                return
             while not self.out:
                 if self.closing:
                     await self._finish()
@@ -239,6 +270,7 @@ class Peer:
                 if self.closing:
                     scope.deadline = anyio.current_time() + server.limits.close_timeout
                 self.send_scope = scope
+                self.sending = True
                 try:
                     await stream.send(data)
                 except _STREAM_ERRORS:
@@ -246,6 +278,7 @@ class Peer:
                     return
                 finally:
                     self.send_scope = None
+                    self.sending = False
             if scope.cancelled_caught:  # closing, and the peer does not read
                 self.abort()
                 return
@@ -258,5 +291,3 @@ class Peer:
             self.close_waiter = anyio.Event()
             with anyio.move_on_after(self.server.limits.close_timeout):
                 await self.close_waiter.wait()
-        if self.scope is not None:
-            self.scope.cancel()

@@ -153,8 +153,12 @@ class ChatServer:
         self._stopping = False
         self._drained: anyio.Event | None = None
         self._ws_running = 0
+        # Fan-out stops feeding input to let writers run once a queue holds this many frames.
+        self.high_water = max(1, self.config.outbox_frames // 4)
+        self.backlogged = False
         self._storage_busy = False
         self._service: anyio.abc.TaskGroup | None = None
+        self._writers: anyio.abc.TaskGroup | None = None
 
     # -- running -------------------------------------------------------------------
 
@@ -190,6 +194,7 @@ class ChatServer:
                 service.start_soon(self._storage_loop)
                 service.start_soon(self._retention_loop)
                 async with anyio.create_task_group() as conns:
+                    self._writers = conns
                     accept = anyio.CancelScope()
                     conns.start_soon(self._accept, listener, conns, accept)
                     log.info("chatcore listening on %s", self.url)
@@ -392,7 +397,12 @@ class ChatServer:
     async def _handle_tcp(self, stream: anyio.abc.ByteStream) -> None:
         self._tcp += 1
         try:
-            await self._http(stream)
+            upgraded = await self._http(stream)
+            if upgraded is not None:
+                # Run the WebSocket from here, so the HTTP parser and request are freed.
+                peer, trailing = upgraded
+                assert self._writers is not None
+                await peer.run(trailing, self._writers)
         except _CLOSE_ERRORS:
             pass
         finally:
@@ -400,7 +410,8 @@ class ChatServer:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await stream.aclose()
 
-    async def _http(self, stream: anyio.abc.ByteStream) -> None:
+    async def _http(self, stream: anyio.abc.ByteStream) -> tuple[Peer, bytes] | None:
+        """Answer HTTP requests; the upgraded peer and its first bytes, if any."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_request_bytes)
         while True:
             request: h11.Request | None = None
@@ -416,14 +427,14 @@ class ChatServer:
                         else "malformed HTTP request",
                     )
                     await _send_reply(stream, http, reply, head=False, close=True)
-                    return
+                    return None
             if request is None:
-                return  # EOF, or too slow to send a request
+                return None  # EOF, or too slow to send a request
             if _request_size(request) > self.limits.max_request_bytes:
                 # h11 bounds only what arrives in pieces; one big read is bounded here.
                 reply = error(431, "request header fields too large")
                 await _send_reply(stream, http, reply, head=False, close=True)
-                return
+                return None
             method = request.method.decode("ascii", "replace")
             parts = urlsplit(request.target.decode("latin-1"))
             path = parts.path
@@ -431,25 +442,25 @@ class ChatServer:
             if self._tcp > self.limits.max_connections:
                 reply = error(503, "too many connections", ("retry-after", "5"))
                 await _send_reply(stream, http, reply, head=head, close=True)
-                return
+                return None
             if path == "/ws":
-                reply_or_none = await self._websocket(stream, http, request, parts.query)
-                if reply_or_none is None:
-                    return  # the WebSocket ran and is over
-                reply = reply_or_none
+                answer = await self._websocket(stream, http, request, parts.query)
+                if not isinstance(answer, Reply):
+                    return answer
+                reply = answer
             elif method not in ("GET", "HEAD"):
                 reply = error(405, "method not allowed", ("allow", "GET, HEAD"))
             else:
                 reply = await self._route(path, parts.query, request)
             close = http.their_state is not h11.DONE or reply.status >= 500 or self._stopping
             if not await _send_reply(stream, http, reply, head=head, close=close):
-                return
+                return None
             if http.our_state is h11.MUST_CLOSE or close:
-                return
+                return None
             try:
                 http.start_next_cycle()
             except h11.LocalProtocolError:
-                return
+                return None
 
     async def _route(self, path: str, query: str, request: h11.Request) -> Reply:
         if path in ("/", "/index.html"):
@@ -545,8 +556,8 @@ class ChatServer:
 
     async def _websocket(
         self, stream: anyio.abc.ByteStream, http: h11.Connection, request: h11.Request, query: str
-    ) -> Reply | None:
-        """Upgrade and run the connection (None), or the reply that refuses it."""
+    ) -> Reply | tuple[Peer, bytes]:
+        """The upgraded peer (registered with the engine), or the reply that refuses it."""
         upgrade = [t.lower() for t in header_list(request, b"upgrade")]
         connection = [t.lower() for t in header_list(request, b"connection")]
         if "websocket" not in upgrade or "upgrade" not in connection:
@@ -598,8 +609,7 @@ class ChatServer:
         self._ws_running += 1
         log.info("opened conn=%d user=%s mode=%s from=%s", conn, connect.user, mode.value, address)
         self._feed(connect)
-        await peer.run(bytes(trailing))
-        return None
+        return peer, bytes(trailing)
 
 
 async def _read_request(stream: anyio.abc.ByteStream, http: h11.Connection) -> h11.Request | None:

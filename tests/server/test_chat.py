@@ -97,13 +97,8 @@ async def test_history_page_over_the_websocket() -> None:
         assert page["more"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine bug: a connect naming 2+ unloaded rooms reloads them forever "
-    "(/work/requests/server.md #1)",
-)
 async def test_connect_with_several_rooms() -> None:
+    """Regression: a connect naming 2+ unloaded rooms used to reload them forever."""
     rooms: list[str] = []
     async with (
         serving() as srv,
