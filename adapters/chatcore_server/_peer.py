@@ -1,22 +1,25 @@
-"""One WebSocket connection after the upgrade: its reader, its writer, its queue.
+"""One WebSocket connection after the upgrade: its reader, its queue, its writes.
 
 A peer owns the socket and a wsproto connection. It never talks to the
-engine itself: it calls back into the server (``on_receive``, ``on_written``,
-``on_lost``, ...), which feeds the engine and carries out the effects.
+engine itself: it calls back into the server (``peer_received``,
+``peer_lost``, ...), which feeds the engine and carries out the effects.
 
-Writes are coalesced: fan-out appends the shared frame bytes to ``out`` and
-wakes the writer, which sends everything queued in one ``send`` call and then
-reports how many frames and payload bytes it wrote.
+Writes cost no task switch: fan-out appends the shared frame bytes to
+``out`` and marks the peer dirty; once per turn the server flushes every
+dirty peer with one non-blocking write of everything queued to the raw
+socket. Only a peer whose socket is full (a slow reader), a TLS peer (whose
+bytes must go through the TLS layer) or a closing peer gets a writer task,
+which sends through the anyio stream from then on, so order is kept.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 from wsproto.connection import Connection as WebSocket
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -40,7 +43,7 @@ _STREAM_ERRORS = (
     anyio.EndOfStream,
     OSError,
 )
-_READ_SIZE = 16384  # bounds the frames one read can queue for a whole room
+_READ_SIZE = 65536
 
 
 class Peer:
@@ -51,11 +54,14 @@ class Peer:
         "user",
         "address",
         "stream",
+        "fd",
         "ws",
         "server",
         "out",
         "frames",
         "nbytes",
+        "dirty",
+        "writer",
         "wake",
         "closing",
         "aborted",
@@ -65,9 +71,7 @@ class Peer:
         "send_scope",
         "parts",
         "part_bytes",
-        "sending",
-        "writer_done",
-        "done_event",
+        "done",
     )
 
     def __init__(
@@ -76,6 +80,7 @@ class Peer:
         user: str,
         address: str,
         stream: anyio.abc.ByteStream,
+        fd: int,
         ws: WebSocket,
         server: ChatServer,
     ) -> None:
@@ -83,11 +88,14 @@ class Peer:
         self.user = user
         self.address = address
         self.stream = stream
+        self.fd = fd  # -1: every write goes through the stream (TLS, or closed)
         self.ws = ws
         self.server = server
         self.out: list[bytes] = []
-        self.frames = 0  # engine frames in ``out`` (pings and close frames are not counted)
+        self.frames = 0  # engine frames queued or in flight, not yet reported written
         self.nbytes = 0
+        self.dirty = False  # listed in server.dirty, to be flushed
+        self.writer = False  # a writer task owns the writes from now on
         self.wake: anyio.Event | None = None
         self.closing = False
         self.aborted = False
@@ -97,106 +105,125 @@ class Peer:
         self.send_scope: anyio.CancelScope | None = None
         self.parts: list[str] = []
         self.part_bytes = 0
-        self.sending = False  # the writer is inside stream.send
-        self.writer_done = False
-        self.done_event: anyio.Event | None = None
+        self.done: anyio.Event | None = None
 
     # -- called by the server while carrying out effects (never blocks) ----------
 
-    def deliver(self, frame: bytes, size: int) -> None:
-        self.out.append(frame)
-        self.frames += 1
-        self.nbytes += size
-        if self.frames >= self.server.high_water and not self.sending:
-            # A burst of input filled a queue faster than its writer got to run.
-            self.server.backlogged = True
-        if (wake := self.wake) is not None:
-            self.wake = None
-            wake.set()
+    def queue(self, data: bytes) -> None:
+        """Queue bytes that are not engine frames (ping, pong, close)."""
+        self.out.append(data)
+        if not self.dirty:
+            self.dirty = True
+            self.server.dirty.append(self)
 
     def ping(self) -> None:
         if self.ws.state is ConnectionState.OPEN:
-            self._queue(self.ws.send(Ping()))
+            self.queue(self.ws.send(Ping()))
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame after what is queued, then close the socket.
 
-        A writer stuck on a peer that does not read gets ``close_timeout``
-        more seconds, then the socket is aborted.
+        A peer that does not read gets ``close_timeout`` more seconds, then
+        the socket is aborted.
         """
         if self.closing:
             return
         self.closing = True
         self.close_code = code
         if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            self._queue(self.ws.send(CloseConnection(code=code, reason=reason)))
+            self.queue(self.ws.send(CloseConnection(code=code, reason=reason)))
         if self.send_scope is not None:
             self.send_scope.deadline = anyio.current_time() + self.server.limits.close_timeout
-        self._wake()
+        self.start_writer()
 
     def abort(self) -> None:
-        """The transport is gone: drop what is queued and stop both loops."""
+        """The transport is gone: drop what is queued and stop."""
         self.closing = True
         self.aborted = True
         self.out.clear()
         if self.send_scope is not None:
             self.send_scope.cancel()
-        self._wake()
+        self.start_writer()  # it closes the stream, which wakes the reader
 
-    def _queue(self, data: bytes) -> None:
-        self.out.append(data)
-        self._wake()
+    def flush(self, lost: list[Peer]) -> tuple[int, int, int] | None:
+        """Send what is queued without blocking; the (conn, frames, nbytes) written, if any."""
+        self.dirty = False
+        out = self.out
+        if not out:
+            return None
+        if self.writer or self.fd < 0:
+            if not self.aborted:
+                self.start_writer()
+            return None
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            lost.append(self)
+            return None
+        if sent < len(data):
+            # The socket is full: a writer task waits for room from now on.
+            self.out = [data[sent:]]
+            self.start_writer()
+            return None
+        self.out = []
+        frames, nbytes = self.frames, self.nbytes
+        self.frames = self.nbytes = 0
+        return (self.id, frames, nbytes) if frames else None
 
-    def _wake(self) -> None:
-        if (wake := self.wake) is not None:
+    def start_writer(self) -> None:
+        if not self.writer:
+            self.writer = True
+            self.done = anyio.Event()
+            self.server.spawn_writer(self)
+        elif (wake := self.wake) is not None:
             self.wake = None
             wake.set()
 
-    # -- the two loops ------------------------------------------------------------
+    # -- reading ---------------------------------------------------------------------
 
-    async def run(self, trailing: bytes, writers: anyio.abc.TaskGroup) -> None:
-        """Read in this task; the writer runs in ``writers`` (no task group per connection).
-
-        The writer ends the connection: it closes the stream, which wakes this
-        reader if it still waits for data.
-        """
-        writers.start_soon(self._write_loop)
+    async def run(self, trailing: bytes) -> None:
+        """Read until the connection ends; then wait for the writer to finish, if any."""
+        server = self.server
         try:
             if trailing:
                 self.ws.receive_data(trailing)
-                await self._events()
+                with server.turn():
+                    self._events()
             if not self.close_seen:
                 await self._read_loop()
-            if not self.writer_done:  # it sends what is left, the close frame last
-                self.done_event = anyio.Event()
-                await self.done_event.wait()
+            if self.writer and self.done is not None:
+                with anyio.move_on_after(server.limits.close_timeout + 1):
+                    await self.done.wait()
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                await self.stream.aclose()
-            self.server.peer_finished(self)
+            if not self.writer:
+                self.fd = -1  # never write to a descriptor number that may be reused
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    await self.stream.aclose()
+            server.peer_finished(self)
 
     async def _read_loop(self) -> None:
         stream = self.stream
         ws = self.ws
+        server = self.server
         while True:
             try:
                 data = await stream.receive(_READ_SIZE)
             except _STREAM_ERRORS:
-                self.server.peer_lost(self)
+                server.peer_lost(self)
                 return
             ws.receive_data(data)
-            await self._events()
+            with server.turn():
+                self._events()
             if self.close_seen:
                 return
 
-    async def _events(self) -> None:
+    def _events(self) -> None:
         server = self.server
         for event in self.ws.events():
             if isinstance(event, TextMessage):
-                if server.backlogged:
-                    # Let the woken writers send before this message fans out more.
-                    server.backlogged = False
-                    await anyio.lowlevel.checkpoint()
                 if self.closing:
                     continue
                 data = event.data
@@ -218,7 +245,7 @@ class Peer:
                     self.part_bytes += size
             elif isinstance(event, Ping):
                 if self.ws.state is ConnectionState.OPEN:
-                    self._queue(self.ws.send(event.response()))
+                    self.queue(self.ws.send(event.response()))
                 server.peer_alive(self)
             elif isinstance(event, Pong):
                 server.peer_alive(self)
@@ -230,7 +257,7 @@ class Peer:
                     # The client closed: answer with its code, then hang up.
                     if not self.closing:
                         self.close_code = event.code
-                        self._queue(self.ws.send(event.response()))
+                        self.queue(self.ws.send(event.response()))
                         server.peer_left(self)
                 elif self.ws.state is ConnectionState.OPEN:
                     # wsproto found a protocol error (bad UTF-8: 1007, ...).
@@ -239,15 +266,17 @@ class Peer:
             elif isinstance(event, BytesMessage) and not self.closing:
                 server.peer_refused(self, 1003, "binary frames are not supported")
 
-    async def _write_loop(self) -> None:
+    # -- the writer task (slow, TLS or closing peers only) -------------------------------
+
+    async def write_loop(self) -> None:
         try:
             await self._write()
         finally:
-            self.writer_done = True
+            self.fd = -1
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await self.stream.aclose()  # wakes the reader
-            if self.done_event is not None:
-                self.done_event.set()
+            if self.done is not None:
+                self.done.set()
 
     async def _write(self) -> None:
         stream = self.stream
@@ -255,12 +284,13 @@ class Peer:
         while True:
             if self.aborted:
                 return
-            while not self.out:
+            if not self.out:
                 if self.closing:
                     await self._finish()
                     return
                 wake = self.wake = anyio.Event()
                 await wake.wait()
+                continue
             out = self.out
             frames, nbytes = self.frames, self.nbytes
             self.out = []
@@ -270,7 +300,6 @@ class Peer:
                 if self.closing:
                     scope.deadline = anyio.current_time() + server.limits.close_timeout
                 self.send_scope = scope
-                self.sending = True
                 try:
                     await stream.send(data)
                 except _STREAM_ERRORS:
@@ -278,9 +307,8 @@ class Peer:
                     return
                 finally:
                     self.send_scope = None
-                    self.sending = False
             if scope.cancelled_caught:  # closing, and the peer does not read
-                self.abort()
+                self.aborted = True
                 return
             if frames and not self.closing:
                 server.peer_written(self, frames, nbytes)

@@ -24,7 +24,9 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ from chatcore import (
     RoomLoaded,
     Shutdown,
     Written,
+    WrittenMany,
     format_ts,
     is_valid_room,
     parse_connect,
@@ -153,9 +156,17 @@ class ChatServer:
         self._stopping = False
         self._drained: anyio.Event | None = None
         self._ws_running = 0
-        # Fan-out stops feeding input to let writers run once a queue holds this many frames.
-        self.high_water = max(1, self.config.outbox_frames // 4)
-        self.backlogged = False
+        # Peers with queued bytes, flushed once per turn (a read, a store batch, a tick).
+        self.dirty: list[Peer] = []
+        self._turns = 0
+        self._flushing = False
+        # A queue this long is flushed at once, turn or not, to stay inside the outbox bound.
+        self._high_water = max(1, self.config.outbox_frames // 4)
+        self._pressure = False
+        # MemoryStore answers at once: run it inline instead of through the worker.
+        self._inline = self.store if isinstance(self.store, MemoryStore) else None
+        self._answers: deque[Command] = deque()
+        self._answering = False
         self._storage_busy = False
         self._service: anyio.abc.TaskGroup | None = None
         self._writers: anyio.abc.TaskGroup | None = None
@@ -246,15 +257,30 @@ class ChatServer:
 
     # -- driving the engine --------------------------------------------------------
 
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Commands fed inside share one flush at the end (writes coalesce)."""
+        self._turns += 1
+        try:
+            yield
+        finally:
+            self._turns -= 1
+            if not self._turns:
+                self._flush()
+
     def _feed(self, command: Command) -> None:
         effects = self.engine.handle(command, time.time())
         if effects:
             self._run(effects)
+        if not self._turns or self._pressure:
+            self._flush()
         self._rearm()
 
     def _run(self, effects: list[Effect]) -> None:
         peers = self._peers
-        stored = False
+        dirty = self.dirty
+        high = self._high_water
+        storage: list[StorageEffect] = []
         for effect in effects:
             kind = type(effect)
             if kind is Deliver:
@@ -263,8 +289,16 @@ class ChatServer:
                 size = effect.size
                 for conn in effect.to:
                     peer = peers.get(conn)
-                    if peer is not None:
-                        peer.deliver(frame, size)
+                    if peer is None:
+                        continue
+                    peer.out.append(frame)
+                    peer.frames += 1
+                    peer.nbytes += size
+                    if not peer.dirty:
+                        peer.dirty = True
+                        dirty.append(peer)
+                    elif peer.frames >= high:
+                        self._pressure = True
             elif kind is Close:
                 assert isinstance(effect, Close)
                 peer = peers.pop(effect.conn, None)
@@ -276,11 +310,56 @@ class ChatServer:
                 if peer is not None:
                     peer.ping()
             else:
-                self._storage.append(effect)  # type: ignore[arg-type]
-                stored = True
-        if stored and (wake := self._storage_wake) is not None:
-            self._storage_wake = None
-            wake.set()
+                storage.append(effect)  # type: ignore[arg-type]
+        if storage:
+            self._store(storage)
+
+    def _store(self, storage: list[StorageEffect]) -> None:
+        if self._inline is None:
+            self._storage.extend(storage)
+            if (wake := self._storage_wake) is not None:
+                self._storage_wake = None
+                wake.set()
+            return
+        self._answers.extend(self._inline.execute_now(storage))
+        if self._answering:
+            return  # the loop below, further up the stack, feeds them
+        self._answering = True
+        try:
+            while self._answers:
+                effects = self.engine.handle(self._answers.popleft(), time.time())
+                if effects:
+                    self._run(effects)
+        finally:
+            self._answering = False
+
+    def _flush(self) -> None:
+        """Write every dirty peer's queue (one send each), report them all written."""
+        if self._flushing:
+            return
+        self._flushing = True
+        self._pressure = False
+        try:
+            while self.dirty:
+                dirty, self.dirty = self.dirty, []
+                reports = []
+                lost: list[Peer] = []
+                for peer in dirty:
+                    report = peer.flush(lost)
+                    if report is not None:
+                        reports.append(report)
+                if reports:
+                    effects = self.engine.handle(WrittenMany(reports=tuple(reports)), time.time())
+                    if effects:
+                        self._run(effects)
+                for peer in lost:
+                    self.peer_lost(peer)
+        finally:
+            self._flushing = False
+
+    def spawn_writer(self, peer: Peer) -> None:
+        if self._writers is not None:
+            self._writers.start_soon(peer.write_loop)
 
     def _rearm(self) -> None:
         deadline = self.engine.next_deadline()
@@ -299,9 +378,10 @@ class ChatServer:
                 self._rearm()
                 await anyio.sleep_forever()
             self._timer = None
-            effects = self.engine.tick(time.time())
-            if effects:
-                self._run(effects)
+            with self.turn():
+                effects = self.engine.tick(time.time())
+                if effects:
+                    self._run(effects)
 
     async def _storage_loop(self) -> None:
         while True:
@@ -315,8 +395,9 @@ class ChatServer:
             self._storage_busy = True
             async with self._store_lock:
                 answers = await self._execute(batch)
-            for answer in answers:
-                self._feed(answer)
+            with self.turn():
+                for answer in answers:
+                    self._feed(answer)
             self._storage_busy = False
             # A store that answers at once must not starve the sockets.
             await anyio.lowlevel.checkpoint()
@@ -401,8 +482,7 @@ class ChatServer:
             if upgraded is not None:
                 # Run the WebSocket from here, so the HTTP parser and request are freed.
                 peer, trailing = upgraded
-                assert self._writers is not None
-                await peer.run(trailing, self._writers)
+                await peer.run(trailing)
         except _CLOSE_ERRORS:
             pass
         finally:
@@ -604,7 +684,12 @@ class ChatServer:
         trailing, _ = http.trailing_data
         await stream.send(accept)
         address = _address(stream)
-        peer = Peer(conn, connect.user, address, stream, WebSocket(ConnectionType.SERVER), self)
+        fd = -1
+        if self.ssl_context is None:
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+            fd = -1 if raw is None else raw.fileno()
+        ws = WebSocket(ConnectionType.SERVER)
+        peer = Peer(conn, connect.user, address, stream, fd, ws, self)
         self._peers[conn] = peer
         self._ws_running += 1
         log.info("opened conn=%d user=%s mode=%s from=%s", conn, connect.user, mode.value, address)
