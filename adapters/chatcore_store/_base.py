@@ -29,6 +29,7 @@ __all__ = [
     "RoomInfo",
     "StorageEffect",
     "StoreUnavailable",
+    "group_appends",
     "is_storage_effect",
     "new_epoch",
 ]
@@ -39,6 +40,21 @@ _STORAGE = (LoadRoom, Append, LoadHistory, SaveRoom, SavePositions)
 
 def is_storage_effect(effect: Effect) -> TypeGuard[StorageEffect]:
     return isinstance(effect, _STORAGE)
+
+
+def group_appends(effects: Sequence[StorageEffect]) -> list[StorageEffect | list[Append]]:
+    """The batch in order, each run of consecutive appends gathered in a list
+    (a store can then store a run with a few statements, whatever its length)."""
+    out: list[StorageEffect | list[Append]] = []
+    for effect in effects:
+        if isinstance(effect, Append):
+            if out and isinstance(out[-1], list):
+                out[-1].append(effect)
+            else:
+                out.append([effect])
+        else:
+            out.append(effect)
+    return out
 
 
 def new_epoch() -> str:

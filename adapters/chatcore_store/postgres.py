@@ -43,7 +43,7 @@ from chatcore import (
     SaveRoom,
 )
 
-from ._base import RoomInfo, StorageEffect, StoreUnavailable, new_epoch
+from ._base import RoomInfo, StorageEffect, StoreUnavailable, group_appends, new_epoch
 
 __all__ = ["DEFAULT_SCHEMA", "SCHEMA_VERSION", "PostgresStore"]
 
@@ -331,7 +331,7 @@ class PostgresStore:
             try:
                 answers: list[Command] = []
                 async with db.transaction():
-                    for run in _runs(effects):
+                    for run in group_appends(effects):
                         if isinstance(run, list):
                             answers.extend(await self._append_run(db, run))
                         elif (answer := await self._apply(db, run)) is not None:
@@ -598,17 +598,3 @@ class PostgresStore:
             (room, lo, hi),
         )
         return cur.rowcount
-
-
-def _runs(effects: Sequence[StorageEffect]) -> list[StorageEffect | list[Append]]:
-    """The batch in order, with each run of consecutive appends gathered in a list."""
-    out: list[StorageEffect | list[Append]] = []
-    for effect in effects:
-        if isinstance(effect, Append):
-            if out and isinstance(out[-1], list):
-                out[-1].append(effect)
-            else:
-                out.append([effect])
-        else:
-            out.append(effect)
-    return out

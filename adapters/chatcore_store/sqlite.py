@@ -44,7 +44,7 @@ from chatcore import (
     SaveRoom,
 )
 
-from ._base import RoomInfo, StorageEffect, StoreUnavailable, new_epoch
+from ._base import RoomInfo, StorageEffect, StoreUnavailable, group_appends, new_epoch
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -93,6 +93,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 SCHEMA_VERSION = max(_MIGRATIONS)
 
 _MESSAGE_COLUMNS = "room, msg_offset, epoch, sender, text, ts, client_id"
+_CHUNK = 900  # bound parameters per statement (old SQLite builds allow 999)
 
 
 def _message(row: Sequence[Any]) -> Message:
@@ -347,9 +348,14 @@ class SQLiteStore:
                 self._broken(exc)
                 return self._degraded(effects, reachable=False)
             try:
+                answers: list[Command] = []
                 with _transaction(db):
-                    answers = [self._apply(db, effect) for effect in effects]
-                return [a for a in answers if a is not None]
+                    for run in group_appends(effects):
+                        if isinstance(run, list):
+                            answers.extend(self._append_run(db, run))
+                        elif (answer := self._apply(db, run)) is not None:
+                            answers.append(answer)
+                return answers
             except (sqlite3.Error, OSError) as exc:
                 self._broken(exc)
                 # A handle opened while the file was read-only stays read-only: a batch
@@ -397,7 +403,7 @@ class SQLiteStore:
     def _apply(self, db: sqlite3.Connection, effect: StorageEffect) -> Command | None:
         match effect:
             case Append():
-                return self._append(db, effect)
+                return self._append_run(db, [effect])[0]
             case LoadRoom():
                 epoch, head, private, allow = self._room_row(db, effect.room)
                 recent: tuple[Message, ...] = ()
@@ -450,39 +456,82 @@ class SQLiteStore:
             (effect.room, int(effect.private), _allow_text(effect.allow), self._epochs()),
         )
 
-    def _append(self, db: sqlite3.Connection, effect: Append) -> Appended:
-        if effect.client_id is not None:
-            row = db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                " WHERE room = ? AND sender = ? AND client_id = ?",
-                (effect.room, effect.sender, effect.client_id),
-            ).fetchone()
-            if row is not None:
-                return Appended(message=_message(row), ref=effect.ref, duplicate=True)
-        epoch, head, _, _ = self._room_row(db, effect.room)
-        message = Message(
-            room=effect.room,
-            offset=head + 1,
-            epoch=epoch,
-            sender=effect.sender,
-            text=effect.text,
-            ts=effect.ts,
-            client_id=effect.client_id,
-        )
-        db.execute("UPDATE rooms SET head = ? WHERE name = ?", (message.offset, effect.room))
-        db.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                message.room,
-                message.offset,
-                message.epoch,
-                message.sender,
-                message.text,
-                message.ts,
-                message.client_id,
-            ),
-        )
-        return Appended(message=message, ref=effect.ref)
+    def _append_run(self, db: sqlite3.Connection, run: list[Append]) -> list[Appended]:
+        """Store consecutive appends: each room's row read once, the messages
+        inserted in one statement, each head moved once."""
+        names = list(dict.fromkeys(a.room for a in run))
+        heads = self._heads(db, names)
+        for name in names:
+            if name not in heads:
+                epoch, head, _, _ = self._room_row(db, name)
+                heads[name] = (epoch, head)
+        seen = self._stored_keys(db, [a for a in run if a.client_id is not None])
+        answers: list[Appended] = []
+        rows: list[tuple[str, int, str, str, str, int, str | None]] = []
+        for a in run:
+            if a.client_id is not None:
+                stored = seen.get((a.room, a.sender, a.client_id))
+                if stored is not None:
+                    answers.append(Appended(message=stored, ref=a.ref, duplicate=True))
+                    continue
+            epoch, head = heads[a.room]
+            heads[a.room] = (epoch, head + 1)
+            message = Message(
+                room=a.room,
+                offset=head + 1,
+                epoch=epoch,
+                sender=a.sender,
+                text=a.text,
+                ts=a.ts,
+                client_id=a.client_id,
+            )
+            if a.client_id is not None:
+                seen[a.room, a.sender, a.client_id] = message
+            rows.append((a.room, head + 1, epoch, a.sender, a.text, a.ts, a.client_id))
+            answers.append(Appended(message=message, ref=a.ref))
+        if rows:
+            db.executemany(
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+            )
+            moved = {m[0] for m in rows}
+            db.executemany(
+                "UPDATE rooms SET head = ? WHERE name = ?",
+                [(heads[name][1], name) for name in moved],
+            )
+        return answers
+
+    def _heads(self, db: sqlite3.Connection, names: list[str]) -> dict[str, tuple[str, int]]:
+        """(epoch, head) of those rooms that exist."""
+        found: dict[str, tuple[str, int]] = {}
+        for lo in range(0, len(names), _CHUNK):
+            part = names[lo : lo + _CHUNK]
+            marks = ", ".join("?" * len(part))
+            for name, epoch, head in db.execute(
+                f"SELECT name, epoch, head FROM rooms WHERE name IN ({marks})", part
+            ):
+                found[name] = (epoch, head)
+        return found
+
+    def _stored_keys(
+        self, db: sqlite3.Connection, keyed: list[Append]
+    ) -> dict[tuple[str, str, str], Message]:
+        """The stored messages of these appends' exactly-once keys."""
+        found: dict[tuple[str, str, str], Message] = {}
+        keys = list(dict.fromkeys((a.room, a.sender, a.client_id) for a in keyed))
+        for lo in range(0, len(keys), _CHUNK // 3):
+            part = keys[lo : lo + _CHUNK // 3]
+            values = ", ".join("(?, ?, ?)" for _ in part)
+            rows = db.execute(
+                f"WITH k (room, sender, client_id) AS (VALUES {values})"
+                f" SELECT {', '.join('m.' + c for c in _MESSAGE_COLUMNS.split(', '))}"
+                " FROM k JOIN messages m ON m.room = k.room AND m.sender = k.sender"
+                " AND m.client_id = k.client_id WHERE m.client_id IS NOT NULL",
+                [v for key in part for v in key],
+            )
+            for row in rows:
+                m = _message(row)
+                found[m.room, m.sender, m.client_id] = m  # type: ignore[index]
+        return found
 
     def _range(self, db: sqlite3.Connection, effect: LoadHistory) -> tuple[Message, ...]:
         rows = db.execute(

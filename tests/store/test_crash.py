@@ -40,6 +40,7 @@ URL_LINE = re.compile(rb"chatcore is running: open http://127\.0\.0\.1:(\d+)/")
 
 
 async def start_server(db: Path) -> tuple[Process, int]:
+    log = (db.parent / "server.log").open("ab")  # read it when the test fails
     process = await anyio.open_process(
         [
             sys.executable,
@@ -54,7 +55,9 @@ async def start_server(db: Path) -> tuple[Process, int]:
             "warning",
         ],
         cwd=ROOT,
+        stderr=log,
     )
+    log.close()
     assert process.stdout is not None
     seen = b""
     with anyio.fail_after(30):
