@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-rt", action="store_true", help="do not run the generator at real-time priority"
     )
+    p.add_argument("--max-minutes", type=float, help="hard time budget (default 30; --short: 5)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine-only benchmark")
     p.add_argument(
         "--min-ratio",
@@ -266,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         "short.json" if short else "latest.json"
     )
     raise_nofile(8192)
+    # Bounded in time whatever happens: SIGTERM or the budget ends the run through the
+    # finally blocks, which stop every server and the counting process.
+    budget = args.max_minutes or (5 if short else 30)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGALRM, _exit_on_signal)
+    signal.alarm(int(budget * 60))
     if PRIORITY:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
@@ -377,6 +385,10 @@ def _one(
     return _guard(
         lambda: churn_run(spec, counters, log, seconds=3.0, quiet_timeout=quiet), name, sc
     )
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum} (time budget or SIGTERM)")
 
 
 def _guard(fn: Any, name: str, sc: str) -> dict[str, Any]:

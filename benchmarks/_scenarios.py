@@ -53,7 +53,7 @@ SCENARIOS = {
 Log = Callable[[str], None]
 
 
-def _settle(pid: int, *, share: float = 0.05, timeout: float = 20.0) -> None:
+def _settle(pid: int, *, share: float = 0.05, timeout: float = 90.0) -> None:
     """Wait until the server's CPU use falls under ``share`` (setup work done)."""
     deadline = time.monotonic() + timeout
     time.sleep(0.2)

@@ -151,12 +151,18 @@ class FrameCounter:
         self.nbytes = 0
         self.reply = b""
 
-    def feed(self, data: bytes) -> None:
-        self.nbytes += len(data)
+    def feed(self, data: bytes | bytearray, n: int = -1) -> None:
+        """Walk the first ``n`` bytes of ``data`` (all of it by default).
+
+        ``data`` may be a reused receive buffer: nothing keeps a reference to it.
+        """
+        if n < 0:
+            n = len(data)
+        self.nbytes += n
         if self.pending:
-            data = self.pending + data
+            data = self.pending + bytes(data[:n])
+            n = len(data)
             self.pending = b""
-        n = len(data)
         pos = self.skip
         if pos >= n:
             self.skip = pos - n
@@ -189,7 +195,7 @@ class FrameCounter:
                 if pos + hl + ln > n:
                     break
                 if op == 9:
-                    self.reply += client_frame(data[pos + hl : pos + hl + ln], opcode=10)
+                    self.reply += client_frame(bytes(data[pos + hl : pos + hl + ln]), opcode=10)
             pos += hl + ln
         self.frames += frames
         if pos > n:
@@ -197,7 +203,7 @@ class FrameCounter:
         else:
             self.skip = 0
             if pos < n:
-                self.pending = data[pos:]
+                self.pending = bytes(data[pos:n])
 
 
 class FrameReader:
