@@ -27,6 +27,8 @@ from websockets.exceptions import ConnectionClosed
 
 from chatcore_store.sqlite import SQLiteStore
 
+from .outage import unwritable
+
 pytest.importorskip("chatcore_server", reason="the server adapter is absent")
 
 pytestmark = pytest.mark.anyio
@@ -178,3 +180,55 @@ async def test_acked_messages_survive_kill_9_exactly_once(tmp_path: Path) -> Non
     ids = [m.client_id for m in stored]
     assert sorted(ids, key=str) == sorted(f"{u}-{i}" for u in users for i in range(EACH))
     assert {m.client_id: m.offset for m in stored} == after
+
+
+async def next_of(ws: Any, *kinds: str) -> dict[str, Any]:
+    """The next event of one of ``kinds``; every other event is skipped."""
+    while True:
+        event: dict[str, Any] = json.loads(await ws.recv())
+        if event["type"] in kinds:
+            return event
+
+
+async def test_server_refuses_sends_while_the_file_is_unwritable_then_recovers(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "chat.db"
+    process, port = await start_server(db)
+    try:
+        with anyio.fail_after(60):
+            async with (
+                connect(url(port, "alice"), subprotocols=["chatcore.v1"]) as alice,
+                connect(url(port, "bob"), subprotocols=["chatcore.v1"]) as bob,
+            ):
+                await next_of(alice, "welcome")
+                await next_of(bob, "welcome")
+                send = {"type": "send", "room": "lobby"}
+                await alice.send(json.dumps({**send, "text": "before", "id": "a1"}))
+                assert (await next_of(alice, "ack"))["offset"] == 1
+                assert (await next_of(bob, "message"))["text"] == "before"
+
+                with unwritable(db):
+                    await alice.send(json.dumps({**send, "text": "during", "id": "a2"}))
+                    error = await next_of(alice, "error", "ack")
+                    assert (error["type"], error["code"]) == ("error", "unavailable")
+                    # Bob's history reply comes after anything broadcast before it:
+                    # the refused message was never sent to him.
+                    await bob.send(json.dumps({"type": "history", "room": "lobby"}))
+                    page = await next_of(bob, "history", "message")
+                    assert page["type"] == "history"
+                    assert [m["text"] for m in page["messages"]] == ["before"]
+                    await bob.send(json.dumps({"type": "join", "room": "elsewhere"}))
+                    refused = await next_of(bob, "error", "members")
+                    assert (refused["type"], refused["code"]) == ("error", "unavailable")
+
+                # Back by itself: the client's retry is stored, without a gap.
+                await alice.send(json.dumps({**send, "text": "during", "id": "a2"}))
+                ack = await next_of(alice, "ack", "error")
+                assert (ack["type"], ack["offset"], ack["id"]) == ("ack", 2, "a2")
+                message = await next_of(bob, "message")
+                assert (message["offset"], message["text"]) == (2, "during")
+                await bob.send(json.dumps({"type": "join", "room": "elsewhere"}))
+                assert (await next_of(bob, "members", "error"))["type"] == "members"
+    finally:
+        await stop(process, signal.SIGTERM)

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,6 +25,7 @@ from chatcore_store import StoreUnavailable, open_store
 from chatcore_store.sqlite import SCHEMA_VERSION, SQLiteStore, migrate
 
 from .driver import Driver
+from .outage import unwritable
 
 pytestmark = pytest.mark.anyio
 
@@ -38,27 +34,6 @@ T0 = 1_795_000_000_000
 
 def append(ref: int, room: str = "lobby", cid: str | None = None) -> Append:
     return Append(ref=ref, room=room, sender="alice", text=f"m{ref}", ts=T0, client_id=cid)
-
-
-def _can_freeze() -> str | None:
-    if os.geteuid() != 0 or shutil.which("chattr") is None:
-        return "making an open file unwritable needs chattr +i as root"
-    return None
-
-
-@contextmanager
-def unwritable(db: Path) -> Iterator[None]:
-    """The database file and its WAL refuse every write, even through open handles,
-    until the block ends (chattr +i: root ignores chmod)."""
-    why = _can_freeze()
-    if why is not None:
-        pytest.skip(why)
-    files = [str(p) for p in (db, Path(f"{db}-wal")) if p.exists()]
-    subprocess.run(["chattr", "+i", *files], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", *files], check=True)
 
 
 async def test_an_unwritable_file_fails_appends_then_recovers(tmp_path: Path) -> None:
