@@ -256,7 +256,9 @@ class PostgresStore:
     async def history(
         self, room: str, *, after: int = 0, before: int | None = None, limit: int | None = None
     ) -> tuple[Message, ...]:
-        effect = LoadHistory(ref=0, room=room, after=after, before=before or 2**62, limit=limit)
+        effect = LoadHistory(
+            ref=0, room=room, after=after, before=2**62 if before is None else before, limit=limit
+        )
         return await self._guarded(self._range, effect)
 
     async def positions(self, user: str) -> dict[str, tuple[int, int]]:

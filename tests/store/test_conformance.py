@@ -286,3 +286,15 @@ async def test_appends_go_on_while_retention_runs(make_store: MakeStore) -> None
     assert done == ["append", "retention"]
     assert late.message.offset == 401
     assert await page(store) == [401]  # the cut was set before it came
+
+
+async def test_the_history_call_reads_what_load_history_reads(make_store: MakeStore) -> None:
+    store = durable(await make_store())
+    await load(store)
+    await appended(store, *(append(i) for i in range(1, 8)))
+    assert [m.offset for m in await store.history("lobby")] == list(range(1, 8))
+    assert [m.offset for m in await store.history("lobby", before=5, limit=2)] == [3, 4]
+    assert [m.offset for m in await store.history("lobby", after=5)] == [6, 7]
+    assert await store.history("lobby", before=0) == ()
+    assert await store.history("nowhere") == ()
+    assert await store.room("nowhere") is None
