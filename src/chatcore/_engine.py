@@ -74,6 +74,7 @@ from ._room import Room
 from ._session import (
     Catchup,
     Connection,
+    PendingSend,
     Session,
     SessionInput,
     SessionState,
@@ -110,13 +111,6 @@ class RoomView:
 
 
 @dataclass(slots=True)
-class _PendingSend:
-    session: Session
-    room: str
-    client_id: str | None
-
-
-@dataclass(slots=True)
 class _PendingPage:
     session: Session
     room: str
@@ -136,7 +130,7 @@ class Engine:
         self._rooms: dict[str, Room] = {}
         self._loading: dict[str, list[tuple[Session, ClientRequest | None]]] = {}
         self._wanted: dict[str, int] = {}  # rooms sessions wait for before their welcome
-        self._pending: dict[int, _PendingSend] = {}
+        self._pending: dict[int, PendingSend] = {}
         self._pages: dict[int, _PendingPage] = {}
         self._catchups: dict[int, tuple[Connection, str]] = {}
         self._gaps: dict[int, str] = {}
@@ -178,24 +172,9 @@ class Engine:
                     conn.last_seen = now
                     self._request(conn.session, command, now, out)
             case Written():
-                if command.frames < 0 or command.nbytes < 0:
-                    raise LocalProtocolError("Written counts must not be negative")
-                if (conn := self._conns.get(command.conn)) is not None:
-                    conn.frames = max(0, conn.frames - command.frames)
-                    conn.nbytes = max(0, conn.nbytes - command.nbytes)
-                    if conn.catchup:
-                        self._pump(conn, out)
+                self._written(((command.conn, command.frames, command.nbytes),), out)
             case WrittenMany():
-                conns = self._conns
-                for conn_id, frames, nbytes in command.reports:
-                    if frames < 0 or nbytes < 0:
-                        raise LocalProtocolError("Written counts must not be negative")
-                for conn_id, frames, nbytes in command.reports:
-                    if (conn := conns.get(conn_id)) is not None:
-                        conn.frames = max(0, conn.frames - frames)
-                        conn.nbytes = max(0, conn.nbytes - nbytes)
-                        if conn.catchup:
-                            self._pump(conn, out)
+                self._written(command.reports, out)
             case Appended():
                 self._appended(command, now, out)
             case Connect():
@@ -498,6 +477,17 @@ class Engine:
                 self._request(session, request, now, out)
         self._forget_if_empty(room)
 
+    def _written(self, reports: tuple[tuple[ConnId, int, int], ...], out: list[Effect]) -> None:
+        if any(frames < 0 or nbytes < 0 for _, frames, nbytes in reports):
+            raise LocalProtocolError("Written counts must not be negative")
+        conns = self._conns
+        for conn_id, frames, nbytes in reports:
+            if (conn := conns.get(conn_id)) is not None:
+                conn.frames = max(0, conn.frames - frames)
+                conn.nbytes = max(0, conn.nbytes - nbytes)
+                if conn.catchup:
+                    self._pump(conn, out)
+
     def _room_failed(self, cmd: RoomLoadFailed, now: float, out: list[Effect]) -> None:
         waiters = self._loading.pop(cmd.room, None)
         for session, request in waiters or ():
@@ -585,6 +575,14 @@ class Engine:
             case _:
                 assert_never(request)
 
+    def _member_room(self, session: Session, name: str, ref: str, out: list[Effect]) -> Room | None:
+        """The room if the session is in it; else an error to the client and None."""
+        if name in session.rooms:
+            return self._rooms[name]
+        if self._check_room_name(session, name, out):
+            self._error(session, ErrorCode.NOT_MEMBER, f"not in room {name}", ref, out)
+        return None
+
     def _check_room_name(self, session: Session, room: str, out: list[Effect]) -> bool:
         if is_valid_room(room):
             return True
@@ -607,11 +605,7 @@ class Engine:
         out: list[Effect],
     ) -> None:
         ref_name = client_id if client_id is not None else room_name[:64]
-        if room_name not in session.rooms:
-            if self._check_room_name(session, room_name, out):
-                self._error(
-                    session, ErrorCode.NOT_MEMBER, f"not in room {room_name}", ref_name, out
-                )
+        if self._member_room(session, room_name, ref_name, out) is None:
             return
         if not text:
             self._error(session, ErrorCode.INVALID_FIELD, "text must not be empty", ref_name, out)
@@ -644,7 +638,7 @@ class Engine:
             )
             return
         self._ref += 1
-        self._pending[self._ref] = _PendingSend(session, room_name, client_id)
+        self._pending[self._ref] = PendingSend(session, room_name, client_id)
         out.append(
             Append(
                 ref=self._ref,
@@ -735,11 +729,9 @@ class Engine:
             session.delivered[room.name] = room.head
 
     def _leave(self, session: Session, name: str, out: list[Effect]) -> None:
-        if name not in session.rooms:
-            if self._check_room_name(session, name, out):
-                self._error(session, ErrorCode.NOT_MEMBER, f"not in room {name}", name, out)
+        room = self._member_room(session, name, name[:64], out)
+        if room is None:
             return
-        room = self._rooms[name]
         self._remove_member(session, room, out)
         if session.text_room == name:
             session.text_room = next(iter(session.rooms), None)
@@ -763,11 +755,9 @@ class Engine:
         self._forget_if_empty(room)
 
     def _typing(self, session: Session, name: str, now: float, out: list[Effect]) -> None:
-        if name not in session.rooms:
-            if self._check_room_name(session, name, out):
-                self._error(session, ErrorCode.NOT_MEMBER, f"not in room {name}", name, out)
+        room = self._member_room(session, name, name[:64], out)
+        if room is None:
             return
-        room = self._rooms[name]
         until = now + self.config.typing_ttl
         previous = room.typing.get(session.user)
         room.typing[session.user] = until
@@ -784,11 +774,9 @@ class Engine:
             )
 
     def _mark_read(self, session: Session, name: str, offset: int, out: list[Effect]) -> None:
-        if name not in session.rooms:
-            if self._check_room_name(session, name, out):
-                self._error(session, ErrorCode.NOT_MEMBER, f"not in room {name}", name, out)
+        room = self._member_room(session, name, name[:64], out)
+        if room is None:
             return
-        room = self._rooms[name]
         offset = min(offset, room.head)
         if offset <= room.reads.get(session.user, 0):
             return
@@ -854,9 +842,7 @@ class Engine:
                 self._ack(pending, message.offset, out)
             return
         if message.offset > head + 1:
-            room.early[message.offset] = (message, cmd.ref)
-            if pending is not None:
-                self._pending[cmd.ref] = pending  # type: ignore[index]
+            room.early[message.offset] = (message, pending)
             if room.gap_ref is None:
                 self._ref += 1
                 room.gap_ref = self._ref
@@ -866,14 +852,15 @@ class Engine:
                 )
             return
         self._publish(room, message, pending, out)
-        while room.early:
-            nxt = room.early.pop(room.head + 1, None)
-            if nxt is None:
-                break
-            self._publish(room, nxt[0], self._pending.pop(nxt[1], None) if nxt[1] else None, out)
+        self._drain_early(room, out)
+
+    def _drain_early(self, room: Room, out: list[Effect]) -> None:
+        """Publish held-back messages that are next in line."""
+        while (nxt := room.early.pop(room.head + 1, None)) is not None:
+            self._publish(room, nxt[0], nxt[1], out)
 
     def _publish(
-        self, room: Room, message: Message, pending: _PendingSend | None, out: list[Effect]
+        self, room: Room, message: Message, pending: PendingSend | None, out: list[Effect]
     ) -> None:
         room.head = message.offset
         room.window.append(message)
@@ -886,7 +873,7 @@ class Engine:
             room, message, None if self.config.echo else sender_conn, out, ephemeral=False
         )
 
-    def _ack(self, pending: _PendingSend, offset: int, out: list[Effect]) -> Connection | None:
+    def _ack(self, pending: PendingSend, offset: int, out: list[Effect]) -> Connection | None:
         conn = pending.session.conn
         if conn is None or pending.session.state is not SessionState.LIVE:
             return None
@@ -926,16 +913,11 @@ class Engine:
                 for m in cmd.messages:
                     if m.offset == room.head + 1 and m.epoch == room.epoch:
                         self._publish(room, m, None, out)
+                self._drain_early(room, out)
                 if room.early:
                     # What the log does not have is lost for good: move past it.
                     room.head = min(room.early) - 1
-                    while room.early:
-                        nxt = room.early.pop(room.head + 1, None)
-                        if nxt is None:
-                            break
-                        self._publish(
-                            room, nxt[0], self._pending.pop(nxt[1], None) if nxt[1] else None, out
-                        )
+                    self._drain_early(room, out)
 
     def _history_failed(self, cmd: HistoryFailed, now: float, out: list[Effect]) -> None:
         page = self._pages.pop(cmd.ref, None)

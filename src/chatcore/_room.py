@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 
 from ._events import Message
-from ._session import Connection
+from ._session import Connection, PendingSend
 
 __all__ = ["Room"]
 
@@ -55,7 +55,7 @@ class Room:
         self.typing: dict[str, float] = {}  # user -> when the indicator expires
         self.reads: dict[str, int] = {}
         # Messages from the log that arrived before the ones preceding them.
-        self.early: dict[int, tuple[Message, int | None]] = {}
+        self.early: dict[int, tuple[Message, PendingSend | None]] = {}
         self.gap_ref: int | None = None
 
     def admits(self, user: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ._commands import ClientRequest, ConnId, Mode
 from ._errors import LocalProtocolError
@@ -91,6 +92,15 @@ class TokenBucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / rate
+
+
+@dataclass(slots=True)
+class PendingSend:
+    """A message handed to the log and not yet answered."""
+
+    session: Session
+    room: str
+    client_id: str | None
 
 
 class Catchup:
