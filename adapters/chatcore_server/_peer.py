@@ -14,8 +14,10 @@ which sends through the anyio stream from then on, so order is kept.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections import deque
 from typing import TYPE_CHECKING
 
 import anyio
@@ -72,6 +74,10 @@ class Peer:
         "parts",
         "part_bytes",
         "done",
+        "transport",
+        "paused",
+        "timer",
+        "finished",
     )
 
     def __init__(
@@ -106,6 +112,11 @@ class Peer:
         self.parts: list[str] = []
         self.part_bytes = 0
         self.done: anyio.Event | None = None
+        # asyncio only: the transport this peer drives through callbacks, no task at all.
+        self.transport: asyncio.Transport | None = None
+        self.paused = False  # the transport's buffer is above its high-water mark
+        self.timer: asyncio.TimerHandle | None = None
+        self.finished = False
 
     # -- called by the server while carrying out effects (never blocks) ----------
 
@@ -132,6 +143,10 @@ class Peer:
         self.close_code = code
         if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             self.queue(self.ws.send(CloseConnection(code=code, reason=reason)))
+        if self.transport is not None:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(self.server.limits.close_timeout, self.abort)
+            return
         if self.send_scope is not None:
             self.send_scope.deadline = anyio.current_time() + self.server.limits.close_timeout
         self.start_writer()
@@ -141,6 +156,9 @@ class Peer:
         self.closing = True
         self.aborted = True
         self.out.clear()
+        if self.transport is not None:
+            self.transport.abort()
+            return
         if self.send_scope is not None:
             self.send_scope.cancel()
         self.start_writer()  # it closes the stream, which wakes the reader
@@ -151,6 +169,8 @@ class Peer:
         out = self.out
         if not out:
             return None
+        if self.transport is not None:
+            return self._flush_transport()
         if self.writer or self.fd < 0:
             if not self.aborted:
                 self.start_writer()
@@ -173,6 +193,20 @@ class Peer:
         self.frames = self.nbytes = 0
         return (self.id, frames, nbytes) if frames else None
 
+    def _flush_transport(self) -> tuple[int, int, int] | None:
+        transport = self.transport
+        assert transport is not None
+        if self.paused or transport.is_closing():
+            return None  # kept (and counted by the engine) until the client reads again
+        out = self.out
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        self.out = []
+        frames, nbytes = self.frames, self.nbytes
+        self.frames = self.nbytes = 0
+        if self.closing and self.close_seen:
+            transport.close()
+        return (self.id, frames, nbytes) if frames and not self.closing else None
+
     def start_writer(self) -> None:
         if not self.writer:
             self.writer = True
@@ -183,6 +217,16 @@ class Peer:
             wake.set()
 
     # -- reading ---------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from an adopted asyncio transport (see ``adopt_asyncio``)."""
+        if self.close_seen or self.aborted or not data:
+            return
+        self.ws.receive_data(data)
+        with self.server.turn():
+            self._events()
+        if self.close_seen and self.closing and not self.out and self.transport is not None:
+            self.transport.close()  # our close frame went out and the client answered
 
     async def run(self, trailing: bytes) -> None:
         """Read until the connection ends; then wait for the writer to finish, if any."""
@@ -319,3 +363,68 @@ class Peer:
             self.close_waiter = anyio.Event()
             with anyio.move_on_after(self.server.limits.close_timeout):
                 await self.close_waiter.wait()
+
+
+# -- asyncio: the connection driven by transport callbacks ---------------------------------
+
+
+def adopt_asyncio(peer: Peer, stream: anyio.abc.ByteStream) -> bytes | None:
+    """Move ``peer`` from anyio's stream to callbacks on its asyncio transport.
+
+    Returns bytes anyio had read but not handed out yet, or None when the
+    stream is not a plain asyncio socket stream (TLS, trio, or an anyio that
+    changed its internals), in which case the peer runs with tasks instead.
+    """
+    transport = getattr(stream, "_transport", None)
+    protocol = getattr(stream, "_protocol", None)
+    queue = getattr(protocol, "read_queue", None)
+    if (
+        not isinstance(transport, asyncio.Transport)
+        or not isinstance(queue, deque)
+        or transport.is_closing()
+        or getattr(protocol, "exception", None) is not None
+        or getattr(protocol, "is_at_eof", False)
+    ):
+        return None
+    pending = b"".join(queue)
+    queue.clear()
+    peer.transport = transport
+    transport.set_protocol(_Link(peer))
+    transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+    if not transport.is_reading():
+        transport.resume_reading()
+    return pending
+
+
+class _Link(asyncio.Protocol):
+    """asyncio callbacks for one adopted peer."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.feed(data)
+
+    def eof_received(self) -> bool:
+        self.peer.server.peer_lost(self.peer)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer = self.peer
+        if peer.timer is not None:
+            peer.timer.cancel()
+        if not peer.closing:
+            peer.server.peer_lost(peer)
+        peer.aborted = peer.aborted or not peer.close_seen
+        peer.server.peer_finished(peer)
+
+    def pause_writing(self) -> None:
+        self.peer.paused = True
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        peer.paused = False
+        if peer.out:
+            peer.server.flush_peer(peer)

@@ -81,7 +81,7 @@ from chatcore_store import (
 from . import _http
 from ._frames import text_frame
 from ._http import AuthError, Reply, error, header, header_list, json_reply
-from ._peer import Peer
+from ._peer import Peer, adopt_asyncio
 
 __all__ = ["ChatServer", "Limits"]
 
@@ -170,6 +170,7 @@ class ChatServer:
         self._storage_busy = False
         self._service: anyio.abc.TaskGroup | None = None
         self._writers: anyio.abc.TaskGroup | None = None
+        self._adopted: set[Peer] = set()  # asyncio peers driven by callbacks, not tasks
 
     # -- running -------------------------------------------------------------------
 
@@ -215,6 +216,8 @@ class ChatServer:
                     with anyio.move_on_after(max(0.1, self.limits.shutdown_timeout - 2)):
                         await self._close_all()
                     conns.cancel_scope.cancel()
+                    for peer in list(self._adopted):
+                        peer.abort()
                 with anyio.move_on_after(1.5):
                     await self._flush_storage()
                 service.cancel_scope.cancel()
@@ -357,6 +360,14 @@ class ChatServer:
         finally:
             self._flushing = False
 
+    def flush_peer(self, peer: Peer) -> None:
+        """A paused transport drained: write what waited (outside any turn)."""
+        if not peer.dirty:
+            peer.dirty = True
+            self.dirty.append(peer)
+        if not self._turns:
+            self._flush()
+
     def spawn_writer(self, peer: Peer) -> None:
         if self._writers is not None:
             self._writers.start_soon(peer.write_loop)
@@ -465,6 +476,12 @@ class ChatServer:
         peer.abort()
 
     def peer_finished(self, peer: Peer) -> None:
+        if peer.finished:
+            return
+        peer.finished = True
+        if peer.transport is not None:
+            self._tcp -= 1
+            self._adopted.discard(peer)
         if self._peers.pop(peer.id, None) is not None:
             self._feed(Disconnected(conn=peer.id))
         self._ws_running -= 1
@@ -477,18 +494,29 @@ class ChatServer:
 
     async def _handle_tcp(self, stream: anyio.abc.ByteStream) -> None:
         self._tcp += 1
+        adopted = False
         try:
             upgraded = await self._http(stream)
             if upgraded is not None:
                 # Run the WebSocket from here, so the HTTP parser and request are freed.
                 peer, trailing = upgraded
+                if peer.fd >= 0:
+                    pending = adopt_asyncio(peer, stream)
+                    if pending is not None:
+                        # From now on asyncio callbacks drive it: this task ends here.
+                        adopted = True
+                        self._adopted.add(peer)
+                        peer.fd = -1
+                        peer.feed(trailing + pending)
+                        return
                 await peer.run(trailing)
         except _CLOSE_ERRORS:
             pass
         finally:
-            self._tcp -= 1
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                await stream.aclose()
+            if not adopted:
+                self._tcp -= 1
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    await stream.aclose()
 
     async def _http(self, stream: anyio.abc.ByteStream) -> tuple[Peer, bytes] | None:
         """Answer HTTP requests; the upgraded peer and its first bytes, if any."""

@@ -73,6 +73,30 @@ def ws_connect(url: str, **kwargs: Any) -> Any:
     return websockets.asyncio.client.connect(url, **kwargs)
 
 
+@asynccontextmanager
+async def ws_connect_small_buffer(url: str, rcvbuf: int, **kwargs: Any) -> AsyncIterator[Any]:
+    """``ws_connect`` over a socket whose receive buffer is set small before connecting
+    (so the kernel cannot absorb a flood the client does not read)."""
+    address = ("127.0.0.1", int(url.split(":")[2].split("/", maxsplit=1)[0]))
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        tsock = trio.socket.socket()
+        tsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await tsock.connect(address)
+        kwargs["stream"] = trio.SocketStream(tsock)
+    else:
+        import asyncio
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+        kwargs["sock"] = sock
+    async with ws_connect(url, **kwargs) as conn:
+        yield conn
+
+
 JSON = {"subprotocols": ["chatcore.v1"]}
 
 

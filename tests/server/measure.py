@@ -49,7 +49,7 @@ def rss_kib(pid: int) -> int:
 
 
 def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
 
@@ -59,7 +59,7 @@ def start_server(max_connections: int) -> tuple[subprocess.Popen[str], str, int]
         [sys.executable, "-c", SERVER, str(max_connections)],
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=raise_nofile,
+        preexec_fn=raise_nofile,  # noqa: PLW1509 (no threads here)
     )
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
@@ -84,7 +84,9 @@ def frame(text: str) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
-async def open_one(port: int, user: str, rooms: list[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_one(
+    port: int, user: str, rooms: list[str]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(handshake(user, rooms))
     head = await reader.readuntil(b"\r\n\r\n")
@@ -101,7 +103,7 @@ async def drain(reader: asyncio.StreamReader) -> None:
 
 async def connections(count: int, room: str | None) -> None:
     raise_nofile()
-    proc, url, port = start_server(count + 10)
+    proc, _, port = start_server(count + 10)
     try:
         time.sleep(0.5)
         base = rss_kib(proc.pid)
@@ -143,7 +145,7 @@ async def connections(count: int, room: str | None) -> None:
 
 async def fanout(members: int, seconds: float, senders: int, window: int) -> None:
     raise_nofile()
-    proc, url, port = start_server(members + 10)
+    proc, _, port = start_server(members + 10)
     try:
         received = 0
         conns = []
@@ -151,8 +153,16 @@ async def fanout(members: int, seconds: float, senders: int, window: int) -> Non
             conns.append(await open_one(port, f"m{i}", ["general"]))
         text = "x" * 100
         sample = json.dumps(
-            {"type": "message", "room": "general", "offset": 100000, "epoch": "m1",
-             "from": "m0", "text": text, "ts": "2026-11-22T00:00:00.000Z", "id": None},
+            {
+                "type": "message",
+                "room": "general",
+                "offset": 100000,
+                "epoch": "m1",
+                "from": "m0",
+                "text": text,
+                "ts": "2026-11-22T00:00:00.000Z",
+                "id": None,
+            },
             separators=(",", ":"),
         )
         per_frame = len(sample) + 4  # 2-byte length header plus the text frame opcode byte
@@ -195,13 +205,16 @@ async def fanout(members: int, seconds: float, senders: int, window: int) -> Non
             s1 = f.read().split()
         delivered = (received - start_bytes) / per_frame
         elapsed = time.monotonic() - start
-        server_cpu = (int(s1[13]) + int(s1[14]) - int(s0[13]) - int(s0[14])) / os.sysconf("SC_CLK_TCK")
+        server_cpu = (int(s1[13]) + int(s1[14]) - int(s0[13]) - int(s0[14])) / os.sysconf(
+            "SC_CLK_TCK"
+        )
         client_cpu = sum(os.times()[:2]) - cpu0
         stop.set()
         print(
             f"{members} members in one room, {senders} senders: "
             f"{delivered / elapsed:,.0f} messages delivered/s "
-            f"(server CPU {server_cpu / elapsed:.0%}, this client {client_cpu / elapsed:.0%} of a core)"
+            f"(server CPU {server_cpu / elapsed:.0%}, "
+            f"this client {client_cpu / elapsed:.0%} of a core)"
         )
         for t in readers + writers:
             t.cancel()

@@ -10,7 +10,17 @@ import pytest
 from chatcore import Config
 from chatcore_server import Limits
 
-from .conftest import GUARD, JSON, close_code, recv, recv_until, serving, welcome, ws_connect
+from .conftest import (
+    GUARD,
+    JSON,
+    close_code,
+    recv,
+    recv_until,
+    serving,
+    welcome,
+    ws_connect,
+    ws_connect_small_buffer,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -23,7 +33,10 @@ async def test_slow_reader_is_closed_1013_and_others_get_everything() -> None:
         serving(config=config, limits=Limits(close_timeout=GUARD)) as srv,
         ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
         ws_connect(f"{srv.ws}?user=bob&room=general", **JSON) as bob,
-        ws_connect(f"{srv.ws}?user=slow&room=general", max_queue=1, **JSON) as slow,
+        # A small receive buffer, so the kernel cannot absorb the whole flood.
+        ws_connect_small_buffer(
+            f"{srv.ws}?user=slow&room=general", 16384, max_queue=1, **JSON
+        ) as slow,
     ):
         for conn in (alice, bob, slow):
             await welcome(conn)
