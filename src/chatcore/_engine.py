@@ -377,8 +377,9 @@ class Engine:
         session.text_room = next(iter(session.rooms), None) or next(iter(session.wanted), None)
         self._timers.push(now + self.config.ping_interval, TimerKind.PING, conn, None)
         session.waiting = {r for r in session.wanted if is_valid_room(r) and r not in self._rooms}
-        for room in session.waiting:
-            self._await_room(room, session, None, out)
+        for room in session.wanted:  # in the client's order: effects are deterministic
+            if room in session.waiting:
+                self._await_room(room, session, None, out)
         if not session.waiting:
             self._ready(session, now, out)
 
@@ -688,9 +689,8 @@ class Engine:
             return
         conn = session.conn
         assert conn is not None
-        if name in session.rooms:
-            if not quiet:
-                self._to(conn, self._members(room), out)
+        if name in session.rooms:  # joining again: the member list again
+            self._to(conn, self._members(room), out)
             return
         if not room.admits(session.user):
             self._error(session, ErrorCode.FORBIDDEN, f"not allowed in room {name}", name, out)
@@ -1145,11 +1145,10 @@ class Engine:
             self._remove_member(session, self._rooms[name], out)
         self._sessions.pop(session.token, None)
         self._by_id.pop(session.id, None)
-        sessions = self._by_user.get(session.user)
-        if sessions is not None:
-            sessions.pop(session.id, None)
-            if not sessions:
-                del self._by_user[session.user]
+        sessions = self._by_user[session.user]
+        del sessions[session.id]
+        if not sessions:
+            del self._by_user[session.user]
         for ref in [r for r, p in self._pending.items() if p.session is session]:
             del self._pending[ref]
 
