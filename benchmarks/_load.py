@@ -97,6 +97,7 @@ class Load:
         counters: Counters,
         marks: Callable[[str], None],
         drain_max: float = 1.5,
+        text_bytes: int = TEXT_BYTES,
     ) -> Step:
         """Offer ``offered`` deliveries/s for ``seconds``; read until all arrived or drain_max."""
         senders = [p for p in self.probes if p.sends]
@@ -105,7 +106,7 @@ class Load:
         msg_rate = offered / per_msg
         total = int(msg_rate * seconds)
         st = Step(offered=offered, seconds=seconds)
-        pad = "x" * TEXT_BYTES
+        pad = "x" * text_bytes
         flavor = self.flavor
         rooms = [p.room for p in senders]
         lags: list[int] = []
@@ -148,7 +149,7 @@ class Load:
                         break
                     k = j % nsend
                     text = f"@T{due};"
-                    text += pad[: TEXT_BYTES - len(text)]
+                    text += pad[: text_bytes - len(text)]
                     batch.setdefault(k, []).append(
                         client_frame(flavor.send_payload(rooms[k], text))
                     )

@@ -375,9 +375,7 @@ def _one(
     if sc == "slow":
         log(f"slow consumers: {name}")
         return _guard(
-            lambda: slow_consumer_run(
-                spec, counters, log, rate=50_000, seconds=step_s, quiet_timeout=quiet
-            ),
+            lambda: slow_consumer_run(spec, counters, log, seconds=3.0, quiet_timeout=quiet),
             name,
             sc,
         )
