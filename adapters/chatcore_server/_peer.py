@@ -243,6 +243,7 @@ class Peer:
                     await self.done.wait()
         finally:
             if not self.writer:
+                server.flush_now()  # a close frame may still wait for the deferred flush
                 self.fd = -1  # never write to a descriptor number that may be reused
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     await self.stream.aclose()

@@ -16,6 +16,7 @@ Chat rules live in the engine, not here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -163,6 +164,9 @@ class ChatServer:
         # A queue this long is flushed at once, turn or not, to stay inside the outbox bound.
         self._high_water = max(1, self.config.outbox_frames // 4)
         self._pressure = False
+        self._flush_pending = False
+        self._flush_wake: anyio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # MemoryStore answers at once: run it inline instead of through the worker.
         self._inline = self.store if isinstance(self.store, MemoryStore) else None
         self._answers: deque[Command] = deque()
@@ -202,6 +206,11 @@ class ChatServer:
         try:
             async with anyio.create_task_group() as service:
                 self._service = service
+                try:
+                    self._loop = asyncio.get_running_loop()
+                except RuntimeError:  # not asyncio (trio): a task does the flushing
+                    self._loop = None
+                    service.start_soon(self._flush_loop)
                 service.start_soon(self._timer_loop)
                 service.start_soon(self._storage_loop)
                 service.start_soon(self._retention_loop)
@@ -262,22 +271,48 @@ class ChatServer:
 
     @contextmanager
     def turn(self) -> Iterator[None]:
-        """Commands fed inside share one flush at the end (writes coalesce)."""
+        """Commands fed inside share one flush (writes coalesce)."""
         self._turns += 1
         try:
             yield
         finally:
             self._turns -= 1
             if not self._turns:
-                self._flush()
+                self._schedule_flush()
 
     def _feed(self, command: Command) -> None:
         effects = self.engine.handle(command, time.time())
         if effects:
             self._run(effects)
-        if not self._turns or self._pressure:
-            self._flush()
+        if self._pressure:
+            self._flush()  # a queue reached the high-water mark: do not wait
+        elif not self._turns:
+            self._schedule_flush()
         self._rearm()
+
+    def _schedule_flush(self) -> None:
+        """Flush once, after everything else ready in this loop iteration has run."""
+        if self._flush_pending or not self.dirty:
+            return
+        self._flush_pending = True
+        if self._loop is not None:
+            self._loop.call_soon(self._scheduled_flush)
+        elif (wake := self._flush_wake) is not None:
+            self._flush_wake = None
+            wake.set()
+
+    def _scheduled_flush(self) -> None:
+        self._flush_pending = False
+        self._flush()
+        self._rearm()
+
+    async def _flush_loop(self) -> None:
+        """The flush on backends without ``call_soon`` (trio): one wake-up per iteration."""
+        while True:
+            if not self._flush_pending:
+                wake = self._flush_wake = anyio.Event()
+                await wake.wait()
+            self._scheduled_flush()
 
     def _run(self, effects: list[Effect]) -> None:
         peers = self._peers
@@ -360,13 +395,15 @@ class ChatServer:
         finally:
             self._flushing = False
 
+    def flush_now(self) -> None:
+        self._flush()
+
     def flush_peer(self, peer: Peer) -> None:
         """A paused transport drained: write what waited (outside any turn)."""
         if not peer.dirty:
             peer.dirty = True
             self.dirty.append(peer)
-        if not self._turns:
-            self._flush()
+        self._schedule_flush()
 
     def spawn_writer(self, peer: Peer) -> None:
         if self._writers is not None:
@@ -512,6 +549,9 @@ class ChatServer:
                 await peer.run(trailing)
         except _CLOSE_ERRORS:
             pass
+        except Exception:
+            # A bug, not the peer's doing: log it and lose this connection, not the server.
+            log.exception("internal error on a connection")
         finally:
             if not adopted:
                 self._tcp -= 1

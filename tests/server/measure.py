@@ -48,6 +48,12 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
 def raise_nofile() -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -124,12 +130,15 @@ async def connections(count: int, room: str | None) -> None:
             held.append(writer)
             tasks.append(asyncio.ensure_future(drain(reader)))
 
+        cpu0 = cpu_seconds(proc.pid)
         await asyncio.gather(*(one(i) for i in range(count)))
         elapsed = time.monotonic() - started
+        server_cpu = cpu_seconds(proc.pid) - cpu0
         await asyncio.sleep(1.0)
         grown = rss_kib(proc.pid) - base
         print(
-            f"held {len(held)} of {count} connections ({failed} failed) in {elapsed:.1f} s; "
+            f"held {len(held)} of {count} connections ({failed} failed) in {elapsed:.1f} s "
+            f"({server_cpu:.1f} s of server CPU); "
             f"server RSS {base} KiB -> {base + grown} KiB: "
             f"{grown / max(1, len(held)):.1f} KiB per connection"
             + (f" (all in room {room!r})" if room else " (no room)")
