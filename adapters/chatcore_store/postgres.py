@@ -89,6 +89,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE rooms ADD COLUMN max_messages integer, ADD COLUMN max_age_ms bigint",
         "CREATE INDEX messages_ts ON messages (room, ts)",
     ),
+    # Retention by age walks the oldest messages in offset order instead.
+    3: ("DROP INDEX messages_ts",),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -581,8 +583,11 @@ class PostgresStore:
             "SELECT r.name,"
             " (SELECT min(msg_offset) FROM messages m WHERE m.room = r.name),"
             " greatest(coalesce(r.head - r.max_messages, 0),"
-            "  coalesce((SELECT max(msg_offset) FROM messages m"
-            "   WHERE m.room = r.name AND m.ts < %s - r.max_age_ms), 0))"
+            # Too old: everything before the oldest message young enough to keep.
+            "  CASE WHEN r.max_age_ms IS NULL THEN 0 ELSE"
+            "   coalesce((SELECT m.msg_offset - 1 FROM messages m"
+            "    WHERE m.room = r.name AND m.ts >= %s - r.max_age_ms"
+            "    ORDER BY m.msg_offset LIMIT 1), r.head) END)"
             " FROM rooms r WHERE r.max_messages IS NOT NULL OR r.max_age_ms IS NOT NULL",
             (now_ms,),
         )

@@ -298,3 +298,15 @@ async def test_the_history_call_reads_what_load_history_reads(make_store: MakeSt
     assert await store.history("lobby", before=0) == ()
     assert await store.history("nowhere") == ()
     assert await store.room("nowhere") is None
+
+
+async def test_retention_by_age_never_deletes_a_young_message(make_store: MakeStore) -> None:
+    # A server's clock may step back: times are not always in offset order.
+    store = durable(await make_store())
+    await load(store)
+    day = 86_400_000
+    ages = [9, 1, 8, 1, 7]  # days, by offset
+    await appended(store, *(append(i, ts=T0 - ages[i - 1] * day) for i in range(1, 6)))
+    await store.set_retention("lobby", max_age=3 * 86_400)
+    assert await store.apply_retention(T0 / 1000) == 1  # the front stops at the first young one
+    assert await page(store) == [2, 3, 4, 5]

@@ -115,8 +115,10 @@ def build(batch: list[tuple[Any, ...]], ref: int, ts: int) -> list[StorageEffect
         match step:
             case ("append", room, user, cid):
                 text = f"{user} {ref + i}"
+                # Server clocks step back now and then: times are not in offset order.
+                when = ts + (i % 3 - 1) * 90_000
                 out.append(
-                    Append(ref=ref + i, room=room, sender=user, text=text, ts=ts, client_id=cid)
+                    Append(ref=ref + i, room=room, sender=user, text=text, ts=when, client_id=cid)
                 )
             case ("load", room, n):
                 out.append(LoadRoom(room=room, recent=n))
