@@ -428,7 +428,7 @@ class Engine:
             if start < room.head:
                 conn.catchup[name] = Catchup(start + 1)
             else:
-                room.conns[conn.id] = conn
+                room.attach(conn)
         session.offsets = {}
         if conn.catchup:
             self._pump(conn, out)
@@ -479,13 +479,16 @@ class Engine:
         self._forget_if_empty(room)
 
     def _written(self, reports: tuple[tuple[ConnId, int, int], ...], out: list[Effect]) -> None:
-        if any(frames < 0 or nbytes < 0 for _, frames, nbytes in reports):
-            raise LocalProtocolError("Written counts must not be negative")
-        conns = self._conns
+        for _, frames, nbytes in reports:
+            if frames < 0 or nbytes < 0:
+                raise LocalProtocolError("Written counts must not be negative")
+        get = self._conns.get
         for conn_id, frames, nbytes in reports:
-            if (conn := conns.get(conn_id)) is not None:
-                conn.frames = max(0, conn.frames - frames)
-                conn.nbytes = max(0, conn.nbytes - nbytes)
+            if (conn := get(conn_id)) is not None:
+                left = conn.frames - frames
+                conn.frames = left if left > 0 else 0
+                left = conn.nbytes - nbytes
+                conn.nbytes = left if left > 0 else 0
                 if conn.catchup:
                     self._pump(conn, out)
 
@@ -722,7 +725,7 @@ class Engine:
             )
         conn = session.conn
         if conn is not None and session.state is SessionState.LIVE:
-            room.conns[conn.id] = conn
+            room.attach(conn)
             if announce:
                 self._to(conn, self._members(room), out)
         else:
@@ -739,7 +742,7 @@ class Engine:
     def _remove_member(self, session: Session, room: Room, out: list[Effect]) -> None:
         del session.rooms[room.name]
         if session.conn is not None:
-            room.conns.pop(session.conn.id, None)
+            room.detach(session.conn)
             session.conn.catchup.pop(room.name, None)
         count = room.users[session.user] - 1
         if count:
@@ -959,7 +962,7 @@ class Engine:
                 n = catchup.next
                 if n > room.head:
                     del conn.catchup[name]
-                    room.conns[conn.id] = conn
+                    room.attach(conn)
                     break
                 loaded = catchup.loaded
                 while loaded and loaded[0].offset < n:
@@ -1049,43 +1052,31 @@ class Engine:
         Ephemeral events are dropped for a connection past half its outbox;
         a chat message that does not fit closes the connection as too slow.
         """
-        conns = room.conns
-        if not conns:
-            return
-        json_to: list[ConnId] = []
-        text_to: list[ConnId] = []
-        overflow: list[Connection] = []
-        json_data = encode_json(event)
-        json_size = len(json_data.encode())
-        text_data = None
-        text_size = 0
         if ephemeral:
             max_frames, max_bytes = self._soft_frames, self._soft_bytes
         else:
             max_frames, max_bytes = self.config.outbox_frames, self.config.outbox_bytes
-        for conn in conns.values():
-            if conn is skip or (skip_user is not None and conn.session.user == skip_user):
+        overflow: list[Connection] = []
+        for conns, encode in ((room.conns, encode_json), (room.text_conns, encode_text)):
+            if not conns:
                 continue
-            if conn.mode is Mode.JSON:
-                size, to = json_size, json_to
-            else:
-                if text_data is None:
-                    text_data = encode_text(event) or ""
-                    text_size = len(text_data.encode())
-                if not text_data:
-                    continue
-                size, to = text_size, text_to
-            if conn.frames >= max_frames or conn.nbytes + size > max_bytes:
-                if not ephemeral:
+            data = encode(event)
+            if not data:
+                continue  # nothing to show in plain-text mode
+            size = len(data.encode())
+            to: list[ConnId] = []
+            # The hot loop of every chat message: a few attribute reads and adds per member.
+            for conn in conns.values():
+                if conn.frames < max_frames and conn.nbytes + size <= max_bytes:
+                    if conn is skip or (skip_user is not None and conn.session.user == skip_user):
+                        continue
+                    conn.frames += 1
+                    conn.nbytes += size
+                    to.append(conn.id)
+                elif not ephemeral and conn is not skip:
                     overflow.append(conn)
-                continue
-            conn.frames += 1
-            conn.nbytes += size
-            to.append(conn.id)
-        if json_to:
-            out.append(Deliver(to=tuple(json_to), event=event, data=json_data, size=json_size))
-        if text_to and text_data:
-            out.append(Deliver(to=tuple(text_to), event=event, data=text_data, size=text_size))
+            if to:
+                out.append(Deliver(to=tuple(to), event=event, data=data, size=size))
         for conn in overflow:
             if self._conns.get(conn.id) is conn:
                 self._slow(conn, out)
@@ -1104,7 +1095,7 @@ class Engine:
         session.conn = None
         for name in session.rooms:
             room = self._rooms[name]
-            room.conns.pop(conn.id, None)
+            room.detach(conn)
             catchup = conn.catchup.get(name)
             session.delivered[name] = room.head if catchup is None else catchup.next - 1
         conn.catchup.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from ._commands import Mode
 from ._events import Message
 from ._session import Connection, PendingSend
 
@@ -24,6 +25,7 @@ class Room:
         "allow",
         "window",
         "conns",
+        "text_conns",
         "users",
         "typing",
         "reads",
@@ -48,8 +50,9 @@ class Room:
         self.private = private
         self.allow = allow
         self.window: deque[Message] = deque((m for m in recent if m.offset <= head), maxlen=window)
-        # Live recipients: connections of members that are caught up.
+        # Live recipients (connections of members that are caught up), by mode.
         self.conns: dict[int, Connection] = {}
+        self.text_conns: dict[int, Connection] = {}
         # Members: sessions per user, counting sessions in their grace period.
         self.users: dict[str, int] = {}
         self.typing: dict[str, float] = {}  # user -> when the indicator expires
@@ -57,6 +60,12 @@ class Room:
         # Messages from the log that arrived before the ones preceding them.
         self.early: dict[int, tuple[Message, PendingSend | None]] = {}
         self.gap_ref: int | None = None
+
+    def attach(self, conn: Connection) -> None:
+        (self.conns if conn.mode is Mode.JSON else self.text_conns)[conn.id] = conn
+
+    def detach(self, conn: Connection) -> None:
+        (self.conns if conn.mode is Mode.JSON else self.text_conns).pop(conn.id, None)
 
     def admits(self, user: str) -> bool:
         return not self.private or user in self.allow
