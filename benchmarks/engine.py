@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 
-from chatcore import Append, Config, Connect, Deliver, Engine, Receive, SeededIds, WrittenMany
+from chatcore import Config, Connect, Deliver, Engine, Receive, SeededIds, WrittenMany
 from chatcore_store import MemoryStore, is_storage_effect
 
 
