@@ -40,7 +40,7 @@ from chatcore_store import MemoryStore, StorageEffect, is_storage_effect
 __all__ = ["SimClient", "Simulation"]
 
 START = 1_795_000_000.0
-"""Where virtual time starts: 2026-11-18T09:46:40Z."""
+"""Where virtual time starts: 2026-11-18T11:06:40Z."""
 
 
 class SimClient:
