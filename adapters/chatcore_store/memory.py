@@ -173,7 +173,7 @@ class MemoryStore:
                     head=room.head,
                     private=room.private,
                     allow=room.allow,
-                    recent=tuple(room.messages[-effect.recent :]),
+                    recent=tuple(room.messages[-effect.recent :]) if effect.recent > 0 else (),
                 )
             case LoadHistory():
                 if not self.available:
