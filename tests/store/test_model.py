@@ -151,11 +151,6 @@ def test_sqlite_answers_as_the_memory_store_does(steps: list[tuple[Any, ...]]) -
                     case ("batch", batch):
                         effects = build(batch, ref, now)
                         ref += len(batch)
-                        # LoadRoom with recent=0: the reference returns everything (a quirk).
-                        effects = [
-                            replace(e, recent=max(1, e.recent)) if isinstance(e, LoadRoom) else e
-                            for e in effects
-                        ]
                         got = [mine.answer(a) for a in await store.execute(effects)]
                         want = [theirs.answer(a) for a in await model.execute(effects)]
                         assert got == want
