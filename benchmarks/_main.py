@@ -20,6 +20,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--quiet-timeout",
         type=float,
-        default=20.0,
+        default=None,
         help="seconds to wait for other processes to go quiet before each run",
     )
     p.add_argument(
@@ -221,24 +222,31 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_engine_bench(timeout: float = 120.0) -> dict[str, Any] | None:
+def run_engine_bench(timeout: float = 180.0) -> dict[str, Any] | None:
+    """The engine alone (``benchmarks/engine.py``, the lead's): no sockets in the way."""
     if not (ROOT / "benchmarks" / "engine.py").exists():
         return None
-    log("engine-only benchmark: python -m benchmarks.engine")
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.engine"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout}s"}
-    out = proc.stdout + (proc.stderr if proc.returncode else "")
-    log(out.rstrip())
-    return {"returncode": proc.returncode, "output": out}
+    log("engine only: python -m benchmarks.engine")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "engine.json"
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.engine", "--json", str(path)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout}s"}
+        out = proc.stdout + (proc.stderr if proc.returncode else "")
+        log(out.rstrip())
+        result: dict[str, Any] = {"returncode": proc.returncode, "output": out}
+        if path.exists():
+            with contextlib.suppress(ValueError):
+                result["result"] = json.loads(path.read_text())
+        return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"unknown scenarios: {bad}; known: a, b, c, slow, churn")
         return 2
     reps = args.reps or (1 if short else 2)
+    if args.quiet_timeout is None:
+        args.quiet_timeout = 3.0 if short else 15.0
     args.reps_total = reps
     ladder = (
         [int(x) for x in args.ladder.split(",")]
@@ -365,7 +375,14 @@ def _one(
         log(f"rep {rep + 1}/{args.reps_total} scenario {sc} ({SCENARIOS[sc].title}): {name}")
         return _guard(
             lambda: ladder_run(
-                spec, SCENARIOS[sc], ladder, step_s, counters, log, quiet_timeout=quiet
+                spec,
+                SCENARIOS[sc],
+                ladder,
+                step_s,
+                counters,
+                log,
+                quiet_timeout=quiet,
+                tries=2 if args.short else 3,
             ),
             name,
             sc,

@@ -227,6 +227,7 @@ def ladder_run(
     log: Log,
     *,
     quiet_timeout: float,
+    tries: int = 3,
 ) -> dict[str, Any]:
     """Climb the ladder of offered delivery rates; the figures of one run."""
     out: dict[str, Any] = {"server": spec.name, "scenario": sc.key, "steps": [], "notes": []}
@@ -244,7 +245,7 @@ def ladder_run(
         stop_reason = "top of the ladder"
         for rate in ladder:
             seconds = max(step_s, 3.0) if rate == CPU_RATE else step_s
-            verdict = _measure(session, rate, seconds, log)
+            verdict = _measure(session, rate, seconds, log, tries=tries)
             out["steps"].append(verdict)
             done_cpu = done_cpu or rate == CPU_RATE
             if verdict["passed"]:
