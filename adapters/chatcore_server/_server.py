@@ -90,7 +90,6 @@ log = logging.getLogger("chatcore_server")
 
 _ROOM_MESSAGES = re.compile(r"/rooms/([^/]+)/messages")
 _HISTORY_LIMIT = 100
-_RETRY_ROOMS = 1.0  # seconds between attempts to load a room while the store is down
 _RETENTION_EVERY = 60.0
 _CLOSE_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 
@@ -202,7 +201,11 @@ class ChatServer:
         self.url = f"{scheme}://{host}:{port}/"
         if self.jwt_secret is None:
             log.warning("no --jwt-secret: clients are trusted to name themselves (unauthenticated)")
-        await self.store.open()
+        try:
+            await self.store.open()
+        except StoreUnavailable as exc:
+            # Start anyway: the store reconnects on use and answers failures meanwhile.
+            log.error("history store unavailable at start (%s); will retry on use", exc.reason)
         try:
             async with anyio.create_task_group() as service:
                 self._service = service
@@ -453,22 +456,12 @@ class ChatServer:
     async def _execute(self, batch: Sequence[StorageEffect]) -> list[Command]:
         try:
             return await self.store.execute(batch)
-        except StoreUnavailable as exc:
-            # LoadRoom has no failure answer: try those again until the store is back.
-            if exc.unanswered and self._service is not None:
-                log.warning("history store unavailable (%s): retrying room loads", exc.reason)
-                self._service.start_soon(self._retry_rooms, exc.unanswered)
+        except StoreUnavailable as exc:  # stores answer failures as commands; an old one may raise
+            log.warning("history store unavailable: %s", exc.reason)
             return exc.answers
         except Exception:
             log.exception("history store failed on a batch of %d effects", len(batch))
             return []
-
-    async def _retry_rooms(self, effects: Sequence[StorageEffect]) -> None:
-        await anyio.sleep(_RETRY_ROOMS)
-        self._storage.extend(effects)
-        if (wake := self._storage_wake) is not None:
-            self._storage_wake = None
-            wake.set()
 
     async def _retention_loop(self) -> None:
         apply = getattr(self.store, "apply_retention", None)
@@ -477,8 +470,8 @@ class ChatServer:
         while True:
             await anyio.sleep(_RETENTION_EVERY)
             try:
-                async with self._store_lock:
-                    await apply(time.time())
+                # No store lock: the store serializes itself and lets batches in between chunks.
+                await apply(time.time())
             except StoreUnavailable as exc:
                 log.warning("retention skipped: %s", exc.reason)
 
