@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from .conftest import JSON, http_get, recv_until, serving, welcome, ws_connect
+from .conftest import JSON, http_get, raw_exchange, recv_until, serving, welcome, ws_connect
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_static_files_with_their_content_types() -> None:
-    async with serving() as srv:
+async def test_static_files_with_their_content_types(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html><html><body>chat</body></html>")
+    (tmp_path / "app.js").write_text("console.log('hi')")
+    (tmp_path / "app.css").write_text("body { margin: 0 }")
+    (tmp_path / "icon.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (tmp_path.parent / "secret.txt").write_text("outside the static folder")
+    async with serving(static_dir=tmp_path) as srv:
         status, headers, body = await http_get(srv.url)
         assert status == 200
         assert headers["content-type"] == "text/html; charset=utf-8"
-        assert b"<html" in body.lower()
-        for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
-            status, headers, _ = await http_get(f"{srv.url}static/{name}")
+        assert body == (tmp_path / "index.html").read_bytes()
+        kinds = {"app.js": "text/javascript", "app.css": "text/css", "icon.svg": "image/svg+xml"}
+        for name, kind in kinds.items():
+            status, headers, body = await http_get(f"{srv.url}static/{name}")
             assert status == 200
             assert headers["content-type"].startswith(kind)
-        for path in ("static/..%2F_server.py", "static/nope.js", "nope"):
+            assert body == (tmp_path / name).read_bytes()
+        for path in ("static/..%2Fsecret.txt", "static/nope.js", "nope"):
             status, headers, body = await http_get(f"{srv.url}{path}")
             assert status == 404
             assert headers["content-type"] == "application/json"
@@ -66,3 +74,20 @@ async def test_health_rooms_and_history_pages() -> None:
                 assert "error" in json.loads(body)
         status, _, body = await http_get(f"{srv.url}rooms/never-used/messages")
         assert (status, json.loads(body)["messages"]) == (200, [])
+
+
+async def test_other_methods_get_405_and_keep_alive_serves_several_requests() -> None:
+    async with serving() as srv:
+        post = (
+            b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        out = await raw_exchange(srv.port, post)
+        assert out.startswith(b"HTTP/1.1 405 ")
+        assert b"allow: get, head" in out.lower()
+        two = (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /rooms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        out = await raw_exchange(srv.port, two)
+        assert out.count(b"HTTP/1.1 200 OK") == 2
+        assert b'{"rooms":[]}' in out
