@@ -5,11 +5,16 @@ and WebSocket with wsproto, and drives one :class:`chatcore.Engine`:
 
 * every event from a socket becomes one command, and the effects of each
   call are carried out at once (``_run``), without awaiting;
+* fan-out builds each frame once and appends the same bytes to every
+  recipient's queue; once per event-loop iteration every peer with queued
+  bytes gets one write, and the engine hears of all of them in one
+  ``WrittenMany`` (see ``_peer``);
 * one timer per server, re-armed from ``engine.next_deadline()`` after each
   call, runs ``engine.tick``;
 * storage effects pile up in a batch that one worker hands to the
   :class:`chatcore_store.HistoryStore` (what accumulates while the store is
-  busy goes in the next batch: group commit), feeding every answer back.
+  busy goes in the next batch: group commit), feeding every answer back;
+  :class:`~chatcore_store.MemoryStore`, which answers at once, runs inline.
 
 Chat rules live in the engine, not here.
 """
@@ -20,7 +25,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import math
 import re
 import secrets
 import ssl
@@ -31,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 import anyio.abc
@@ -53,26 +57,18 @@ from chatcore import (
     Effect,
     Engine,
     HandshakeError,
-    HistoryLoaded,
     IdSource,
-    LoadHistory,
-    LoadRoom,
-    Message,
     Ping,
     Pong,
     RandomIds,
     Receive,
-    RoomLoaded,
     Shutdown,
     Written,
     WrittenMany,
-    format_ts,
-    is_valid_room,
     parse_connect,
     select_mode,
 )
 from chatcore_store import (
-    DurableStore,
     HistoryStore,
     MemoryStore,
     StorageEffect,
@@ -80,8 +76,9 @@ from chatcore_store import (
 )
 
 from . import _http
+from ._api import route
 from ._frames import text_frame
-from ._http import AuthError, Reply, error, header, header_list, json_reply
+from ._http import AuthError, Reply, error, header, header_list
 from ._peer import Peer, adopt_asyncio
 
 __all__ = ["ChatServer", "Limits"]
@@ -453,6 +450,19 @@ class ChatServer:
             # A store that answers at once must not starve the sockets.
             await anyio.lowlevel.checkpoint()
 
+    @property
+    def stopping(self) -> bool:
+        """Shutting down: no new WebSocket connections."""
+        return self._stopping
+
+    async def query_store(self, effects: Sequence[StorageEffect]) -> list[Command]:
+        """Run read-only storage effects for HTTP, between the worker's batches.
+
+        The answers go back to the caller, never to the engine.
+        """
+        async with self._store_lock:
+            return await self._execute(effects)
+
     async def _execute(self, batch: Sequence[StorageEffect]) -> list[Command]:
         try:
             return await self.store.execute(batch)
@@ -592,7 +602,7 @@ class ChatServer:
             elif method not in ("GET", "HEAD"):
                 reply = error(405, "method not allowed", ("allow", "GET, HEAD"))
             else:
-                reply = await self._route(path, parts.query, request)
+                reply = await route(self, path, parts.query, request)
             close = http.their_state is not h11.DONE or reply.status >= 500 or self._stopping
             if not await _send_reply(stream, http, reply, head=head, close=close):
                 return None
@@ -602,96 +612,6 @@ class ChatServer:
                 http.start_next_cycle()
             except h11.LocalProtocolError:
                 return None
-
-    async def _route(self, path: str, query: str, request: h11.Request) -> Reply:
-        if path in ("/", "/index.html"):
-            return _http.static_file("index.html", self.static_dir) or error(
-                404, "the browser client is not installed"
-            )
-        if path.startswith("/static/"):
-            found = _http.static_file(unquote(path[len("/static/") :]), self.static_dir)
-            return found or error(404, "no such file")
-        if path == "/healthz":
-            if self._stopping:
-                return json_reply(503, {"status": "stopping"})
-            return json_reply(200, {"status": "ok", "connections": len(self._peers)})
-        if path == "/rooms":
-            try:
-                return json_reply(200, {"rooms": await self._public_rooms()})
-            except StoreUnavailable:
-                return error(503, "history store unavailable", ("retry-after", "5"))
-        match = _ROOM_MESSAGES.fullmatch(path)
-        if match:
-            return await self._history(unquote(match.group(1)), query, request)
-        return error(404, "not found")
-
-    async def _public_rooms(self) -> list[dict[str, Any]]:
-        rooms = self.engine.rooms(include_private=False)
-        return [{"room": name, "members": len(view.users)} for name, view in sorted(rooms.items())]
-
-    async def _room_meta(self, room: str) -> tuple[bool, frozenset[str]] | None:
-        """(private, allow) of a stored room, None if unknown; raises StoreUnavailable."""
-        store = self.store
-        if isinstance(store, DurableStore):
-            info = await store.room(room)
-            return None if info is None else (info.private, info.allow)
-        async with self._store_lock:
-            answers = await self._execute([LoadRoom(room=room, recent=0)])
-        meta = next((a for a in answers if isinstance(a, RoomLoaded)), None)
-        return None if meta is None else (meta.private, meta.allow)
-
-    async def _load_history(self, room: str, before: int, limit: int) -> tuple[Message, ...]:
-        store = self.store
-        if isinstance(store, DurableStore):
-            return await store.history(room, before=before, limit=limit)
-        async with self._store_lock:
-            answers = await self._execute(
-                [LoadHistory(ref=-1, room=room, after=0, before=before, limit=limit)]
-            )
-        loaded = next((a for a in answers if isinstance(a, HistoryLoaded)), None)
-        if loaded is None:
-            raise StoreUnavailable("history not available")
-        return loaded.messages
-
-    async def _history(self, room: str, query: str, request: h11.Request) -> Reply:
-        if not is_valid_room(room):
-            return error(400, "invalid room name")
-        params = parse_qsl(query)
-        try:
-            before = _int_param(params, "before", math.inf)
-            limit = min(_int_param(params, "limit", 50), _HISTORY_LIMIT)
-        except ValueError as exc:
-            return error(400, str(exc))
-        if self.jwt_secret is not None:
-            try:
-                user: str | None = _http.authenticate(request, params, self.jwt_secret)
-            except AuthError as exc:
-                user = None
-                denied = str(exc)
-        else:
-            user = next((v for k, v in params if k == "user"), None)
-            denied = "a user parameter is required for a private room"
-        end = 2**62 if before == math.inf else int(before)
-        try:
-            loaded = await self._load_history(room, end, limit + 1)
-            # A room neither stored nor in memory is answered empty, and not created.
-            if loaded or room in self.engine.rooms():
-                meta = await self._room_meta(room)
-                if meta is not None and meta[0] and (user is None or user not in meta[1]):
-                    if user is None:
-                        return error(401, denied)
-                    return error(403, "this room is private")
-        except StoreUnavailable:
-            return error(503, "history store unavailable", ("retry-after", "5"))
-        messages = loaded[-limit:]
-        return json_reply(
-            200,
-            {
-                "room": room,
-                "messages": [_message_json(m) for m in messages],
-                "more": len(loaded) > limit,
-            },
-        )
 
     # -- the WebSocket handshake --------------------------------------------------------------
 
@@ -805,27 +725,6 @@ def _valid_key(key: str) -> bool:
         return len(base64.b64decode(key, validate=True)) == 16
     except (binascii.Error, ValueError):
         return False
-
-
-def _int_param(params: list[tuple[str, str]], name: str, default: Any) -> Any:
-    for key, value in params:
-        if key == name:
-            if not value.isdigit() or len(value) > 15 or int(value) < 1:
-                raise ValueError(f"{name} must be a positive integer")
-            return int(value)
-    return default
-
-
-def _message_json(m: Message) -> dict[str, Any]:
-    return {
-        "room": m.room,
-        "offset": m.offset,
-        "epoch": m.epoch,
-        "from": m.sender,
-        "text": m.text,
-        "ts": format_ts(m.ts),
-        "id": m.client_id,
-    }
 
 
 def _address(stream: anyio.abc.ByteStream) -> str:
