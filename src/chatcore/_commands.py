@@ -36,6 +36,7 @@ __all__ = [
     "MarkRead",
     "Mode",
     "Pong",
+    "Publish",
     "Receive",
     "RoomLoadFailed",
     "RoomLoaded",
@@ -249,6 +250,20 @@ class CreateRoom:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Publish:
+    """Host: post a message to a room as ``sender`` (a bot, a system notice).
+
+    It goes through the log like any message and reaches every member; no
+    membership, rate limit or ack applies.
+    """
+
+    room: str
+    sender: str
+    text: str
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Shutdown:
     """Close every connection with 1001, save positions, refuse new connections."""
 
@@ -268,5 +283,6 @@ Command = (
     | HistoryLoaded
     | HistoryFailed
     | CreateRoom
+    | Publish
     | Shutdown
 )

@@ -30,6 +30,7 @@ from ._commands import (
     MarkRead,
     Mode,
     Pong,
+    Publish,
     Receive,
     RoomLoaded,
     RoomLoadFailed,
@@ -132,7 +133,7 @@ class Engine:
         self._wanted: dict[str, int] = {}  # rooms sessions wait for before their welcome
         self._pending: dict[int, PendingSend] = {}
         self._pages: dict[int, _PendingPage] = {}
-        self._catchups: dict[int, tuple[Connection, str]] = {}
+        self._catchups: dict[int, tuple[Connection, str, int]] = {}
         self._gaps: dict[int, str] = {}
         self._ref = 0
         self._timers = Timers()
@@ -206,6 +207,8 @@ class Engine:
                 self._history_failed(command, now, out)
             case CreateRoom():
                 self._create_room(command, out)
+            case Publish():
+                self._publish_for_host(command, now, out)
             case Shutdown():
                 self._shutdown(now, out)
             case _:
@@ -900,11 +903,11 @@ class Engine:
             return
         target = self._catchups.pop(cmd.ref, None)
         if target is not None:
-            conn, name = target
+            conn, name, before = target
             catchup = conn.catchup.get(name)
             if catchup is not None and catchup.loading == cmd.ref:
                 catchup.loading = None
-                catchup.fetched = True
+                catchup.lost_below = before
                 catchup.loaded.extend(m for m in cmd.messages if m.offset >= catchup.next)
                 self._pump(conn, out)
             return
@@ -975,14 +978,14 @@ class Engine:
                 elif loaded:
                     catchup.next = loaded[0].offset  # the log no longer has what lies between
                     continue
-                elif catchup.fetched:
-                    catchup.next = start
+                elif n < catchup.lost_below:
+                    catchup.next = catchup.lost_below
                     continue
                 else:
                     if catchup.loading is None:
                         self._ref += 1
                         catchup.loading = self._ref
-                        self._catchups[self._ref] = (conn, name)
+                        self._catchups[self._ref] = (conn, name, start)
                         out.append(LoadHistory(ref=self._ref, room=name, after=n - 1, before=start))
                     break
                 catchup.next = n + 1
@@ -1165,6 +1168,23 @@ class Engine:
                         cmd.room,
                         out,
                     )
+
+    def _publish_for_host(self, cmd: Publish, now: float, out: list[Effect]) -> None:
+        if not is_valid_room(cmd.room) or not is_valid_name(cmd.sender):
+            raise LocalProtocolError(f"invalid room or sender in {cmd!r}")
+        if not cmd.text or len(cmd.text.encode()) > self.config.max_text_bytes:
+            raise LocalProtocolError("Publish text must be non-empty and within max_text_bytes")
+        self._ref += 1
+        out.append(
+            Append(
+                ref=self._ref,
+                room=cmd.room,
+                sender=cmd.sender,
+                text=cmd.text,
+                ts=int(now * 1000),
+                client_id=cmd.client_id,
+            )
+        )
 
     def _shutdown(self, now: float, out: list[Effect]) -> None:
         self._closing = True

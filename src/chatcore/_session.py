@@ -106,13 +106,16 @@ class PendingSend:
 class Catchup:
     """A connection replaying a room from ``next`` before it goes live there."""
 
-    __slots__ = ("next", "loaded", "loading", "fetched")
+    __slots__ = ("next", "loaded", "loading", "lost_below")
 
     def __init__(self, next_offset: int) -> None:
         self.next = next_offset
         self.loaded: deque[Message] = deque()
         self.loading: int | None = None  # ref of the LoadHistory in flight
-        self.fetched = False  # the log was asked once: what it lacks is gone
+        # The log was asked for everything below this offset: what it lacks is gone
+        # (retention). The window may have moved on meanwhile, so it is a bound,
+        # not a flag.
+        self.lost_below = 0
 
 
 class Connection:

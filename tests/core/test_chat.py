@@ -397,3 +397,21 @@ def test_messages_from_another_process_are_delivered_in_log_order() -> None:
     assert bob.texts() == ["first", "second"]
     sim.feed(first)  # heard late: already delivered, not again
     assert bob.texts() == ["first", "second"]
+
+
+def test_the_host_can_publish_as_a_bot_to_members_and_to_history() -> None:
+    from chatcore import LocalProtocolError, Publish
+
+    sim = Simulation(seed=1)
+    alice = sim.connect("alice", room="general")
+    sim.feed(Publish(room="general", sender="helpdesk", text="We are open"))
+    assert alice.messages()[-1]["from"] == "helpdesk"
+    assert alice.messages()[-1]["text"] == "We are open"
+    sim.feed(Publish(room="quiet", sender="helpdesk", text="nobody is here"))
+    assert [m.text for m in sim.store.messages("quiet")] == ["nobody is here"]
+    for bad in (
+        Publish(room="no way", sender="bot", text="x"),
+        Publish(room="general", sender="bot", text=""),
+    ):
+        with pytest.raises(LocalProtocolError):
+            sim.feed(bad)
