@@ -37,6 +37,7 @@ _HISTORY_LIMIT = 100
 
 
 async def route(server: ChatServer, path: str, query: str, request: h11.Request) -> Reply:
+    """The answer to a GET or HEAD of ``path`` (anything but ``/ws``)."""
     if path in ("/", "/index.html"):
         return _http.static_file("index.html", server.static_dir) or error(
             404, "the browser client is not installed"
