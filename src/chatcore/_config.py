@@ -32,6 +32,12 @@ class Config:
     """Per-connection bound on frames and bytes handed out but not yet written."""
     rate_burst: int = 10
     rate_per_second: float = 10.0
+    """Chat messages per session: a burst, then a sustained rate."""
+    request_burst: int = 60
+    request_per_second: float = 30.0
+    """Every client request (typing, read, history, join...) per session."""
+    max_sessions_per_user: int = 16
+    """Sessions one user may hold, counting those in their grace period."""
     ping_interval: float = 25.0
     pong_timeout: float = 20.0
     max_pending_frames: int = 32

@@ -255,6 +255,10 @@ class Engine:
                     self._expire(key, now, out)
                 case TimerKind.TYPING:
                     room, user = key
+                    until = room.typing[user][0]
+                    if until > now:  # refreshed since: one timer per indicator, moved on
+                        timers.push(until, TimerKind.TYPING, key, gen)
+                        continue
                     del room.typing[user]
                     self._broadcast(
                         room,
@@ -274,7 +278,8 @@ class Engine:
             assert isinstance(key, Session)
             return key.state is SessionState.DETACHED and key.detach_gen == gen
         room, user = cast(tuple[Room, str], key)
-        return self._rooms.get(room.name) is room and room.typing.get(user) == gen
+        live = room.typing.get(user)
+        return self._rooms.get(room.name) is room and live is not None and live[1] == gen
 
     # -- read-only views ---------------------------------------------------------
 
@@ -321,6 +326,18 @@ class Engine:
     def connections(self) -> int:
         return len(self._conns)
 
+    def stats(self) -> dict[str, int]:
+        """Sizes of everything the engine holds, for metrics and memory checks."""
+        return {
+            "connections": len(self._conns),
+            "sessions": len(self._by_id),
+            "rooms": len(self._rooms),
+            "timers": self._timers.size(),
+            "pending_appends": len(self._pending),
+            "pending_loads": len(self._loading) + len(self._pages) + len(self._catchups),
+            "messages_in_memory": sum(len(r.window) for r in self._rooms.values()),
+        }
+
     # -- connecting -------------------------------------------------------------
 
     def _conn(self, conn_id: ConnId) -> Connection:
@@ -360,11 +377,26 @@ class Engine:
             session.resumed = True
             session.offsets = {r: o for r, o in cmd.offsets.items() if r in session.rooms}
         else:
+            mine = self._by_user.get(cmd.user, {})
+            if len(mine) >= self.config.max_sessions_per_user:
+                # Make room by ending the oldest session waiting out its grace period.
+                oldest = next((s for s in mine.values() if s.state is SessionState.DETACHED), None)
+                if oldest is None:
+                    out.append(
+                        Close(
+                            conn=cmd.conn,
+                            code=CloseCode.POLICY_VIOLATION,
+                            reason="too many sessions",
+                        )
+                    )
+                    return
+                self._expire(oldest, now, out)
             session = Session(
                 self._ids.session_id(),
                 self._ids.resume_token(),
                 cmd.user,
                 TokenBucket(self.config.rate_burst, now),
+                TokenBucket(self.config.request_burst, now),
             )
             self._sessions[session.token] = session
             self._by_id[session.id] = session
@@ -563,6 +595,17 @@ class Engine:
                 )
             else:
                 session.backlog.append(request)
+            return
+        wait = session.requests.take(now, self.config.request_burst, self.config.request_per_second)
+        if wait:
+            self._error(
+                session,
+                ErrorCode.RATE_LIMITED,
+                "too many requests",
+                None,
+                out,
+                retry_after=round(wait, 3),
+            )
             return
         match request:
             case Send():
@@ -766,10 +809,14 @@ class Engine:
             return
         until = now + self.config.typing_ttl
         previous = room.typing.get(session.user)
-        room.typing[session.user] = until
-        self._timers.push(until, TimerKind.TYPING, (room, session.user), until)
+        if previous is None:
+            self._ref += 1
+            room.typing[session.user] = (until, self._ref)
+            self._timers.push(until, TimerKind.TYPING, (room, session.user), self._ref)
+        else:
+            room.typing[session.user] = (until, previous[1])
         # A refresh within half the lifetime extends the indicator silently.
-        if previous is None or previous - now < self.config.typing_ttl / 2:
+        if previous is None or previous[0] - now < self.config.typing_ttl / 2:
             self._broadcast(
                 room,
                 Typing(room=name, user=session.user),
@@ -849,6 +896,11 @@ class Engine:
             return
         if message.offset > head + 1:
             room.early[message.offset] = (message, pending)
+            if len(room.early) > self.config.history_window:
+                # The gap has not been filled for a whole window: give it up.
+                room.head = min(room.early) - 1
+                self._drain_early(room, out)
+                return
             if room.gap_ref is None:
                 self._ref += 1
                 room.gap_ref = self._ref

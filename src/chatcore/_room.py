@@ -55,7 +55,8 @@ class Room:
         self.text_conns: dict[int, Connection] = {}
         # Members: sessions per user, counting sessions in their grace period.
         self.users: dict[str, int] = {}
-        self.typing: dict[str, float] = {}  # user -> when the indicator expires
+        # user -> (when the indicator expires, id of its one live timer)
+        self.typing: dict[str, tuple[float, int]] = {}
         self.reads: dict[str, int] = {}
         # Messages from the log that arrived before the ones preceding them.
         self.early: dict[int, tuple[Message, PendingSend | None]] = {}

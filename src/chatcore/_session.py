@@ -142,6 +142,7 @@ class Session:
         "rooms",
         "text_room",
         "bucket",
+        "requests",
         "backlog",
         "waiting",
         "wanted",
@@ -151,7 +152,9 @@ class Session:
         "resumed",
     )
 
-    def __init__(self, sid: str, token: str, user: str, bucket: TokenBucket) -> None:
+    def __init__(
+        self, sid: str, token: str, user: str, bucket: TokenBucket, requests: TokenBucket
+    ) -> None:
         self.id = sid
         self.token = token
         self.user = user
@@ -159,7 +162,8 @@ class Session:
         self.conn: Connection | None = None
         self.rooms: dict[str, None] = {}  # joined rooms, in join order
         self.text_room: str | None = None  # where plain-text lines go
-        self.bucket = bucket
+        self.bucket = bucket  # chat messages
+        self.requests = requests  # every request
         self.backlog: list[ClientRequest] = []  # frames that came before the welcome
         self.waiting: set[str] = set()  # rooms still loading before READY
         self.wanted: list[str] = []  # rooms asked for at connect, joined at READY

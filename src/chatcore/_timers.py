@@ -41,5 +41,8 @@ class Timers:
     def pop(self) -> Entry:
         return heapq.heappop(self._heap)
 
+    def size(self) -> int:
+        return len(self._heap)
+
     def clear(self) -> None:
         self._heap.clear()

@@ -367,7 +367,7 @@ def test_invalid_user_name_is_refused_with_policy_violation() -> None:
 
 
 def test_store_answers_with_latency_keep_the_order() -> None:
-    sim = Simulation(Config(rate_burst=100), seed=3, store_latency=2.0)
+    sim = Simulation(Config(rate_burst=100, request_burst=100), seed=3, store_latency=2.0)
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     sim.advance(5)
@@ -415,3 +415,36 @@ def test_the_host_can_publish_as_a_bot_to_members_and_to_history() -> None:
     ):
         with pytest.raises(LocalProtocolError):
             sim.feed(bad)
+
+
+def test_every_kind_of_request_is_rate_limited_and_typing_spam_costs_no_memory() -> None:
+    sim = Simulation(Config(request_burst=20, request_per_second=10.0), seed=1)
+    alice = sim.connect("alice", room="general")
+    bob = sim.connect("bob", room="general")
+    timers_before = sim.engine.stats()["timers"]
+    for _ in range(30):
+        alice.typing()
+    errors = alice.of_type("error")
+    assert len(errors) == 10
+    assert {e["code"] for e in errors} == {"rate_limited"}
+    assert len(bob.of_type("typing")) == 1
+    assert sim.engine.stats()["timers"] == timers_before + 1
+    sim.advance(1)
+    alice.send("still allowed")
+    assert bob.texts() == ["still allowed"]
+
+
+def test_sessions_per_user_are_bounded_oldest_waiting_one_goes_first() -> None:
+    sim = Simulation(Config(max_sessions_per_user=2), seed=1)
+    watcher = sim.connect("watcher", room="general")
+    first = sim.connect("mallory", room="general")
+    sim.drop(first)
+    second = sim.connect("mallory", room="general")
+    third = sim.connect("mallory", room="general")  # ends the waiting first session
+    assert third.connected
+    sim.resume(first)  # its session was ended, and both slots are live now
+    assert first.closed == (1008, "too many sessions")
+    assert len(first.of_type("welcome")) == 1
+    assert second.connected
+    assert sim.engine.stats()["sessions"] == 3
+    assert watcher.of_type("left") == []  # mallory never left: other sessions remain

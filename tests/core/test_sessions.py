@@ -71,7 +71,7 @@ def test_own_unacked_message_is_replayed_so_the_sender_learns_it_went_through() 
 
 
 def test_resume_reaching_past_the_memory_window_loads_from_the_store_first() -> None:
-    sim = Simulation(Config(history_window=5, rate_burst=1000), seed=7)
+    sim = Simulation(Config(history_window=5, rate_burst=1000, request_burst=1000), seed=7)
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     alice.send("seen")
@@ -84,7 +84,7 @@ def test_resume_reaching_past_the_memory_window_loads_from_the_store_first() -> 
 
 
 def test_replay_is_paced_by_the_outbox_and_never_closes_as_slow() -> None:
-    sim = Simulation(Config(outbox_frames=8, rate_burst=1000), seed=7)
+    sim = Simulation(Config(outbox_frames=8, rate_burst=1000, request_burst=1000), seed=7)
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     sim.drop(bob)
@@ -96,7 +96,9 @@ def test_replay_is_paced_by_the_outbox_and_never_closes_as_slow() -> None:
 
 
 def test_replay_waits_for_a_slow_store_and_live_messages_queue_behind_it() -> None:
-    sim = Simulation(Config(history_window=2, rate_burst=1000), seed=7, store_latency=1.0)
+    sim = Simulation(
+        Config(history_window=2, rate_burst=1000, request_burst=1000), seed=7, store_latency=1.0
+    )
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     sim.advance(2)
@@ -177,7 +179,7 @@ def test_resume_adds_newly_asked_rooms() -> None:
 
 
 def test_a_slow_reader_is_closed_with_1013_and_loses_nothing_on_resume() -> None:
-    sim = Simulation(Config(outbox_frames=16, rate_burst=1000), seed=7)
+    sim = Simulation(Config(outbox_frames=16, rate_burst=1000, request_burst=1000), seed=7)
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     carol = sim.connect("carol", room="general")
@@ -193,7 +195,7 @@ def test_a_slow_reader_is_closed_with_1013_and_loses_nothing_on_resume() -> None
 
 
 def test_typing_is_dropped_for_a_lagging_reader_before_messages_are() -> None:
-    sim = Simulation(Config(outbox_frames=8, rate_burst=1000), seed=7)
+    sim = Simulation(Config(outbox_frames=8, rate_burst=1000, request_burst=1000), seed=7)
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     bob.stop_reading()
@@ -209,7 +211,7 @@ def test_typing_is_dropped_for_a_lagging_reader_before_messages_are() -> None:
 
 
 def test_outbox_bytes_bound_closes_a_reader_of_big_messages() -> None:
-    sim = Simulation(Config(outbox_bytes=4096, rate_burst=1000), seed=7)
+    sim = Simulation(Config(outbox_bytes=4096, rate_burst=1000, request_burst=1000), seed=7)
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     bob.stop_reading()
@@ -233,7 +235,9 @@ def test_silent_connection_is_dropped_after_a_ping_goes_unanswered() -> None:
 
 
 def test_any_frame_counts_as_alive() -> None:
-    sim = Simulation(Config(ping_interval=25, pong_timeout=20, rate_burst=100), seed=7)
+    sim = Simulation(
+        Config(ping_interval=25, pong_timeout=20, rate_burst=100, request_burst=100), seed=7
+    )
     chatty = sim.connect("chatty", room="general", answer_pings=False)
     for _ in range(10):
         sim.advance(10)
@@ -259,7 +263,7 @@ def test_shutdown_closes_everyone_with_1001_saves_positions_and_refuses_newcomer
 
 def test_same_seed_same_run_byte_for_byte() -> None:
     def run(seed: int) -> list[str]:
-        sim = Simulation(Config(rate_burst=50), seed=seed, store_latency=0.3)
+        sim = Simulation(Config(rate_burst=50, request_burst=50), seed=seed, store_latency=0.3)
         a = sim.connect("alice", room="general")
         b = sim.connect("bob", rooms=["general", "tech"])
         for i in range(10):
@@ -280,7 +284,9 @@ def test_replay_from_the_store_survives_the_window_moving_on_meanwhile() -> None
     # Found by the model: while the log fetched the oldest missed messages, new
     # ones pushed the next missed ones out of the memory window; they must be
     # fetched too, not skipped as if the log had lost them.
-    sim = Simulation(Config(history_window=4, rate_burst=100), seed=0, store_latency=0.7)
+    sim = Simulation(
+        Config(history_window=4, rate_burst=100, request_burst=100), seed=0, store_latency=0.7
+    )
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     sim.advance(1)
