@@ -30,7 +30,7 @@ import logging, sys, anyio
 from chatcore import Config
 from chatcore_server import ChatServer, Limits
 logging.basicConfig(level=logging.WARNING)
-config = Config(rate_burst=1_000_000, rate_per_second=1_000_000.0)
+config = Config(rate_burst=10**6, rate_per_second=1e6, request_burst=10**6, request_per_second=1e6)
 server = ChatServer(config=config, port=0, limits=Limits(max_connections=int(sys.argv[1])))
 async def main():
     async with anyio.create_task_group() as tg:

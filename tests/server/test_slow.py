@@ -28,7 +28,12 @@ TEXT = "x" * 32_000
 
 
 async def test_slow_reader_is_closed_1013_and_others_get_everything() -> None:
-    config = Config(rate_burst=1_000_000, rate_per_second=1_000_000.0)
+    config = Config(
+        rate_burst=1_000_000,
+        rate_per_second=1_000_000.0,
+        request_burst=1_000_000,
+        request_per_second=1_000_000.0,
+    )
     async with (
         serving(config=config, limits=Limits(close_timeout=GUARD)) as srv,
         ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
