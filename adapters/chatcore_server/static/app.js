@@ -1,0 +1,1026 @@
+// chatcore browser client: speaks the chatcore.v1 JSON protocol over one WebSocket.
+//
+// The server numbers every room's messages 1, 2, 3...; this page keeps the messages
+// it has seen per room keyed by that offset, so a replay after a resume, a history
+// page and a live message can all arrive in any mix without showing anything twice.
+// No build step and no dependencies: this file is served as is.
+"use strict";
+
+(() => {
+  const SUBPROTOCOL = "chatcore.v1";
+  const NAME = /^[A-Za-z0-9_.\-]{1,64}$/;
+  const TYPING_SHOW_MS = 6000; // forget a typing indicator nobody refreshed
+  const TYPING_SEND_MS = 2500; // refresh ours within half the server's lifetime
+  const PAGE = 50; // messages per history page
+  const GAP_FILL_MAX = 100; // the server's largest history page
+  const BACKOFF_BASE_MS = 500;
+  const BACKOFF_MAX_MS = 30000;
+  const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within this share a header
+
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    user: null,
+    token: null, // resume token of the current session
+    session: null,
+    ws: null,
+    welcomed: false, // the current socket got its welcome
+    everWelcomed: false,
+    attempt: 0,
+    retryTimer: null,
+    stopped: false,
+    rooms: new Map(), // name -> room, in sidebar order
+    active: null,
+    pending: new Map(), // client id -> {room, to, text, at, failed, retryTimer}
+    seq: 0,
+    lineSeq: 0,
+    typingSentAt: 0,
+    readTimer: null,
+  };
+
+  // -- rooms ------------------------------------------------------------------------
+
+  function newRoom(name) {
+    return {
+      name,
+      epoch: null,
+      last: 0, // highest offset delivered on this session: the resume point
+      head: 0, // highest offset known (also from our own acks)
+      read: 0, // our read mark
+      sentRead: 0, // the read mark the server has from us
+      messages: new Map(), // offset -> message
+      lines: [], // join/leave lines: {after: offset, seq, text}
+      members: [],
+      typing: new Map(), // user -> expiry (ms)
+      reads: new Map(), // user -> offset
+      more: null, // older history exists (null: not asked yet)
+      loading: false,
+      joined: false,
+      dmTo: null, // a direct-message room not yet on the server: its other user
+      scrollTop: null, // where the reader left this room (null: at the bottom)
+    };
+  }
+
+  function dmUsers(name) {
+    const m = /^dm:([^:]+):([^:]+)$/.exec(name);
+    return m ? [m[1], m[2]] : null;
+  }
+
+  function dmName(a, b) {
+    return a < b ? `dm:${a}:${b}` : `dm:${b}:${a}`;
+  }
+
+  function roomLabel(name) {
+    const pair = dmUsers(name);
+    if (pair) return "@" + (pair[0] === state.user ? pair[1] : pair[0]);
+    return "#" + name;
+  }
+
+  function ensureRoom(name) {
+    let room = state.rooms.get(name);
+    if (!room) {
+      room = newRoom(name);
+      state.rooms.set(name, room);
+    }
+    return room;
+  }
+
+  function resetRoom(room, epoch) {
+    // The server's log restarted its numbering: what we hold cannot be merged.
+    room.epoch = epoch;
+    room.messages.clear();
+    room.lines = [];
+    room.last = 0;
+    room.head = 0;
+    room.read = 0;
+    room.more = null;
+  }
+
+  function checkEpoch(room, epoch) {
+    if (!epoch) return;
+    if (room.epoch !== null && room.epoch !== epoch) resetRoom(room, epoch);
+    room.epoch = epoch;
+  }
+
+  function unread(room) {
+    return Math.max(0, room.head - room.read);
+  }
+
+  // -- the connection ---------------------------------------------------------------
+
+  function connectUrl() {
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    const q = new URLSearchParams();
+    q.append("user", state.user);
+    for (const room of state.rooms.values()) {
+      if (!room.dmTo) q.append("room", room.name);
+    }
+    if (state.token) {
+      q.append("resume", state.token);
+      for (const room of state.rooms.values()) {
+        if (room.joined) q.append("offset", `${room.name}:${room.last}`);
+      }
+    }
+    return `${proto}//${location.host}/ws?${q}`;
+  }
+
+  function connect() {
+    clearTimeout(state.retryTimer);
+    state.retryTimer = null;
+    if (state.stopped || state.ws) return;
+    let ws;
+    try {
+      ws = new WebSocket(connectUrl(), SUBPROTOCOL);
+    } catch (err) {
+      scheduleReconnect();
+      return;
+    }
+    state.ws = ws;
+    state.welcomed = false;
+    setConn(state.everWelcomed ? "reconnecting" : "connecting");
+    ws.onmessage = (e) => {
+      if (state.ws !== ws || typeof e.data !== "string") return;
+      let event;
+      try {
+        event = JSON.parse(e.data);
+      } catch {
+        return;
+      }
+      handle(event);
+    };
+    ws.onclose = (e) => {
+      if (state.ws !== ws) return;
+      state.ws = null;
+      state.welcomed = false;
+      if (e.code === 1008) {
+        // Policy violation (e.g. an invalid name): retrying would be refused again.
+        state.stopped = true;
+        setConn("failed", e.reason || "the server refused this connection");
+        return;
+      }
+      scheduleReconnect();
+    };
+  }
+
+  function scheduleReconnect() {
+    if (state.stopped || state.retryTimer) return;
+    setConn(state.everWelcomed ? "reconnecting" : "connecting");
+    if (navigator.onLine === false) return; // the "online" event reconnects
+    // Exponential backoff with jitter, so that a restarted server is not hit by
+    // every client at the same instant.
+    const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
+    const delay = cap / 2 + Math.random() * (cap / 2);
+    state.attempt = Math.min(state.attempt + 1, 16);
+    state.retryTimer = setTimeout(connect, delay);
+  }
+
+  function dropConnection() {
+    // Test hook: lose the socket the way a dead network does, then reconnect as usual.
+    const ws = state.ws;
+    if (!ws) return;
+    state.ws = null;
+    state.welcomed = false;
+    ws.onmessage = null;
+    ws.onclose = null;
+    ws.close(4001, "dropped");
+    scheduleReconnect();
+  }
+
+  function send(frame) {
+    if (!state.ws || !state.welcomed) return false;
+    state.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  window.addEventListener("online", () => {
+    if (!state.ws && state.user && !state.stopped) {
+      state.attempt = 0;
+      connect();
+    }
+  });
+  window.addEventListener("offline", () => {
+    if (state.user && !state.ws) setConn("reconnecting");
+  });
+
+  // -- events from the server -------------------------------------------------------
+
+  function handle(ev) {
+    switch (ev.type) {
+      case "welcome": return onWelcome(ev);
+      case "members": return onMembers(ev);
+      case "message": return onMessage(ev, true);
+      case "ack": return onAck(ev);
+      case "history": return onHistory(ev);
+      case "joined": return onJoined(ev);
+      case "left": return onLeft(ev);
+      case "typing": return onTyping(ev);
+      case "read": return onRead(ev);
+      case "error": return onError(ev);
+      default: return undefined; // a newer server: ignore what we do not know
+    }
+  }
+
+  function onWelcome(ev) {
+    const hadSession = state.token !== null;
+    state.token = ev.resume;
+    state.session = ev.session;
+    state.user = ev.user;
+    state.welcomed = true;
+    state.attempt = 0;
+    if (hadSession && !ev.resumed) {
+      // The old session expired: whatever was said meanwhile has to come from history.
+      addLineEverywhere("Reconnected as a new session");
+    }
+    for (const [name, pos] of Object.entries(ev.rooms)) {
+      const room = ensureRoom(name);
+      checkEpoch(room, pos.epoch);
+      const gap = pos.offset - room.last;
+      room.joined = true;
+      room.dmTo = null;
+      room.read = Math.max(room.read, pos.read);
+      room.sentRead = pos.read; // what the server holds; markRead sends anything newer
+      if (!ev.resumed && room.messages.size && gap > 0) {
+        if (gap > GAP_FILL_MAX) {
+          resetRoom(room, pos.epoch);
+        } else {
+          requestHistory(room, pos.offset + 1, gap);
+        }
+      }
+      room.last = pos.offset;
+      room.head = Math.max(room.head, pos.offset);
+    }
+    for (const room of [...state.rooms.values()]) {
+      if (!(room.name in ev.rooms) && !room.dmTo) room.joined = false;
+    }
+    if (!state.active || !state.rooms.has(state.active)) {
+      state.active = Object.keys(ev.rooms)[0] || state.rooms.keys().next().value || null;
+    }
+    state.everWelcomed = true;
+    setConn("open");
+    for (const id of state.pending.keys()) resend(id);
+    for (const room of state.rooms.values()) {
+      if (room.joined && room.messages.size === 0 && room.last > 0 && !room.loading) {
+        requestHistory(room, room.last + 1, PAGE);
+      }
+    }
+    saveUrl();
+    render();
+  }
+
+  function onMembers(ev) {
+    const room = ensureRoom(ev.room);
+    checkEpoch(room, ev.epoch);
+    const wasJoined = room.joined;
+    room.joined = true;
+    room.dmTo = null;
+    room.members = ev.users.slice().sort(byName);
+    if (!wasJoined) {
+      room.last = Math.max(room.last, ev.offset);
+      room.head = Math.max(room.head, ev.offset);
+      if (room.messages.size === 0 && ev.offset > 0 && !room.loading) {
+        requestHistory(room, ev.offset + 1, PAGE);
+      }
+      saveUrl();
+    }
+    render();
+  }
+
+  function onMessage(m, live) {
+    const room = ensureRoom(m.room);
+    checkEpoch(room, m.epoch);
+    if (live) room.last = Math.max(room.last, m.offset);
+    room.head = Math.max(room.head, m.offset);
+    room.typing.delete(m.from);
+    const had = room.messages.get(m.offset);
+    if (had && !had.local) return; // already shown: a replay or a history page
+    room.messages.set(m.offset, m);
+    if (m.from === state.user && m.id) {
+      // Our own message, sent from this page or another one of ours.
+      clearPending(m.id);
+      room.read = Math.max(room.read, m.offset);
+    }
+    if (live) render({ arrived: m });
+  }
+
+  function onAck(ev) {
+    const p = state.pending.get(ev.id);
+    const room = ensureRoom(ev.room);
+    room.head = Math.max(room.head, ev.offset);
+    room.read = Math.max(room.read, ev.offset);
+    if (!room.messages.has(ev.offset)) {
+      room.messages.set(ev.offset, {
+        room: ev.room,
+        offset: ev.offset,
+        from: state.user,
+        text: p ? p.text : "",
+        ts: new Date(p ? p.at : Date.now()).toISOString(),
+        id: ev.id,
+        local: true, // the server's copy (with its timestamp) replaces it if it comes
+      });
+    }
+    clearPending(ev.id);
+    scheduleRead();
+    render({ arrived: { from: state.user } });
+  }
+
+  function onHistory(ev) {
+    const room = ensureRoom(ev.room);
+    room.loading = false;
+    for (const m of ev.messages) onMessage(m, false);
+    const oldest = ev.messages.length ? ev.messages[0].offset : null;
+    if (oldest === null || oldest <= minOffset(room)) room.more = ev.more;
+    render({ history: room.name });
+  }
+
+  function onJoined(ev) {
+    const room = state.rooms.get(ev.room);
+    if (!room) return;
+    if (!room.members.includes(ev.user)) room.members = [...room.members, ev.user].sort(byName);
+    addLine(room, `${ev.user} joined`);
+    render();
+  }
+
+  function onLeft(ev) {
+    const room = state.rooms.get(ev.room);
+    if (!room) return;
+    if (ev.user === state.user) {
+      state.rooms.delete(ev.room);
+      if (state.active === ev.room) state.active = state.rooms.keys().next().value || null;
+      saveUrl();
+    } else {
+      room.members = room.members.filter((u) => u !== ev.user);
+      room.typing.delete(ev.user);
+      addLine(room, `${ev.user} left`);
+    }
+    render();
+  }
+
+  function onTyping(ev) {
+    const room = state.rooms.get(ev.room);
+    if (!room || ev.user === state.user) return;
+    if (ev.active === false) room.typing.delete(ev.user);
+    else room.typing.set(ev.user, Date.now() + TYPING_SHOW_MS);
+    renderTyping();
+  }
+
+  function onRead(ev) {
+    const room = state.rooms.get(ev.room);
+    if (!room) return;
+    if (ev.user === state.user) {
+      room.read = Math.max(room.read, ev.offset); // read in another tab
+      renderRooms();
+      return;
+    }
+    room.reads.set(ev.user, ev.offset);
+    renderMessages();
+  }
+
+  function onError(ev) {
+    const p = ev.ref ? state.pending.get(ev.ref) : null;
+    if (p) {
+      if (ev.code === "rate_limited") {
+        clearTimeout(p.retryTimer);
+        p.retryTimer = setTimeout(() => resend(ev.ref), Math.max(100, (ev.retry_after || 1) * 1000));
+        return;
+      }
+      p.failed = ev.message;
+      render();
+      return;
+    }
+    const room = ev.ref ? state.rooms.get(ev.ref) : null;
+    if (room && (ev.code === "forbidden" || ev.code === "not_member" || ev.code === "room_limit")
+        && !room.joined) {
+      state.rooms.delete(room.name);
+      if (state.active === room.name) state.active = state.rooms.keys().next().value || null;
+      saveUrl();
+      render();
+    }
+    toast(ev.message || ev.code);
+  }
+
+  // -- what the user does -----------------------------------------------------------
+
+  function newId() {
+    state.seq += 1;
+    const rand = Math.random().toString(36).slice(2, 8);
+    return `${Date.now().toString(36)}-${rand}-${state.seq}`;
+  }
+
+  function sendText(text) {
+    const room = state.rooms.get(state.active);
+    if (!room || !text.trim()) return;
+    const id = newId();
+    state.pending.set(id, {
+      room: room.name,
+      to: room.dmTo || dmPeer(room.name),
+      text,
+      at: Date.now(),
+      failed: null,
+      retryTimer: null,
+    });
+    resend(id);
+    room.scrollTop = null;
+    render({ arrived: { from: state.user } });
+  }
+
+  function dmPeer(name) {
+    const pair = dmUsers(name);
+    if (!pair) return null;
+    return pair[0] === state.user ? pair[1] : pair[0];
+  }
+
+  function resend(id) {
+    const p = state.pending.get(id);
+    if (!p) return;
+    p.failed = null;
+    const room = state.rooms.get(p.room);
+    // A direct-message room the server does not know us in yet is opened by "dm".
+    if (p.to && (!room || !room.joined)) send({ type: "dm", to: p.to, text: p.text, id });
+    else send({ type: "send", room: p.room, text: p.text, id });
+  }
+
+  function clearPending(id) {
+    const p = state.pending.get(id);
+    if (p) clearTimeout(p.retryTimer);
+    state.pending.delete(id);
+  }
+
+  function joinRoom(name) {
+    const room = ensureRoom(name);
+    state.active = name;
+    if (!room.joined) send({ type: "join", room: name });
+    saveUrl();
+    render();
+  }
+
+  function openDm(user) {
+    if (user === state.user) return;
+    const name = dmName(state.user, user);
+    const room = ensureRoom(name);
+    if (!room.joined) room.dmTo = user;
+    state.active = name;
+    render();
+    $("text").focus();
+  }
+
+  function leaveRoom() {
+    const room = state.rooms.get(state.active);
+    if (!room) return;
+    if (room.joined) send({ type: "leave", room: room.name });
+    else {
+      state.rooms.delete(room.name);
+      state.active = state.rooms.keys().next().value || null;
+      saveUrl();
+      render();
+    }
+  }
+
+  function requestHistory(room, before, limit) {
+    if (room.loading || !room.joined) return;
+    if (send({ type: "history", room: room.name, before, limit: Math.min(limit, GAP_FILL_MAX) })) {
+      room.loading = true;
+      renderHistoryState();
+    }
+  }
+
+  function minOffset(room) {
+    let min = Infinity;
+    for (const k of room.messages.keys()) if (k < min) min = k;
+    return min;
+  }
+
+  function loadOlder() {
+    const room = state.rooms.get(state.active);
+    if (!room || room.loading || room.more === false || !room.joined) return;
+    const oldest = room.messages.size ? minOffset(room) : room.last + 1;
+    if (oldest <= 1) {
+      room.more = false;
+      renderHistoryState();
+      return;
+    }
+    requestHistory(room, oldest, PAGE);
+  }
+
+  function scheduleRead() {
+    clearTimeout(state.readTimer);
+    state.readTimer = setTimeout(markRead, 250);
+  }
+
+  function markRead() {
+    // Only what the reader can actually see: the visible room, scrolled to the end.
+    const room = state.rooms.get(state.active);
+    if (!room || !room.joined || document.visibilityState === "hidden" || !atBottom()) return;
+    const offset = room.head;
+    if (offset > room.sentRead && send({ type: "read", room: room.name, offset })) {
+      room.sentRead = offset;
+    }
+    if (offset > room.read) {
+      room.read = offset;
+      renderRooms();
+    }
+  }
+
+  // -- rendering --------------------------------------------------------------------
+
+  function setConn(kind, detail) {
+    document.body.dataset.conn = kind;
+    const banner = $("banner");
+    const dot = $("status-dot");
+    dot.title = kind;
+    if (kind === "reconnecting") {
+      banner.textContent = navigator.onLine === false
+        ? "You are offline. Waiting for the network\u2026"
+        : "Connection lost. Reconnecting\u2026";
+      banner.className = "banner warn";
+      banner.hidden = false;
+    } else if (kind === "failed") {
+      banner.textContent = `Disconnected: ${detail}`;
+      banner.className = "banner error";
+      banner.hidden = false;
+    } else if (kind === "connecting") {
+      banner.textContent = "Connecting\u2026";
+      banner.className = "banner";
+      banner.hidden = false;
+    } else {
+      banner.hidden = true;
+    }
+  }
+
+  let frame = 0;
+  let renderHints = [];
+  function render(hint) {
+    if (hint) renderHints.push(hint);
+    if (frame) return;
+    frame = requestAnimationFrame(() => {
+      frame = 0;
+      const hints = renderHints;
+      renderHints = [];
+      renderAll(hints);
+    });
+  }
+
+  function renderAll(hints) {
+    renderRooms();
+    renderHeader();
+    renderMembers();
+    renderMessages(hints);
+    renderTyping();
+  }
+
+  function renderRooms() {
+    const rooms = $("rooms");
+    const dms = $("dms");
+    rooms.textContent = "";
+    dms.textContent = "";
+    let total = 0;
+    for (const room of state.rooms.values()) {
+      const li = document.createElement("li");
+      const btn = document.createElement("button");
+      btn.type = "button";
+      btn.className = "room" + (room.name === state.active ? " active" : "");
+      btn.dataset.room = room.name;
+      const label = document.createElement("span");
+      label.className = "room-name";
+      label.textContent = roomLabel(room.name);
+      btn.append(label);
+      const n = room.name === state.active ? 0 : unread(room);
+      total += n;
+      if (n > 0) {
+        const badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = n > 99 ? "99+" : String(n);
+        btn.append(badge);
+        btn.classList.add("has-unread");
+      }
+      btn.addEventListener("click", () => switchRoom(room.name));
+      li.append(btn);
+      (dmUsers(room.name) ? dms : rooms).append(li);
+    }
+    $("dm-head").hidden = dms.childElementCount === 0;
+    const active = state.rooms.get(state.active);
+    const title = active ? `${roomLabel(active.name)} \u00b7 chatcore` : "chatcore";
+    document.title = total ? `(${total}) ${title}` : title;
+  }
+
+  function renderHeader() {
+    const room = state.rooms.get(state.active);
+    $("room-title").textContent = room ? roomLabel(room.name) : "No room";
+    const n = room ? room.members.length : 0;
+    $("room-sub").textContent = !room ? "Join a room with +"
+      : room.dmTo ? `Direct message with ${room.dmTo}`
+      : `${n} ${n === 1 ? "member" : "members"}`;
+    $("leave").hidden = !room;
+    $("composer").hidden = !room;
+    $("text").placeholder = room ? `Message ${roomLabel(room.name)}` : "";
+    $("me-name").textContent = state.user || "";
+    paintAvatar($("me-avatar"), state.user || "?");
+  }
+
+  function renderMembers() {
+    const room = state.rooms.get(state.active);
+    const list = $("member-list");
+    list.textContent = "";
+    const users = room ? room.members : [];
+    $("member-count").textContent = users.length ? String(users.length) : "";
+    for (const user of users) {
+      const li = document.createElement("li");
+      const btn = document.createElement("button");
+      btn.type = "button";
+      btn.className = "member";
+      btn.dataset.user = user;
+      btn.title = user === state.user ? "you" : `Message ${user} directly`;
+      const av = document.createElement("span");
+      av.className = "avatar small";
+      paintAvatar(av, user);
+      const name = document.createElement("span");
+      name.textContent = user;
+      btn.append(av, name);
+      if (user === state.user) {
+        const you = document.createElement("span");
+        you.className = "you";
+        you.textContent = "you";
+        btn.append(you);
+        btn.disabled = true;
+      } else {
+        btn.addEventListener("click", () => openDm(user));
+      }
+      li.append(btn);
+      list.append(li);
+    }
+  }
+
+  function atBottom() {
+    const s = $("scroller");
+    return s.scrollHeight - s.scrollTop - s.clientHeight < 40;
+  }
+
+  let shownRoom = null;
+  function renderMessages(hints = []) {
+    const room = state.rooms.get(state.active);
+    const scroller = $("scroller");
+    const list = $("messages");
+    const switched = shownRoom !== state.active;
+    const stick = switched ? room && room.scrollTop === null : atBottom();
+    const ownSend = hints.some((h) => h.arrived && h.arrived.from === state.user);
+    // Keep the message under the reader's eye in place when older ones are added above.
+    let anchor = null;
+    let anchorTop = 0;
+    if (!switched && !stick) {
+      for (const el of list.children) {
+        if (el.offsetTop + el.offsetHeight > scroller.scrollTop) {
+          anchor = el.dataset.key;
+          anchorTop = el.offsetTop - scroller.scrollTop;
+          break;
+        }
+      }
+    }
+    list.textContent = "";
+    shownRoom = state.active;
+    if (!room) {
+      renderHistoryState();
+      return;
+    }
+    list.dataset.room = room.name;
+    const entries = [];
+    for (const m of room.messages.values()) entries.push({ key: m.offset, sub: 0, m });
+    for (const line of room.lines) entries.push({ key: line.after, sub: 1 + line.seq, line });
+    entries.sort((a, b) => a.key - b.key || a.sub - b.sub);
+    const frag = document.createDocumentFragment();
+    let prev = null;
+    let prevDay = null;
+    const seenBy = lastSeen(room);
+    for (const e of entries) {
+      const when = e.m ? new Date(e.m.ts) : new Date(e.line.at);
+      {
+        const day = when.toDateString();
+        if (day !== prevDay) {
+          frag.append(dayLine(when));
+          prevDay = day;
+          prev = null;
+        }
+      }
+      if (e.line) {
+        const li = document.createElement("li");
+        li.className = "line";
+        li.dataset.key = `l${e.line.seq}`;
+        li.textContent = e.line.text;
+        frag.append(li);
+        prev = null;
+        continue;
+      }
+      const m = e.m;
+      const grouped = prev && prev.from === m.from && when - new Date(prev.ts) < GROUP_MS;
+      frag.append(messageEl(m, grouped, seenBy.get(m.offset)));
+      prev = m;
+    }
+    for (const [id, p] of state.pending) {
+      if (p.room !== room.name) continue;
+      const m = { from: state.user, text: p.text, ts: new Date(p.at).toISOString(), id };
+      const grouped = prev && prev.from === m.from;
+      const el = messageEl(m, grouped, null);
+      el.classList.add(p.failed ? "failed" : "pending");
+      el.dataset.key = `p${id}`;
+      const status = document.createElement("div");
+      status.className = "msg-status";
+      if (p.failed) {
+        status.textContent = `Not sent: ${p.failed} `;
+        const retry = document.createElement("button");
+        retry.type = "button";
+        retry.className = "link";
+        retry.textContent = "Retry";
+        retry.addEventListener("click", () => { resend(id); render(); });
+        status.append(retry);
+      } else {
+        status.textContent = "Sending\u2026";
+      }
+      el.querySelector(".msg-body").append(status);
+      frag.append(el);
+      prev = m;
+    }
+    list.append(frag);
+    renderHistoryState();
+    if (switched) {
+      scroller.scrollTop = room.scrollTop === null ? scroller.scrollHeight : room.scrollTop;
+    } else if (stick || ownSend) {
+      scroller.scrollTop = scroller.scrollHeight;
+    } else if (anchor !== null) {
+      const el = list.querySelector(`[data-key="${CSS.escape(String(anchor))}"]`);
+      if (el) scroller.scrollTop = el.offsetTop - anchorTop;
+    }
+    // A short room cannot be scrolled up: fetch older messages until it fills the view.
+    if (room.more !== false && room.messages.size && scroller.scrollHeight <= scroller.clientHeight) {
+      loadOlder();
+    }
+    scheduleRead();
+  }
+
+  function lastSeen(room) {
+    // "Seen by" under the newest of our messages each other reader has reached.
+    const byOffset = new Map();
+    const mine = [...room.messages.values()].filter((m) => m.from === state.user)
+      .map((m) => m.offset).sort((a, b) => a - b);
+    if (!mine.length) return byOffset;
+    for (const [user, offset] of room.reads) {
+      let seen = null;
+      for (const o of mine) if (o <= offset) seen = o;
+      if (seen === null || seen !== mine[mine.length - 1]) continue;
+      if (!byOffset.has(seen)) byOffset.set(seen, []);
+      byOffset.get(seen).push(user);
+    }
+    return byOffset;
+  }
+
+  function dayLine(when) {
+    const li = document.createElement("li");
+    li.className = "day";
+    const today = new Date();
+    const yesterday = new Date(Date.now() - 86400000);
+    li.dataset.key = `d${when.toDateString()}`;
+    const span = document.createElement("span");
+    span.textContent = when.toDateString() === today.toDateString() ? "Today"
+      : when.toDateString() === yesterday.toDateString() ? "Yesterday"
+      : when.toLocaleDateString([], { weekday: "long", month: "long", day: "numeric", year: "numeric" });
+    li.append(span);
+    return li;
+  }
+
+  function messageEl(m, grouped, seenBy) {
+    const li = document.createElement("li");
+    li.className = "msg" + (grouped ? " grouped" : "") + (m.from === state.user ? " mine" : "");
+    if (m.offset !== undefined) {
+      li.dataset.key = String(m.offset);
+      li.dataset.offset = String(m.offset);
+    }
+    li.dataset.from = m.from;
+    const when = new Date(m.ts);
+    const time = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    if (grouped) {
+      const t = document.createElement("time");
+      t.className = "gutter-time";
+      t.dateTime = m.ts;
+      t.title = when.toLocaleString();
+      t.textContent = time;
+      li.append(t);
+    } else {
+      const av = document.createElement("span");
+      av.className = "avatar";
+      paintAvatar(av, m.from);
+      li.append(av);
+    }
+    const body = document.createElement("div");
+    body.className = "msg-body";
+    if (!grouped) {
+      const head = document.createElement("div");
+      head.className = "msg-head";
+      const who = document.createElement("span");
+      who.className = "from";
+      who.textContent = m.from;
+      const t = document.createElement("time");
+      t.dateTime = m.ts;
+      t.title = when.toLocaleString();
+      t.textContent = time;
+      head.append(who, t);
+      body.append(head);
+    }
+    const text = document.createElement("div");
+    text.className = "text";
+    text.textContent = m.text;
+    body.append(text);
+    if (seenBy && seenBy.length) {
+      const seen = document.createElement("div");
+      seen.className = "seen";
+      seen.textContent = `Seen by ${seenBy.sort(byName).join(", ")}`;
+      body.append(seen);
+    }
+    li.append(body);
+    return li;
+  }
+
+  function renderHistoryState() {
+    const room = state.rooms.get(state.active);
+    const el = $("history-state");
+    if (!room) {
+      el.textContent = "";
+      return;
+    }
+    if (room.loading) el.textContent = "Loading older messages\u2026";
+    else if (room.dmTo) el.textContent = `This is the start of your conversation with ${room.dmTo}.`;
+    else if (room.more === false || (room.messages.size && minOffset(room) === 1)) {
+      el.textContent = `This is the beginning of ${roomLabel(room.name)}.`;
+    } else el.textContent = "";
+  }
+
+  function renderTyping() {
+    const el = $("typing");
+    const room = state.rooms.get(state.active);
+    const now = Date.now();
+    const users = [];
+    if (room) {
+      for (const [user, until] of room.typing) {
+        if (until <= now) room.typing.delete(user);
+        else users.push(user);
+      }
+    }
+    users.sort(byName);
+    let text = "";
+    if (users.length === 1) text = `${users[0]} is typing`;
+    else if (users.length === 2) text = `${users[0]} and ${users[1]} are typing`;
+    else if (users.length > 2) text = `${users.length} people are typing`;
+    if (text) {
+      el.innerHTML = '<span class="dots"><i></i><i></i><i></i></span>';
+      el.append(document.createTextNode(text + "\u2026"));
+    } else {
+      el.textContent = "";
+    }
+  }
+
+  function addLine(room, text) {
+    state.lineSeq += 1;
+    room.lines.push({ after: room.head, seq: state.lineSeq, text, at: Date.now() });
+    if (room.lines.length > 200) room.lines.shift();
+  }
+
+  function addLineEverywhere(text) {
+    for (const room of state.rooms.values()) if (room.joined) addLine(room, text);
+  }
+
+  function byName(a, b) {
+    return a.localeCompare(b, undefined, { sensitivity: "base" });
+  }
+
+  function paintAvatar(el, name) {
+    let h = 0;
+    for (const ch of name) h = (h * 31 + ch.codePointAt(0)) >>> 0;
+    el.style.setProperty("--hue", String(h % 360));
+    el.textContent = name.slice(0, 1).toUpperCase();
+  }
+
+  let toastTimer = null;
+  function toast(text) {
+    const el = $("toast");
+    el.textContent = text;
+    el.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { el.hidden = true; }, 5000);
+  }
+
+  function switchRoom(name) {
+    const current = state.rooms.get(state.active);
+    if (current) current.scrollTop = atBottom() ? null : $("scroller").scrollTop;
+    state.active = name;
+    render();
+    $("text").focus();
+  }
+
+  function saveUrl() {
+    const q = new URLSearchParams();
+    if (state.user) q.append("user", state.user);
+    for (const room of state.rooms.values()) {
+      if (!room.dmTo && !dmUsers(room.name)) q.append("room", room.name);
+    }
+    history.replaceState(null, "", `${location.pathname}?${q}`);
+  }
+
+  // -- start ------------------------------------------------------------------------
+
+  function start(user, rooms) {
+    state.user = user;
+    try { localStorage.setItem("chatcore.user", user); } catch { /* private mode */ }
+    for (const r of rooms) ensureRoom(r);
+    state.active = rooms[0];
+    $("login").hidden = true;
+    $("app").hidden = false;
+    render();
+    connect();
+    $("text").focus();
+  }
+
+  function init() {
+    const params = new URLSearchParams(location.search);
+    const user = params.get("user");
+    const rooms = params.getAll("room").filter((r) => NAME.test(r) || dmUsers(r));
+    if (user && NAME.test(user) && rooms.length) {
+      start(user, [...new Set(rooms)]);
+    } else {
+      $("login").hidden = false;
+      let remembered = null;
+      try { remembered = localStorage.getItem("chatcore.user"); } catch { /* private mode */ }
+      $("login-user").value = user || remembered || "";
+      if (rooms.length) $("login-room").value = rooms[0];
+      ($("login-user").value ? $("login-room") : $("login-user")).focus();
+    }
+
+    $("login-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const u = $("login-user").value.trim();
+      const r = $("login-room").value.trim();
+      if (NAME.test(u) && NAME.test(r)) start(u, [r]);
+    });
+
+    const text = $("text");
+    $("composer").addEventListener("submit", (e) => {
+      e.preventDefault();
+      sendText(text.value);
+      text.value = "";
+      autosize();
+      state.typingSentAt = 0;
+    });
+    text.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        $("composer").requestSubmit();
+      }
+    });
+    text.addEventListener("input", () => {
+      autosize();
+      const room = state.rooms.get(state.active);
+      const now = Date.now();
+      if (room && room.joined && text.value && now - state.typingSentAt > TYPING_SEND_MS) {
+        if (send({ type: "typing", room: room.name })) state.typingSentAt = now;
+      }
+    });
+    function autosize() {
+      text.style.height = "auto";
+      text.style.height = Math.min(text.scrollHeight, 200) + "px";
+    }
+
+    $("scroller").addEventListener("scroll", () => {
+      if ($("scroller").scrollTop < 120) loadOlder();
+      if (atBottom()) scheduleRead();
+    }, { passive: true });
+    document.addEventListener("visibilitychange", scheduleRead);
+    window.addEventListener("focus", scheduleRead);
+
+    $("add-room").addEventListener("click", () => {
+      const form = $("join-form");
+      form.hidden = !form.hidden;
+      if (!form.hidden) $("join-room").focus();
+    });
+    $("join-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const name = $("join-room").value.trim();
+      if (!NAME.test(name)) {
+        toast("Room names are 1-64 letters, digits, _ - or .");
+        return;
+      }
+      $("join-room").value = "";
+      $("join-form").hidden = true;
+      joinRoom(name);
+    });
+    $("join-room").addEventListener("keydown", (e) => {
+      if (e.key === "Escape") $("join-form").hidden = true;
+    });
+    $("leave").addEventListener("click", leaveRoom);
+
+    setInterval(renderTyping, 1000);
+  }
+
+  // For tests and the curious: a look at the state, and a way to lose the connection.
+  window.__chatcore = {
+    state,
+    dropConnection,
+    get connected() { return state.welcomed; },
+  };
+
+  init();
+})();
