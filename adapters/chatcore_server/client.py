@@ -69,7 +69,7 @@ class Chat:
     """One chat session over a WebSocket that may be replaced on the way.
 
     Build it with :func:`connect`. ``offsets`` holds the last offset seen per
-    room, ``token`` the resume token; both come from the events read.
+    room, ``resume_token`` the token to resume with; both come from the events read.
     """
 
     def __init__(
@@ -91,7 +91,7 @@ class Chat:
         self.user = user
         self.jwt = token
         self.rooms: list[str] = list(dict.fromkeys(rooms))
-        self.token: str | None = None  # the resume token
+        self.resume_token: str | None = None
         self.session: str | None = None
         self.offsets: dict[str, int] = {}
         self.closed: tuple[int, str] | None = None
@@ -189,8 +189,8 @@ class Chat:
         if self.user is not None:
             query.append(("user", self.user))
         query.extend(("room", r) for r in self.rooms)
-        if resume and self.token is not None:
-            query.append(("resume", self.token))
+        if resume and self.resume_token is not None:
+            query.append(("resume", self.resume_token))
             query.extend(("offset", f"{r}:{n}") for r, n in self.offsets.items())
         own = urlencode(query)
         path = self._parts.path or "/ws"
@@ -334,7 +334,7 @@ class Chat:
     def _observe(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "welcome":
-            self.token, self.session = event["resume"], event["session"]
+            self.resume_token, self.session = event["resume"], event["session"]
             if not event.get("resumed"):
                 self.offsets.clear()
             for room, pos in event["rooms"].items():
