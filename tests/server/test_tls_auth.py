@@ -11,7 +11,7 @@ import pytest
 import trustme
 from websockets.exceptions import InvalidStatus
 
-from chatcore_server import connect
+from chatcore_server import ChatRejected, connect
 
 from .conftest import JSON, http_get, recv, recv_until, serving, welcome, ws_connect
 
@@ -93,3 +93,15 @@ async def test_private_room_history_only_for_members_with_auth() -> None:
             assert [m["text"] for m in json.loads(body)["messages"]] == ["psst"]
             status, _, body = await http_get(f"{srv.url}rooms")
             assert json.loads(body)["rooms"] == [{"room": "general", "members": 1}]
+
+
+async def test_python_client_with_tokens() -> None:
+    async with serving(jwt_secret=SECRET) as srv:
+        with pytest.raises(ChatRejected) as refused:
+            async with connect(srv.ws, rooms=["r"], token=token("alice", secret="x" * 40)):
+                pass
+        assert refused.value.status == 401
+        async with connect(srv.ws, rooms=["r"], token=token("alice")) as chat:
+            first = await chat.receive()
+            assert (first["type"], first["user"]) == ("welcome", "alice")
+            assert chat.resume_token == first["resume"]
