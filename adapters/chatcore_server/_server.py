@@ -231,6 +231,8 @@ class ChatServer:
                     await self._flush_storage()
                 service.cancel_scope.cancel()
         finally:
+            for peer in list(self._adopted):  # cancelled rather than shut down
+                peer.abort()
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await self.store.close()
             log.info("chatcore stopped")
