@@ -793,7 +793,7 @@
     }
     li.dataset.from = m.from;
     const when = new Date(m.ts);
-    const time = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    const time = when.toLocaleTimeString([], { hour: "numeric", minute: "2-digit" });
     if (grouped) {
       const t = document.createElement("time");
       t.className = "gutter-time";

@@ -1,0 +1,135 @@
+"""The browser client in real headless Chromium against a real ``chatcore serve``.
+
+What a person would notice: two people in one room see each other's messages;
+when one of them loses the network, the page says it is reconnecting, and on
+coming back (within the grace period) shows exactly the messages it missed, in
+order, once each, and delivers what was typed while offline. Screenshots go to
+``artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .conftest import NetworkLink
+
+WAIT_MS = 15_000  # a guard against hanging, not a timing assertion
+
+SHOWN = """() => [...document.querySelectorAll('#messages .msg[data-offset]')].map(
+  (li) => [Number(li.dataset.offset), li.dataset.from, li.querySelector('.text').textContent])"""
+
+
+def shown(page: Any) -> list[tuple[int, str, str]]:
+    """The messages the page shows in its open room: (offset, sender, text), top to bottom."""
+    return [tuple(row) for row in page.evaluate(SHOWN)]
+
+
+def open_chat(browser: Any, base: str, user: str, *rooms: str, dark: bool = False) -> Any:
+    context = browser.new_context(
+        viewport={"width": 1100, "height": 700}, color_scheme="dark" if dark else "light"
+    )
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors  # type: ignore[attr-defined]
+    query = "&".join(f"room={r}" for r in rooms)
+    page.goto(f"{base}/?user={user}&{query}")
+    page.wait_for_function("window.__chatcore.connected")
+    return page
+
+
+def say(page: Any, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def wait_for_text(page: Any, text: str) -> None:
+    page.locator("#messages .msg[data-offset] .text", has_text=text).first.wait_for()
+
+
+def test_login_form_joins_the_room_and_two_pages_chat(
+    browser: Any, server: str, artifacts: Path
+) -> None:
+    context = browser.new_context(viewport={"width": 1100, "height": 700})
+    alice = context.new_page()
+    alice.set_default_timeout(WAIT_MS)
+    alice.goto(server + "/")
+    alice.screenshot(path=artifacts / "login.png")
+    alice.fill("#login-user", "alice")
+    alice.fill("#login-room", "general")
+    alice.click("#login-form button[type=submit]")
+    alice.wait_for_function("window.__chatcore.connected")
+    bob = open_chat(browser, server, "bob", "general", "random", dark=True)
+
+    alice.locator("#member-list [data-user=bob]").wait_for()
+    alice.locator("#messages .line", has_text="bob joined").wait_for()
+    say(alice, "Hello Bob! How is the release going?")
+    wait_for_text(bob, "How is the release going?")
+    say(bob, "Almost there, the tests are green.")
+    say(bob, "Shipping in ten minutes.")
+    wait_for_text(alice, "Shipping in ten minutes")
+    bob.type("#text", "one more thing")
+    alice.locator("#typing", has_text="bob is typing").wait_for()
+
+    expected = [
+        (1, "alice", "Hello Bob! How is the release going?"),
+        (2, "bob", "Almost there, the tests are green."),
+        (3, "bob", "Shipping in ten minutes."),
+    ]
+    assert shown(alice) == expected
+    bob.locator("#messages .msg.pending").first.wait_for(state="detached")
+    assert shown(bob) == expected
+    # bob's other room: no unread messages, and the page title says so
+    assert bob.locator("#rooms [data-room=random] .badge").count() == 0
+    alice.screenshot(path=artifacts / "chat-alice.png")
+    bob.screenshot(path=artifacts / "chat-bob-dark.png")
+    assert not bob.errors  # type: ignore[attr-defined]
+
+
+def test_page_offline_then_back_within_grace_sees_exactly_what_it_missed(
+    browser: Any, server: str, link: tuple[NetworkLink, str], artifacts: Path
+) -> None:
+    relay, via_relay = link
+    alice = open_chat(browser, via_relay, "alice", "general")
+    bob = open_chat(browser, server, "bob", "general")
+    say(bob, "before the drop")
+    wait_for_text(alice, "before the drop")
+    session = alice.evaluate("window.__chatcore.state.session")
+
+    # Wi-Fi goes: the browser is offline and its connection dies without a close frame.
+    alice.context.set_offline(True)
+    relay.cut()
+    alice.locator("#banner", has_text="offline").wait_for()
+    missed = [f"missed {i}" for i in range(1, 4)]
+    for text in missed:
+        say(bob, text)
+    bob.locator("#messages .msg.pending").first.wait_for(state="detached")
+    say(alice, "typed while offline")
+    alice.locator("#messages .msg.pending", has_text="typed while offline").wait_for()
+    alice.screenshot(path=artifacts / "offline-alice.png")
+
+    # Back within the grace period: the same session resumes where it left off.
+    relay.restore()
+    alice.context.set_offline(False)
+    alice.wait_for_function("window.__chatcore.connected")
+    wait_for_text(alice, "typed while offline")
+    alice.locator("#banner").wait_for(state="hidden")
+    wait_for_text(bob, "typed while offline")
+
+    assert alice.evaluate("window.__chatcore.state.session") == session
+    assert shown(alice) == [
+        (1, "bob", "before the drop"),
+        (2, "bob", "missed 1"),
+        (3, "bob", "missed 2"),
+        (4, "bob", "missed 3"),
+        (5, "alice", "typed while offline"),
+    ]
+    assert [text for _, _, text in shown(bob)].count("typed while offline") == 1
+    # for bob, alice never left the room
+    assert bob.locator("#messages .line", has_text="alice left").count() == 0
+    assert bob.locator("#member-list [data-user=alice]").count() == 1
+    alice.screenshot(path=artifacts / "resumed-alice.png")
+    assert not alice.errors  # type: ignore[attr-defined]
