@@ -130,8 +130,12 @@ def _serve_command(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        config = Config(grace_period=args.grace)
+    except ValueError as exc:
+        raise SystemExit(f"--grace: {exc}") from None
     server = ChatServer(
-        config=Config(grace_period=args.grace),
+        config=config,
         store=_store(args.db),
         host=args.host,
         port=args.port,
@@ -139,6 +143,12 @@ def _serve_command(args: argparse.Namespace) -> int:
         jwt_secret=args.jwt_secret,
         allow_origins=args.allow_origin,
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(_serve, server, backend=args.backend)
-    return 0
+    failed: list[BaseException] = []
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(_serve, server, backend=args.backend)
+    except* OSError as group:  # the listener could not start (port in use, bad address)
+        failed.extend(group.exceptions)
+    for error in failed:
+        print(f"chatcore: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+    return 1 if failed else 0
