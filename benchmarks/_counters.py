@@ -20,8 +20,9 @@ from typing import Any
 from ._wire import FrameCounter, open_many, send_nowait
 
 INTERVAL = 0.04
-# Shared slots: text frames, busy ns, wall ns, connections closed by the server.
-FRAMES, BUSY_NS, WALL_NS, CLOSED = range(4)
+# Shared slots: text frames, busy ns, wall ns, connections closed by the server, and the
+# monotonic ns of the last pass (a starved counting process shows as a stale stamp).
+FRAMES, BUSY_NS, WALL_NS, CLOSED, LAST_NS = range(5)
 
 
 def _serve(ctl: Connection, totals: Any, core: int | None, nice: int) -> None:
@@ -87,6 +88,7 @@ def _serve(ctl: Connection, totals: Any, core: int | None, nice: int) -> None:
         busy += t2 - t1
         totals[BUSY_NS] = busy
         totals[WALL_NS] = t2 - start
+        totals[LAST_NS] = t2
         rest = INTERVAL - (time.monotonic_ns() - t1) / 1e9
         if rest > 0:
             time.sleep(rest)
@@ -146,7 +148,7 @@ class Counters:
 
     def __init__(self, core: int | None, nice: int = 19) -> None:
         ctx = multiprocessing.get_context("fork")
-        self.totals = ctx.RawArray("q", 4)
+        self.totals = ctx.RawArray("q", 5)
         self._ctl, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, self.totals, core, nice), daemon=True)
         self.proc.start()
@@ -174,6 +176,12 @@ class Counters:
 
     def frames(self) -> int:
         return int(self.totals[FRAMES])
+
+    def last_pass_ns(self) -> int:
+        return int(self.totals[LAST_NS])
+
+    def closed(self) -> int:
+        return int(self.totals[CLOSED])
 
     def load(self) -> tuple[int, int]:
         """(busy ns, wall ns) of the loop so far: how close it runs to saturation."""

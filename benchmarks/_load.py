@@ -47,8 +47,11 @@ class Step:
     lag_max_ms: float = 0.0
     backpressure_s: float = 0.0  # time some sender had bytes the server would not take
     errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
     counter_busy: float = 0.0
+    closed: int = 0  # receivers whose connection the server closed during the step
+    counter_stale_ms: float = 0.0  # longest the counting process went without a pass
 
 
 def pct(values: list[int], q: float) -> float:
@@ -96,7 +99,7 @@ class Load:
         seconds: float,
         counters: Counters,
         marks: Callable[[str], None],
-        drain_max: float = 1.5,
+        drain_max: float = 2.5,
         text_bytes: int = TEXT_BYTES,
     ) -> Step:
         """Offer ``offered`` deliveries/s for ``seconds``; read until all arrived or drain_max."""
@@ -111,6 +114,8 @@ class Load:
         rooms = [p.room for p in senders]
         lags: list[int] = []
         base_frames = counters.frames()
+        base_closed = counters.closed()
+        max_stale = 0
         probe_msgs = 0
         probe_window = 0
         c_start = c_end = 0
@@ -140,6 +145,9 @@ class Load:
                 wall = b1[1] - busy0[1]
                 st.counter_busy = (b1[0] - busy0[0]) / wall if wall > 0 else 0.0
                 marks("end")
+            if started and not ended:
+                stale = now - counters.last_pass_ns()
+                max_stale = max(max_stale, stale)
             if started and j < total:
                 # Everything due now goes out, one write per sender.
                 batch: dict[int, list[bytes]] = {}
@@ -176,7 +184,7 @@ class Load:
                     last_progress = now
                 if (
                     got >= expected
-                    or now - last_progress > 300_000_000
+                    or now - last_progress > 1_000_000_000
                     or now - t_end > drain_max * 1e9
                 ):
                     break
@@ -218,10 +226,14 @@ class Load:
                             p.out += SIO_PONG
                         elif b'"error"' in payload:
                             st.errors += 1
+                            if len(st.error_samples) < 3:
+                                st.error_samples.append(payload[:200].decode(errors="replace"))
                     elif op == 9:
                         p.out += client_frame(payload, opcode=10)
                 if p.out and not p.sends:
                     p.out = send_nowait(p.sock, p.out)
+        st.closed = counters.closed() - base_closed
+        st.counter_stale_ms = max_stale / 1e6
         st.expected = sum(fanout[i % nsend] for i in range(st.sent))
         st.delivered = counters.frames() - base_frames + probe_msgs
         st.delivered_in_window = c_end - c_start + probe_window

@@ -30,6 +30,7 @@ P99_MAX_MS = 50.0
 ACHIEVED_MIN = 0.97
 OTHERS_MAX = 0.15
 LAG_MAX_MS = 5.0
+STALE_MAX_MS = 250.0
 CPU_RATE = 100_000
 LATENCY_RATE = 20_000
 SLOW_TEXT_BYTES = 4000
@@ -181,6 +182,8 @@ def summarize(st: Step) -> dict[str, Any]:
         problems.append(f"generator at {gen:.0%} of its core")
     if st.counter_busy > 0.9:
         problems.append(f"counting process busy {st.counter_busy:.0%}")
+    if st.counter_stale_ms > STALE_MAX_MS:
+        problems.append(f"counting process starved for {st.counter_stale_ms:.0f} ms")
     if st.lag_p99_ms > LAG_MAX_MS:
         problems.append(f"generator send lag p99 {st.lag_p99_ms:.1f} ms")
     passed = (
@@ -188,6 +191,7 @@ def summarize(st: Step) -> dict[str, Any]:
         and p99 <= P99_MAX_MS
         and achieved >= ACHIEVED_MIN
         and not st.errors
+        and not st.closed
     )
     deliveries = st.delivered_in_window
     server_cpu = cpu.get("server", 0.0)
@@ -209,9 +213,12 @@ def summarize(st: Step) -> dict[str, Any]:
         "counter_busy": round(st.counter_busy, 3),
         "others_share": round(others, 3),
         "lag_p99_ms": round(st.lag_p99_ms, 3),
+        "counter_stale_ms": round(st.counter_stale_ms, 1),
         "lag_max_ms": round(st.lag_max_ms, 3),
         "backpressure_s": round(st.backpressure_s, 3),
         "errors": st.errors,
+        "error_samples": st.error_samples,
+        "closed": st.closed,
         "passed": passed,
         "valid": not problems,
         "problems": problems,
@@ -294,6 +301,7 @@ def _measure(
             f"p50 {verdict['p50_ms']:6.2f} p99 {verdict['p99_ms']:7.2f} ms "
             f"cpu {verdict['server_cpu_share']:.0%} "
             f"{'PASS' if verdict['passed'] else 'fail'}"
+            f"{' closed ' + str(verdict['closed']) if verdict['closed'] else ''}"
             f"{'' if verdict['valid'] else ' INVALID: ' + '; '.join(verdict['problems'])}"
         )
         if verdict["passed"]:

@@ -72,7 +72,7 @@ def main() -> int:
         if PRIORITY:
             os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
             os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
-    counters = Counters(1, nice=PRIORITY + 15 if PRIORITY else 19)
+    counters = Counters(1, nice=PRIORITY + 5 if PRIORITY else 19)
     session = Session(SERVERS[args.server], SCENARIOS[args.scenario], counters)
     try:
         session.warm_up(args.rate)
