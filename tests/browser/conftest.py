@@ -17,7 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,8 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
-@pytest.fixture
-def server() -> Iterator[str]:
+@contextlib.contextmanager
+def chat_server(grace: float) -> Iterator[str]:
     """A ``chatcore serve`` process on a free loopback port; yields its base URL."""
     proc = subprocess.Popen(
         [
@@ -77,7 +77,7 @@ def server() -> Iterator[str]:
             "--db",
             "memory",
             "--grace",
-            str(GRACE),
+            str(grace),
             "--log-level",
             "warning",
         ],
@@ -109,6 +109,19 @@ def server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    with chat_server(GRACE) as url:
+        yield url
+
+
+@pytest.fixture
+def short_grace_server() -> Iterator[str]:
+    """A server that forgets a dropped session after one second."""
+    with chat_server(1.0) as url:
+        yield url
 
 
 class NetworkLink:
@@ -187,14 +200,20 @@ def _reset(s: socket.socket) -> None:
 
 
 @pytest.fixture
-def link(server: str) -> Iterator[tuple[NetworkLink, str]]:
-    """A cuttable path to the server; yields the link and the base URL through it."""
-    host, port = server.removeprefix("http://").rsplit(":", 1)
-    relay = NetworkLink((host, int(port)))
+def relay() -> Iterator[Callable[[str], tuple[NetworkLink, str]]]:
+    """Put a cuttable link in front of a server: gives the link and the URL through it."""
+    links: list[NetworkLink] = []
+
+    def put_in_front(base: str) -> tuple[NetworkLink, str]:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        links.append(NetworkLink((host, int(port))))
+        return links[-1], f"http://127.0.0.1:{links[-1].port}"
+
     try:
-        yield relay, f"http://127.0.0.1:{relay.port}"
+        yield put_in_front
     finally:
-        relay.close()
+        for link in links:
+            link.close()
 
 
 @pytest.fixture(scope="session")

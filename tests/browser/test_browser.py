@@ -9,11 +9,18 @@ order, once each, and delivers what was typed while offline. Screenshots go to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from websockets.sync.client import connect
+
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .conftest import NetworkLink
+
+    Relay = Callable[[str], tuple[NetworkLink, str]]
 
 WAIT_MS = 15_000  # a guard against hanging, not a timing assertion
 
@@ -90,9 +97,9 @@ def test_login_form_joins_the_room_and_two_pages_chat(
 
 
 def test_page_offline_then_back_within_grace_sees_exactly_what_it_missed(
-    browser: Any, server: str, link: tuple[NetworkLink, str], artifacts: Path
+    browser: Any, server: str, relay: Relay, artifacts: Path
 ) -> None:
-    relay, via_relay = link
+    link, via_relay = relay(server)
     alice = open_chat(browser, via_relay, "alice", "general")
     bob = open_chat(browser, server, "bob", "general")
     say(bob, "before the drop")
@@ -101,7 +108,7 @@ def test_page_offline_then_back_within_grace_sees_exactly_what_it_missed(
 
     # Wi-Fi goes: the browser is offline and its connection dies without a close frame.
     alice.context.set_offline(True)
-    relay.cut()
+    link.cut()
     alice.locator("#banner", has_text="offline").wait_for()
     missed = [f"missed {i}" for i in range(1, 4)]
     for text in missed:
@@ -112,7 +119,7 @@ def test_page_offline_then_back_within_grace_sees_exactly_what_it_missed(
     alice.screenshot(path=artifacts / "offline-alice.png")
 
     # Back within the grace period: the same session resumes where it left off.
-    relay.restore()
+    link.restore()
     alice.context.set_offline(False)
     alice.wait_for_function("window.__chatcore.connected")
     wait_for_text(alice, "typed while offline")
@@ -132,4 +139,84 @@ def test_page_offline_then_back_within_grace_sees_exactly_what_it_missed(
     assert bob.locator("#messages .line", has_text="alice left").count() == 0
     assert bob.locator("#member-list [data-user=alice]").count() == 1
     alice.screenshot(path=artifacts / "resumed-alice.png")
+    assert not alice.errors  # type: ignore[attr-defined]
+
+
+def seed(base: str, room: str, count: int) -> None:
+    """Post ``note 1`` ... ``note N`` to ``room`` with the websockets library, in order."""
+    url = base.replace("http", "ws", 1)
+    for first in range(1, count + 1, 10):  # ten per session: the server's burst allowance
+        batch = range(first, min(first + 10, count + 1))
+        with connect(
+            f"{url}/ws?user=seeder{first}&room={room}", subprotocols=["chatcore.v1"]
+        ) as ws:
+            for n in batch:
+                ws.send(
+                    json.dumps({"type": "send", "room": room, "text": f"note {n}", "id": f"n{n}"})
+                )
+            acked = 0
+            while acked < len(batch):
+                event = json.loads(ws.recv(timeout=10))
+                assert event["type"] != "error", event
+                acked += event["type"] == "ack"
+
+
+def test_older_history_on_scrolling_up_and_unread_counts_per_room(
+    browser: Any, server: str, artifacts: Path
+) -> None:
+    seed(server, "general", 60)
+    bob = open_chat(browser, server, "bob", "general", "random")
+    # The newest page, then the rest when the reader scrolls to the top.
+    bob.locator("#messages .msg[data-offset='60']").wait_for()
+    assert [o for o, _, _ in shown(bob)] == list(range(11, 61))
+    bob.evaluate("document.getElementById('scroller').scrollTop = 0")
+    bob.locator("#messages .msg[data-offset='1']").wait_for()
+    assert shown(bob) == [(n, f"seeder{(n - 1) // 10 * 10 + 1}", f"note {n}") for n in range(1, 61)]
+    bob.locator("#history-state", has_text="beginning of #general").wait_for()
+
+    alice = open_chat(browser, server, "alice", "random")
+    for n in range(1, 4):
+        say(alice, f"over here {n}")
+    badge = bob.locator("#rooms [data-room=random] .badge")
+    badge.filter(has_text="3").wait_for()
+    assert bob.title().startswith("(3) ")
+    bob.screenshot(path=artifacts / "unread-bob.png")
+    bob.click("#rooms [data-room=random]")
+    wait_for_text(bob, "over here 3")
+    assert [t for _, _, t in shown(bob)] == ["over here 1", "over here 2", "over here 3"]
+    bob.click("#rooms [data-room=general]")
+    assert badge.count() == 0
+    assert not bob.title().startswith("(")
+
+
+def test_page_back_after_grace_period_fills_the_gap_from_history(
+    browser: Any, short_grace_server: str, relay: Relay, artifacts: Path
+) -> None:
+    link, via_relay = relay(short_grace_server)
+    alice = open_chat(browser, via_relay, "alice", "general")
+    bob = open_chat(browser, short_grace_server, "bob", "general")
+    say(bob, "before the drop")
+    wait_for_text(alice, "before the drop")
+    session = alice.evaluate("window.__chatcore.state.session")
+
+    alice.context.set_offline(True)
+    link.cut()
+    bob.locator("#messages .line", has_text="alice left").wait_for()  # the session expired
+    for n in range(1, 4):
+        say(bob, f"missed {n}")
+    wait_for_text(bob, "missed 3")
+
+    link.restore()
+    alice.context.set_offline(False)
+    wait_for_text(alice, "missed 3")
+    assert alice.evaluate("window.__chatcore.state.session") != session
+    assert shown(alice) == [
+        (1, "bob", "before the drop"),
+        (2, "bob", "missed 1"),
+        (3, "bob", "missed 2"),
+        (4, "bob", "missed 3"),
+    ]
+    alice.locator("#messages .line", has_text="new session").wait_for()
+    bob.locator("#messages .line", has_text="alice joined").wait_for()
+    alice.screenshot(path=artifacts / "expired-alice.png")
     assert not alice.errors  # type: ignore[attr-defined]

@@ -906,7 +906,10 @@
 
   function switchRoom(name) {
     const current = state.rooms.get(state.active);
-    if (current) current.scrollTop = atBottom() ? null : $("scroller").scrollTop;
+    if (current) {
+      markRead(); // what was on screen counts as read, even if the reader leaves at once
+      current.scrollTop = atBottom() ? null : $("scroller").scrollTop;
+    }
     state.active = name;
     render();
     $("text").focus();
