@@ -220,3 +220,21 @@ def test_page_back_after_grace_period_fills_the_gap_from_history(
     bob.locator("#messages .line", has_text="alice joined").wait_for()
     alice.screenshot(path=artifacts / "expired-alice.png")
     assert not alice.errors  # type: ignore[attr-defined]
+
+
+def test_a_burst_over_the_rate_limit_arrives_complete_and_in_order(
+    browser: Any, server: str
+) -> None:
+    alice = open_chat(browser, server, "alice", "general")
+    bob = open_chat(browser, server, "bob", "general")
+    lines = [f"line {n}" for n in range(1, 26)]  # the server takes 10 at once, then 10/s
+    alice.evaluate(  # all typed and submitted in one go, faster than any hand
+        """(lines) => { for (const line of lines) {
+             document.getElementById('text').value = line;
+             document.getElementById('composer').requestSubmit(); } }""",
+        lines,
+    )
+    wait_for_text(bob, "line 25")
+    assert [t for _, _, t in shown(bob)] == lines
+    alice.locator("#messages .msg.pending").first.wait_for(state="detached")
+    assert shown(alice) == shown(bob)

@@ -31,7 +31,9 @@
     stopped: false,
     rooms: new Map(), // name -> room, in sidebar order
     active: null,
-    pending: new Map(), // client id -> {room, to, text, at, failed, retryTimer}
+    pending: new Map(), // client id -> {room, to, text, at, failed}, in the order typed
+    inflight: null, // the one message sent and not yet acknowledged
+    holdTimer: null, // set while the server asks us to slow down
     seq: 0,
     lineSeq: 0,
     typingSentAt: 0,
@@ -152,6 +154,7 @@
       if (state.ws !== ws) return;
       state.ws = null;
       state.welcomed = false;
+      state.inflight = null; // sent again, with the same id, after the next welcome
       if (e.code === 1008) {
         // Policy violation (e.g. an invalid name): retrying would be refused again.
         state.stopped = true;
@@ -180,6 +183,7 @@
     if (!ws) return;
     state.ws = null;
     state.welcomed = false;
+    state.inflight = null;
     ws.onmessage = null;
     ws.onclose = null;
     ws.close(4001, "dropped");
@@ -257,7 +261,8 @@
     }
     state.everWelcomed = true;
     setConn("open");
-    for (const id of state.pending.keys()) resend(id);
+    state.inflight = null;
+    pumpSends();
     for (const room of state.rooms.values()) {
       if (room.joined && room.messages.size === 0 && room.last > 0 && !room.loading) {
         requestHistory(room, room.last + 1, PAGE);
@@ -378,12 +383,18 @@
   function onError(ev) {
     const p = ev.ref ? state.pending.get(ev.ref) : null;
     if (p) {
+      if (state.inflight === ev.ref) state.inflight = null;
       if (ev.code === "rate_limited") {
-        clearTimeout(p.retryTimer);
-        p.retryTimer = setTimeout(() => resend(ev.ref), Math.max(100, (ev.retry_after || 1) * 1000));
+        // Hold the whole queue, not just this message, so that order is kept.
+        clearTimeout(state.holdTimer);
+        state.holdTimer = setTimeout(() => {
+          state.holdTimer = null;
+          pumpSends();
+        }, Math.max(100, (ev.retry_after || 1) * 1000));
         return;
       }
       p.failed = ev.message;
+      pumpSends();
       render();
       return;
     }
@@ -416,9 +427,8 @@
       text,
       at: Date.now(),
       failed: null,
-      retryTimer: null,
     });
-    resend(id);
+    pumpSends();
     room.scrollTop = null;
     render({ arrived: { from: state.user } });
   }
@@ -429,10 +439,19 @@
     return pair[0] === state.user ? pair[1] : pair[0];
   }
 
-  function resend(id) {
-    const p = state.pending.get(id);
-    if (!p) return;
-    p.failed = null;
+  function pumpSends() {
+    // One message in flight at a time: the server orders messages as they arrive,
+    // so a retried message must never overtake (or be overtaken by) the next one.
+    if (state.inflight || state.holdTimer || !state.welcomed) return;
+    for (const [id, p] of state.pending) {
+      if (p.failed) continue;
+      state.inflight = id;
+      transmit(id, p);
+      return;
+    }
+  }
+
+  function transmit(id, p) {
     const room = state.rooms.get(p.room);
     // A direct-message room the server does not know us in yet is opened by "dm".
     if (p.to && (!room || !room.joined)) send({ type: "dm", to: p.to, text: p.text, id });
@@ -440,9 +459,11 @@
   }
 
   function clearPending(id) {
-    const p = state.pending.get(id);
-    if (p) clearTimeout(p.retryTimer);
     state.pending.delete(id);
+    if (state.inflight === id) {
+      state.inflight = null;
+      pumpSends();
+    }
   }
 
   function joinRoom(name) {
@@ -607,7 +628,7 @@
     $("room-title").textContent = room ? roomLabel(room.name) : "No room";
     const n = room ? room.members.length : 0;
     $("room-sub").textContent = !room ? "Join a room with +"
-      : room.dmTo ? `Direct message with ${room.dmTo}`
+      : room.dmTo || dmUsers(room.name) ? `Direct message with ${room.dmTo || dmPeer(room.name)}`
       : `${n} ${n === 1 ? "member" : "members"}`;
     $("leave").hidden = !room;
     $("composer").hidden = !room;
@@ -728,7 +749,11 @@
         retry.type = "button";
         retry.className = "link";
         retry.textContent = "Retry";
-        retry.addEventListener("click", () => { resend(id); render(); });
+        retry.addEventListener("click", () => {
+          p.failed = null;
+          pumpSends();
+          render();
+        });
         status.append(retry);
       } else {
         status.textContent = "Sending\u2026";
