@@ -106,9 +106,9 @@ def test_page_offline_then_back_within_grace_sees_exactly_what_it_missed(
     wait_for_text(alice, "before the drop")
     session = alice.evaluate("window.__chatcore.state.session")
 
-    # Wi-Fi goes: the browser is offline and its connection dies without a close frame.
-    alice.context.set_offline(True)
+    # Wi-Fi goes: the connection dies without a close frame, and the browser is offline.
     link.cut()
+    alice.context.set_offline(True)
     alice.locator("#banner", has_text="offline").wait_for()
     missed = [f"missed {i}" for i in range(1, 4)]
     for text in missed:
@@ -199,8 +199,8 @@ def test_page_back_after_grace_period_fills_the_gap_from_history(
     wait_for_text(alice, "before the drop")
     session = alice.evaluate("window.__chatcore.state.session")
 
-    alice.context.set_offline(True)
     link.cut()
+    alice.context.set_offline(True)
     bob.locator("#messages .line", has_text="alice left").wait_for()  # the session expired
     for n in range(1, 4):
         say(bob, f"missed {n}")

@@ -16,6 +16,7 @@
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_MAX_MS = 30000;
   const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within this share a header
+  const KEEP = 1500; // messages kept per room; older ones come back from history on scrolling up
 
   const $ = (id) => document.getElementById(id);
 
@@ -197,13 +198,16 @@
   }
 
   window.addEventListener("online", () => {
-    if (!state.ws && state.user && !state.stopped) {
-      state.attempt = 0;
-      connect();
-    }
+    if (!state.user || state.stopped || state.ws) return;
+    state.attempt = 0;
+    connect(); // now, not when the backoff timer would have fired
   });
   window.addEventListener("offline", () => {
-    if (state.user && !state.ws) setConn("reconnecting");
+    if (!state.user || state.stopped) return;
+    // A socket on a dead network can take minutes to notice. Let it go now; the
+    // session waits on the server for its grace period and resumes on "online".
+    if (state.ws) dropConnection();
+    setConn(state.everWelcomed ? "reconnecting" : "connecting");
   });
 
   // -- events from the server -------------------------------------------------------
@@ -299,12 +303,21 @@
     const had = room.messages.get(m.offset);
     if (had && !had.local) return; // already shown: a replay or a history page
     room.messages.set(m.offset, m);
+    if (live && room.messages.size > KEEP && (room.name !== state.active || atBottom())) {
+      forgetOldest(room);
+    }
     if (m.from === state.user && m.id) {
       // Our own message, sent from this page or another one of ours.
       clearPending(m.id);
       room.read = Math.max(room.read, m.offset);
     }
     if (live) render({ arrived: m });
+  }
+
+  function forgetOldest(room) {
+    const offsets = [...room.messages.keys()].sort((a, b) => a - b);
+    for (const o of offsets.slice(0, offsets.length - KEEP)) room.messages.delete(o);
+    room.more = true;
   }
 
   function onAck(ev) {
@@ -567,17 +580,21 @@
     }
   }
 
-  let frame = 0;
+  let scheduled = false;
   let renderHints = [];
   function render(hint) {
     if (hint) renderHints.push(hint);
-    if (frame) return;
-    frame = requestAnimationFrame(() => {
-      frame = 0;
+    if (scheduled) return;
+    scheduled = true;
+    const run = () => {
+      scheduled = false;
       const hints = renderHints;
       renderHints = [];
       renderAll(hints);
-    });
+    };
+    // Hidden tabs get no animation frames, yet their title must show the unread count.
+    if (document.hidden) setTimeout(run, 100);
+    else requestAnimationFrame(run);
   }
 
   function renderAll(hints) {
@@ -764,11 +781,13 @@
     }
     list.append(frag);
     renderHistoryState();
+    if (switched || stick || ownSend) $("jump").hidden = true;
     if (switched) {
       scroller.scrollTop = room.scrollTop === null ? scroller.scrollHeight : room.scrollTop;
     } else if (stick || ownSend) {
       scroller.scrollTop = scroller.scrollHeight;
     } else if (anchor !== null) {
+      if (hints.some((h) => h.arrived)) $("jump").hidden = false;
       const el = list.querySelector(`[data-key="${CSS.escape(String(anchor))}"]`);
       if (el) scroller.scrollTop = el.offsetTop - anchorTop;
     }
@@ -1014,8 +1033,15 @@
 
     $("scroller").addEventListener("scroll", () => {
       if ($("scroller").scrollTop < 120) loadOlder();
-      if (atBottom()) scheduleRead();
+      if (atBottom()) {
+        $("jump").hidden = true;
+        scheduleRead();
+      }
     }, { passive: true });
+    $("jump").addEventListener("click", () => {
+      $("scroller").scrollTop = $("scroller").scrollHeight;
+      $("jump").hidden = true;
+    });
     document.addEventListener("visibilitychange", scheduleRead);
     window.addEventListener("focus", scheduleRead);
 
