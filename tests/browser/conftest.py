@@ -43,8 +43,10 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Chromium for this module only: Playwright's sync API holds an event loop in
+    this thread while it runs, which the asyncio tests of other folders cannot share."""
     try:
         import chatcore_server  # noqa: F401
     except ImportError:
