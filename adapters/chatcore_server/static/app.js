@@ -22,6 +22,7 @@
 
   const state = {
     user: null,
+    auth: null, // a JWT for servers started with --jwt-secret
     token: null, // resume token of the current session
     session: null,
     ws: null,
@@ -115,6 +116,7 @@
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     const q = new URLSearchParams();
     q.append("user", state.user);
+    if (state.auth) q.append("token", state.auth);
     for (const room of state.rooms.values()) {
       if (!room.dmTo) q.append("room", room.name);
     }
@@ -230,6 +232,8 @@
 
   function onWelcome(ev) {
     const hadSession = state.token !== null;
+    // Answers to requests made on an earlier connection are lost with it.
+    for (const room of state.rooms.values()) room.loading = false;
     state.token = ev.resume;
     state.session = ev.session;
     state.user = ev.user;
@@ -984,6 +988,11 @@
 
   function init() {
     const params = new URLSearchParams(location.search);
+    // A token may come in the link; keep it for this tab, out of the address bar.
+    try {
+      if (params.get("token")) sessionStorage.setItem("chatcore.token", params.get("token"));
+      state.auth = sessionStorage.getItem("chatcore.token");
+    } catch { state.auth = params.get("token"); }
     const user = params.get("user");
     const rooms = params.getAll("room").filter((r) => NAME.test(r) || dmUsers(r));
     if (user && NAME.test(user) && rooms.length) {
