@@ -165,7 +165,11 @@ def test_older_history_on_scrolling_up_and_unread_counts_per_room(
     browser: Any, server: str, artifacts: Path
 ) -> None:
     seed(server, "general", 60)
-    bob = open_chat(browser, server, "bob", "general", "random")
+    bob = open_chat(browser, server, "bob", "random", "general")
+    # What was said before bob came is history, not unread.
+    bob.locator("#member-list [data-user=bob]").wait_for()  # drawn with the room list
+    assert bob.locator("#rooms [data-room=general] .badge").count() == 0
+    bob.click("#rooms [data-room=general]")
     # The newest page, then the rest when the reader scrolls to the top.
     bob.locator("#messages .msg[data-offset='60']").wait_for()
     assert [o for o, _, _ in shown(bob)] == list(range(11, 61))

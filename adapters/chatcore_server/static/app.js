@@ -245,11 +245,13 @@
     }
     for (const [name, pos] of Object.entries(ev.rooms)) {
       const room = ensureRoom(name);
+      const fresh = room.epoch === null;
       checkEpoch(room, pos.epoch);
       const gap = pos.offset - room.last;
       room.joined = true;
       room.dmTo = null;
-      room.read = Math.max(room.read, pos.read);
+      // A room never read before: what was said before we came is not "unread".
+      room.read = Math.max(room.read, fresh && pos.read === 0 ? pos.offset : pos.read);
       room.sentRead = pos.read; // what the server holds; markRead sends anything newer
       if (!ev.resumed && room.messages.size && gap > 0) {
         if (gap > GAP_FILL_MAX) {
@@ -288,6 +290,7 @@
     room.dmTo = null;
     room.members = ev.users.slice().sort(byName);
     if (!wasJoined) {
+      if (room.read === 0) room.read = ev.offset;
       room.last = Math.max(room.last, ev.offset);
       room.head = Math.max(room.head, ev.offset);
       if (room.messages.size === 0 && ev.offset > 0 && !room.loading) {
@@ -329,13 +332,13 @@
     const room = ensureRoom(ev.room);
     room.head = Math.max(room.head, ev.offset);
     room.read = Math.max(room.read, ev.offset);
-    if (!room.messages.has(ev.offset)) {
+    if (p && !room.messages.has(ev.offset)) {
       room.messages.set(ev.offset, {
         room: ev.room,
         offset: ev.offset,
         from: state.user,
-        text: p ? p.text : "",
-        ts: new Date(p ? p.at : Date.now()).toISOString(),
+        text: p.text,
+        ts: new Date(p.at).toISOString(),
         id: ev.id,
         local: true, // the server's copy (with its timestamp) replaces it if it comes
       });
@@ -394,7 +397,7 @@
       return;
     }
     room.reads.set(ev.user, ev.offset);
-    renderMessages();
+    render();
   }
 
   function onError(ev) {
