@@ -93,6 +93,7 @@
     // The server's log restarted its numbering: what we hold cannot be merged.
     room.epoch = epoch;
     room.messages.clear();
+    room.dom = null;
     room.lines = [];
     room.last = 0;
     room.head = 0;
@@ -719,74 +720,78 @@
         }
       }
     }
-    list.textContent = "";
     shownRoom = state.active;
     if (!room) {
+      list.textContent = "";
       renderHistoryState();
       return;
     }
     list.dataset.room = room.name;
+    // Keyed update: an element is rebuilt only when what it shows changed, and a
+    // room of a thousand messages costs a walk over them, not a thousand new nodes.
+    const cache = room.dom || new Map();
+    const used = new Map();
+    const wanted = [];
+    const put = (key, sig, make) => {
+      let hit = cache.get(key);
+      if (!hit || hit.sig !== sig) {
+        hit = { sig, el: make() };
+        hit.el.dataset.key = key;
+      }
+      used.set(key, hit);
+      wanted.push(hit.el);
+    };
     const entries = [];
     for (const m of room.messages.values()) entries.push({ key: m.offset, sub: 0, m });
     for (const line of room.lines) entries.push({ key: line.after, sub: 1 + line.seq, line });
     entries.sort((a, b) => a.key - b.key || a.sub - b.sub);
-    const frag = document.createDocumentFragment();
     let prev = null;
     let prevDay = null;
     const seenBy = lastSeen(room);
     for (const e of entries) {
       const when = e.m ? new Date(e.m.ts) : new Date(e.line.at);
-      {
-        const day = when.toDateString();
-        if (day !== prevDay) {
-          frag.append(dayLine(when));
-          prevDay = day;
-          prev = null;
-        }
+      const day = when.toDateString();
+      if (day !== prevDay) {
+        const label = dayLabel(when);
+        put(`d${day}`, label, () => dayLine(label));
+        prevDay = day;
+        prev = null;
       }
       if (e.line) {
-        const li = document.createElement("li");
-        li.className = "line";
-        li.dataset.key = `l${e.line.seq}`;
-        li.textContent = e.line.text;
-        frag.append(li);
+        put(`l${e.line.seq}`, "", () => {
+          const li = document.createElement("li");
+          li.className = "line";
+          li.textContent = e.line.text;
+          return li;
+        });
         prev = null;
         continue;
       }
       const m = e.m;
-      const grouped = prev && prev.from === m.from && when - new Date(prev.ts) < GROUP_MS;
-      frag.append(messageEl(m, grouped, seenBy.get(m.offset)));
+      const grouped = Boolean(prev && prev.from === m.from && when - new Date(prev.ts) < GROUP_MS);
+      const seen = seenBy.get(m.offset);
+      put(String(m.offset), `${grouped}|${m.ts}|${seen ? seen.join(",") : ""}`,
+        () => messageEl(m, grouped, seen));
       prev = m;
     }
     for (const [id, p] of state.pending) {
       if (p.room !== room.name) continue;
       const m = { from: state.user, text: p.text, ts: new Date(p.at).toISOString(), id };
-      const grouped = prev && prev.from === m.from;
-      const el = messageEl(m, grouped, null);
-      el.classList.add(p.failed ? "failed" : "pending");
-      el.dataset.key = `p${id}`;
-      const status = document.createElement("div");
-      status.className = "msg-status";
-      if (p.failed) {
-        status.textContent = `Not sent: ${p.failed} `;
-        const retry = document.createElement("button");
-        retry.type = "button";
-        retry.className = "link";
-        retry.textContent = "Retry";
-        retry.addEventListener("click", () => {
-          p.failed = null;
-          pumpSends();
-          render();
-        });
-        status.append(retry);
-      } else {
-        status.textContent = "Sending\u2026";
-      }
-      el.querySelector(".msg-body").append(status);
-      frag.append(el);
+      const grouped = Boolean(prev && prev.from === m.from);
+      put(`p${id}`, `${grouped}|${p.failed}`, () => pendingEl(m, p, grouped));
       prev = m;
     }
-    list.append(frag);
+    room.dom = used;
+    let cur = list.firstChild;
+    for (const el of wanted) {
+      if (cur === el) cur = cur.nextSibling;
+      else list.insertBefore(el, cur);
+    }
+    while (cur) {
+      const next = cur.nextSibling;
+      cur.remove();
+      cur = next;
+    }
     renderHistoryState();
     if (switched || stick || ownSend) $("jump").hidden = true;
     if (switched) {
@@ -821,18 +826,44 @@
     return byOffset;
   }
 
-  function dayLine(when) {
+  function dayLabel(when) {
+    const day = when.toDateString();
+    if (day === new Date().toDateString()) return "Today";
+    if (day === new Date(Date.now() - 86400000).toDateString()) return "Yesterday";
+    return when.toLocaleDateString([], { weekday: "long", month: "long", day: "numeric", year: "numeric" });
+  }
+
+  function dayLine(label) {
     const li = document.createElement("li");
     li.className = "day";
-    const today = new Date();
-    const yesterday = new Date(Date.now() - 86400000);
-    li.dataset.key = `d${when.toDateString()}`;
     const span = document.createElement("span");
-    span.textContent = when.toDateString() === today.toDateString() ? "Today"
-      : when.toDateString() === yesterday.toDateString() ? "Yesterday"
-      : when.toLocaleDateString([], { weekday: "long", month: "long", day: "numeric", year: "numeric" });
+    span.textContent = label;
     li.append(span);
     return li;
+  }
+
+  function pendingEl(m, p, grouped) {
+    const el = messageEl(m, grouped, null);
+    el.classList.add(p.failed ? "failed" : "pending");
+    const status = document.createElement("div");
+    status.className = "msg-status";
+    if (p.failed) {
+      status.textContent = `Not sent: ${p.failed} `;
+      const retry = document.createElement("button");
+      retry.type = "button";
+      retry.className = "link";
+      retry.textContent = "Retry";
+      retry.addEventListener("click", () => {
+        p.failed = null;
+        pumpSends();
+        render();
+      });
+      status.append(retry);
+    } else {
+      status.textContent = "Sending\u2026";
+    }
+    el.querySelector(".msg-body").append(status);
+    return el;
   }
 
   function messageEl(m, grouped, seenBy) {
