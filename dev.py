@@ -80,7 +80,7 @@ def serve() -> int:
 
 
 def bench() -> int:
-    setup("dev")
+    setup("dev,bench")
     return run(PY, "-m", "benchmarks", *sys.argv[2:], check=False)
 
 
