@@ -91,45 +91,58 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(runs: list[dict[str, Any]], servers: list[str]) -> dict[str, Any]:
+def _sustained(runs: list[dict[str, Any]], floor: int) -> tuple[float | None, str]:
+    """The sustained rate of one server in one scenario, and how sure it is.
+
+    Runs that ended on a sound measurement (a rung failed, or the top passed) give
+    the median. A run stopped by an invalid rung only gives a lower bound: if every
+    run is like that, the best lower bound, marked ">=". The top of the ladder is a
+    lower bound too (">="); nothing passed at all means below the first rung ("<").
+    """
+    done = [r for r in runs if "sustained" in r]
+    if not done:
+        return None, ""
+    sure = [r for r in done if not str(r.get("stop", "")).startswith("invalid")]
+    if sure:
+        value = statistics.median(r["sustained"] for r in sure)
+        if all(r.get("top") for r in sure):
+            return value, ">="
+        if value == 0:
+            return floor, "<"
+        return value, ""
+    best = max(r["sustained"] for r in done)
+    return (best, ">=") if best else (floor, "?")
+
+
+def summarize(runs: list[dict[str, Any]], floor: int) -> dict[str, Any]:
     """Medians per (scenario, server), and chatcore's ratio to each peer."""
-    summary: dict[str, dict[str, Any]] = {}
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
-        if run.get("scenario") not in SCENARIOS:
-            continue
-        row = summary.setdefault(run["scenario"], {}).setdefault(
-            run["server"],
-            {
-                "sustained": [],
-                "us_per_delivery": [],
-                "p50_ms_20k": [],
-                "p99_ms_20k": [],
-                "rss_per_idle_conn_kib": [],
-                "top": [],
-            },
-        )
-        for key in row:
-            if key in run:
-                row[key].append(run[key])
+        if run.get("scenario") in SCENARIOS:
+            grouped.setdefault(run["scenario"], {}).setdefault(run["server"], []).append(run)
+    figures = ("us_per_delivery", "p50_ms_20k", "p99_ms_20k", "rss_per_idle_conn_kib")
     medians: dict[str, dict[str, Any]] = {}
-    for sc, by_server in summary.items():
+    for sc, by_server in grouped.items():
         medians[sc] = {}
-        for server, row in by_server.items():
-            medians[sc][server] = {
-                k: (_median(v) if k != "top" else all(v)) for k, v in row.items()
-            }
-            medians[sc][server]["reps"] = len(row["sustained"])
+        for server, server_runs in by_server.items():
+            value, bound = _sustained(server_runs, floor)
+            row: dict[str, Any] = {"sustained": value, "bound": bound}
+            for key in figures:
+                row[key] = _median([r[key] for r in server_runs if r.get(key) is not None])
+            row["reps"] = len(server_runs)
+            medians[sc][server] = row
     ratios: dict[str, dict[str, Any]] = {}
-    for sc, by_server in medians.items():
-        core = by_server.get("chatcore")
+    for sc, rows in medians.items():
+        core = rows.get("chatcore")
         if not core:
             continue
         ratios[sc] = {}
-        for peer, m in by_server.items():
+        for peer, m in rows.items():
             if peer == "chatcore":
                 continue
             ratios[sc][peer] = {
                 "sustained": _ratio(core["sustained"], m["sustained"]),
+                "sustained_bound": _ratio_bound(core["bound"], m["bound"]),
                 "us_per_delivery": _ratio(m["us_per_delivery"], core["us_per_delivery"]),
                 "p99_ms_20k": _ratio(m["p99_ms_20k"], core["p99_ms_20k"]),
                 "rss_per_idle_conn_kib": _ratio(
@@ -137,6 +150,18 @@ def summarize(runs: list[dict[str, Any]], servers: list[str]) -> dict[str, Any]:
                 ),
             }
     return {"medians": medians, "ratios": ratios}
+
+
+def _ratio_bound(core: str, peer: str) -> str:
+    """How sure chatcore's rate ratio is: "" exact, ">=" at least, "?" unknown.
+
+    Unknown when the peer's rate is only a lower bound (it might be higher) or
+    chatcore's only an upper bound; at least when chatcore's rate is a lower bound
+    or the peer's an upper bound (it failed the first rung).
+    """
+    if peer in (">=", "?") or core in ("<", "?"):
+        return "?"
+    return ">=" if core == ">=" or peer == "<" else ""
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -168,7 +193,7 @@ def table(result: dict[str, Any]) -> str:
     medians = result["summary"]["medians"]
     for sc, by_server in medians.items():
         for server, row in by_server.items():
-            top = ">= " if row["top"] else ""
+            top = {">=": ">= ", "<": "< ", "?": "? "}.get(row["bound"], "")
             sustained = _fmt(row["sustained"])
             lines.append(
                 f"| {SCENARIOS[sc].title} | {server} | {top}{sustained} "
@@ -185,8 +210,9 @@ def table(result: dict[str, Any]) -> str:
         for sc, by_peer in ratios.items():
             parts = []
             for peer, r in by_peer.items():
+                bound = {">=": ">= ", "?": "? "}.get(r["sustained_bound"], "")
                 parts.append(
-                    f"{_fmt(r['sustained'], '.1f')}x {peer}"
+                    f"{bound}{_fmt(r['sustained'], '.1f')}x {peer}"
                     f" (CPU {_fmt(r['us_per_delivery'], '.1f')}x,"
                     f" p99 {_fmt(r['p99_ms_20k'], '.1f')}x,"
                     f" RSS {_fmt(r['rss_per_idle_conn_kib'], '.1f')}x)"
@@ -266,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reps = args.reps or (1 if short else 2)
     if args.quiet_timeout is None:
-        args.quiet_timeout = 3.0 if short else 15.0
+        args.quiet_timeout = 3.0 if short else 4.0
     args.reps_total = reps
     ladder = (
         [int(x) for x in args.ladder.split(",")]
@@ -347,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         counters.stop()
     result["seconds"] = round(time.monotonic() - started, 1)
-    result["summary"] = summarize(result["runs"], servers)
+    result["summary"] = summarize(result["runs"], ladder[0])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     log("")
@@ -371,6 +397,8 @@ def _one(
     """One run of one server in one scenario (None: not run in this repetition)."""
     name = spec.name
     quiet = args.quiet_timeout
+    if sc == "c" and name == "chatcore-sqlite" and not args.servers:
+        return None  # the store's cost shows in a and b; c would only add minutes
     if sc in SCENARIOS:
         log(f"rep {rep + 1}/{args.reps_total} scenario {sc} ({SCENARIOS[sc].title}): {name}")
         return _guard(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import fields
+from typing import Any
 
 import anyio
 
@@ -37,7 +38,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     # Every per-session rate limit lifted (send rate, request rate, ...): the benchmark's
     # few senders each send hundreds of messages per second on purpose.
-    unlimited = {
+    unlimited: dict[str, Any] = {
         f.name: (1_000_000 if f.type in (int, "int") else 1_000_000.0)
         for f in fields(Config)
         if f.name.endswith(("_burst", "_per_second"))
