@@ -80,18 +80,22 @@ def test_login_form_joins_the_room_and_two_pages_chat(
     wait_for_text(alice, "Shipping in ten minutes")
     bob.type("#text", "one more thing")
     alice.locator("#typing", has_text="bob is typing").wait_for()
+    alice.screenshot(path=artifacts / "chat-alice.png")
+    bob.press("#text", "Enter")
+    wait_for_text(alice, "one more thing")
+    assert alice.locator("#typing").inner_text() == ""  # his message ends his typing
+    bob.locator("#messages .seen", has_text="Seen by alice").wait_for()  # her read mark
 
     expected = [
         (1, "alice", "Hello Bob! How is the release going?"),
         (2, "bob", "Almost there, the tests are green."),
         (3, "bob", "Shipping in ten minutes."),
+        (4, "bob", "one more thing"),
     ]
     assert shown(alice) == expected
     bob.locator("#messages .msg.pending").first.wait_for(state="detached")
     assert shown(bob) == expected
-    # bob's other room: no unread messages, and the page title says so
-    assert bob.locator("#rooms [data-room=random] .badge").count() == 0
-    alice.screenshot(path=artifacts / "chat-alice.png")
+    assert bob.locator("#rooms [data-room=random] .badge").count() == 0  # nothing said there
     bob.screenshot(path=artifacts / "chat-bob-dark.png")
     assert not bob.errors  # type: ignore[attr-defined]
 
