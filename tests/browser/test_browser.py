@@ -246,3 +246,20 @@ def test_a_burst_over_the_rate_limit_arrives_complete_and_in_order(
     assert [t for _, _, t in shown(bob)] == lines
     alice.locator("#messages .msg.pending").first.wait_for(state="detached")
     assert shown(alice) == shown(bob)
+
+
+def test_a_message_typed_while_joining_a_room_is_sent_once_joined(
+    browser: Any, server: str
+) -> None:
+    alice = open_chat(browser, server, "alice", "general")
+    alice.evaluate(  # join an empty room (the server loads it first) and send at once
+        """() => {
+             document.getElementById('join-room').value = 'news';
+             document.getElementById('join-form').requestSubmit();
+             document.getElementById('text').value = 'first!';
+             document.getElementById('composer').requestSubmit(); }"""
+    )
+    alice.locator("#messages .msg[data-offset='1']").wait_for()
+    assert alice.locator("#messages .msg.failed").count() == 0
+    assert shown(alice) == [(1, "alice", "first!")]
+    assert alice.locator("#room-title").inner_text() == "#news"

@@ -291,6 +291,7 @@
     room.dmTo = null;
     room.members = ev.users.slice().sort(byName);
     if (!wasJoined) {
+      pumpSends();
       if (room.read === 0) room.read = ev.offset;
       room.last = Math.max(room.last, ev.offset);
       room.head = Math.max(room.head, ev.offset);
@@ -358,6 +359,14 @@
     render({ history: room.name });
   }
 
+  function removeRoom(name) {
+    state.rooms.delete(name);
+    for (const [id, p] of state.pending) if (p.room === name) clearPending(id);
+    if (state.active === name) state.active = state.rooms.keys().next().value || null;
+    saveUrl();
+    render();
+  }
+
   function onJoined(ev) {
     const room = state.rooms.get(ev.room);
     if (!room) return;
@@ -370,14 +379,12 @@
     const room = state.rooms.get(ev.room);
     if (!room) return;
     if (ev.user === state.user) {
-      state.rooms.delete(ev.room);
-      if (state.active === ev.room) state.active = state.rooms.keys().next().value || null;
-      saveUrl();
-    } else {
-      room.members = room.members.filter((u) => u !== ev.user);
-      room.typing.delete(ev.user);
-      addLine(room, `${ev.user} left`);
+      removeRoom(ev.room);
+      return;
     }
+    room.members = room.members.filter((u) => u !== ev.user);
+    room.typing.delete(ev.user);
+    addLine(room, `${ev.user} left`);
     render();
   }
 
@@ -422,10 +429,7 @@
     const room = ev.ref ? state.rooms.get(ev.ref) : null;
     if (room && (ev.code === "forbidden" || ev.code === "not_member" || ev.code === "room_limit")
         && !room.joined) {
-      state.rooms.delete(room.name);
-      if (state.active === room.name) state.active = state.rooms.keys().next().value || null;
-      saveUrl();
-      render();
+      removeRoom(room.name);
     }
     toast(ev.message || ev.code);
   }
@@ -465,7 +469,9 @@
     // so a retried message must never overtake (or be overtaken by) the next one.
     if (state.inflight || state.holdTimer || !state.welcomed) return;
     for (const [id, p] of state.pending) {
-      if (p.failed) continue;
+      const room = state.rooms.get(p.room);
+      // Wait for a join still under way ("dm" opens a direct-message room itself).
+      if (p.failed || !room || (!room.joined && !p.to)) continue;
       state.inflight = id;
       transmit(id, p);
       return;
@@ -509,12 +515,7 @@
     const room = state.rooms.get(state.active);
     if (!room) return;
     if (room.joined) send({ type: "leave", room: room.name });
-    else {
-      state.rooms.delete(room.name);
-      state.active = state.rooms.keys().next().value || null;
-      saveUrl();
-      render();
-    }
+    else removeRoom(room.name);
   }
 
   function requestHistory(room, before, limit) {
