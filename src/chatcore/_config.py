@@ -36,6 +36,10 @@ class Config:
     request_burst: int = 60
     request_per_second: float = 30.0
     """Every client request (typing, read, history, join...) per session."""
+    presence_limit: int = 1000
+    """Rooms with more users than this send no ``joined``/``left`` events (a
+    crowd's comings and goings would drown its messages); ``members`` on join
+    still lists everyone."""
     max_sessions_per_user: int = 16
     """Sessions one user may hold, counting those in their grace period."""
     ping_interval: float = 25.0

@@ -766,9 +766,11 @@ class Engine:
         count = room.users.get(session.user, 0)
         room.users[session.user] = count + 1
         if count == 0:
-            self._broadcast(
-                room, Joined(room=room.name, user=session.user), None, out, ephemeral=True
-            )
+            room.roster = None
+            if len(room.users) <= self.config.presence_limit:
+                self._broadcast(
+                    room, Joined(room=room.name, user=session.user), None, out, ephemeral=True
+                )
         conn = session.conn
         if conn is not None and session.state is SessionState.LIVE:
             room.attach(conn)
@@ -795,10 +797,12 @@ class Engine:
             room.users[session.user] = count
         else:
             del room.users[session.user]
+            room.roster = None
             room.typing.pop(session.user, None)
-            self._broadcast(
-                room, Left(room=room.name, user=session.user), None, out, ephemeral=True
-            )
+            if len(room.users) < self.config.presence_limit:
+                self._broadcast(
+                    room, Left(room=room.name, user=session.user), None, out, ephemeral=True
+                )
         if session.conn is not None and session.state is SessionState.LIVE:
             self._to(session.conn, Left(room=room.name, user=session.user), out)
         self._forget_if_empty(room)

@@ -27,6 +27,7 @@ class Room:
         "conns",
         "text_conns",
         "users",
+        "roster",
         "typing",
         "reads",
         "early",
@@ -55,6 +56,7 @@ class Room:
         self.text_conns: dict[int, Connection] = {}
         # Members: sessions per user, counting sessions in their grace period.
         self.users: dict[str, int] = {}
+        self.roster: tuple[str, ...] | None = None  # sorted users, until they change
         # user -> (when the indicator expires, id of its one live timer)
         self.typing: dict[str, tuple[float, int]] = {}
         self.reads: dict[str, int] = {}
@@ -89,4 +91,6 @@ class Room:
         return [self.window[i] for i in range(lo, hi + 1)]
 
     def member_list(self) -> tuple[str, ...]:
-        return tuple(sorted(self.users))
+        if self.roster is None:
+            self.roster = tuple(sorted(self.users))
+        return self.roster

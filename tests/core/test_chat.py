@@ -448,3 +448,18 @@ def test_sessions_per_user_are_bounded_oldest_waiting_one_goes_first() -> None:
     assert second.connected
     assert sim.engine.stats()["sessions"] == 3
     assert watcher.of_type("left") == []  # mallory never left: other sessions remain
+
+
+def test_presence_events_stop_above_the_presence_limit() -> None:
+    sim = Simulation(Config(presence_limit=3), seed=1)
+    alice = sim.connect("alice", room="hall")
+    sim.connect("bob", room="hall")
+    sim.connect("carol", room="hall")
+    dave = sim.connect("dave", room="hall")  # the 4th user: the room is a crowd now
+    assert [e["user"] for e in alice.of_type("joined")] == ["bob", "carol"]
+    assert dave.of_type("members")[0]["users"] == ["alice", "bob", "carol", "dave"]
+    dave.leave("hall")  # leaving a crowd is not announced either
+    assert [e["user"] for e in alice.of_type("left")] == []
+    sim.drop(sim.clients[1])
+    sim.advance(31)  # bob's grace period ends: the room of 3 was no crowd
+    assert [e["user"] for e in alice.of_type("left")] == ["bob"]
