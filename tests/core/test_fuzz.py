@@ -12,8 +12,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatcore import Config, decode_request
-from chatcore._codec import FrameError
+from chatcore import Config, FrameError, decode_request
 from chatcore_sim import Simulation
 
 json_values = st.recursive(
