@@ -91,27 +91,23 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _sustained(runs: list[dict[str, Any]], floor: int) -> tuple[float | None, str]:
-    """The sustained rate of one server in one scenario, and how sure it is.
+def _sustained(runs: list[dict[str, Any]], floor: int) -> tuple[float | None, str, float | None]:
+    """Median and best sustained rate of one server in one scenario, and a bound mark.
 
-    Runs that ended on a sound measurement (a rung failed, or the top passed) give
-    the median. A run stopped by an invalid rung only gives a lower bound: if every
-    run is like that, the best lower bound, marked ">=". The top of the ladder is a
-    lower bound too (">="); nothing passed at all means below the first rung ("<").
+    Each run counts with the highest rung it passed; a run stopped by an invalid rung
+    (the machine was too busy to conclude) counts with that lower bound. The mark is
+    ">=" when every run passed the top of the ladder, "<" when none passed the first.
     """
     done = [r for r in runs if "sustained" in r]
     if not done:
-        return None, ""
-    sure = [r for r in done if not str(r.get("stop", "")).startswith("invalid")]
-    if sure:
-        value = statistics.median(r["sustained"] for r in sure)
-        if all(r.get("top") for r in sure):
-            return value, ">="
-        if value == 0:
-            return floor, "<"
-        return value, ""
-    best = max(r["sustained"] for r in done)
-    return (best, ">=") if best else (floor, "?")
+        return None, "", None
+    values = [r["sustained"] for r in done]
+    best = max(values)
+    if all(r.get("top") for r in done):
+        return statistics.median(values), ">=", best
+    if best == 0:
+        return floor, "<", floor
+    return statistics.median(values), "", best
 
 
 def summarize(runs: list[dict[str, Any]], floor: int) -> dict[str, Any]:
@@ -125,8 +121,8 @@ def summarize(runs: list[dict[str, Any]], floor: int) -> dict[str, Any]:
     for sc, by_server in grouped.items():
         medians[sc] = {}
         for server, server_runs in by_server.items():
-            value, bound = _sustained(server_runs, floor)
-            row: dict[str, Any] = {"sustained": value, "bound": bound}
+            value, bound, best = _sustained(server_runs, floor)
+            row: dict[str, Any] = {"sustained": value, "bound": bound, "best": best}
             for key in figures:
                 row[key] = _median([r[key] for r in server_runs if r.get(key) is not None])
             row["reps"] = len(server_runs)
@@ -137,12 +133,16 @@ def summarize(runs: list[dict[str, Any]], floor: int) -> dict[str, Any]:
         if not core:
             continue
         ratios[sc] = {}
+        sqlite = rows.get("chatcore-sqlite")
+        if sqlite and core["sustained"] and sqlite["sustained"] is not None:
+            core["sqlite_share"] = round(sqlite["sustained"] / core["sustained"], 2)
         for peer, m in rows.items():
-            if peer == "chatcore":
+            if peer.startswith("chatcore"):
                 continue
             ratios[sc][peer] = {
                 "sustained": _ratio(core["sustained"], m["sustained"]),
                 "sustained_bound": _ratio_bound(core["bound"], m["bound"]),
+                "sustained_best": _ratio(core["best"], m["best"]),
                 "us_per_delivery": _ratio(m["us_per_delivery"], core["us_per_delivery"]),
                 "p99_ms_20k": _ratio(m["p99_ms_20k"], core["p99_ms_20k"]),
                 "rss_per_idle_conn_kib": _ratio(
@@ -153,13 +153,9 @@ def summarize(runs: list[dict[str, Any]], floor: int) -> dict[str, Any]:
 
 
 def _ratio_bound(core: str, peer: str) -> str:
-    """How sure chatcore's rate ratio is: "" exact, ">=" at least, "?" unknown.
-
-    Unknown when the peer's rate is only a lower bound (it might be higher) or
-    chatcore's only an upper bound; at least when chatcore's rate is a lower bound
-    or the peer's an upper bound (it failed the first rung).
-    """
-    if peer in (">=", "?") or core in ("<", "?"):
+    """ ">=" when chatcore's rate is a lower bound (top of the ladder) or the peer's an
+    upper bound (it failed the first rung); "?" when chatcore failed the first rung."""
+    if core == "<":
         return "?"
     return ">=" if core == ">=" or peer == "<" else ""
 
@@ -186,7 +182,7 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"date: {result['date']}   command: {result['command']}")
     lines.append("")
     lines.append(
-        "| scenario | server | sustained deliveries/s | CPU us/delivery at 100k/s "
+        "| scenario | server | sustained deliveries/s (best) | CPU us/delivery at 100k/s "
         "| p50 / p99 ms at 20k/s | RSS KiB per idle conn |"
     )
     lines.append("|---|---|---:|---:|---:|---:|")
@@ -196,7 +192,7 @@ def table(result: dict[str, Any]) -> str:
             top = {">=": ">= ", "<": "< ", "?": "? "}.get(row["bound"], "")
             sustained = _fmt(row["sustained"])
             lines.append(
-                f"| {SCENARIOS[sc].title} | {server} | {top}{sustained} "
+                f"| {SCENARIOS[sc].title} | {server} | {top}{sustained} ({_fmt(row['best'])}) "
                 f"| {_fmt(row['us_per_delivery'], '.2f')} "
                 f"| {_fmt(row['p50_ms_20k'], '.2f')} / {_fmt(row['p99_ms_20k'], '.2f')} "
                 f"| {_fmt(row['rss_per_idle_conn_kib'], '.1f')} |"
@@ -217,6 +213,9 @@ def table(result: dict[str, Any]) -> str:
                     f" p99 {_fmt(r['p99_ms_20k'], '.1f')}x,"
                     f" RSS {_fmt(r['rss_per_idle_conn_kib'], '.1f')}x)"
                 )
+            share = medians[sc]["chatcore"].get("sqlite_share")
+            if share is not None:
+                parts.append(f"SQLite store on: {share:.0%} of the in-memory rate")
             lines.append(f"  {SCENARIOS[sc].title}: rate " + "; ".join(parts))
     extra = [r for r in result["runs"] if r.get("scenario") in ("slow", "churn")]
     if extra:
