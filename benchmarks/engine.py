@@ -25,8 +25,13 @@ from chatcore_store import MemoryStore, is_storage_effect
 
 def run_once(members: int, messages: int, senders: int) -> tuple[float, int]:
     """Seconds taken and deliveries made for ``messages`` messages."""
-    config = Config(rate_burst=10**9, rate_per_second=1e9, request_burst=10**9,
-                    request_per_second=1e9, history_window=1000)
+    config = Config(
+        rate_burst=10**9,
+        rate_per_second=1e9,
+        request_burst=10**9,
+        request_per_second=1e9,
+        history_window=1000,
+    )
     engine = Engine(config, SeededIds(1))
     store = MemoryStore()
     now = 1_800_000_000.0
