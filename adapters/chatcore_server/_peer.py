@@ -15,8 +15,11 @@ which sends through the anyio stream from then on, so order is kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
+import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -46,6 +49,7 @@ _STREAM_ERRORS = (
     OSError,
 )
 _READ_SIZE = 65536
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST
 
 
 class Peer:
@@ -157,6 +161,7 @@ class Peer:
         self.aborted = True
         self.out.clear()
         if self.transport is not None:
+            _reset_on_close(self.transport.get_extra_info("socket"))
             self.transport.abort()
             return
         if self.send_scope is not None:
@@ -166,11 +171,11 @@ class Peer:
     def flush(self, lost: list[Peer]) -> tuple[int, int, int] | None:
         """Send what is queued without blocking; the (conn, frames, nbytes) written, if any."""
         self.dirty = False
+        if self.transport is not None:
+            return self._flush_transport()
         out = self.out
         if not out:
             return None
-        if self.transport is not None:
-            return self._flush_transport()
         if self.writer or self.fd < 0:
             if not self.aborted:
                 self.start_writer()
@@ -199,8 +204,14 @@ class Peer:
         if self.paused or transport.is_closing():
             return None  # kept (and counted by the engine) until the client reads again
         out = self.out
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
-        self.out = []
+        if out:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.out = []
+            if self.paused:
+                # The kernel did not take it all and the transport's buffer passed its
+                # high-water mark: those frames still count against the outbox until
+                # ``resume_writing`` (else asyncio's buffer would be a second outbox).
+                return None
         frames, nbytes = self.frames, self.nbytes
         self.frames = self.nbytes = 0
         if self.closing and self.close_seen:
@@ -318,6 +329,8 @@ class Peer:
             await self._write()
         finally:
             self.fd = -1
+            if self.aborted:
+                _reset_on_close(self.stream.extra(anyio.abc.SocketAttribute.raw_socket, None))
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await self.stream.aclose()  # wakes the reader
             if self.done is not None:
@@ -364,6 +377,20 @@ class Peer:
             self.close_waiter = anyio.Event()
             with anyio.move_on_after(self.server.limits.close_timeout):
                 await self.close_waiter.wait()
+
+
+def _reset_on_close(sock: socket.socket | None) -> None:
+    """Make closing ``sock`` send a reset and drop what is unsent.
+
+    A plain close of a socket whose reader stopped leaves the kernel holding
+    the unsent bytes (up to the send buffer) in FIN-WAIT-1 for minutes, with
+    the close frame and the FIN stuck behind them: the client never learns it
+    was closed and the memory stays taken. Used only once a peer is given up.
+    """
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 # -- asyncio: the connection driven by transport callbacks ---------------------------------
@@ -427,5 +454,5 @@ class _Link(asyncio.Protocol):
     def resume_writing(self) -> None:
         peer = self.peer
         peer.paused = False
-        if peer.out:
-            peer.server.flush_peer(peer)
+        if peer.out or peer.frames:
+            peer.server.flush_peer(peer)  # write what waited, report what went

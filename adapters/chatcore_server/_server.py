@@ -27,11 +27,12 @@ import binascii
 import logging
 import re
 import secrets
+import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,16 @@ class Limits:
     """Request line plus headers (h11's bound): more gets 431."""
     close_timeout: float = 3.0
     """Seconds a closing connection gets to take its last frames and answer the close."""
+    send_buffer: int | None = 64 * 1024
+    """``SO_SNDBUF`` asked for on every upgraded socket (Linux keeps twice this).
+
+    Bytes the kernel has taken count as written for the engine, so this is the
+    kernel's share of a slow reader's backlog: kept modest, the engine's outbox
+    (``Config.outbox_frames``/``outbox_bytes``) is the bound that decides when a
+    reader is too slow. ``None`` leaves the kernel's autotuning, which on
+    loopback lets one stalled socket absorb megabytes (``net.ipv4.tcp_wmem``)
+    before the engine sees any backpressure.
+    """
     shutdown_timeout: float = 10.0
     """Seconds a graceful shutdown may take in all."""
 
@@ -337,7 +348,8 @@ class ChatServer:
                     if not peer.dirty:
                         peer.dirty = True
                         dirty.append(peer)
-                    elif peer.frames >= high:
+                    elif peer.frames >= high and not (peer.paused or peer.writer):
+                        # (A blocked peer cannot take more now: flushing early won't help.)
                         self._pressure = True
             elif kind is Close:
                 assert isinstance(effect, Close)
@@ -667,10 +679,11 @@ class ChatServer:
         trailing, _ = http.trailing_data
         await stream.send(accept)
         address = _address(stream)
-        fd = -1
-        if self.ssl_context is None:
-            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-            fd = -1 if raw is None else raw.fileno()
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        if raw is not None and self.limits.send_buffer is not None:
+            with suppress(OSError):
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
+        fd = -1 if raw is None or self.ssl_context is not None else raw.fileno()
         ws = WebSocket(ConnectionType.SERVER)
         peer = Peer(conn, connect.user, address, stream, fd, ws, self)
         self._peers[conn] = peer
