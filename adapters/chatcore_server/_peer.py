@@ -58,7 +58,6 @@ class Peer:
     __slots__ = (
         "id",
         "user",
-        "address",
         "stream",
         "fd",
         "ws",
@@ -88,7 +87,6 @@ class Peer:
         self,
         conn: int,
         user: str,
-        address: str,
         stream: anyio.abc.ByteStream,
         fd: int,
         ws: WebSocket,
@@ -96,7 +94,6 @@ class Peer:
     ) -> None:
         self.id = conn
         self.user = user
-        self.address = address
         self.stream = stream
         self.fd = fd  # -1: every write goes through the stream (TLS, or closed)
         self.ws = ws

@@ -668,27 +668,26 @@ class ChatServer:
             connect = parse_connect(conn, query, mode, user=user)
         except HandshakeError as exc:
             return error(exc.status, exc.reason)
-        headers = [
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", generate_accept_token(key.encode("ascii"))),
-        ]
-        if subprotocol is not None:
-            headers.append((b"sec-websocket-protocol", subprotocol.encode()))
-        accept = http.send(h11.InformationalResponse(status_code=101, headers=headers)) or b""
         trailing, _ = http.trailing_data
-        await stream.send(accept)
-        address = _address(stream)
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         if raw is not None and self.limits.send_buffer is not None:
             with suppress(OSError):
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
         fd = -1 if raw is None or self.ssl_context is not None else raw.fileno()
         ws = WebSocket(ConnectionType.SERVER)
-        peer = Peer(conn, connect.user, address, stream, fd, ws, self)
+        peer = Peer(conn, connect.user, stream, fd, ws, self)
+        # The 101 leads the peer's queue: it goes out in one write with the welcome.
+        peer.queue(_switching_protocols(key, subprotocol))
         self._peers[conn] = peer
         self._ws_running += 1
-        log.info("opened conn=%d user=%s mode=%s from=%s", conn, connect.user, mode.value, address)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "opened conn=%d user=%s mode=%s from=%s",
+                conn,
+                connect.user,
+                mode.value,
+                _address(raw),
+            )
         self._feed(connect)
         return peer, bytes(trailing)
 
@@ -742,10 +741,26 @@ def _valid_key(key: str) -> bool:
         return False
 
 
-def _address(stream: anyio.abc.ByteStream) -> str:
+def _switching_protocols(key: str, subprotocol: str | None) -> bytes:
+    """The 101 that accepts a checked upgrade request.
+
+    Built here rather than through h11: the connection leaves HTTP at this point,
+    so h11's state after it is never used, and this is one format per connection.
+    """
+    accept = generate_accept_token(key.encode("ascii"))
+    protocol = (
+        b"" if subprotocol is None else b"Sec-WebSocket-Protocol: %s\r\n" % subprotocol.encode()
+    )
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: %s\r\n%s\r\n" % (accept, protocol)
+    )
+
+
+def _address(raw: socket.socket | None) -> str:
     try:
-        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
-    except anyio.TypedAttributeLookupError:
+        address = raw.getpeername() if raw is not None else "?"
+    except OSError:
         return "?"
     if isinstance(address, tuple):
         return f"{address[0]}:{address[1]}"
