@@ -63,6 +63,8 @@ class Peer:
         "ws",
         "server",
         "out",
+        "control",
+        "control_bytes",
         "frames",
         "nbytes",
         "dirty",
@@ -98,8 +100,13 @@ class Peer:
         self.fd = fd  # -1: every write goes through the stream (TLS, or closed)
         self.ws = ws
         self.server = server
+        # Engine frames and the other bytes (101, ping, pong, close) in sending order.
+        # Fan-out only appends: what a write carried is worked out when it is taken.
         self.out: list[bytes] = []
-        self.frames = 0  # engine frames queued or in flight, not yet reported written
+        self.control = 0  # items in ``out`` that are not engine frames
+        self.control_bytes = 0
+        # Engine frames written but not reported yet (a paused transport, a write cut short).
+        self.frames = 0
         self.nbytes = 0
         self.dirty = False  # listed in server.dirty, to be flushed
         self.writer = False  # a writer task owns the writes from now on
@@ -122,8 +129,10 @@ class Peer:
     # -- called by the server while carrying out effects (never blocks) ----------
 
     def queue(self, data: bytes) -> None:
-        """Queue bytes that are not engine frames (ping, pong, close)."""
+        """Queue bytes that are not engine frames (101, ping, pong, close)."""
         self.out.append(data)
+        self.control += 1
+        self.control_bytes += len(data)
         if not self.dirty:
             self.dirty = True
             self.server.dirty.append(self)
@@ -157,6 +166,7 @@ class Peer:
         self.closing = True
         self.aborted = True
         self.out.clear()
+        self.control = self.control_bytes = 0
         if self.transport is not None:
             _reset_on_close(self.transport.get_extra_info("socket"))
             self.transport.abort()
@@ -164,6 +174,21 @@ class Peer:
         if self.send_scope is not None:
             self.send_scope.cancel()
         self.start_writer()  # it closes the stream, which wakes the reader
+
+    def _take(self) -> tuple[bytes, int, int]:
+        """Everything queued as one write: its bytes, engine frames and their bytes.
+
+        The frame count is exact. The byte count includes each frame's 2-10 byte
+        header: reported, it can only free a little more than was queued, and the
+        engine floors its count at zero, which is exact whenever the queue empties.
+        """
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        frames = len(out) - self.control
+        nbytes = len(data) - self.control_bytes
+        self.out = []
+        self.control = self.control_bytes = 0
+        return data, frames, nbytes
 
     def flush(self, lost: list[Peer]) -> tuple[int, int, int] | None:
         """Send what is queued without blocking; the (conn, frames, nbytes) written, if any."""
@@ -177,7 +202,7 @@ class Peer:
             if not self.aborted:
                 self.start_writer()
             return None
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data, frames, nbytes = self._take()
         try:
             sent = os.write(self.fd, data)
         except (BlockingIOError, InterruptedError):
@@ -186,12 +211,17 @@ class Peer:
             lost.append(self)
             return None
         if sent < len(data):
-            # The socket is full: a writer task waits for room from now on.
-            self.out = [data[sent:]]
+            # The socket is full: a writer task waits for room from now on. The rest
+            # is no frame of its own; its frames are reported once it is sent.
+            self.frames += frames
+            self.nbytes += nbytes
+            rest = data[sent:]
+            self.out = [rest]
+            self.control, self.control_bytes = 1, len(rest)
             self.start_writer()
             return None
-        self.out = []
-        frames, nbytes = self.frames, self.nbytes
+        frames += self.frames
+        nbytes += self.nbytes
         self.frames = self.nbytes = 0
         return (self.id, frames, nbytes) if frames else None
 
@@ -200,10 +230,13 @@ class Peer:
         assert transport is not None
         if self.paused or transport.is_closing():
             return None  # kept (and counted by the engine) until the client reads again
-        out = self.out
-        if out:
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
-            self.out = []
+        if self.out:
+            data, frames, nbytes = self._take()
+            transport.write(data)
+            self.frames += frames
+            self.nbytes += nbytes
+            if self.closing and self.close_seen:
+                transport.close()
             if self.paused:
                 # The kernel did not take it all and the transport's buffer passed its
                 # high-water mark: those frames still count against the outbox until
@@ -211,8 +244,6 @@ class Peer:
                 return None
         frames, nbytes = self.frames, self.nbytes
         self.frames = self.nbytes = 0
-        if self.closing and self.close_seen:
-            transport.close()
         return (self.id, frames, nbytes) if frames and not self.closing else None
 
     def start_writer(self) -> None:
@@ -346,11 +377,10 @@ class Peer:
                 wake = self.wake = anyio.Event()
                 await wake.wait()
                 continue
-            out = self.out
-            frames, nbytes = self.frames, self.nbytes
-            self.out = []
+            data, frames, nbytes = self._take()
+            frames += self.frames
+            nbytes += self.nbytes
             self.frames = self.nbytes = 0
-            data = out[0] if len(out) == 1 else b"".join(out)
             with anyio.CancelScope() as scope:
                 if self.closing:
                     scope.deadline = anyio.current_time() + server.limits.close_timeout

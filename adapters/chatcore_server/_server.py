@@ -328,8 +328,8 @@ class ChatServer:
             self._scheduled_flush()
 
     def _run(self, effects: list[Effect]) -> None:
-        peers = self._peers
-        dirty = self.dirty
+        get = self._peers.get
+        mark = self.dirty.append
         high = self._high_water
         storage: list[StorageEffect] = []
         for effect in effects:
@@ -337,28 +337,28 @@ class ChatServer:
             if kind is Deliver:
                 assert isinstance(effect, Deliver)
                 frame = text_frame(effect.data.encode())
-                size = effect.size
+                # The hot loop of fan-out: one append per recipient. The engine counts
+                # the frames; a flush works out what it wrote from the queue it took.
                 for conn in effect.to:
-                    peer = peers.get(conn)
+                    peer = get(conn)
                     if peer is None:
                         continue
-                    peer.out.append(frame)
-                    peer.frames += 1
-                    peer.nbytes += size
+                    out = peer.out
+                    out.append(frame)
                     if not peer.dirty:
                         peer.dirty = True
-                        dirty.append(peer)
-                    elif peer.frames >= high and not (peer.paused or peer.writer):
+                        mark(peer)
+                    elif len(out) >= high and not (peer.paused or peer.writer):
                         # (A blocked peer cannot take more now: flushing early won't help.)
                         self._pressure = True
             elif kind is Close:
                 assert isinstance(effect, Close)
-                peer = peers.pop(effect.conn, None)
+                peer = self._peers.pop(effect.conn, None)
                 if peer is not None:
                     peer.close(effect.code, effect.reason)
             elif kind is Ping:
                 assert isinstance(effect, Ping)
-                peer = peers.get(effect.conn)
+                peer = get(effect.conn)
                 if peer is not None:
                     peer.ping()
             else:
