@@ -28,6 +28,7 @@ __all__ = [
     "Connect",
     "CreateRoom",
     "Disconnected",
+    "Drained",
     "FetchHistory",
     "HistoryFailed",
     "HistoryLoaded",
@@ -111,6 +112,17 @@ class WrittenMany:
     """
 
     reports: tuple[tuple[ConnId, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drained:
+    """Everything delivered to these connections so far has been written.
+
+    For an adapter that knows when a connection's queue is empty: no
+    counting of frames or bytes needed.
+    """
+
+    conns: tuple[ConnId, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -274,6 +286,7 @@ Command = (
     | Disconnected
     | Written
     | WrittenMany
+    | Drained
     | Pong
     | ClientRequest
     | RoomLoaded

@@ -22,6 +22,7 @@ from ._commands import (
     ConnId,
     CreateRoom,
     Disconnected,
+    Drained,
     FetchHistory,
     HistoryFailed,
     HistoryLoaded,
@@ -176,6 +177,8 @@ class Engine:
                 self._written(((command.conn, command.frames, command.nbytes),), out)
             case WrittenMany():
                 self._written(command.reports, out)
+            case Drained():
+                self._drained(command.conns, out)
             case Appended():
                 self._appended(command, now, out)
             case Connect():
@@ -457,7 +460,7 @@ class Engine:
         out.extend(later)
         for name, start in starts.items():
             room = self._rooms[name]
-            self._to(conn, self._members(room, start), out)
+            self._send_members(conn, room, out, start)
             if session.conn is not conn:
                 return  # closed as a slow consumer
             if start < room.head:
@@ -524,6 +527,14 @@ class Engine:
                 conn.frames = left if left > 0 else 0
                 left = conn.nbytes - nbytes
                 conn.nbytes = left if left > 0 else 0
+                if conn.catchup:
+                    self._pump(conn, out)
+
+    def _drained(self, conn_ids: tuple[ConnId, ...], out: list[Effect]) -> None:
+        get = self._conns.get
+        for conn_id in conn_ids:
+            if (conn := get(conn_id)) is not None:
+                conn.frames = conn.nbytes = 0
                 if conn.catchup:
                     self._pump(conn, out)
 
@@ -739,7 +750,7 @@ class Engine:
         conn = session.conn
         assert conn is not None
         if name in session.rooms:  # joining again: the member list again
-            self._to(conn, self._members(room), out)
+            self._send_members(conn, room, out)
             return
         if not room.admits(session.user):
             self._error(session, ErrorCode.FORBIDDEN, f"not allowed in room {name}", name, out)
@@ -775,7 +786,7 @@ class Engine:
         if conn is not None and session.state is SessionState.LIVE:
             room.attach(conn)
             if announce:
-                self._to(conn, self._members(room), out)
+                self._send_members(conn, room, out)
         else:
             session.delivered[room.name] = room.head
 
@@ -1051,6 +1062,19 @@ class Engine:
 
     # -- delivery ---------------------------------------------------------------------
 
+    def _send_members(
+        self, conn: Connection, room: Room, out: list[Effect], offset: int | None = None
+    ) -> None:
+        """The member list, encoded once per room until members or head change."""
+        event = self._members(room, offset)
+        cached = room.members_json
+        if cached is not None and cached[0] == event:
+            self._to(conn, event, out, cached[1])
+            return
+        data = encode_json(event)
+        room.members_json = (event, data)
+        self._to(conn, event, out, data)
+
     def _members(self, room: Room, offset: int | None = None) -> Members:
         return Members(
             room=room.name,
@@ -1076,10 +1100,15 @@ class Engine:
                 out,
             )
 
-    def _to(self, conn: Connection, event: ServerEvent, out: list[Effect]) -> None:
-        """Send one event to one connection, within its outbox bounds."""
+    def _to(
+        self, conn: Connection, event: ServerEvent, out: list[Effect], encoded: str | None = None
+    ) -> None:
+        """Send one event to one connection, within its outbox bounds.
+
+        ``encoded`` is the event's JSON when the caller has it already.
+        """
         if conn.mode is Mode.JSON:
-            data = encode_json(event)
+            data = encoded if encoded is not None else encode_json(event)
         else:
             line = encode_text(event)
             if line is None:

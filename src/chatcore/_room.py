@@ -28,6 +28,7 @@ class Room:
         "text_conns",
         "users",
         "roster",
+        "members_json",
         "typing",
         "reads",
         "early",
@@ -57,6 +58,8 @@ class Room:
         # Members: sessions per user, counting sessions in their grace period.
         self.users: dict[str, int] = {}
         self.roster: tuple[str, ...] | None = None  # sorted users, until they change
+        # The last members event sent and its JSON: joins in a row encode it once.
+        self.members_json: tuple[object, str] | None = None
         # user -> (when the indicator expires, id of its one live timer)
         self.typing: dict[str, tuple[float, int]] = {}
         self.reads: dict[str, int] = {}

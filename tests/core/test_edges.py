@@ -528,3 +528,40 @@ def test_making_a_room_private_keeps_allowed_users_and_other_tabs_elsewhere() ->
     assert h.engine.members("general") == ("alice",)
     assert h.last(2)["code"] == "forbidden"
     assert 3 not in h.frames or all(f.get("code") != "forbidden" for f in h.frames[3])
+
+
+def test_drained_frees_the_whole_outbox_and_resumes_a_paced_replay() -> None:
+    from chatcore import Drained
+
+    h = Host(Config(outbox_frames=4, history_window=100))
+    h.auto_write = False
+    h.connect(1, "alice", "general")
+    h.open_room("general", head=9, recent=tuple(msg("general", i) for i in range(1, 10)))
+    token = h.frames[1][0]["resume"]
+    h.do(Drained(conns=(1,)))
+    h.do(Disconnected(conn=1))
+    h.connect(2, "alice", resume=token, offsets={"general": 0})
+    replayed = [f["offset"] for f in h.frames[2] if f["type"] == "message"]
+    assert replayed == []  # welcome + members fill half the outbox: the replay waits
+    for _ in range(6):
+        h.do(Drained(conns=(2, 99)))  # 99: not open, ignored
+    assert [f["offset"] for f in h.frames[2] if f["type"] == "message"] == list(range(1, 10))
+    assert h.engine.outbox(2)[0] <= 2
+
+
+def test_members_lists_follow_the_room_after_messages_and_joins() -> None:
+    h = Host()
+    h.connect(1, "alice", "general")
+    h.open_room("general")
+    h.connect(2, "bob", "general")
+    h.do(Appended(message=msg("general", 1)))
+    h.connect(3, "carol", "general")
+    h.connect(4, "carol", "general")  # the same member list, encoded once
+    lists = [
+        (f["users"], f["offset"]) for c in (2, 3, 4) for f in h.frames[c] if f["type"] == "members"
+    ]
+    assert lists == [
+        (["alice", "bob"], 0),
+        (["alice", "bob", "carol"], 1),
+        (["alice", "bob", "carol"], 1),
+    ]
