@@ -105,7 +105,7 @@ class Peer:
         self.out: list[bytes] = []
         self.control = 0  # items in ``out`` that are not engine frames
         self.control_bytes = 0
-        # Engine frames written but not reported yet (a paused transport, a write cut short).
+        # Engine frames written but not reported yet (a write cut short, see ``flush``).
         self.frames = 0
         self.nbytes = 0
         self.dirty = False  # listed in server.dirty, to be flushed
@@ -230,20 +230,16 @@ class Peer:
         assert transport is not None
         if self.paused or transport.is_closing():
             return None  # kept (and counted by the engine) until the client reads again
-        if self.out:
-            data, frames, nbytes = self._take()
-            transport.write(data)
-            self.frames += frames
-            self.nbytes += nbytes
-            if self.closing and self.close_seen:
-                transport.close()
-            if self.paused:
-                # The kernel did not take it all and the transport's buffer passed its
-                # high-water mark: those frames still count against the outbox until
-                # ``resume_writing`` (else asyncio's buffer would be a second outbox).
-                return None
-        frames, nbytes = self.frames, self.nbytes
-        self.frames = self.nbytes = 0
+        if not self.out:
+            return None
+        data, frames, nbytes = self._take()
+        # Taken by the transport counts as written: its buffer holds at most one flush
+        # beyond its high-water mark, since nothing is written to it while paused.
+        # (Holding frames until the buffer drains would report them late by a whole
+        # flush, and close readers that keep up with big messages.)
+        transport.write(data)
+        if self.closing and self.close_seen:
+            transport.close()
         return (self.id, frames, nbytes) if frames and not self.closing else None
 
     def start_writer(self) -> None:
@@ -481,5 +477,5 @@ class _Link(asyncio.Protocol):
     def resume_writing(self) -> None:
         peer = self.peer
         peer.paused = False
-        if peer.out or peer.frames:
-            peer.server.flush_peer(peer)  # write what waited, report what went
+        if peer.out:
+            peer.server.flush_peer(peer)  # write what waited
