@@ -190,18 +190,19 @@ class Peer:
         self.control = self.control_bytes = 0
         return data, frames, nbytes
 
-    def flush(self, lost: list[Peer]) -> tuple[int, int, int] | None:
-        """Send what is queued without blocking; the (conn, frames, nbytes) written, if any."""
+    def flush(self, lost: list[Peer]) -> bool:
+        """Send what is queued without blocking; True if that emptied a queue that
+        held engine frames (the engine hears it as ``Drained``: no counting)."""
         self.dirty = False
         if self.transport is not None:
             return self._flush_transport()
         out = self.out
         if not out:
-            return None
+            return False
         if self.writer or self.fd < 0:
             if not self.aborted:
                 self.start_writer()
-            return None
+            return False
         data, frames, nbytes = self._take()
         try:
             sent = os.write(self.fd, data)
@@ -209,7 +210,7 @@ class Peer:
             sent = 0
         except OSError:
             lost.append(self)
-            return None
+            return False
         if sent < len(data):
             # The socket is full: a writer task waits for room from now on. The rest
             # is no frame of its own; its frames are reported once it is sent.
@@ -219,20 +220,20 @@ class Peer:
             self.out = [rest]
             self.control, self.control_bytes = 1, len(rest)
             self.start_writer()
-            return None
+            return False
         frames += self.frames
         nbytes += self.nbytes
         self.frames = self.nbytes = 0
-        return (self.id, frames, nbytes) if frames else None
+        return frames > 0
 
-    def _flush_transport(self) -> tuple[int, int, int] | None:
+    def _flush_transport(self) -> bool:
         transport = self.transport
         assert transport is not None
         if self.paused or transport.is_closing():
-            return None  # kept (and counted by the engine) until the client reads again
+            return False  # kept (and counted by the engine) until the client reads again
         if not self.out:
-            return None
-        data, frames, nbytes = self._take()
+            return False
+        data, frames, _ = self._take()
         # Taken by the transport counts as written: its buffer holds at most one flush
         # beyond its high-water mark, since nothing is written to it while paused.
         # (Holding frames until the buffer drains would report them late by a whole
@@ -240,7 +241,7 @@ class Peer:
         transport.write(data)
         if self.closing and self.close_seen:
             transport.close()
-        return (self.id, frames, nbytes) if frames and not self.closing else None
+        return frames > 0 and not self.closing
 
     def start_writer(self) -> None:
         if not self.writer:

@@ -8,7 +8,7 @@ and WebSocket with wsproto, and drives one :class:`chatcore.Engine`:
 * fan-out builds each frame once and appends the same bytes to every
   recipient's queue; once per event-loop iteration every peer with queued
   bytes gets one write, and the engine hears of all of them in one
-  ``WrittenMany`` (see ``_peer``);
+  ``Drained`` (see ``_peer``);
 * one timer per server, re-armed from ``engine.next_deadline()`` after each
   call, runs ``engine.tick``;
 * storage effects pile up in a batch that one worker hands to the
@@ -55,6 +55,7 @@ from chatcore import (
     CreateRoom,
     Deliver,
     Disconnected,
+    Drained,
     Effect,
     Engine,
     HandshakeError,
@@ -65,7 +66,6 @@ from chatcore import (
     Receive,
     Shutdown,
     Written,
-    WrittenMany,
     parse_connect,
     select_mode,
 )
@@ -396,14 +396,13 @@ class ChatServer:
         try:
             while self.dirty:
                 dirty, self.dirty = self.dirty, []
-                reports = []
+                drained: list[int] = []
                 lost: list[Peer] = []
                 for peer in dirty:
-                    report = peer.flush(lost)
-                    if report is not None:
-                        reports.append(report)
-                if reports:
-                    effects = self.engine.handle(WrittenMany(reports=tuple(reports)), time.time())
+                    if peer.flush(lost):
+                        drained.append(peer.id)
+                if drained:
+                    effects = self.engine.handle(Drained(conns=tuple(drained)), time.time())
                     if effects:
                         self._run(effects)
                 for peer in lost:
