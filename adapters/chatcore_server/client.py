@@ -41,6 +41,8 @@ from wsproto.events import (
     TextMessage,
 )
 
+from chatcore import follow_offsets
+
 __all__ = ["Chat", "ChatClosed", "ChatRejected", "connect"]
 
 _FINAL = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 1010})
@@ -93,6 +95,7 @@ class Chat:
         self.rooms: list[str] = list(dict.fromkeys(rooms))
         self.resume_token: str | None = None
         self.session: str | None = None
+        self.me = user or ""  # the user name, as the welcome confirms it
         self.offsets: dict[str, int] = {}
         self.closed: tuple[int, str] | None = None
         self.reconnects = 0
@@ -332,20 +335,10 @@ class Chat:
         return None
 
     def _observe(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "welcome":
+        if event.get("type") == "welcome":
             self.resume_token, self.session = event["resume"], event["session"]
-            if not event.get("resumed"):
-                self.offsets.clear()
-            for room, pos in event["rooms"].items():
-                self.offsets[room] = pos["offset"]
-        elif kind == "members":
-            self.offsets.setdefault(event["room"], event["offset"])
-        elif kind in ("message", "ack"):
-            room = event["room"]
-            self.offsets[room] = max(self.offsets.get(room, 0), event["offset"])
-        elif kind == "left" and event.get("user") == self.user:
-            self.offsets.pop(event["room"], None)
+            self.me = event["user"]  # with a token, the server says who we are
+        follow_offsets(self.offsets, self.me, event)
 
     async def _send(self, obj: dict[str, Any], *, retry: bool) -> None:
         frame = TextMessage(data=json.dumps(obj, ensure_ascii=False, separators=(",", ":")))

@@ -34,6 +34,7 @@ from chatcore import (
     SeededIds,
     Shutdown,
     Written,
+    follow_offsets,
 )
 from chatcore_store import MemoryStore, StorageEffect, is_storage_effect
 
@@ -175,18 +176,9 @@ class SimClient:
         return frames, nbytes
 
     def _observe(self, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        if kind == "welcome":
+        if event["type"] == "welcome":
             self.token, self.session = event["resume"], event["session"]
-            for room, pos in event["rooms"].items():
-                self.offsets[room] = pos["offset"]
-        elif kind == "members":
-            self.offsets.setdefault(event["room"], event["offset"])
-        elif kind in ("message", "ack"):
-            room = event["room"]
-            self.offsets[room] = max(self.offsets.get(room, 0), event["offset"])
-        elif kind == "left" and event["user"] == self.user:
-            self.offsets.pop(event["room"], None)
+        follow_offsets(self.offsets, self.user, event)
 
 
 class Simulation:

@@ -5,6 +5,7 @@ the effects it returns, and call :meth:`Engine.tick` at
 :meth:`Engine.next_deadline`. Everything importable is listed in ``__all__``.
 """
 
+from ._client import follow_offsets
 from ._codec import FrameError, decode_request, encode_json, encode_text, format_ts
 from ._commands import (
     Appended,
@@ -144,6 +145,7 @@ __all__ = [
     "dm_users",
     "encode_json",
     "encode_text",
+    "follow_offsets",
     "format_ts",
     "is_valid_name",
     "is_valid_room",

@@ -565,3 +565,22 @@ def test_members_lists_follow_the_room_after_messages_and_joins() -> None:
         (["alice", "bob", "carol"], 1),
         (["alice", "bob", "carol"], 1),
     ]
+
+
+def test_follow_offsets_keeps_what_a_client_needs_to_resume() -> None:
+    from chatcore import follow_offsets
+
+    offsets: dict[str, int] = {"old": 9}
+    welcome = {"type": "welcome", "resumed": False, "rooms": {"general": {"offset": 4}}}
+    follow_offsets(offsets, "alice", welcome)
+    assert offsets == {"general": 4}
+    follow_offsets(offsets, "alice", {"type": "members", "room": "tech", "offset": 2})
+    follow_offsets(offsets, "alice", {"type": "message", "room": "general", "offset": 5})
+    follow_offsets(offsets, "alice", {"type": "ack", "room": "tech", "offset": 3})
+    follow_offsets(offsets, "alice", {"type": "left", "room": "tech", "user": "bob"})
+    assert offsets == {"general": 5, "tech": 3}
+    follow_offsets(offsets, "alice", {"type": "left", "room": "tech", "user": "alice"})
+    follow_offsets(
+        offsets, "alice", {"type": "welcome", "resumed": True, "rooms": {"general": {"offset": 5}}}
+    )
+    assert offsets == {"general": 5}
