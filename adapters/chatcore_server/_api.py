@@ -14,12 +14,13 @@ from urllib.parse import parse_qsl, unquote
 import h11
 
 from chatcore import (
+    History,
     HistoryLoaded,
     LoadHistory,
     LoadRoom,
     Message,
     RoomLoaded,
-    format_ts,
+    event_to_dict,
     is_valid_room,
 )
 from chatcore_store import DurableStore, StoreUnavailable
@@ -122,14 +123,8 @@ async def _history(server: ChatServer, room: str, query: str, request: h11.Reque
     except StoreUnavailable:
         return error(503, "history store unavailable", ("retry-after", "5"))
     messages = loaded[-limit:]
-    return json_reply(
-        200,
-        {
-            "room": room,
-            "messages": [_message_json(m) for m in messages],
-            "more": len(loaded) > limit,
-        },
-    )
+    page = History(room=room, messages=tuple(messages), more=len(loaded) > limit)
+    return json_reply(200, event_to_dict(page))  # the same shape as the WebSocket frame
 
 
 def _int_param(params: list[tuple[str, str]], name: str, default: Any) -> Any:
@@ -139,15 +134,3 @@ def _int_param(params: list[tuple[str, str]], name: str, default: Any) -> Any:
                 raise ValueError(f"{name} must be a positive integer")
             return int(value)
     return default
-
-
-def _message_json(m: Message) -> dict[str, Any]:
-    return {
-        "room": m.room,
-        "offset": m.offset,
-        "epoch": m.epoch,
-        "from": m.sender,
-        "text": m.text,
-        "ts": format_ts(m.ts),
-        "id": m.client_id,
-    }

@@ -6,7 +6,14 @@ the effects it returns, and call :meth:`Engine.tick` at
 """
 
 from ._client import follow_offsets
-from ._codec import FrameError, decode_request, encode_json, encode_text, format_ts
+from ._codec import (
+    FrameError,
+    decode_request,
+    encode_json,
+    encode_text,
+    event_to_dict,
+    format_ts,
+)
 from ._commands import (
     Appended,
     AppendFailed,
@@ -145,6 +152,7 @@ __all__ = [
     "dm_users",
     "encode_json",
     "encode_text",
+    "event_to_dict",
     "follow_offsets",
     "format_ts",
     "is_valid_name",

@@ -43,6 +43,7 @@ __all__ = [
     "decode_request",
     "encode_json",
     "encode_text",
+    "event_to_dict",
     "format_ts",
 ]
 
@@ -166,7 +167,8 @@ def _message_obj(m: Message) -> dict[str, Any]:
     }
 
 
-def _to_obj(event: ServerEvent) -> dict[str, Any]:
+def event_to_dict(event: ServerEvent) -> dict[str, Any]:
+    """The JSON object of ``event`` before serialising (for JSON APIs over HTTP)."""
     match event:
         case Message():
             return _message_obj(event)
@@ -233,7 +235,7 @@ def _to_obj(event: ServerEvent) -> dict[str, Any]:
 
 def encode_json(event: ServerEvent) -> str:
     """The ``chatcore.v1`` text frame for ``event``."""
-    return json.dumps(_to_obj(event), ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(event_to_dict(event), ensure_ascii=False, separators=(",", ":"))
 
 
 def encode_text(event: ServerEvent) -> str | None:
