@@ -8,7 +8,7 @@ Adapters need only :class:`HistoryStore`. Admin tools (``chatcore rooms``,
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeGuard, runtime_checkable
 
@@ -29,7 +29,9 @@ __all__ = [
     "RoomInfo",
     "StorageEffect",
     "StoreUnavailable",
+    "delete_in_chunks",
     "group_appends",
+    "history_request",
     "is_storage_effect",
     "new_epoch",
 ]
@@ -154,3 +156,29 @@ class DurableStore(HistoryStore, Protocol):
     async def positions(self, user: str) -> dict[str, tuple[int, int]]:
         """The user's (delivered, read) offsets per room."""
         ...
+
+
+def history_request(
+    room: str, after: int = 0, before: int | None = None, limit: int | None = None
+) -> LoadHistory:
+    """The ``LoadHistory`` a store's ``history()`` call answers (``before=None``: to the head)."""
+    return LoadHistory(
+        ref=0, room=room, after=after, before=2**62 if before is None else before, limit=limit
+    )
+
+
+async def delete_in_chunks(
+    cuts: Sequence[tuple[str, int, int]],
+    chunk: int,
+    delete: Callable[[str, int, int], Awaitable[int]],
+) -> int:
+    """Retention: for each ``(room, first, last)`` delete offsets first..last in
+    ranges of ``chunk``, one call (one transaction) each, so appends interleave."""
+    deleted = 0
+    for room, first, last in cuts:
+        lo = first
+        while lo <= last:
+            hi = min(last, lo + chunk - 1)
+            deleted += await delete(room, lo, hi)
+            lo = hi + 1
+    return deleted

@@ -25,7 +25,7 @@ from chatcore import (
     SaveRoom,
 )
 
-from ._base import RoomInfo, StorageEffect
+from ._base import RoomInfo, StorageEffect, history_request
 
 __all__ = ["MemoryStore"]
 
@@ -124,15 +124,7 @@ class MemoryStore:
     async def history(
         self, room: str, *, after: int = 0, before: int | None = None, limit: int | None = None
     ) -> tuple[Message, ...]:
-        return self._range(
-            LoadHistory(
-                ref=0,
-                room=room,
-                after=after,
-                before=2**62 if before is None else before,
-                limit=limit,
-            )
-        )
+        return self._range(history_request(room, after, before, limit))
 
     async def positions(self, user: str) -> dict[str, tuple[int, int]]:
         return {room: pos for (who, room), pos in self.positions_by_key.items() if who == user}

@@ -44,7 +44,15 @@ from chatcore import (
     SaveRoom,
 )
 
-from ._base import RoomInfo, StorageEffect, StoreUnavailable, group_appends, new_epoch
+from ._base import (
+    RoomInfo,
+    StorageEffect,
+    StoreUnavailable,
+    delete_in_chunks,
+    group_appends,
+    history_request,
+    new_epoch,
+)
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -256,26 +264,19 @@ class SQLiteStore:
         await self._guarded(work)
 
     async def apply_retention(self, now: float) -> int:
-        """Cut every room down to its limits, oldest first, ``retention_chunk``
-        messages per transaction: appends interleave between the chunks."""
-        now_ms = round(now * 1000)
-        cuts = await self._guarded(self._retention_cuts, now_ms)
-        deleted = 0
-        for room, first, cut in cuts:
-            lo = first
-            while lo <= cut:
-                hi = min(cut, lo + self._chunk - 1)
-                deleted += await self._guarded(self._delete_range, room, lo, hi)
-                lo = hi + 1
-        return deleted
+        """Cut every room down to its limits, ``retention_chunk`` messages per
+        transaction; the database is released between chunks, so batches interleave."""
+        cuts = await self._guarded(self._retention_cuts, round(now * 1000))
+
+        async def delete(room: str, lo: int, hi: int) -> int:
+            return await self._guarded(self._delete_range, room, lo, hi)
+
+        return await delete_in_chunks(cuts, self._chunk, delete)
 
     async def history(
         self, room: str, *, after: int = 0, before: int | None = None, limit: int | None = None
     ) -> tuple[Message, ...]:
-        effect = LoadHistory(
-            ref=0, room=room, after=after, before=2**62 if before is None else before, limit=limit
-        )
-        return await self._guarded(self._range, effect)
+        return await self._guarded(self._range, history_request(room, after, before, limit))
 
     async def positions(self, user: str) -> dict[str, tuple[int, int]]:
         def work(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
