@@ -96,7 +96,8 @@ class Peer:
     ) -> None:
         self.id = conn
         self.user = user
-        self.stream = stream
+        # None once asyncio callbacks drive the transport (see ``adopt_asyncio``).
+        self.stream: anyio.abc.ByteStream | None = stream
         self.fd = fd  # -1: every write goes through the stream (TLS, or closed)
         self.ws = ws
         self.server = server
@@ -281,12 +282,14 @@ class Peer:
             if not self.writer:
                 server.flush_now()  # a close frame may still wait for the deferred flush
                 self.fd = -1  # never write to a descriptor number that may be reused
+                assert self.stream is not None
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     await self.stream.aclose()
             server.peer_finished(self)
 
     async def _read_loop(self) -> None:
         stream = self.stream
+        assert stream is not None
         ws = self.ws
         server = self.server
         while True:
@@ -350,19 +353,20 @@ class Peer:
     # -- the writer task (slow, TLS or closing peers only) -------------------------------
 
     async def write_loop(self) -> None:
+        stream = self.stream
+        assert stream is not None
         try:
-            await self._write()
+            await self._write(stream)
         finally:
             self.fd = -1
             if self.aborted:
-                _reset_on_close(self.stream.extra(anyio.abc.SocketAttribute.raw_socket, None))
+                _reset_on_close(stream.extra(anyio.abc.SocketAttribute.raw_socket, None))
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                await self.stream.aclose()  # wakes the reader
+                await stream.aclose()  # wakes the reader
             if self.done is not None:
                 self.done.set()
 
-    async def _write(self) -> None:
-        stream = self.stream
+    async def _write(self, stream: anyio.abc.ByteStream) -> None:
         server = self.server
         while True:
             if self.aborted:
@@ -440,6 +444,8 @@ def adopt_asyncio(peer: Peer, stream: anyio.abc.ByteStream) -> bytes | None:
         return None
     pending = b"".join(queue)
     queue.clear()
+    # Let anyio's stream go: its protocol's queue and events are ~2 KiB per connection.
+    peer.stream = None
     peer.transport = transport
     transport.set_protocol(_Link(peer))
     transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)

@@ -74,6 +74,8 @@ from ._ids import IdSource
 from ._names import dm_room, dm_users, is_valid_name, is_valid_room
 from ._room import Room
 from ._session import (
+    NO_OFFSETS,
+    NO_ROOMS,
     Catchup,
     Connection,
     PendingSend,
@@ -414,7 +416,10 @@ class Engine:
             self._wanted[name] = self._wanted.get(name, 0) + 1
         session.text_room = next(iter(session.rooms), None) or next(iter(session.wanted), None)
         self._timers.push(now + self.config.ping_interval, TimerKind.PING, conn, None)
-        session.waiting = {r for r in session.wanted if is_valid_room(r) and r not in self._rooms}
+        session.waiting = (
+            frozenset(r for r in session.wanted if is_valid_room(r) and r not in self._rooms)
+            or NO_ROOMS
+        )
         for room in session.wanted:  # in the client's order: effects are deterministic
             if room in session.waiting:
                 self._await_room(room, session, None, out)
@@ -467,7 +472,7 @@ class Engine:
                 conn.catchup[name] = Catchup(start + 1)
             else:
                 room.attach(conn)
-        session.offsets = {}
+        session.offsets = NO_OFFSETS
         if conn.catchup:
             self._pump(conn, out)
         backlog, session.backlog = session.backlog, []
@@ -506,7 +511,7 @@ class Engine:
         self._rooms[cmd.room] = room
         for session, request in waiters:
             if request is None:
-                session.waiting.discard(cmd.room)
+                session.waiting = session.waiting.difference((cmd.room,)) or NO_ROOMS
                 if not session.waiting and session.state in (
                     SessionState.OPENING,
                     SessionState.RESUMING,
@@ -550,7 +555,7 @@ class Engine:
                     out,
                 )
             elif cmd.room in session.waiting:
-                session.waiting.discard(cmd.room)
+                session.waiting = session.waiting.difference((cmd.room,)) or NO_ROOMS
                 if not session.waiting and session.state in (
                     SessionState.OPENING,
                     SessionState.RESUMING,

@@ -12,10 +12,14 @@ import enum
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from ._commands import ClientRequest, ConnId, Mode
 from ._errors import LocalProtocolError
 from ._events import Message
+
+NO_ROOMS: frozenset[str] = frozenset()
+NO_OFFSETS: Mapping[str, int] = MappingProxyType({})
 
 __all__ = ["TRANSITIONS", "SessionInput", "SessionState", "next_state"]
 
@@ -165,9 +169,10 @@ class Session:
         self.bucket = bucket  # chat messages
         self.requests = requests  # every request
         self.backlog: list[ClientRequest] = []  # frames that came before the welcome
-        self.waiting: set[str] = set()  # rooms still loading before READY
+        # Shared empties until needed: an idle server holds thousands of sessions.
+        self.waiting: frozenset[str] = NO_ROOMS  # rooms still loading before READY
         self.wanted: list[str] = []  # rooms asked for at connect, joined at READY
-        self.offsets: dict[str, int] = {}  # replay positions asked at resume
+        self.offsets: Mapping[str, int] = NO_OFFSETS  # replay positions asked at resume
         self.delivered: dict[str, int] = {}  # room head when the transport dropped
         self.detach_gen = 0
         self.resumed = False
