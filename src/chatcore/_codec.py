@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import replace
 from typing import Any, assert_never
 
 from ._commands import (
@@ -236,6 +237,24 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
 def encode_json(event: ServerEvent) -> str:
     """The ``chatcore.v1`` text frame for ``event``."""
     return json.dumps(event_to_dict(event), ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_string(text: str) -> str:
+    """``text`` as a JSON string, encoded as :func:`encode_json` encodes strings."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+_NO_USERS = '"users":[]'
+
+
+def encode_members(event: Members, users: str) -> str:
+    """:func:`encode_json` of ``event``, given its users already encoded: the JSON
+    strings of ``event.users`` joined with commas (a room keeps them; a crowd's
+    list is then joined, not encoded, per join).
+    """
+    frame = encode_json(replace(event, users=()))
+    # Every string value in the frame is JSON-escaped, so the key is the only match.
+    return frame.replace(_NO_USERS, f'"users":[{users}]', 1)
 
 
 def encode_text(event: ServerEvent) -> str | None:

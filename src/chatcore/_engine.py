@@ -62,7 +62,6 @@ from ._events import (
     History,
     Joined,
     Left,
-    Members,
     Message,
     ReadMark,
     RoomPosition,
@@ -779,14 +778,10 @@ class Engine:
         session.rooms[room.name] = None
         if session.text_room is None:
             session.text_room = room.name
-        count = room.users.get(session.user, 0)
-        room.users[session.user] = count + 1
-        if count == 0:
-            room.roster = None
-            if len(room.users) <= self.config.presence_limit:
-                self._broadcast(
-                    room, Joined(room=room.name, user=session.user), None, out, ephemeral=True
-                )
+        if room.add_user(session.user) and len(room.users) <= self.config.presence_limit:
+            self._broadcast(
+                room, Joined(room=room.name, user=session.user), None, out, ephemeral=True
+            )
         conn = session.conn
         if conn is not None and session.state is SessionState.LIVE:
             room.attach(conn)
@@ -808,12 +803,7 @@ class Engine:
         if session.conn is not None:
             room.detach(session.conn)
             session.conn.catchup.pop(room.name, None)
-        count = room.users[session.user] - 1
-        if count:
-            room.users[session.user] = count
-        else:
-            del room.users[session.user]
-            room.roster = None
+        if room.remove_user(session.user):
             room.typing.pop(session.user, None)
             if len(room.users) < self.config.presence_limit:
                 self._broadcast(
@@ -1071,22 +1061,8 @@ class Engine:
         self, conn: Connection, room: Room, out: list[Effect], offset: int | None = None
     ) -> None:
         """The member list, encoded once per room until members or head change."""
-        event = self._members(room, offset)
-        cached = room.members_json
-        if cached is not None and cached[0] == event:
-            self._to(conn, event, out, cached[1])
-            return
-        data = encode_json(event)
-        room.members_json = (event, data)
+        event, data = room.members(room.head if offset is None else offset)
         self._to(conn, event, out, data)
-
-    def _members(self, room: Room, offset: int | None = None) -> Members:
-        return Members(
-            room=room.name,
-            users=room.member_list(),
-            offset=room.head if offset is None else offset,
-            epoch=room.epoch,
-        )
 
     def _error(
         self,

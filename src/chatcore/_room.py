@@ -7,10 +7,12 @@ until the gap before them is filled.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 
+from ._codec import encode_members, encode_string
 from ._commands import Mode
-from ._events import Message
+from ._events import Members, Message
 from ._session import Connection, PendingSend
 
 __all__ = ["Room"]
@@ -27,8 +29,10 @@ class Room:
         "conns",
         "text_conns",
         "users",
-        "roster",
-        "members_json",
+        "_sorted",
+        "_encoded",
+        "_roster",
+        "_members_json",
         "typing",
         "reads",
         "early",
@@ -57,9 +61,14 @@ class Room:
         self.text_conns: dict[int, Connection] = {}
         # Members: sessions per user, counting sessions in their grace period.
         self.users: dict[str, int] = {}
-        self.roster: tuple[str, ...] | None = None  # sorted users, until they change
-        # The last members event sent and its JSON: joins in a row encode it once.
-        self.members_json: tuple[object, str] | None = None
+        # The users in order and each one's JSON string, kept sorted as they come and
+        # go: a join in a crowded room costs a binary search and a join of strings,
+        # never a sort or an encoding of everyone.
+        self._sorted: list[str] = []
+        self._encoded: list[str] = []
+        self._roster: tuple[str, ...] | None = None  # _sorted as a tuple, until it changes
+        # The last members frame: (offset, epoch, its JSON); joins in a row encode it once.
+        self._members_json: tuple[int, str, str] | None = None
         # user -> (when the indicator expires, id of its one live timer)
         self.typing: dict[str, tuple[float, int]] = {}
         self.reads: dict[str, int] = {}
@@ -93,7 +102,43 @@ class Room:
             return list(self.window)
         return [self.window[i] for i in range(lo, hi + 1)]
 
+    def add_user(self, user: str) -> bool:
+        """Count one more session of ``user`` in the room; True if the user is new."""
+        count = self.users.get(user, 0)
+        self.users[user] = count + 1
+        if count:
+            return False
+        i = bisect_left(self._sorted, user)
+        self._sorted.insert(i, user)
+        self._encoded.insert(i, encode_string(user))
+        self._roster = self._members_json = None
+        return True
+
+    def remove_user(self, user: str) -> bool:
+        """Count one session of ``user`` less; True if that was the user's last."""
+        count = self.users[user] - 1
+        if count:
+            self.users[user] = count
+            return False
+        del self.users[user]
+        i = bisect_left(self._sorted, user)
+        del self._sorted[i]
+        del self._encoded[i]
+        self._roster = self._members_json = None
+        return True
+
     def member_list(self) -> tuple[str, ...]:
-        if self.roster is None:
-            self.roster = tuple(sorted(self.users))
-        return self.roster
+        """The users, sorted."""
+        if self._roster is None:
+            self._roster = tuple(self._sorted)
+        return self._roster
+
+    def members(self, offset: int) -> tuple[Members, str]:
+        """The members event with everything after ``offset`` to follow, and its JSON."""
+        event = Members(room=self.name, users=self.member_list(), offset=offset, epoch=self.epoch)
+        cached = self._members_json
+        if cached is not None and cached[0] == offset and cached[1] == self.epoch:
+            return event, cached[2]
+        data = encode_members(event, ",".join(self._encoded))
+        self._members_json = (offset, self.epoch, data)
+        return event, data
