@@ -342,7 +342,7 @@ class Peer:
                     if not self.closing:
                         self.close_code = event.code
                         self.queue(self.ws.send(event.response()))
-                        server.peer_left(self)
+                        server.peer_left(self, event.code)
                 elif self.ws.state is ConnectionState.OPEN:
                     # wsproto found a protocol error (bad UTF-8: 1007, ...).
                     server.peer_refused(self, event.code, event.reason or "protocol error")

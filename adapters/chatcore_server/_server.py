@@ -549,11 +549,11 @@ class ChatServer:
     def peer_written(self, peer: Peer, frames: int, nbytes: int) -> None:
         self._feed(Written(conn=peer.id, frames=frames, nbytes=nbytes))
 
-    def peer_left(self, peer: Peer) -> None:
-        """The client sent a close frame."""
+    def peer_left(self, peer: Peer, code: int) -> None:
+        """The client sent a close frame (1000: its session ends, no grace period)."""
         peer.closing = True
         if self._peers.pop(peer.id, None) is not None:
-            self._feed(Disconnected(conn=peer.id))
+            self._feed(Disconnected(conn=peer.id, code=code))
 
     def peer_refused(self, peer: Peer, code: int, reason: str) -> None:
         """The client broke a rule the transport enforces (size, UTF-8, binary)."""

@@ -242,6 +242,16 @@ class Simulation:
         self._record(f"{client.user} dropped")
         self.feed(Disconnected(conn=conn))
 
+    def close(self, client: SimClient, code: int = 1000) -> None:
+        """The client closes its connection with ``code``: 1000 ends its session at
+        once (the others see it leave); another code is kept for the grace period."""
+        if client.conn is None:
+            raise RuntimeError(f"{client.user} is not connected")
+        conn, client.conn = client.conn, None
+        del self._by_conn[conn]
+        self._record(f"{client.user} closed {code}")
+        self.feed(Disconnected(conn=conn, code=code))
+
     def resume(self, client: SimClient) -> None:
         """Reconnect with the resume token and the last offset seen per room."""
         if client.conn is not None:

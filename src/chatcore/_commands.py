@@ -89,9 +89,16 @@ class Receive:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Disconnected:
-    """The transport is gone (closed, reset, or failed to write)."""
+    """The transport is gone (closed, reset, or failed to write).
+
+    ``code`` is the close code the client sent, None when the transport went
+    without one. A client closing with 1000 (normal closure) is done: its
+    session ends at once and the others see it leave. Any other code, or none,
+    keeps the session for the grace period so the client can resume.
+    """
 
     conn: ConnId
+    code: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -187,7 +187,10 @@ class Engine:
             case Disconnected():
                 gone = self._conns.get(command.conn)
                 if gone is not None:  # None: the engine closed it already
+                    session = gone.session
                     self._drop(gone, out)
+                    if command.code == CloseCode.NORMAL and session.state is SessionState.DETACHED:
+                        self._expire(session, now, out)  # closed on purpose: no grace
             case Pong():
                 if (conn := self._conns.get(command.conn)) is not None:
                     conn.last_seen = now

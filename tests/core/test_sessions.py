@@ -140,6 +140,27 @@ def test_after_the_grace_period_others_see_left_and_resume_starts_fresh() -> Non
     ]
 
 
+def test_closing_with_1000_leaves_at_once_and_any_other_close_keeps_the_session() -> None:
+    sim = Simulation(Config(grace_period=30), seed=7)
+    alice = sim.connect("alice", room="general")
+    bob = sim.connect("bob", room="general")
+    carol = sim.connect("carol", room="general")
+    alice.take()
+    sim.close(bob)  # "I'm done": no grace period to wait out
+    assert alice.take() == [{"type": "left", "room": "general", "user": "bob"}]
+    assert sim.engine.members("general") == ("alice", "carol")
+    assert sim.store.positions_by_key["bob", "general"] == (0, 0)
+    sim.resume(bob)
+    assert bob.of_type("welcome")[-1]["resumed"] is False
+    assert alice.take() == [{"type": "joined", "room": "general", "user": "bob"}]
+    sim.close(carol, 1001)  # going away (a page reload): may come back
+    alice.send("while carol reloads")
+    assert [e["type"] for e in alice.take()] == ["ack"]
+    sim.resume(carol)
+    assert carol.of_type("welcome")[-1]["resumed"] is True
+    assert carol.texts() == ["while carol reloads"]
+
+
 def test_unknown_or_stolen_token_gets_a_fresh_session() -> None:
     sim = Simulation(seed=7)
     alice = sim.connect("alice", room="general")

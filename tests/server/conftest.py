@@ -148,6 +148,14 @@ async def kill(conn: Any) -> None:
         conn.transport.abort()
 
 
+async def close_with(conn: Any, code: int) -> None:
+    """Close with a close frame carrying ``code`` and wait for the server's answer."""
+    if sniffio.current_async_library() == "trio":
+        await conn.aclose(code)
+    else:
+        await conn.close(code)
+
+
 async def send_raw(conn: Any, data: bytes) -> None:
     """Write bytes below the WebSocket layer (to send what websockets would refuse)."""
     if sniffio.current_async_library() == "trio":

@@ -9,7 +9,7 @@ import pytest
 
 from chatcore import Config
 
-from .conftest import GUARD, JSON, kill, recv, recv_until, serving, welcome, ws_connect
+from .conftest import GUARD, JSON, close_with, kill, recv, recv_until, serving, welcome, ws_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -71,6 +71,32 @@ async def test_past_grace_others_see_left_and_resume_is_refused() -> None:
             assert w["type"] == "welcome"
             assert w["resumed"] is False
             assert w["resume"] != token
+
+
+async def test_a_client_closing_with_1000_leaves_at_once_and_1001_may_resume() -> None:
+    async with (
+        serving(config=Config(grace_period=30)) as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
+    ):
+        await welcome(alice)
+        async with ws_connect(f"{srv.ws}?user=carol&room=general", **JSON) as carol:
+            token = (await welcome(carol))["resume"]
+            await recv_until(
+                alice, lambda e: e == {"type": "joined", "room": "general", "user": "carol"}
+            )
+            await close_with(carol, 1001)  # going away: the session waits for carol
+        async with ws_connect(f"{srv.ws}?user=bob&room=general", **JSON) as bob:
+            await welcome(bob)
+            await recv_until(
+                alice, lambda e: e == {"type": "joined", "room": "general", "user": "bob"}
+            )
+        # bob's client closed with 1000 on leaving the block: alice sees him go now, not in 30 s.
+        got = await recv_until(alice, lambda e: e["type"] == "left")
+        assert got[-1] == {"type": "left", "room": "general", "user": "bob"}
+        async with ws_connect(f"{srv.ws}?user=carol&room=general&resume={token}", **JSON) as c2:
+            w = await recv(c2)
+            assert w["type"] == "welcome"
+            assert w["resumed"] is True
 
 
 async def test_python_client_resumes_by_itself() -> None:
