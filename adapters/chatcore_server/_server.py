@@ -339,11 +339,9 @@ class ChatServer:
         once would spend the core on writes of one message each; waiting about
         as long as a flush takes (at most 10 ms) lets every write carry the
         messages that arrive meanwhile. A server that is not busy never waits,
-        so its latency stays that of an immediate write. (A quarter of the time
-        is enough: connection churn in a full room spends the rest on handshakes,
-        and its joined/left events then share writes too.)
+        so its latency stays that of an immediate write.
         """
-        if self._flush_busy < 0.25 or self._flush_cost < 0.0002:
+        if self._flush_busy < 0.5 or self._flush_cost < 0.0005:
             return 0.0
         return min(self._flush_cost, 0.010)
 
