@@ -8,7 +8,7 @@ Adapters need only :class:`HistoryStore`. Admin tools (``chatcore rooms``,
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeGuard, runtime_checkable
 
@@ -17,10 +17,12 @@ from chatcore import (
     Command,
     Effect,
     LoadHistory,
+    LoadInbox,
     LoadRoom,
     Message,
     SavePositions,
     SaveRoom,
+    dm_users,
 )
 
 __all__ = [
@@ -32,12 +34,13 @@ __all__ = [
     "delete_in_chunks",
     "group_appends",
     "history_request",
+    "inbox_rooms",
     "is_storage_effect",
     "new_epoch",
 ]
 
-StorageEffect = LoadRoom | Append | LoadHistory | SaveRoom | SavePositions
-_STORAGE = (LoadRoom, Append, LoadHistory, SaveRoom, SavePositions)
+StorageEffect = LoadRoom | Append | LoadHistory | LoadInbox | SaveRoom | SavePositions
+_STORAGE = (LoadRoom, Append, LoadHistory, LoadInbox, SaveRoom, SavePositions)
 
 
 def is_storage_effect(effect: Effect) -> TypeGuard[StorageEffect]:
@@ -156,6 +159,19 @@ class DurableStore(HistoryStore, Protocol):
     async def positions(self, user: str) -> dict[str, tuple[int, int]]:
         """The user's (delivered, read) offsets per room."""
         ...
+
+
+def inbox_rooms(user: str, names: Iterable[str], limit: int) -> tuple[str, ...]:
+    """The first ``limit`` of ``names`` that are direct-message rooms of ``user``
+    (a SQL prefilter on the name is coarse; this is exact)."""
+    found = []
+    for name in names:
+        pair = dm_users(name)
+        if pair is not None and user in pair:
+            found.append(name)
+            if len(found) == limit:
+                break
+    return tuple(found)
 
 
 def history_request(

@@ -17,12 +17,16 @@ from chatcore import (
     Command,
     HistoryFailed,
     HistoryLoaded,
+    InboxFailed,
+    InboxLoaded,
     LoadHistory,
+    LoadInbox,
     LoadRoom,
     Message,
     RoomLoaded,
     SavePositions,
     SaveRoom,
+    dm_users,
 )
 
 from ._base import RoomInfo, StorageEffect, history_request
@@ -171,6 +175,10 @@ class MemoryStore:
                 if not self.available:
                     return HistoryFailed(ref=effect.ref, reason="store unavailable")
                 return HistoryLoaded(ref=effect.ref, messages=self._range(effect))
+            case LoadInbox():
+                if not self.available:
+                    return InboxFailed(ref=effect.ref, reason="store unavailable")
+                return InboxLoaded(ref=effect.ref, rooms=self._inbox(effect))
             case SaveRoom():
                 room = self._room(effect.room)
                 room.private, room.allow = effect.private, effect.allow
@@ -182,6 +190,18 @@ class MemoryStore:
                     delivered, read = self.positions_by_key.get(key, (0, 0))
                     self.positions_by_key[key] = (max(delivered, p.delivered), max(read, p.read))
                 return None
+
+    def _inbox(self, effect: LoadInbox) -> tuple[str, ...]:
+        found = []
+        for name, room in self._rooms.items():
+            pair = dm_users(name)
+            if pair is None or effect.user not in pair:
+                continue
+            read = self.positions_by_key.get((effect.user, name), (0, 0))[1]
+            if room.head > read:
+                last = room.messages[-1].ts if room.messages else -1
+                found.append((-last, name))
+        return tuple(name for _, name in sorted(found)[: effect.limit])
 
     def _append(self, effect: Append) -> Appended:
         room = self._room(effect.room)

@@ -9,7 +9,8 @@ Three families, all frozen values passed to :meth:`Engine.handle`:
   them directly;
 * log answers, the results of storage effects fed back in
   (``RoomLoaded``, ``Appended``, ``AppendFailed``, ``HistoryLoaded``,
-  ``HistoryFailed``), and host commands (``CreateRoom``, ``Shutdown``).
+  ``HistoryFailed``, ``InboxLoaded``, ``InboxFailed``), and host commands
+  (``CreateRoom``, ``Shutdown``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ __all__ = [
     "FetchHistory",
     "HistoryFailed",
     "HistoryLoaded",
+    "InboxFailed",
+    "InboxLoaded",
     "Join",
     "Leave",
     "MarkRead",
@@ -260,6 +263,22 @@ class HistoryFailed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class InboxLoaded:
+    """Answer to ``LoadInbox``: direct-message rooms with unread messages, newest first."""
+
+    ref: int
+    rooms: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboxFailed:
+    """The log could not answer ``LoadInbox``: the session starts without those rooms."""
+
+    ref: int
+    reason: str = "store unavailable"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CreateRoom:
     """Host/admin: create or update a room; private rooms admit only ``allow``."""
 
@@ -302,6 +321,8 @@ Command = (
     | AppendFailed
     | HistoryLoaded
     | HistoryFailed
+    | InboxLoaded
+    | InboxFailed
     | CreateRoom
     | Publish
     | Shutdown

@@ -36,6 +36,11 @@ class Config:
     request_burst: int = 60
     request_per_second: float = 30.0
     """Every client request (typing, read, history, join...) per session."""
+    dm_inbox: bool = True
+    """A new session also joins the user's direct-message rooms that hold messages
+    the user has not marked read (the log is asked with ``LoadInbox``), newest
+    first, within ``max_rooms_per_session``: a direct message sent while its
+    recipient was away is there when they come back."""
     presence_limit: int = 1000
     """Rooms with more users than this send no ``joined``/``left`` events (a
     crowd's comings and goings would drown its messages); ``members`` on join

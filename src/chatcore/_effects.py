@@ -1,8 +1,8 @@
 """Effects: everything the engine asks its adapter to do.
 
 Transport effects (``Deliver``, ``Close``, ``Ping``) act on connections;
-storage effects (``LoadRoom``, ``Append``, ``LoadHistory``, ``SaveRoom``,
-``SavePositions``) go to the log, whose answers come back as commands. The
+storage effects (``LoadRoom``, ``Append``, ``LoadHistory``, ``LoadInbox``,
+``SaveRoom``, ``SavePositions``) go to the log, whose answers come back as commands. The
 adapter carries them out in the order given.
 """
 
@@ -19,6 +19,7 @@ __all__ = [
     "Deliver",
     "Effect",
     "LoadHistory",
+    "LoadInbox",
     "LoadRoom",
     "Ping",
     "Position",
@@ -97,6 +98,18 @@ class LoadHistory:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LoadInbox:
+    """Answer ``InboxLoaded``: the direct-message rooms of ``user`` (``dm:a:b``
+    with ``user`` as ``a`` or ``b``) whose head is past the read offset last
+    saved for ``user`` there, the one with the newest message first, at most
+    ``limit``. Asked once per new session, before its welcome."""
+
+    ref: int
+    user: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SaveRoom:
     room: str
     private: bool
@@ -118,4 +131,6 @@ class SavePositions:
     positions: tuple[Position, ...]
 
 
-Effect = Deliver | Close | Ping | LoadRoom | Append | LoadHistory | SaveRoom | SavePositions
+Effect = (
+    Deliver | Close | Ping | LoadRoom | Append | LoadHistory | LoadInbox | SaveRoom | SavePositions
+)

@@ -26,6 +26,8 @@ from ._commands import (
     FetchHistory,
     HistoryFailed,
     HistoryLoaded,
+    InboxFailed,
+    InboxLoaded,
     Join,
     Leave,
     MarkRead,
@@ -49,6 +51,7 @@ from ._effects import (
     Deliver,
     Effect,
     LoadHistory,
+    LoadInbox,
     LoadRoom,
     Ping,
     Position,
@@ -137,6 +140,7 @@ class Engine:
         self._pages: dict[int, _PendingPage] = {}
         self._catchups: dict[int, tuple[Connection, str, int]] = {}
         self._gaps: dict[int, str] = {}
+        self._inboxes: dict[int, Session] = {}  # LoadInbox ref -> the session waiting
         self._ref = 0
         self._timers = Timers()
         self._closing = False
@@ -212,6 +216,10 @@ class Engine:
                 self._history_loaded(command, out)
             case HistoryFailed():
                 self._history_failed(command, now, out)
+            case InboxLoaded():
+                self._inbox_loaded(command.ref, command.rooms, now, out)
+            case InboxFailed():
+                self._inbox_loaded(command.ref, (), now, out)
             case CreateRoom():
                 self._create_room(command, out)
             case Publish():
@@ -341,7 +349,9 @@ class Engine:
             "rooms": len(self._rooms),
             "timers": self._timers.size(),
             "pending_appends": len(self._pending),
-            "pending_loads": len(self._loading) + len(self._pages) + len(self._catchups),
+            "pending_loads": (
+                len(self._loading) + len(self._pages) + len(self._catchups) + len(self._inboxes)
+            ),
             "messages_in_memory": sum(len(r.window) for r in self._rooms.values()),
         }
 
@@ -422,11 +432,52 @@ class Engine:
             frozenset(r for r in session.wanted if is_valid_room(r) and r not in self._rooms)
             or NO_ROOMS
         )
+        if not session.resumed and self.config.dm_inbox:
+            limit = self.config.max_rooms_per_session - len(session.wanted)
+            if limit > 0:
+                self._ref += 1
+                session.inbox = self._ref
+                self._inboxes[self._ref] = session
+                out.append(LoadInbox(ref=self._ref, user=session.user, limit=limit))
         for room in session.wanted:  # in the client's order: effects are deterministic
             if room in session.waiting:
                 self._await_room(room, session, None, out)
-        if not session.waiting:
+        self._maybe_ready(session, now, out)
+
+    def _maybe_ready(self, session: Session, now: float, out: list[Effect]) -> None:
+        """Welcome a connecting session once its rooms and its inbox are loaded."""
+        if (
+            not session.waiting
+            and session.inbox is None
+            and session.state in (SessionState.OPENING, SessionState.RESUMING)
+        ):
             self._ready(session, now, out)
+
+    def _inbox_loaded(
+        self, ref: int, rooms: tuple[str, ...], now: float, out: list[Effect]
+    ) -> None:
+        """Add the direct-message rooms the log found to those the session asked for."""
+        session = self._inboxes.pop(ref, None)
+        if session is None or session.inbox != ref:
+            return  # an answer nobody waits for any more
+        session.inbox = None
+        limit = self.config.max_rooms_per_session - len(session.wanted)
+        added = [
+            r
+            for r in dict.fromkeys(rooms)
+            if (pair := dm_users(r)) is not None
+            and session.user in pair
+            and r not in session.wanted
+        ][: max(limit, 0)]
+        session.wanted = session.wanted + added
+        for name in added:
+            self._wanted[name] = self._wanted.get(name, 0) + 1
+        loading = [r for r in added if r not in self._rooms]
+        if loading:
+            session.waiting = session.waiting.union(loading)
+            for name in loading:
+                self._await_room(name, session, None, out)
+        self._maybe_ready(session, now, out)
 
     def _ready(self, session: Session, now: float, out: list[Effect]) -> None:
         conn = session.conn
@@ -514,11 +565,7 @@ class Engine:
         for session, request in waiters:
             if request is None:
                 session.waiting = session.waiting.difference((cmd.room,)) or NO_ROOMS
-                if not session.waiting and session.state in (
-                    SessionState.OPENING,
-                    SessionState.RESUMING,
-                ):
-                    self._ready(session, now, out)
+                self._maybe_ready(session, now, out)
             elif session.state is SessionState.LIVE:
                 self._request(session, request, now, out)
         self._forget_if_empty(room)
@@ -558,11 +605,7 @@ class Engine:
                 )
             elif cmd.room in session.waiting:
                 session.waiting = session.waiting.difference((cmd.room,)) or NO_ROOMS
-                if not session.waiting and session.state in (
-                    SessionState.OPENING,
-                    SessionState.RESUMING,
-                ):
-                    self._ready(session, now, out)
+                self._maybe_ready(session, now, out)
 
     def _release_wanted(self, session: Session) -> None:
         """The session no longer holds the rooms it asked for at connect in memory."""
@@ -1192,6 +1235,9 @@ class Engine:
     def _end(self, session: Session, out: list[Effect]) -> None:
         """A session is over: save where it stood, leave its rooms."""
         self._release_wanted(session)
+        if session.inbox is not None:
+            del self._inboxes[session.inbox]
+            session.inbox = None
         positions = []
         for name in session.rooms:
             room = self._rooms[name]

@@ -154,6 +154,7 @@ class Session:
         "delivered",
         "detach_gen",
         "resumed",
+        "inbox",
     )
 
     def __init__(
@@ -176,3 +177,4 @@ class Session:
         self.delivered: dict[str, int] = {}  # room head when the transport dropped
         self.detach_gen = 0
         self.resumed = False
+        self.inbox: int | None = None  # ref of the LoadInbox the welcome waits for

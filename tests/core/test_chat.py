@@ -221,6 +221,40 @@ def test_direct_messages_reach_every_session_of_the_recipient() -> None:
     assert alice.texts(room) == ["hi back"]
 
 
+def test_a_direct_message_sent_while_away_is_waiting_when_the_recipient_comes() -> None:
+    sim = Simulation(seed=1)
+    alice = sim.connect("alice", room="general")
+    alice.dm("bob", "are you there?")  # bob has never connected
+    sim.advance(1)
+    carol = sim.connect("carol")
+    carol.dm("bob", "ping me")
+    bob = sim.connect("bob", room="general")
+    welcome = bob.of_type("welcome")[-1]
+    # Newest conversation first, after the rooms bob asked for.
+    assert list(welcome["rooms"]) == ["general", "dm:bob:carol", "dm:alice:bob"]
+    assert welcome["rooms"]["dm:alice:bob"]["read"] == 0
+    bob.history("dm:alice:bob")
+    assert [m["text"] for m in bob.of_type("history")[-1]["messages"]] == ["are you there?"]
+    alice.dm("bob", "great")  # bob is in the room now: live
+    assert bob.texts("dm:alice:bob") == ["great"]
+    bob.read(2, "dm:alice:bob")
+    sim.close(bob)
+    bob = sim.connect("bob")  # a new session: only the conversation with something unread
+    assert list(bob.of_type("welcome")[-1]["rooms"]) == ["dm:bob:carol"]
+
+
+def test_the_inbox_respects_the_room_limit_and_can_be_turned_off() -> None:
+    sim = Simulation(Config(max_rooms_per_session=2), seed=1)
+    for sender in ("alice", "carol", "dave"):
+        sim.connect(sender).dm("bob", f"from {sender}")
+        sim.advance(1)
+    bob = sim.connect("bob", room="general")
+    assert list(bob.of_type("welcome")[-1]["rooms"]) == ["general", "dm:bob:dave"]
+    quiet = Simulation(Config(dm_inbox=False), seed=1)
+    quiet.connect("alice").dm("bob", "hi")
+    assert list(quiet.connect("bob").of_type("welcome")[-1]["rooms"]) == []
+
+
 def test_join_and_leave_events() -> None:
     sim = Simulation(seed=1)
     alice = sim.connect("alice", room="general")

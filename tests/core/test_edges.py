@@ -28,8 +28,11 @@ from chatcore import (
     HandshakeError,
     HistoryFailed,
     HistoryLoaded,
+    InboxFailed,
+    InboxLoaded,
     Join,
     LoadHistory,
+    LoadInbox,
     LoadRoom,
     LocalProtocolError,
     MarkRead,
@@ -91,12 +94,14 @@ class Host:
         self.closed: dict[int, tuple[int, str]] = {}
         self.pings: list[int] = []
         self.auto_write = True
+        self.auto_inbox = True  # answer LoadInbox with an empty inbox at once
 
     def do(self, command: Any) -> None:
         self.run(self.engine.handle(command, self.now))
 
     def run(self, effects: list[Effect]) -> None:
         written: list[tuple[int, int, int]] = []
+        inboxes: list[LoadInbox] = []
         for effect in effects:
             if isinstance(effect, Deliver):
                 for conn in effect.to:
@@ -107,10 +112,14 @@ class Host:
                 self.closed[effect.conn] = (effect.code, effect.reason)
             elif isinstance(effect, Ping):
                 self.pings.append(effect.conn)
+            elif isinstance(effect, LoadInbox) and self.auto_inbox:
+                inboxes.append(effect)
             else:
                 self.storage.append(effect)
         if written and self.auto_write:
             self.do(WrittenMany(reports=tuple(written)))
+        for inbox in inboxes:
+            self.do(InboxLoaded(ref=inbox.ref, rooms=()))
 
     def take_storage(self, kind: type) -> Any:
         for i, effect in enumerate(self.storage):
@@ -584,3 +593,37 @@ def test_follow_offsets_keeps_what_a_client_needs_to_resume() -> None:
         offsets, "alice", {"type": "welcome", "resumed": True, "rooms": {"general": {"offset": 5}}}
     )
     assert offsets == {"general": 5}
+
+
+def test_the_inbox_answer_adds_only_the_users_own_direct_rooms() -> None:
+    h = Host(Config(max_rooms_per_session=3))
+    h.auto_inbox = False
+    h.connect(1, "bob", "general")
+    inbox = h.take_storage(LoadInbox)
+    assert (inbox.user, inbox.limit) == ("bob", 2)  # 3 rooms, one asked for
+    h.open_room("general")
+    assert h.frames.get(1) is None  # the welcome waits for the inbox
+    # A log answering for other rooms (or twice) cannot put bob anywhere else.
+    rooms = ("dm:carol:dave", "general2", "dm:alice:bob", "dm:bob:carol", "dm:bob:dave")
+    h.do(InboxLoaded(ref=inbox.ref, rooms=rooms))
+    h.do(InboxLoaded(ref=inbox.ref, rooms=("dm:bob:eve",)))
+    h.open_room("dm:alice:bob")
+    assert h.frames.get(1) is None
+    h.open_room("dm:bob:carol")
+    assert list(h.frames[1][0]["rooms"]) == ["general", "dm:alice:bob", "dm:bob:carol"]
+    assert h.storage == []  # dm:bob:dave is past the room limit; nothing else asked
+
+
+def test_a_failed_inbox_still_welcomes_and_a_dropped_session_forgets_it() -> None:
+    h = Host()
+    h.auto_inbox = False
+    h.connect(1, "bob")
+    h.do(InboxFailed(ref=h.take_storage(LoadInbox).ref))
+    assert h.kinds(1) == ["welcome"]
+    h.connect(2, "carol")
+    inbox = h.take_storage(LoadInbox)
+    h.do(Disconnected(conn=2))
+    assert h.engine.stats()["pending_loads"] == 0
+    h.do(InboxLoaded(ref=inbox.ref, rooms=("dm:bob:carol",)))  # too late: ignored
+    assert h.storage == []
+    assert h.engine.stats()["sessions"] == 1
