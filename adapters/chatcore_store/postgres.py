@@ -34,7 +34,10 @@ from chatcore import (
     Command,
     HistoryFailed,
     HistoryLoaded,
+    InboxFailed,
+    InboxLoaded,
     LoadHistory,
+    LoadInbox,
     LoadRoom,
     Message,
     RoomLoaded,
@@ -50,6 +53,7 @@ from ._base import (
     delete_in_chunks,
     group_appends,
     history_request,
+    inbox_rooms,
     new_epoch,
 )
 
@@ -388,6 +392,8 @@ class PostgresStore:
                     answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
                 case LoadRoom():
                     answers.append(RoomLoadFailed(room=effect.room, reason=UNAVAILABLE))
+                case LoadInbox():
+                    answers.append(InboxFailed(ref=effect.ref, reason=UNAVAILABLE))
                 case _:
                     log.warning("postgres store lost %r", effect)
         return answers
@@ -418,6 +424,28 @@ class PostgresStore:
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=await self._range(db, effect))
+            case LoadInbox():
+                # Direct-message rooms, with the user as the first name or the last
+                # (no range on the name: a locale collation may not sort ':' as C does).
+                cur = await db.execute(
+                    "SELECT r.name FROM rooms r"
+                    " LEFT JOIN positions p ON p.username = %s AND p.room = r.name"
+                    " LEFT JOIN messages m ON m.room = r.name AND m.msg_offset = r.head"
+                    " WHERE left(r.name, 3) = 'dm:'"
+                    " AND (left(r.name, %s) = %s OR right(r.name, %s) = %s)"
+                    " AND r.head > coalesce(p.read, 0)"
+                    " ORDER BY m.ts DESC NULLS LAST, r.name LIMIT %s",
+                    (
+                        effect.user,
+                        len(effect.user) + 4,
+                        f"dm:{effect.user}:",
+                        len(effect.user) + 1,
+                        f":{effect.user}",
+                        effect.limit,
+                    ),
+                )
+                names = inbox_rooms(effect.user, (r[0] for r in await cur.fetchall()), effect.limit)
+                return InboxLoaded(ref=effect.ref, rooms=names)
             case SaveRoom():
                 await self._save_room(db, effect)
                 return None

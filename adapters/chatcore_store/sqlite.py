@@ -35,7 +35,10 @@ from chatcore import (
     Command,
     HistoryFailed,
     HistoryLoaded,
+    InboxFailed,
+    InboxLoaded,
     LoadHistory,
+    LoadInbox,
     LoadRoom,
     Message,
     RoomLoaded,
@@ -51,6 +54,7 @@ from ._base import (
     delete_in_chunks,
     group_appends,
     history_request,
+    inbox_rooms,
     new_epoch,
 )
 
@@ -388,7 +392,9 @@ class SQLiteStore:
                     reachable = False
                 else:
                     try:
-                        with _transaction(db, write=not isinstance(effect, LoadHistory)):
+                        with _transaction(
+                            db, write=not isinstance(effect, (LoadHistory, LoadInbox))
+                        ):
                             answer = self._apply(db, effect)
                         done = True
                     except (sqlite3.Error, OSError) as exc:
@@ -402,6 +408,8 @@ class SQLiteStore:
                     answers.append(HistoryFailed(ref=effect.ref, reason=UNAVAILABLE))
                 case LoadRoom():
                     answers.append(RoomLoadFailed(room=effect.room, reason=UNAVAILABLE))
+                case LoadInbox():
+                    answers.append(InboxFailed(ref=effect.ref, reason=UNAVAILABLE))
                 case _:
                     log.warning("sqlite store %s lost %r", self.path, effect)
         return answers
@@ -430,6 +438,28 @@ class SQLiteStore:
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=self._range(db, effect))
+            case LoadInbox():
+                # Direct-message rooms sort between "dm:" and "dm;" (the primary key
+                # bounds the scan); the user is the first name or the last.
+                rows = db.execute(
+                    "SELECT r.name FROM rooms r"
+                    " LEFT JOIN positions p ON p.username = ? AND p.room = r.name"
+                    " LEFT JOIN messages m ON m.room = r.name AND m.msg_offset = r.head"
+                    " WHERE r.name >= 'dm:' AND r.name < 'dm;'"
+                    " AND (substr(r.name, 1, ?) = ? OR substr(r.name, -?) = ?)"
+                    " AND r.head > coalesce(p.read, 0)"
+                    " ORDER BY m.ts DESC, r.name LIMIT ?",
+                    (
+                        effect.user,
+                        len(effect.user) + 4,
+                        f"dm:{effect.user}:",
+                        len(effect.user) + 1,
+                        f":{effect.user}",
+                        effect.limit,
+                    ),
+                ).fetchall()
+                names = inbox_rooms(effect.user, (r[0] for r in rows), effect.limit)
+                return InboxLoaded(ref=effect.ref, rooms=names)
             case SaveRoom():
                 self._save_room(db, effect)
                 return None

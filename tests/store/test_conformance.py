@@ -13,7 +13,9 @@ from chatcore import (
     Append,
     Appended,
     HistoryLoaded,
+    InboxLoaded,
     LoadHistory,
+    LoadInbox,
     LoadRoom,
     Message,
     Position,
@@ -310,3 +312,39 @@ async def test_retention_by_age_never_deletes_a_young_message(make_store: MakeSt
     await store.set_retention("lobby", max_age=3 * 86_400)
     assert await store.apply_retention(T0 / 1000) == 1  # the front stops at the first young one
     assert await page(store) == [2, 3, 4, 5]
+
+
+async def test_the_inbox_lists_direct_rooms_with_unread_messages_newest_first(
+    make_store: MakeStore,
+) -> None:
+    store = await make_store()
+    rooms = ["dm:alice:bob", "dm:bob:carol", "dm:bob_x:dave", "dm:bob:bob2", "dm:dave:xbob"]
+    for i, room in enumerate(rooms):
+        await load(store, room)
+        await appended(store, append(i, room=room, sender="dave", ts=T0 + i))
+    await load(store, "bob")  # a room named like the user: not a DM room
+    await appended(store, append(9, room="bob", ts=T0 + 99))
+    # bob read everything in dm:bob:bob2, and only offset 0 of dm:bob:carol.
+    await store.execute(
+        [
+            SavePositions(
+                user="bob",
+                positions=(
+                    Position(room="dm:bob:bob2", delivered=1, read=1),
+                    Position(room="dm:bob:carol", delivered=1, read=0),
+                ),
+            )
+        ]
+    )
+
+    async def inbox(user: str, limit: int = 10) -> tuple[str, ...]:
+        [answer] = await store.execute([LoadInbox(ref=7, user=user, limit=limit)])
+        assert isinstance(answer, InboxLoaded)
+        assert answer.ref == 7
+        return answer.rooms
+
+    # Not "dm:bob_x:dave" ("_" is no wildcard), not "dm:dave:xbob", not the read one.
+    assert await inbox("bob") == ("dm:bob:carol", "dm:alice:bob")
+    assert await inbox("bob", limit=1) == ("dm:bob:carol",)
+    assert await inbox("dave") == ("dm:dave:xbob", "dm:bob_x:dave")
+    assert await inbox("nobody") == ()
