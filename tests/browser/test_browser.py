@@ -263,3 +263,28 @@ def test_a_message_typed_while_joining_a_room_is_sent_once_joined(
     assert alice.locator("#messages .msg.failed").count() == 0
     assert shown(alice) == [(1, "alice", "first!")]
     assert alice.locator("#room-title").inner_text() == "#news"
+
+
+def test_direct_messages_sent_while_away_are_waiting_unread(
+    browser: Any, server: str, artifacts: Path
+) -> None:
+    url = server.replace("http", "ws", 1)
+    with connect(f"{url}/ws?user=alice", subprotocols=["chatcore.v1"]) as ws:
+        json.loads(ws.recv(timeout=10))  # welcome
+        for n in (1, 2):
+            ws.send(json.dumps({"type": "dm", "to": "dora", "text": f"call me {n}"}))
+        acked = 0
+        while acked < 2:
+            event = json.loads(ws.recv(timeout=10))
+            assert event["type"] != "error", event
+            acked += event["type"] == "ack"
+    # dora was never online: the conversation is there when she comes, unread.
+    dora = open_chat(browser, server, "dora", "general")
+    badge = dora.locator("#dms [data-room='dm:alice:dora'] .badge")
+    badge.filter(has_text="2").wait_for()
+    dora.screenshot(path=artifacts / "dm-waiting-dora.png")
+    dora.click("#dms [data-room='dm:alice:dora']")
+    wait_for_text(dora, "call me 2")
+    assert [t for _, _, t in shown(dora)] == ["call me 1", "call me 2"]
+    assert badge.count() == 0
+    assert dora.errors == []  # type: ignore[attr-defined]

@@ -251,8 +251,10 @@
       const gap = pos.offset - room.last;
       room.joined = true;
       room.dmTo = null;
-      // A room never read before: what was said before we came is not "unread".
-      room.read = Math.max(room.read, fresh && pos.read === 0 ? pos.offset : pos.read);
+      // A room never read before: what was said before we came is not "unread",
+      // except in a conversation with us (the server joined it for its unread messages).
+      const before = fresh && pos.read === 0 && !dmUsers(name) ? pos.offset : pos.read;
+      room.read = Math.max(room.read, before);
       room.sentRead = pos.read; // what the server holds; markRead sends anything newer
       if (!ev.resumed && room.messages.size && gap > 0) {
         if (gap > GAP_FILL_MAX) {
