@@ -34,6 +34,7 @@ __all__ = [
     "delete_in_chunks",
     "group_appends",
     "history_request",
+    "inbox_args",
     "inbox_rooms",
     "is_storage_effect",
     "new_epoch",
@@ -159,6 +160,14 @@ class DurableStore(HistoryStore, Protocol):
     async def positions(self, user: str) -> dict[str, tuple[int, int]]:
         """The user's (delivered, read) offsets per room."""
         ...
+
+
+def inbox_args(effect: LoadInbox) -> tuple[str, int, str, int, str, int]:
+    """The parameters of a SQL store's inbox query, in order: the user (for the
+    read marks), the length and text of the ``dm:USER:`` prefix, the length and
+    text of the ``:USER`` suffix, and the limit."""
+    user = effect.user
+    return (user, len(user) + 4, f"dm:{user}:", len(user) + 1, f":{user}", effect.limit)
 
 
 def inbox_rooms(user: str, names: Iterable[str], limit: int) -> tuple[str, ...]:

@@ -53,6 +53,7 @@ from ._base import (
     delete_in_chunks,
     group_appends,
     history_request,
+    inbox_args,
     inbox_rooms,
     new_epoch,
 )
@@ -435,14 +436,7 @@ class PostgresStore:
                     " AND (left(r.name, %s) = %s OR right(r.name, %s) = %s)"
                     " AND r.head > coalesce(p.read, 0)"
                     " ORDER BY m.ts DESC NULLS LAST, r.name LIMIT %s",
-                    (
-                        effect.user,
-                        len(effect.user) + 4,
-                        f"dm:{effect.user}:",
-                        len(effect.user) + 1,
-                        f":{effect.user}",
-                        effect.limit,
-                    ),
+                    inbox_args(effect),
                 )
                 names = inbox_rooms(effect.user, (r[0] for r in await cur.fetchall()), effect.limit)
                 return InboxLoaded(ref=effect.ref, rooms=names)

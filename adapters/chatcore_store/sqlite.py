@@ -54,6 +54,7 @@ from ._base import (
     delete_in_chunks,
     group_appends,
     history_request,
+    inbox_args,
     inbox_rooms,
     new_epoch,
 )
@@ -449,14 +450,7 @@ class SQLiteStore:
                     " AND (substr(r.name, 1, ?) = ? OR substr(r.name, -?) = ?)"
                     " AND r.head > coalesce(p.read, 0)"
                     " ORDER BY m.ts DESC, r.name LIMIT ?",
-                    (
-                        effect.user,
-                        len(effect.user) + 4,
-                        f"dm:{effect.user}:",
-                        len(effect.user) + 1,
-                        f":{effect.user}",
-                        effect.limit,
-                    ),
+                    inbox_args(effect),
                 ).fetchall()
                 names = inbox_rooms(effect.user, (r[0] for r in rows), effect.limit)
                 return InboxLoaded(ref=effect.ref, rooms=names)
