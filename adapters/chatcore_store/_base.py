@@ -162,12 +162,13 @@ class DurableStore(HistoryStore, Protocol):
         ...
 
 
-def inbox_args(effect: LoadInbox) -> tuple[str, int, str, int, str, int]:
+def inbox_args(effect: LoadInbox) -> tuple[str, int, str, int, str, str, int]:
     """The parameters of a SQL store's inbox query, in order: the user (for the
     read marks), the length and text of the ``dm:USER:`` prefix, the length and
-    text of the ``:USER`` suffix, and the limit."""
+    text of the ``:USER`` suffix, the user again (the newest message is not
+    theirs), and the limit."""
     user = effect.user
-    return (user, len(user) + 4, f"dm:{user}:", len(user) + 1, f":{user}", effect.limit)
+    return (user, len(user) + 4, f"dm:{user}:", len(user) + 1, f":{user}", user, effect.limit)
 
 
 def inbox_rooms(user: str, names: Iterable[str], limit: int) -> tuple[str, ...]:

@@ -198,9 +198,9 @@ class MemoryStore:
             if pair is None or effect.user not in pair:
                 continue
             read = self.positions_by_key.get((effect.user, name), (0, 0))[1]
-            if room.head > read:
-                last = room.messages[-1].ts if room.messages else -1
-                found.append((-last, name))
+            newest = room.messages[-1] if room.messages else None
+            if room.head > read and (newest is None or newest.sender != effect.user):
+                found.append((-1 if newest is None else -newest.ts, name))
         return tuple(name for _, name in sorted(found)[: effect.limit])
 
     def _append(self, effect: Append) -> Appended:

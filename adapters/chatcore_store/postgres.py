@@ -435,6 +435,7 @@ class PostgresStore:
                     " WHERE left(r.name, 3) = 'dm:'"
                     " AND (left(r.name, %s) = %s OR right(r.name, %s) = %s)"
                     " AND r.head > coalesce(p.read, 0)"
+                    " AND (m.sender IS NULL OR m.sender <> %s)"
                     " ORDER BY m.ts DESC NULLS LAST, r.name LIMIT %s",
                     inbox_args(effect),
                 )

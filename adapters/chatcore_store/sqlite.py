@@ -449,6 +449,7 @@ class SQLiteStore:
                     " WHERE r.name >= 'dm:' AND r.name < 'dm;'"
                     " AND (substr(r.name, 1, ?) = ? OR substr(r.name, -?) = ?)"
                     " AND r.head > coalesce(p.read, 0)"
+                    " AND (m.sender IS NULL OR m.sender <> ?)"
                     " ORDER BY m.ts DESC, r.name LIMIT ?",
                     inbox_args(effect),
                 ).fetchall()

@@ -38,8 +38,8 @@ class Config:
     """Every client request (typing, read, history, join...) per session."""
     dm_inbox: bool = True
     """A new session also joins the user's direct-message rooms that hold messages
-    the user has not marked read (the log is asked with ``LoadInbox``), newest
-    first, within ``max_rooms_per_session``: a direct message sent while its
+    the user has not marked read nor answered (the log is asked with
+    ``LoadInbox``), newest first, within ``max_rooms_per_session``: a direct message sent while its
     recipient was away is there when they come back."""
     presence_limit: int = 1000
     """Rooms with more users than this send no ``joined``/``left`` events (a

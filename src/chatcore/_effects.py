@@ -101,7 +101,8 @@ class LoadHistory:
 class LoadInbox:
     """Answer ``InboxLoaded``: the direct-message rooms of ``user`` (``dm:a:b``
     with ``user`` as ``a`` or ``b``) whose head is past the read offset last
-    saved for ``user`` there, the one with the newest message first, at most
+    saved for ``user`` there and whose newest message is not ``user``'s own
+    (replying is reading), the one with the newest message first, at most
     ``limit``. Asked once per new session, before its welcome."""
 
     ref: int
