@@ -14,11 +14,17 @@ replays exactly what was missed; sends carry an id, so a send that raced the
 drop is retried without being stored twice. It gives up on a close the
 server means for good (1000, 1002, 1003, 1007, 1008, 1009) or after
 ``retries`` failed attempts; iteration then ends and :attr:`Chat.closed` says why.
+
+A connection that dies without a word (a laptop lid, a NAT that forgot the
+mapping) is found by the client itself: after ``keepalive`` seconds with
+nothing received it sends a ping, and if ``keepalive`` more seconds bring
+nothing either, it drops that connection and resumes on a new one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import secrets
 import ssl
@@ -85,6 +91,7 @@ class Chat:
         retries: int,
         backoff: float,
         max_queue: int,
+        keepalive: float | None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
@@ -104,6 +111,7 @@ class Chat:
         self._ssl = ssl_context
         self._retries = retries
         self._backoff = backoff
+        self._keepalive = keepalive
         self._stream: anyio.abc.ByteStream | None = None
         self._ws: WSConnection | None = None
         self._send_lock = anyio.Lock()
@@ -168,7 +176,8 @@ class Chat:
             raise StopAsyncIteration from None
 
     async def aclose(self, code: int = 1000) -> None:
-        """Close the connection for good (the server ends the session after its grace)."""
+        """Close the connection for good. With 1000 (the default) the server ends the
+        session at once; another code leaves it to its grace period."""
         self._done = True
         self._connected.set()
         ws, stream = self._ws, self._stream
@@ -294,13 +303,24 @@ class Chat:
         for event in ws.events():  # frames that came with the handshake answer
             if (closed := await self._event(ws, stream, event)) is not None:
                 return closed
+        pinged = False  # a keepalive ping is out and nothing came since
         while True:
+            data = b""
             try:
-                data = await stream.receive()
+                with anyio.move_on_after(self._keepalive or math.inf):
+                    data = await stream.receive()
+                if not data:  # silent for a whole keepalive period
+                    if pinged:
+                        raise anyio.BrokenResourceError("no answer to a keepalive ping")
+                    pinged = True
+                    async with self._send_lock:
+                        await stream.send(ws.send(Ping(b"keepalive")))
+                    continue
             except _STREAM_ERRORS:
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
                 return 1006, "connection lost"
+            pinged = False
             ws.receive_data(data)
             for event in ws.events():
                 if (closed := await self._event(ws, stream, event)) is not None:
@@ -367,6 +387,7 @@ async def connect(
     retries: int = 8,
     backoff: float = 0.2,
     max_queue: int = 10_000,
+    keepalive: float | None = 20.0,
 ) -> AsyncIterator[Chat]:
     """Open a chat session at ``url`` (``ws://HOST:PORT/ws``) as ``user`` in ``rooms``.
 
@@ -375,6 +396,8 @@ async def connect(
     a drop, with exponential backoff from ``backoff`` seconds and jitter.
     ``max_queue`` events wait for the program to read them; beyond that the
     client stops reading and the server, in time, closes it as too slow.
+    ``keepalive``: seconds of silence before a ping, and as many again before
+    the connection counts as dead and is replaced (None: wait for the server).
     Raises :class:`ChatRejected` if the server refuses the first handshake.
     """
     chat = Chat(
@@ -386,6 +409,7 @@ async def connect(
         retries=retries,
         backoff=backoff,
         max_queue=max(1, max_queue),
+        keepalive=keepalive,
     )
     await chat._open(resume=False)
     async with anyio.create_task_group() as tg:

@@ -1,0 +1,104 @@
+"""The Python client on links that go quiet: alive but silent, or dead without a word."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import pytest
+
+from chatcore import Config
+from chatcore_server import connect
+
+from .conftest import GUARD, JSON, serving, welcome, ws_connect
+
+pytestmark = pytest.mark.anyio
+
+
+class Relay:
+    """A TCP relay whose open connections can be frozen: bytes stop flowing both
+    ways while both sockets stay open, as when a NAT forgets a mapping or a
+    laptop sleeps. New connections flow normally."""
+
+    def __init__(self) -> None:
+        self.frozen: set[int] = set()  # generations no longer forwarded
+        self.generation = 0
+        self.port = 0
+
+    def freeze(self) -> None:
+        self.frozen.add(self.generation)
+        self.generation += 1
+
+    async def serve(
+        self, target: int, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        task_status.started()
+
+        async def pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream, gen: int) -> None:
+            try:
+                async for data in src:
+                    if gen in self.frozen:
+                        await anyio.sleep_forever()
+                    await dst.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+        async def handle(client: anyio.abc.SocketStream) -> None:
+            gen = self.generation
+            upstream = await anyio.connect_tcp("127.0.0.1", target)
+            async with client, upstream, anyio.create_task_group() as tg:
+                tg.start_soon(pump, client, upstream, gen)
+                await pump(upstream, client, gen)
+                tg.cancel_scope.cancel()
+
+        await listener.serve(handle)
+
+
+@asynccontextmanager
+async def relayed(target: int) -> AsyncIterator[Relay]:
+    relay = Relay()
+    async with anyio.create_task_group() as tg:
+        await tg.start(relay.serve, target)
+        yield relay
+        tg.cancel_scope.cancel()
+
+
+def send(room: str, text: str) -> str:
+    return json.dumps({"type": "send", "room": room, "text": text})
+
+
+async def test_a_quiet_chat_stays_connected_and_a_frozen_link_is_replaced() -> None:
+    async with (
+        serving(config=Config(grace_period=30)) as srv,
+        relayed(srv.port) as relay,
+        ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
+        connect(
+            f"ws://127.0.0.1:{relay.port}/ws", user="bob", rooms=["general"], keepalive=0.5
+        ) as bob,
+    ):
+        await welcome(alice)
+        with anyio.fail_after(GUARD):
+            assert (await bob.receive())["type"] == "welcome"
+            assert (await bob.receive())["type"] == "members"
+            # Silent for four keepalive periods: the pings are answered, nothing changes.
+            with anyio.move_on_after(2.0):
+                event = await bob.receive()
+                raise AssertionError(f"unexpected {event}")
+            assert bob.reconnects == 0
+            relay.freeze()  # bob's link goes dead without a FIN or a reset
+            await alice.send(send("general", "while frozen"))
+            texts, resumed = [], None
+            async for event in bob:
+                if event["type"] == "welcome":
+                    resumed = event["resumed"]
+                if event["type"] == "message":
+                    texts.append(event["text"])
+                    break
+        assert bob.reconnects == 1
+        assert resumed is True  # the server still held the session: nothing was lost
+        assert texts == ["while frozen"]
