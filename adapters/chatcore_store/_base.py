@@ -162,13 +162,15 @@ class DurableStore(HistoryStore, Protocol):
         ...
 
 
-def inbox_args(effect: LoadInbox) -> tuple[str, int, str, int, str, str, int]:
-    """The parameters of a SQL store's inbox query, in order: the user (for the
-    read marks), the length and text of the ``dm:USER:`` prefix, the length and
-    text of the ``:USER`` suffix, the user again (the newest message is not
-    theirs), and the limit."""
-    user = effect.user
-    return (user, len(user) + 4, f"dm:{user}:", len(user) + 1, f":{user}", user, effect.limit)
+def inbox_args(effect: LoadInbox) -> dict[str, str | int]:
+    """Named parameters of a SQL store's inbox query: ``user``, ``limit``, and the
+    range ``[first, after_first)`` of room names ``dm:USER:...``."""
+    return {
+        "user": effect.user,
+        "first": f"dm:{effect.user}:",
+        "after_first": f"dm:{effect.user};",  # ';' follows ':' in code point order
+        "limit": effect.limit,
+    }
 
 
 def inbox_rooms(user: str, names: Iterable[str], limit: int) -> tuple[str, ...]:

@@ -104,6 +104,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Retention by age walks the oldest messages in offset order instead.
     3: ("DROP INDEX messages_ts",),
+    # A new session's inbox finds the user's direct-message rooms by either name.
+    4: (
+        "CREATE INDEX rooms_dm_first ON rooms (split_part(name, ':', 2))"
+        " WHERE left(name, 3) = 'dm:'",
+        "CREATE INDEX rooms_dm_second ON rooms (split_part(name, ':', 3))"
+        " WHERE left(name, 3) = 'dm:'",
+    ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -426,17 +433,20 @@ class PostgresStore:
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=await self._range(db, effect))
             case LoadInbox():
-                # Direct-message rooms, with the user as the first name or the last
-                # (no range on the name: a locale collation may not sort ':' as C does).
+                # Either name of "dm:a:b", through the indexes of migration 4.
                 cur = await db.execute(
                     "SELECT r.name FROM rooms r"
-                    " LEFT JOIN positions p ON p.username = %s AND p.room = r.name"
+                    " LEFT JOIN positions p ON p.username = %(user)s AND p.room = r.name"
                     " LEFT JOIN messages m ON m.room = r.name AND m.msg_offset = r.head"
-                    " WHERE left(r.name, 3) = 'dm:'"
-                    " AND (left(r.name, %s) = %s OR right(r.name, %s) = %s)"
+                    " WHERE r.name IN ("
+                    "  SELECT name FROM rooms WHERE left(name, 3) = 'dm:'"
+                    "   AND split_part(name, ':', 2) = %(user)s"
+                    "  UNION ALL"
+                    "  SELECT name FROM rooms WHERE left(name, 3) = 'dm:'"
+                    "   AND split_part(name, ':', 3) = %(user)s)"
                     " AND r.head > coalesce(p.read, 0)"
-                    " AND (m.sender IS NULL OR m.sender <> %s)"
-                    " ORDER BY m.ts DESC NULLS LAST, r.name LIMIT %s",
+                    " AND (m.sender IS NULL OR m.sender <> %(user)s)"
+                    " ORDER BY m.ts DESC NULLS LAST, r.name LIMIT %(limit)s",
                     inbox_args(effect),
                 )
                 names = inbox_rooms(effect.user, (r[0] for r in await cur.fetchall()), effect.limit)

@@ -67,6 +67,8 @@ T = TypeVar("T")
 
 UNAVAILABLE = "store unavailable"
 
+_DM_SECOND = "substr(name, 4 + instr(substr(name, 4), ':'))"  # "b" of "dm:a:b"
+
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         """CREATE TABLE rooms (
@@ -105,6 +107,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Retention by age walks the oldest messages in offset order instead; the index
     # cost a third of the append rate across many rooms.
     3: ("DROP INDEX messages_ts",),
+    # A new session's inbox finds the user's direct-message rooms by name: as the
+    # first user through the primary key ("dm:USER:" prefix), as the second
+    # through this index on what follows the second ':'.
+    4: (f"CREATE INDEX rooms_dm_second ON rooms ({_DM_SECOND})",),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -440,17 +446,19 @@ class SQLiteStore:
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=self._range(db, effect))
             case LoadInbox():
-                # Direct-message rooms sort between "dm:" and "dm;" (the primary key
-                # bounds the scan); the user is the first name or the last.
+                # The candidates come from two index lookups (see migration 4).
                 rows = db.execute(
                     "SELECT r.name FROM rooms r"
-                    " LEFT JOIN positions p ON p.username = ? AND p.room = r.name"
+                    " LEFT JOIN positions p ON p.username = :user AND p.room = r.name"
                     " LEFT JOIN messages m ON m.room = r.name AND m.msg_offset = r.head"
-                    " WHERE r.name >= 'dm:' AND r.name < 'dm;'"
-                    " AND (substr(r.name, 1, ?) = ? OR substr(r.name, -?) = ?)"
+                    " WHERE r.name IN ("
+                    "  SELECT name FROM rooms WHERE name >= :first AND name < :after_first"
+                    "  UNION ALL"
+                    f"  SELECT name FROM rooms WHERE {_DM_SECOND} = :user"
+                    "   AND name >= 'dm:' AND name < 'dm;')"
                     " AND r.head > coalesce(p.read, 0)"
-                    " AND (m.sender IS NULL OR m.sender <> ?)"
-                    " ORDER BY m.ts DESC, r.name LIMIT ?",
+                    " AND (m.sender IS NULL OR m.sender <> :user)"
+                    " ORDER BY m.ts DESC, r.name LIMIT :limit",
                     inbox_args(effect),
                 ).fetchall()
                 names = inbox_rooms(effect.user, (r[0] for r in rows), effect.limit)
