@@ -116,7 +116,12 @@ class HistoryStore(Protocol):
     of durability where the store has transactions (group commit), and
     returns the answering commands in the same order. A failure of the
     database must come back as ``AppendFailed`` / ``HistoryFailed`` /
-    ``RoomLoadFailed`` answers, not as an exception.
+    ``RoomLoadFailed`` / ``InboxFailed`` answers, not as an exception.
+
+    Every ``Append``, ``LoadRoom``, ``LoadHistory`` and ``LoadInbox`` needs an
+    answer: the engine waits for it (a connecting session gets no welcome
+    until its rooms and its inbox are answered). ``SaveRoom`` and
+    ``SavePositions`` have none.
     """
 
     async def open(self) -> None: ...
