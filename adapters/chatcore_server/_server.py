@@ -179,6 +179,8 @@ class ChatServer:
         self._flush_cost = 0.0
         self._flush_end = 0.0
         self._flush_busy = 0.0  # moving average of the share of time spent flushing
+        self._flush_cpu = 0.0  # process CPU time at the end of the last flush
+        self._cpu_busy = 0.0  # moving average of CPU time over wall time between flushes
         self._flush_delay_next = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         # MemoryStore answers at once: run it inline instead of through the worker.
@@ -332,16 +334,20 @@ class ChatServer:
                 wake.set()
 
     def _flush_delay(self) -> float:
-        """How long the next flush should wait: 0 unless the server is busy flushing.
+        """How long the next flush should wait: 0 unless the server is busy.
 
         The cost of fan-out is one socket write per peer per flush, whatever it
-        carries. When flushing has taken most of the recent time, flushing at
+        carries. When flushing has taken most of the recent time, or the process
+        has used 85% of a core or more between flushes (many rooms, connection
+        churn: the rest of the time goes to reading and handshakes), flushing at
         once would spend the core on writes of one message each; waiting about
         as long as a flush takes (at most 10 ms) lets every write carry the
         messages that arrive meanwhile. A server that is not busy never waits,
         so its latency stays that of an immediate write.
         """
-        if self._flush_busy < 0.5 or self._flush_cost < 0.0005:
+        if self._flush_cost < 0.0002:
+            return 0.0
+        if (self._flush_busy < 0.5 or self._flush_cost < 0.0005) and self._cpu_busy < 0.85:
             return 0.0
         return min(self._flush_cost, 0.010)
 
@@ -443,9 +449,11 @@ class ChatServer:
             self._flushing = False
             ended = time.monotonic()
             cost = ended - started
-            busy = cost / max(cost + started - self._flush_end, 1e-9)
-            self._flush_busy = 0.75 * self._flush_busy + 0.25 * busy
-            self._flush_cost, self._flush_end = cost, ended
+            wall = max(ended - self._flush_end, 1e-9)
+            self._flush_busy = 0.75 * self._flush_busy + 0.25 * cost / wall
+            cpu = time.process_time()
+            self._cpu_busy = 0.75 * self._cpu_busy + 0.25 * min(1.0, (cpu - self._flush_cpu) / wall)
+            self._flush_cost, self._flush_end, self._flush_cpu = cost, ended, cpu
 
     def flush_now(self) -> None:
         self._flush()
