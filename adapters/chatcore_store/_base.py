@@ -14,6 +14,7 @@ from typing import Protocol, TypeGuard, runtime_checkable
 
 from chatcore import (
     Append,
+    Appended,
     Command,
     Effect,
     LoadHistory,
@@ -38,6 +39,7 @@ __all__ = [
     "inbox_rooms",
     "is_storage_effect",
     "new_epoch",
+    "number_appends",
 ]
 
 StorageEffect = LoadRoom | Append | LoadHistory | LoadInbox | SaveRoom | SavePositions
@@ -61,6 +63,42 @@ def group_appends(effects: Sequence[StorageEffect]) -> list[StorageEffect | list
         else:
             out.append(effect)
     return out
+
+
+def number_appends(
+    run: Sequence[Append],
+    heads: dict[str, tuple[str, int]],
+    stored: dict[tuple[str, str, str], Message],
+) -> tuple[list[Appended], list[Message]]:
+    """Give each append of a run its offset, the one after its room's head, unless
+    its ``(room, sender, client_id)`` is in ``stored`` (a retry: answered as a
+    duplicate with the stored message). ``heads`` maps each room of the run to
+    ``(epoch, head)``; both dicts are updated as the run goes. Returns the answers
+    in order and the new messages, for the store to insert."""
+    answers: list[Appended] = []
+    new: list[Message] = []
+    for a in run:
+        key = (a.room, a.sender, a.client_id) if a.client_id is not None else None
+        seen = stored.get(key) if key is not None else None
+        if seen is not None:
+            answers.append(Appended(message=seen, ref=a.ref, duplicate=True))
+            continue
+        epoch, head = heads[a.room]
+        heads[a.room] = (epoch, head + 1)
+        message = Message(
+            room=a.room,
+            offset=head + 1,
+            epoch=epoch,
+            sender=a.sender,
+            text=a.text,
+            ts=a.ts,
+            client_id=a.client_id,
+        )
+        if key is not None:
+            stored[key] = message
+        new.append(message)
+        answers.append(Appended(message=message, ref=a.ref))
+    return answers, new
 
 
 def new_epoch() -> str:

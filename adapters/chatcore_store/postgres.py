@@ -56,6 +56,7 @@ from ._base import (
     inbox_args,
     inbox_rooms,
     new_epoch,
+    number_appends,
 )
 
 __all__ = ["DEFAULT_SCHEMA", "SCHEMA_VERSION", "PostgresStore"]
@@ -503,7 +504,7 @@ class PostgresStore:
             )
             rooms.update(await self._lock_rooms(db, missing))
         keys = [(a.room, a.sender, a.client_id) for a in run if a.client_id is not None]
-        stored: dict[tuple[str, str, str | None], Message] = {}
+        stored: dict[tuple[str, str, str], Message] = {}
         if keys:
             cur = await db.execute(
                 f"SELECT {', '.join('m.' + c for c in _COLUMNS.split(', '))} FROM messages m"
@@ -514,30 +515,9 @@ class PostgresStore:
             )
             for row in await cur.fetchall():
                 m = _message(row)
+                assert m.client_id is not None  # the WHERE says so
                 stored[m.room, m.sender, m.client_id] = m
-        answers: list[Appended] = []
-        new: list[Message] = []
-        for a in run:
-            key = (a.room, a.sender, a.client_id)
-            seen = stored.get(key) if a.client_id is not None else None
-            if seen is not None:
-                answers.append(Appended(message=seen, ref=a.ref, duplicate=True))
-                continue
-            epoch, head = rooms[a.room]
-            message = Message(
-                room=a.room,
-                offset=head + 1,
-                epoch=epoch,
-                sender=a.sender,
-                text=a.text,
-                ts=a.ts,
-                client_id=a.client_id,
-            )
-            rooms[a.room] = (epoch, head + 1)
-            if a.client_id is not None:
-                stored[key] = message
-            new.append(message)
-            answers.append(Appended(message=message, ref=a.ref))
+        answers, new = number_appends(run, rooms, stored)
         if new:
             await db.execute(
                 f"INSERT INTO messages ({_COLUMNS}) SELECT * FROM unnest("

@@ -57,6 +57,7 @@ from ._base import (
     inbox_args,
     inbox_rooms,
     new_epoch,
+    number_appends,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -505,29 +506,8 @@ class SQLiteStore:
                 epoch, head, _, _ = self._room_row(db, name)
                 heads[name] = (epoch, head)
         seen = self._stored_keys(db, [a for a in run if a.client_id is not None])
-        answers: list[Appended] = []
-        rows: list[tuple[str, int, str, str, str, int, str | None]] = []
-        for a in run:
-            if a.client_id is not None:
-                stored = seen.get((a.room, a.sender, a.client_id))
-                if stored is not None:
-                    answers.append(Appended(message=stored, ref=a.ref, duplicate=True))
-                    continue
-            epoch, head = heads[a.room]
-            heads[a.room] = (epoch, head + 1)
-            message = Message(
-                room=a.room,
-                offset=head + 1,
-                epoch=epoch,
-                sender=a.sender,
-                text=a.text,
-                ts=a.ts,
-                client_id=a.client_id,
-            )
-            if a.client_id is not None:
-                seen[a.room, a.sender, a.client_id] = message
-            rows.append((a.room, head + 1, epoch, a.sender, a.text, a.ts, a.client_id))
-            answers.append(Appended(message=message, ref=a.ref))
+        answers, new = number_appends(run, heads, seen)
+        rows = [(m.room, m.offset, m.epoch, m.sender, m.text, m.ts, m.client_id) for m in new]
         if rows:
             db.executemany(
                 f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
