@@ -234,22 +234,20 @@ class Simulation:
 
     def drop(self, client: SimClient) -> None:
         """The client's transport dies without a close frame; unread frames are lost."""
-        if client.conn is None:
-            raise RuntimeError(f"{client.user} is not connected")
-        conn, client.conn = client.conn, None
-        del self._by_conn[conn]
+        self._disconnect(client, None, "dropped")
         client._unread.clear()
-        self._record(f"{client.user} dropped")
-        self.feed(Disconnected(conn=conn))
 
     def close(self, client: SimClient, code: int = 1000) -> None:
         """The client closes its connection with ``code``: 1000 ends its session at
         once (the others see it leave); another code is kept for the grace period."""
+        self._disconnect(client, code, f"closed {code}")
+
+    def _disconnect(self, client: SimClient, code: int | None, what: str) -> None:
         if client.conn is None:
             raise RuntimeError(f"{client.user} is not connected")
         conn, client.conn = client.conn, None
         del self._by_conn[conn]
-        self._record(f"{client.user} closed {code}")
+        self._record(f"{client.user} {what}")
         self.feed(Disconnected(conn=conn, code=code))
 
     def resume(self, client: SimClient) -> None:
