@@ -8,7 +8,7 @@ Adapters need only :class:`HistoryStore`. Admin tools (``chatcore rooms``,
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeGuard, runtime_checkable
 
@@ -23,7 +23,6 @@ from chatcore import (
     Message,
     SavePositions,
     SaveRoom,
-    dm_users,
 )
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "group_appends",
     "history_request",
     "inbox_args",
-    "inbox_rooms",
     "is_storage_effect",
     "new_epoch",
     "number_appends",
@@ -214,19 +212,6 @@ def inbox_args(effect: LoadInbox) -> dict[str, str | int]:
         "after_first": f"dm:{effect.user};",  # ';' follows ':' in code point order
         "limit": effect.limit,
     }
-
-
-def inbox_rooms(user: str, names: Iterable[str], limit: int) -> tuple[str, ...]:
-    """The first ``limit`` of ``names`` that are direct-message rooms of ``user``
-    (a SQL prefilter on the name is coarse; this is exact)."""
-    found = []
-    for name in names:
-        pair = dm_users(name)
-        if pair is not None and user in pair:
-            found.append(name)
-            if len(found) == limit:
-                break
-    return tuple(found)
 
 
 def history_request(

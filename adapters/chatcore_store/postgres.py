@@ -54,7 +54,6 @@ from ._base import (
     group_appends,
     history_request,
     inbox_args,
-    inbox_rooms,
     new_epoch,
     number_appends,
 )
@@ -450,7 +449,7 @@ class PostgresStore:
                     " ORDER BY m.ts DESC NULLS LAST, r.name LIMIT %(limit)s",
                     inbox_args(effect),
                 )
-                names = inbox_rooms(effect.user, (r[0] for r in await cur.fetchall()), effect.limit)
+                names = tuple(r[0] for r in await cur.fetchall())
                 return InboxLoaded(ref=effect.ref, rooms=names)
             case SaveRoom():
                 await self._save_room(db, effect)

@@ -55,7 +55,6 @@ from ._base import (
     group_appends,
     history_request,
     inbox_args,
-    inbox_rooms,
     new_epoch,
     number_appends,
 )
@@ -462,7 +461,7 @@ class SQLiteStore:
                     " ORDER BY m.ts DESC, r.name LIMIT :limit",
                     inbox_args(effect),
                 ).fetchall()
-                names = inbox_rooms(effect.user, (r[0] for r in rows), effect.limit)
+                names = tuple(r[0] for r in rows)
                 return InboxLoaded(ref=effect.ref, rooms=names)
             case SaveRoom():
                 self._save_room(db, effect)
