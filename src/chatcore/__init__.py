@@ -5,6 +5,7 @@ the effects it returns, and call :meth:`Engine.tick` at
 :meth:`Engine.next_deadline`. Everything importable is listed in ``__all__``.
 """
 
+from ._access import Access, Action, room_access, room_rule
 from ._client import follow_offsets
 from ._codec import (
     FrameError,
@@ -86,7 +87,9 @@ __all__ = [
     "NAME_PATTERN",
     "SUBPROTOCOL",
     "TRANSITIONS",
+    "Access",
     "Ack",
+    "Action",
     "Append",
     "AppendFailed",
     "Appended",
@@ -164,5 +167,7 @@ __all__ = [
     "is_valid_name",
     "is_valid_room",
     "parse_connect",
+    "room_access",
+    "room_rule",
     "select_mode",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never, cast
 
+from ._access import Access, Action, room_access, room_rule
 from ._codec import FrameError, decode_request, encode_json, encode_text
 from ._commands import (
     Appended,
@@ -121,6 +122,12 @@ class _PendingPage:
     session: Session
     room: str
     before: int
+
+
+def _admits(room: Room, user: str, action: Action) -> bool:
+    """The access rule (``_access``) asked with what the engine holds of the room."""
+    verdict = room_access(user, action, room.name, private=room.private, allow=room.allow)
+    return verdict is Access.ALLOWED
 
 
 class Engine:
@@ -548,10 +555,7 @@ class Engine:
         waiters = self._loading.pop(cmd.room, None)
         if waiters is None or cmd.room in self._rooms:
             return  # an answer nobody waits for any more
-        private, allow = cmd.private, cmd.allow
-        pair = dm_users(cmd.room)
-        if pair is not None:
-            private, allow = True, frozenset(pair)
+        private, allow = room_rule(cmd.room, private=cmd.private, allow=cmd.allow)
         room = Room(
             cmd.room,
             epoch=cmd.epoch,
@@ -716,7 +720,13 @@ class Engine:
         out: list[Effect],
     ) -> None:
         ref_name = client_id if client_id is not None else room_name[:64]
-        if self._member_room(session, room_name, ref_name, out) is None:
+        room = self._member_room(session, room_name, ref_name, out)
+        if room is None:
+            return
+        if not _admits(room, session.user, Action.SEND):  # members were admitted: never, today
+            self._error(
+                session, ErrorCode.FORBIDDEN, f"not allowed in room {room_name}", ref_name, out
+            )
             return
         if not text:
             self._error(session, ErrorCode.INVALID_FIELD, "text must not be empty", ref_name, out)
@@ -802,7 +812,7 @@ class Engine:
         if name in session.rooms:  # joining again: the member list again
             self._send_members(conn, room, out)
             return
-        if not room.admits(session.user):
+        if not _admits(room, session.user, Action.JOIN):
             self._error(session, ErrorCode.FORBIDDEN, f"not allowed in room {name}", name, out)
             self._forget_if_empty(room)
             return
@@ -912,7 +922,7 @@ class Engine:
         if room is None:
             self._await_room(name, session, request, out)
             return
-        if not room.admits(session.user):
+        if not _admits(room, session.user, Action.READ):
             self._error(session, ErrorCode.FORBIDDEN, f"not allowed in room {name}", name, out)
             self._forget_if_empty(room)
             return
@@ -1272,7 +1282,7 @@ class Engine:
         if room is None:
             return
         room.private, room.allow = cmd.private, cmd.allow
-        for user in [u for u in room.users if not room.admits(u)]:
+        for user in [u for u in room.users if not _admits(room, u, Action.JOIN)]:
             for session in list(self._by_user.get(user, {}).values()):
                 if cmd.room in session.rooms:
                     self._remove_member(session, room, out)

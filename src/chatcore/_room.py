@@ -82,9 +82,6 @@ class Room:
     def detach(self, conn: Connection) -> None:
         (self.conns if conn.mode is Mode.JSON else self.text_conns).pop(conn.id, None)
 
-    def admits(self, user: str) -> bool:
-        return not self.private or user in self.allow
-
     def window_start(self) -> int:
         """The lowest offset held in memory (head + 1 when none is)."""
         return self.window[0].offset if self.window else self.head + 1
