@@ -27,6 +27,7 @@ from chatcore import (
     SavePositions,
     SaveRoom,
     dm_users,
+    room_rule,
 )
 
 from ._base import RoomInfo, StorageEffect, history_request
@@ -152,7 +153,10 @@ class MemoryStore:
         room = self._rooms.get(name)
         if room is None:
             self._epochs += 1
-            room = self._rooms[name] = _Room(epoch=f"{self._epoch_prefix}{self._epochs}")
+            # New rooms are public, a direct-message room private to its two users.
+            private, allow = room_rule(name, private=False, allow=frozenset())
+            epoch = f"{self._epoch_prefix}{self._epochs}"
+            room = self._rooms[name] = _Room(epoch=epoch, private=private, allow=allow)
         return room
 
     def _apply(self, effect: StorageEffect) -> Command | None:
@@ -181,7 +185,9 @@ class MemoryStore:
                 return InboxLoaded(ref=effect.ref, rooms=self._inbox(effect))
             case SaveRoom():
                 room = self._room(effect.room)
-                room.private, room.allow = effect.private, effect.allow
+                room.private, room.allow = room_rule(
+                    effect.room, private=effect.private, allow=effect.allow
+                )
                 return None
             case SavePositions():
                 # Keep the furthest position: a late report never moves a mark back.

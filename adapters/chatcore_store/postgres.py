@@ -18,6 +18,7 @@ even with several servers writing the same room.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,6 +45,7 @@ from chatcore import (
     RoomLoadFailed,
     SavePositions,
     SaveRoom,
+    room_rule,
 )
 
 from ._base import (
@@ -109,6 +111,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX rooms_dm_first ON rooms (split_part(name, ':', 2))"
         " WHERE left(name, 3) = 'dm:'",
         "CREATE INDEX rooms_dm_second ON rooms (split_part(name, ':', 3))"
+        " WHERE left(name, 3) = 'dm:'",
+    ),
+    # Direct-message rooms were created public. The access rule decides them by
+    # name anyway; this makes the stored rows say the same (private, the pair).
+    5: (
+        "UPDATE rooms SET private = true,"
+        " allow = ARRAY[split_part(name, ':', 2), split_part(name, ':', 3)]"
         " WHERE left(name, 3) = 'dm:'",
     ),
 }
@@ -469,24 +478,28 @@ class PostgresStore:
     async def _room_row(
         self, db: psycopg.AsyncConnection[Any], name: str
     ) -> tuple[str, int, bool, frozenset[str]]:
-        """(epoch, head, private, allow) of the room, creating it public if new."""
+        """(epoch, head, private, allow) of the room, creating it if new: public,
+        or for a direct-message room private to its two users."""
         query = "SELECT epoch, head, private, allow FROM rooms WHERE name = %s"
         row = await (await db.execute(query, (name,))).fetchone()
         if row is None:
+            private, allow = room_rule(name, private=False, allow=frozenset())
             await db.execute(
-                "INSERT INTO rooms (name, epoch) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (name, self._epochs()),
+                "INSERT INTO rooms (name, epoch, private, allow) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (name, self._epochs(), private, sorted(allow)),
             )
             row = await (await db.execute(query, (name,))).fetchone()
             assert row is not None  # inserted just now, or by another server meanwhile
         return row[0], row[1], row[2], frozenset(row[3])
 
     async def _save_room(self, db: psycopg.AsyncConnection[Any], effect: SaveRoom) -> None:
+        private, allow = room_rule(effect.room, private=effect.private, allow=effect.allow)
         await db.execute(
             "INSERT INTO rooms (name, private, allow, epoch) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (name) DO UPDATE SET private = excluded.private,"
             " allow = excluded.allow",
-            (effect.room, effect.private, sorted(effect.allow), self._epochs()),
+            (effect.room, private, sorted(allow), self._epochs()),
         )
 
     async def _append_run(
@@ -496,10 +509,20 @@ class PostgresStore:
         rooms = await self._lock_rooms(db, names)
         missing = [n for n in names if n not in rooms]
         if missing:
+            # New rooms are public, a direct-message room private to its two users;
+            # each allow list travels as a JSON array (unnest flattens arrays of arrays).
+            rules = [room_rule(n, private=False, allow=frozenset()) for n in missing]
             await db.execute(
-                "INSERT INTO rooms (name, epoch) SELECT * FROM unnest(%s::text[], %s::text[])"
+                "INSERT INTO rooms (name, epoch, private, allow)"
+                " SELECT n, e, p, ARRAY(SELECT jsonb_array_elements_text(a::jsonb))"
+                " FROM unnest(%s::text[], %s::text[], %s::boolean[], %s::text[]) AS t(n, e, p, a)"
                 " ON CONFLICT DO NOTHING",
-                (missing, [self._epochs() for _ in missing]),
+                (
+                    missing,
+                    [self._epochs() for _ in missing],
+                    [p for p, _ in rules],
+                    [json.dumps(sorted(a)) for _, a in rules],
+                ),
             )
             rooms.update(await self._lock_rooms(db, missing))
         keys = [(a.room, a.sender, a.client_id) for a in run if a.client_id is not None]

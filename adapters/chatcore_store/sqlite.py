@@ -45,6 +45,7 @@ from chatcore import (
     RoomLoadFailed,
     SavePositions,
     SaveRoom,
+    room_rule,
 )
 
 from ._base import (
@@ -111,6 +112,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # first user through the primary key ("dm:USER:" prefix), as the second
     # through this index on what follows the second ':'.
     4: (f"CREATE INDEX rooms_dm_second ON rooms ({_DM_SECOND})",),
+    # Direct-message rooms were created public. The access rule decides them by
+    # name anyway; this makes the stored rows say the same (private, the pair).
+    5: (
+        "UPDATE rooms SET private = 1, allow = json_array("
+        f"substr(name, 4, instr(substr(name, 4), ':') - 1), {_DM_SECOND})"
+        " WHERE name >= 'dm:' AND name < 'dm;'",
+    ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -477,22 +485,28 @@ class SQLiteStore:
                 return None
 
     def _room_row(self, db: sqlite3.Connection, name: str) -> tuple[str, int, bool, frozenset[str]]:
-        """(epoch, head, private, allow) of the room, creating it public if new."""
+        """(epoch, head, private, allow) of the room, creating it if new: public,
+        or for a direct-message room private to its two users."""
         row = db.execute(
             "SELECT epoch, head, private, allow FROM rooms WHERE name = ?", (name,)
         ).fetchone()
         if row is None:
             epoch = self._epochs()
-            db.execute("INSERT INTO rooms (name, epoch) VALUES (?, ?)", (name, epoch))
-            return epoch, 0, False, frozenset()
+            private, allow = room_rule(name, private=False, allow=frozenset())
+            db.execute(
+                "INSERT INTO rooms (name, epoch, private, allow) VALUES (?, ?, ?, ?)",
+                (name, epoch, int(private), _allow_text(allow)),
+            )
+            return epoch, 0, private, allow
         return row[0], row[1], bool(row[2]), frozenset(json.loads(row[3]))
 
     def _save_room(self, db: sqlite3.Connection, effect: SaveRoom) -> None:
+        private, allow = room_rule(effect.room, private=effect.private, allow=effect.allow)
         db.execute(
             "INSERT INTO rooms (name, private, allow, epoch) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (name) DO UPDATE SET private = excluded.private,"
             " allow = excluded.allow",
-            (effect.room, int(effect.private), _allow_text(effect.allow), self._epochs()),
+            (effect.room, int(private), _allow_text(allow), self._epochs()),
         )
 
     def _append_run(self, db: sqlite3.Connection, run: list[Append]) -> list[Appended]:

@@ -210,6 +210,31 @@ async def test_private_rooms_keep_their_allow_list(make_store: MakeStore) -> Non
     )
 
 
+async def test_a_dm_room_is_stored_private_to_its_two_users(make_store: MakeStore) -> None:
+    # Created by its first message (the path every DM room takes), by a load, or
+    # by a batch of appends to several new rooms: never public, whatever is saved.
+    store = await make_store()
+    pair = frozenset({"alice", "bob"})
+    await appended(store, append(1, "dm:alice:bob"))
+    await appended(store, append(2, "dm:bob:carol", "bob"), append(3, "lobby"))
+    await load(store, "dm:alice:dave")
+    await store.execute(
+        [SaveRoom(room="dm:alice:bob", private=False, allow=frozenset({"mallory"}))]
+    )
+    for name, users in (
+        ("dm:alice:bob", pair),
+        ("dm:bob:carol", frozenset({"bob", "carol"})),
+        ("dm:alice:dave", frozenset({"alice", "dave"})),
+    ):
+        room = await load(store, name)
+        assert (room.private, room.allow) == (True, users), name
+    assert (await load(store, "lobby")).private is False
+    if isinstance(store, DurableStore):
+        info = await store.room("dm:alice:bob")
+        assert info is not None
+        assert (info.private, info.allow) == (True, pair)
+
+
 async def test_positions_are_saved_per_user_and_room(make_store: MakeStore) -> None:
     store = await make_store()
     await store.execute(

@@ -113,6 +113,24 @@ async def test_an_old_schema_is_upgraded_in_place(schema: str) -> None:
         assert await cur.fetchone() == (SCHEMA_VERSION,)
 
 
+async def test_dm_rooms_stored_public_before_version_5_become_private(schema: str) -> None:
+    async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as db:
+        await db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        await db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        assert await migrate(db, schema, target=4) == 0
+        for name in ("dm:alice:bob", "dm:bob:carol", "lobby"):
+            await db.execute(
+                "INSERT INTO rooms (name, epoch, head) VALUES (%s, 'e-old', 1)", (name,)
+            )
+    async with PostgresStore(PG_URL, schema=schema) as store:
+        got = {r.name: (r.private, sorted(r.allow)) for r in await store.rooms()}
+    assert got == {
+        "dm:alice:bob": (True, ["alice", "bob"]),
+        "dm:bob:carol": (True, ["bob", "carol"]),
+        "lobby": (False, []),
+    }
+
+
 async def test_two_servers_share_a_room_without_gaps_or_repeats(schema: str) -> None:
     stores = [PostgresStore(PG_URL, schema=schema) for _ in range(2)]
     for store in stores:

@@ -143,6 +143,22 @@ async def test_an_old_file_is_upgraded_in_place(tmp_path: Path) -> None:
     db.close()
 
 
+async def test_dm_rooms_stored_public_before_version_5_become_private(tmp_path: Path) -> None:
+    path = tmp_path / "v4.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    assert migrate(db, target=4) == 0
+    for name in ("dm:alice:bob", "dm:bob:carol", "lobby"):
+        db.execute("INSERT INTO rooms (name, epoch, head) VALUES (?, 'e-old', 1)", (name,))
+    db.close()
+    async with SQLiteStore(path) as store:
+        got = {r.name: (r.private, sorted(r.allow)) for r in await store.rooms()}
+    assert got == {
+        "dm:alice:bob": (True, ["alice", "bob"]),
+        "dm:bob:carol": (True, ["bob", "carol"]),
+        "lobby": (False, []),
+    }
+
+
 async def test_a_newer_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     db = sqlite3.connect(path, isolation_level=None)
