@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 from urllib.parse import parse_qsl, unquote
 
 import h11
 
 from chatcore import (
+    Access,
+    Action,
     History,
     HistoryLoaded,
     LoadHistory,
     LoadRoom,
     Message,
     RoomLoaded,
+    dm_users,
     event_to_dict,
+    is_valid_name,
     is_valid_room,
+    room_access,
 )
 from chatcore_store import DurableStore, StoreUnavailable
 
@@ -35,6 +40,7 @@ __all__ = ["route"]
 
 _ROOM_MESSAGES = re.compile(r"/rooms/([^/]+)/messages")
 _HISTORY_LIMIT = 100
+_BEARER = ("www-authenticate", "Bearer")
 
 
 async def route(server: ChatServer, path: str, query: str, request: h11.Request) -> Reply:
@@ -77,6 +83,26 @@ async def _room_meta(server: ChatServer, room: str) -> tuple[bool, frozenset[str
     return None if meta is None else (meta.private, meta.allow)
 
 
+def _refusal(
+    user: str | None, room: str, meta: tuple[bool, frozenset[str]] | None, unnamed: str
+) -> Reply | None:
+    """The core's access rule for reading ``room`` as an HTTP answer (None: allowed).
+
+    ``meta``: what the store holds of the room (None: nothing, a public room).
+    A direct-message room is decided by its name, whatever the store says.
+    """
+    private, allow = meta or (False, frozenset())
+    match room_access(user, Action.READ, room, private=private, allow=allow):
+        case Access.ALLOWED:
+            return None
+        case Access.NAME_REQUIRED:
+            return error(401, unnamed)
+        case Access.FORBIDDEN:
+            return error(403, f"not allowed in room {room}")
+        case unreachable:
+            assert_never(unreachable)
+
+
 async def _load_history(
     server: ChatServer, room: str, before: int, limit: int
 ) -> tuple[Message, ...]:
@@ -102,24 +128,35 @@ async def _history(server: ChatServer, room: str, query: str, request: h11.Reque
     except ValueError as exc:
         return error(400, str(exc))
     if server.jwt_secret is not None:
+        # With tokens on, every read needs a valid one, public rooms included.
         try:
             user: str | None = _http.authenticate(request, params, server.jwt_secret)
         except AuthError as exc:
-            user = None
-            denied = str(exc)
+            return error(401, str(exc), _BEARER)
+        unnamed = "a token is required"
     else:
         user = next((v for k, v in params if k == "user"), None)
-        denied = "a user parameter is required for a private room"
+        if user is not None and not is_valid_name(user):
+            return error(400, "invalid user name")
+        unnamed = f"a user parameter is required for room {room}"
     end = 2**62 if before == math.inf else int(before)
     try:
+        # Decided before anything is read where the facts need no reading: a DM
+        # room's are its name, and a store with admin calls answers without side
+        # effects. Other stores create the rooms they are asked about, so those
+        # are asked only about a room that has messages or is in use.
+        dm = dm_users(room) is not None
+        early = dm or isinstance(server.store, DurableStore)
+        if early:
+            meta = None if dm else await _room_meta(server, room)
+            if (refused := _refusal(user, room, meta, unnamed)) is not None:
+                return refused
         loaded = await _load_history(server, room, end, limit + 1)
         # A room neither stored nor in memory is answered empty, and not created.
-        if loaded or room in server.engine.rooms():
+        if not early and (loaded or room in server.engine.rooms()):
             meta = await _room_meta(server, room)
-            if meta is not None and meta[0] and (user is None or user not in meta[1]):
-                if user is None:
-                    return error(401, denied)
-                return error(403, "this room is private")
+            if (refused := _refusal(user, room, meta, unnamed)) is not None:
+                return refused
     except StoreUnavailable:
         return error(503, "history store unavailable", ("retry-after", "5"))
     messages = loaded[-limit:]
