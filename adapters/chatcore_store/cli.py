@@ -15,12 +15,21 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
-from chatcore import Message
+from chatcore import Message, room_rule
 
 from ._base import DurableStore, HistoryStore, StoreUnavailable
 from ._open import DEFAULT_URL, create_room, list_rooms, open_store
 
-__all__ = ["add_subcommands", "format_message", "main"]
+__all__ = ["LIVE_NOTE", "add_subcommands", "format_message", "main"]
+
+# A running server holds each room in use with the privacy it was loaded with:
+# this command writes the database only, and the server reads it again when
+# the room is next loaded (after its last member leaves).
+LIVE_NOTE = (
+    "note: a running server applies this when the room is next loaded, after everyone"
+    " in it has left; until then its members and who may join stay as they were"
+    " (ChatServer.create_room changes a room in use at once)"
+)
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -28,7 +37,13 @@ def add_subcommands(subparsers: Any) -> None:
     rooms = subparsers.add_parser("rooms", help="create and list rooms")
     verbs = rooms.add_subparsers(dest="rooms_command", metavar="{create,list}", required=True)
 
-    create = verbs.add_parser("create", help="create a room, or change who may enter it")
+    create = verbs.add_parser(
+        "create",
+        help="create a room, or change who may enter it",
+        description="Create a room, or change who may enter it, in the database. A running "
+        "server applies the change when the room is next loaded (after everyone in it has "
+        "left); ChatServer.create_room changes a room in use at once.",
+    )
     create.add_argument("name", help="room name")
     create.add_argument(
         "--private", action="store_true", help="only users on the allow list may join"
@@ -107,6 +122,7 @@ def _rooms_create(args: argparse.Namespace) -> int:
         print(f"room {args.name} ({kind}) saved", file=out)
         if room is not None and room.allow:
             print(f"allowed: {', '.join(sorted(room.allow))}", file=out)
+        print(LIVE_NOTE, file=out)
         return 0
 
     return _run(args, work)
@@ -117,8 +133,10 @@ def _rooms_list(args: argparse.Namespace) -> int:
         rooms = await list_rooms(store)
         print(f"{'ROOM':<24} {'TYPE':<8} {'MESSAGES':>8} {'HEAD':>8}  ALLOW", file=out)
         for r in rooms:
-            kind = "private" if r.private else "public"
-            allow = ",".join(sorted(r.allow)) if r.private else "-"
+            # What the access rule applies (a DM room is its two users', whatever is stored).
+            private, allowed = room_rule(r.name, private=r.private, allow=r.allow)
+            kind = "private" if private else "public"
+            allow = ",".join(sorted(allowed)) if private else "-"
             print(f"{r.name:<24} {kind:<8} {r.stored:>8} {r.head:>8}  {allow}", file=out)
         return 0
 
