@@ -1,0 +1,78 @@
+"""Request limits and invalid frames,
+as a client sees them: through the simulator, on its virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatcore import Config, dm_room
+from chatcore_sim import Simulation
+
+
+def test_forty_joins_of_rooms_not_in_memory_fit_in_the_burst() -> None:
+    # Each room is loaded from the log first; the join must cost one request, not two.
+    sim = Simulation(seed=1)
+    alice = sim.connect("alice", room="general")
+    alice.take()
+    for i in range(40):
+        alice.join(f"room-{i}")
+    assert alice.of_type("error") == []
+    assert [e["room"] for e in alice.of_type("members")][1:] == [f"room-{i}" for i in range(40)]
+
+
+def test_a_request_past_the_burst_is_refused_naming_what_it_was_for() -> None:
+    sim = Simulation(Config(request_burst=60), seed=1)
+    alice = sim.connect("alice", room="general")
+    for i in range(60):
+        alice.join(f"room-{i}")
+    assert alice.of_type("error") == []
+    alice.join("one-too-many")
+    alice.send("hello", id="c-1")
+    alice.send("hello")
+    alice.typing()
+    alice.dm("bob", "psst")
+    alice.dm("bob", "psst", id="c-2")
+    errors = alice.of_type("error")
+    assert [e["code"] for e in errors] == ["rate_limited"] * 6
+    assert [e["ref"] for e in errors] == [
+        "one-too-many",
+        "c-1",
+        "general",
+        "general",
+        dm_room("alice", "bob"),
+        "c-2",
+    ]
+    assert all(e["retry_after"] > 0 for e in errors)
+    assert "one-too-many" not in sim.engine.rooms()  # the request was dropped
+
+
+def test_invalid_frames_are_requests_too_and_are_rate_limited_past_the_burst() -> None:
+    sim = Simulation(Config(request_burst=60, request_per_second=30.0), seed=1)
+    alice = sim.connect("alice", room="general")
+    bob = sim.connect("bob", room="general")
+    alice.take()
+    for _ in range(200):
+        alice.send_raw("{}")
+    errors = alice.take()
+    # protocol.md section 5: the first 60 get their own error, the rest rate_limited,
+    # each with retry_after; the connection stays open.
+    assert [e["code"] for e in errors] == ["unknown_type"] * 60 + ["rate_limited"] * 140
+    assert errors[60]["retry_after"] == pytest.approx(1 / 30, abs=0.001)
+    assert {e["ref"] for e in errors} == {None}
+    assert alice.connected
+    # Invalid frames use up the same tokens as valid requests...
+    alice.send("too soon")
+    assert alice.take()[-1]["code"] == "rate_limited"
+    assert bob.texts() == []
+    # ...and the tokens come back with time.
+    sim.advance(1)
+    alice.send("later")
+    assert bob.texts() == ["later"]
+
+
+def test_oversized_frames_are_rate_limited_too() -> None:
+    sim = Simulation(Config(request_burst=5, max_text_bytes=100, max_frame_bytes=100), seed=1)
+    alice = sim.connect("alice", room="general")
+    for _ in range(8):
+        alice.send_raw("x" * 101)
+    assert [e["code"] for e in alice.of_type("error")] == ["too_large"] * 5 + ["rate_limited"] * 3
