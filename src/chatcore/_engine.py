@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never, cast
 
-from ._codec import FrameError, decode_request, encode_json, encode_text
+from ._codec import FrameError, decode_line, decode_request, encode_json, encode_text
 from ._commands import (
     Appended,
     AppendFailed,
@@ -636,7 +636,7 @@ class Engine:
             if room is None:
                 self._refuse(session, ErrorCode.NOT_MEMBER, "join a room first", None, now, out)
                 return
-            request = Send(conn=conn.id, room=room, text=text)
+            request = Send(conn=conn.id, room=room, text=decode_line(text))
         else:
             try:
                 request = decode_request(conn.id, text)

@@ -1,11 +1,11 @@
-"""Request limits and invalid frames,
+"""Request limits, invalid frames and plain-text lines,
 as a client sees them: through the simulator, on its virtual clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from chatcore import Config, dm_room
+from chatcore import Config, Mode, dm_room
 from chatcore_sim import Simulation
 
 
@@ -76,3 +76,34 @@ def test_oversized_frames_are_rate_limited_too() -> None:
     for _ in range(8):
         alice.send_raw("x" * 101)
     assert [e["code"] for e in alice.of_type("error")] == ["too_large"] * 5 + ["rate_limited"] * 3
+
+
+@pytest.mark.parametrize(
+    ("line", "stored"),
+    [
+        ("hi\n", "hi"),
+        ("hi\r\n", "hi"),
+        ("hi", "hi"),
+        ("two lines\n\n", "two lines\n"),  # only one line ending is the frame's
+        ("  spaced  \n", "  spaced  "),
+    ],
+)
+def test_plain_text_line_is_stored_and_delivered_without_its_line_ending(
+    line: str, stored: str
+) -> None:
+    sim = Simulation(seed=1)
+    alice = sim.connect("alice", room="general")
+    carol = sim.connect("carol", room="general", mode=Mode.TEXT)
+    bob = sim.connect("bob", room="general", mode=Mode.TEXT)
+    bob.send_raw(line)
+    assert [m.text for m in sim.store.messages("general")] == [stored]
+    assert alice.texts() == [stored]
+    assert carol.lines()[-len(stored.split("\n")) :] == f"bob: {stored}".split("\n")
+
+
+def test_an_empty_plain_text_line_is_an_empty_message() -> None:
+    sim = Simulation(seed=1)
+    bob = sim.connect("bob", room="general", mode=Mode.TEXT)
+    bob.send_raw("\n")
+    assert bob.lines()[-1] == "error: text must not be empty"
+    assert sim.store.messages("general") == []
