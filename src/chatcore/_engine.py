@@ -93,6 +93,10 @@ __all__ = ["Engine", "RoomView", "SessionInfo"]
 
 _In = SessionInput
 
+_GOODBYE = frozenset((CloseCode.NORMAL, 1005))
+"""Close codes of a client that is done: 1000, or a close frame without a code,
+which transports report as 1005 (websocat sends one on quit). No grace period."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionInfo:
@@ -193,7 +197,7 @@ class Engine:
                 if gone is not None:  # None: the engine closed it already
                     session = gone.session
                     self._drop(gone, out)
-                    if command.code == CloseCode.NORMAL and session.state is SessionState.DETACHED:
+                    if command.code in _GOODBYE and session.state is SessionState.DETACHED:
                         self._expire(session, now, out)  # closed on purpose: no grace
             case Pong():
                 if (conn := self._conns.get(command.conn)) is not None:

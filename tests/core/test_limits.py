@@ -1,4 +1,4 @@
-"""Request limits, invalid frames and plain-text lines,
+"""Request limits, invalid frames, plain-text lines and a close without a code,
 as a client sees them: through the simulator, on its virtual clock."""
 
 from __future__ import annotations
@@ -107,3 +107,29 @@ def test_an_empty_plain_text_line_is_an_empty_message() -> None:
     bob.send_raw("\n")
     assert bob.lines()[-1] == "error: text must not be empty"
     assert sim.store.messages("general") == []
+
+
+def test_a_close_without_a_code_is_a_goodbye_others_see_at_once() -> None:
+    # websocat sends a close frame with no status code on quit; the server reads 1005.
+    sim = Simulation(Config(grace_period=30), seed=1)
+    alice = sim.connect("alice", room="general")
+    bob = sim.connect("bob", room="general", mode=Mode.TEXT)
+    assert bob.conn is not None
+    info = sim.engine.session_of(bob.conn)
+    assert info is not None
+    alice.take()
+    sim.close(bob, 1005)
+    assert alice.take() == [{"type": "left", "room": "general", "user": "bob"}]
+    assert sim.engine.session(info.id) is None
+    assert sim.engine.members("general") == ("alice",)
+
+
+def test_a_close_with_going_away_still_waits_for_a_resume() -> None:
+    sim = Simulation(Config(grace_period=30), seed=1)
+    alice = sim.connect("alice", room="general")
+    bob = sim.connect("bob", room="general")
+    alice.take()
+    sim.close(bob, 1001)
+    assert alice.take() == []
+    sim.resume(bob)
+    assert bob.of_type("welcome")[-1]["resumed"] is True
