@@ -41,6 +41,7 @@ from ._events import (
 __all__ = [
     "MAX_CLIENT_ID",
     "FrameError",
+    "decode_line",
     "decode_request",
     "encode_json",
     "encode_text",
@@ -146,6 +147,14 @@ def decode_request(conn: ConnId, text: str) -> ClientRequest:
     if not isinstance(kind, str):
         raise FrameError(ErrorCode.UNKNOWN_TYPE, "field 'type' missing or not a string")
     raise FrameError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:40]!r}")
+
+
+def decode_line(text: str) -> str:
+    """A plain-text-mode frame as message text: without one trailing line ending
+    (``\n``, ``\r\n`` or ``\r``), which line-based clients such as websocat send."""
+    if text.endswith("\n"):
+        return text[:-2] if text.endswith("\r\n") else text[:-1]
+    return text[:-1] if text.endswith("\r") else text
 
 
 def format_ts(ms: int) -> str:

@@ -95,9 +95,11 @@ class Disconnected:
     """The transport is gone (closed, reset, or failed to write).
 
     ``code`` is the close code the client sent, None when the transport went
-    without one. A client closing with 1000 (normal closure) is done: its
-    session ends at once and the others see it leave. Any other code, or none,
-    keeps the session for the grace period so the client can resume.
+    without a close frame. A client closing with 1000 (normal closure), or with
+    a close frame that has no code (1005, as wsproto and websockets report it;
+    websocat sends one on quit), is done: its session ends at once and the
+    others see it leave. Any other code, or None, keeps the session for the
+    grace period so the client can resume.
     """
 
     conn: ConnId

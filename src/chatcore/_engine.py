@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import assert_never, cast
 
 from ._access import Access, Action, room_access, room_rule
-from ._codec import FrameError, decode_request, encode_json, encode_text
+from ._codec import FrameError, decode_line, decode_request, encode_json, encode_text
 from ._commands import (
     Appended,
     AppendFailed,
@@ -93,6 +93,10 @@ from ._timers import TimerKind, Timers
 __all__ = ["Engine", "RoomView", "SessionInfo"]
 
 _In = SessionInput
+
+_GOODBYE = frozenset((CloseCode.NORMAL, 1005))
+"""Close codes of a client that is done: 1000, or a close frame without a code,
+which transports report as 1005 (websocat sends one on quit). No grace period."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,7 +204,7 @@ class Engine:
                 if gone is not None:  # None: the engine closed it already
                     session = gone.session
                     self._drop(gone, out)
-                    if command.code == CloseCode.NORMAL and session.state is SessionState.DETACHED:
+                    if command.code in _GOODBYE and session.state is SessionState.DETACHED:
                         self._expire(session, now, out)  # closed on purpose: no grace
             case Pong():
                 if (conn := self._conns.get(command.conn)) is not None:
@@ -571,7 +575,7 @@ class Engine:
                 session.waiting = session.waiting.difference((cmd.room,)) or NO_ROOMS
                 self._maybe_ready(session, now, out)
             elif session.state is SessionState.LIVE:
-                self._request(session, request, now, out)
+                self._dispatch(session, request, now, out)  # its token was taken already
         self._forget_if_empty(room)
 
     def _written(self, reports: tuple[tuple[ConnId, int, int], ...], out: list[Effect]) -> None:
@@ -632,20 +636,20 @@ class Engine:
     def _receive(self, conn: Connection, text: str, now: float, out: list[Effect]) -> None:
         session = conn.session
         if len(text) > self.config.max_frame_bytes:
-            self._error(session, ErrorCode.TOO_LARGE, "frame too large", None, out)
+            self._refuse(session, ErrorCode.TOO_LARGE, "frame too large", None, now, out)
             return
         request: ClientRequest
         if conn.mode is Mode.TEXT:
             room = session.text_room
             if room is None:
-                self._error(session, ErrorCode.NOT_MEMBER, "join a room first", None, out)
+                self._refuse(session, ErrorCode.NOT_MEMBER, "join a room first", None, now, out)
                 return
-            request = Send(conn=conn.id, room=room, text=text)
+            request = Send(conn=conn.id, room=room, text=decode_line(text))
         else:
             try:
                 request = decode_request(conn.id, text)
             except FrameError as exc:
-                self._error(session, exc.code, exc.message, exc.ref, out)
+                self._refuse(session, exc.code, exc.message, exc.ref, now, out)
                 return
         self._request(session, request, now, out)
 
@@ -656,22 +660,22 @@ class Engine:
         if state is not SessionState.LIVE:
             if len(session.backlog) >= self.config.max_pending_frames:
                 self._error(
-                    session, ErrorCode.RATE_LIMITED, "too many frames before welcome", None, out
+                    session,
+                    ErrorCode.RATE_LIMITED,
+                    "too many frames before welcome",
+                    _ref_of(session.user, request),
+                    out,
                 )
             else:
                 session.backlog.append(request)
             return
-        wait = session.requests.take(now, self.config.request_burst, self.config.request_per_second)
-        if wait:
-            self._error(
-                session,
-                ErrorCode.RATE_LIMITED,
-                "too many requests",
-                None,
-                out,
-                retry_after=round(wait, 3),
-            )
-            return
+        if not self._over_rate(session, _ref_of(session.user, request), now, out):
+            self._dispatch(session, request, now, out)
+
+    def _dispatch(
+        self, session: Session, request: ClientRequest, now: float, out: list[Effect]
+    ) -> None:
+        """Carry out a request of a live session whose token is paid."""
         match request:
             case Send():
                 self._send(session, request.room, request.text, request.client_id, now, out)
@@ -689,6 +693,33 @@ class Engine:
                 self._fetch_history(session, request, out)
             case _:
                 assert_never(request)
+
+    def _refuse(
+        self,
+        session: Session,
+        code: ErrorCode,
+        message: str,
+        ref: str | None,
+        now: float,
+        out: list[Effect],
+    ) -> None:
+        """A frame that is no request still costs a request: a flood of them is limited."""
+        if not self._over_rate(session, ref, now, out):
+            self._error(session, code, message, ref, out)
+
+    def _over_rate(self, session: Session, ref: str | None, now: float, out: list[Effect]) -> bool:
+        """Take one request token; without one, answer ``rate_limited`` and say so."""
+        wait = session.requests.take(now, self.config.request_burst, self.config.request_per_second)
+        if wait:
+            self._error(
+                session,
+                ErrorCode.RATE_LIMITED,
+                "too many requests",
+                ref,
+                out,
+                retry_after=round(wait, 3),
+            )
+        return bool(wait)
 
     def _member_room(self, session: Session, name: str, ref: str, out: list[Effect]) -> Room | None:
         """The room if the session is in it; else an error to the client and None."""
@@ -1321,3 +1352,14 @@ class Engine:
             session.state = next_state(session.state, _In.SHUTDOWN)
             self._end(session, out)
         self._timers.clear()
+
+
+def _ref_of(user: str, request: ClientRequest) -> str | None:
+    """What an error about ``request`` names: its client id, else its room."""
+    match request:
+        case Send() | SendDirect() if request.client_id is not None:
+            return request.client_id
+        case SendDirect():
+            return dm_room(user, request.to) if is_valid_name(request.to) else request.to[:64]
+        case _:
+            return request.room[:64]
