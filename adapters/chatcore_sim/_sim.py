@@ -238,8 +238,9 @@ class Simulation:
         client._unread.clear()
 
     def close(self, client: SimClient, code: int = 1000) -> None:
-        """The client closes its connection with ``code``: 1000 ends its session at
-        once (the others see it leave); another code is kept for the grace period."""
+        """The client closes its connection with ``code``: 1000, or 1005 (a close
+        frame with no status), ends its session at once (the others see it leave);
+        another code is kept for the grace period."""
         self._disconnect(client, code, f"closed {code}")
 
     def _disconnect(self, client: SimClient, code: int | None, what: str) -> None:
