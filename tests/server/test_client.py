@@ -21,16 +21,27 @@ pytestmark = pytest.mark.anyio
 class Relay:
     """A TCP relay whose open connections can be frozen: bytes stop flowing both
     ways while both sockets stay open, as when a NAT forgets a mapping or a
-    laptop sleeps. New connections flow normally."""
+    laptop sleeps. New connections flow normally, unless ``refusing``: then they
+    are closed as soon as they are accepted (the server seems to be down)."""
 
     def __init__(self) -> None:
         self.frozen: set[int] = set()  # generations no longer forwarded
         self.generation = 0
         self.port = 0
+        self.refusing = False
+        self._upstreams: dict[int, list[anyio.abc.ByteStream]] = {}
 
     def freeze(self) -> None:
         self.frozen.add(self.generation)
         self.generation += 1
+
+    async def cut(self) -> None:
+        """Freeze, and close the server's side: the server sees the connection end
+        (its grace period starts) while the client hears nothing at all."""
+        cut = self.generation
+        self.freeze()
+        for upstream in self._upstreams.pop(cut, []):
+            await upstream.aclose()
 
     async def serve(
         self, target: int, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -45,15 +56,25 @@ class Relay:
                     if gen in self.frozen:
                         await anyio.sleep_forever()
                     await dst.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass
 
         async def handle(client: anyio.abc.SocketStream) -> None:
             gen = self.generation
-            upstream = await anyio.connect_tcp("127.0.0.1", target)
+            if self.refusing:
+                await client.aclose()
+                return
+            try:
+                upstream = await anyio.connect_tcp("127.0.0.1", target)
+            except OSError:
+                await client.aclose()
+                return
+            self._upstreams.setdefault(gen, []).append(upstream)
             async with client, upstream, anyio.create_task_group() as tg:
                 tg.start_soon(pump, client, upstream, gen)
                 await pump(upstream, client, gen)
+                if gen in self.frozen:
+                    await anyio.sleep_forever()  # the client must not hear the end
                 tg.cancel_scope.cancel()
 
         await listener.serve(handle)
