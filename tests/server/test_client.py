@@ -29,10 +29,17 @@ class Relay:
         self.generation = 0
         self.port = 0
         self.refusing = False
+        self.deaf: set[int] = set()  # generations whose server-to-client bytes are dropped
         self._upstreams: dict[int, list[anyio.abc.ByteStream]] = {}
 
     def freeze(self) -> None:
         self.frozen.add(self.generation)
+        self.generation += 1
+
+    def deafen(self) -> None:
+        """Stop forwarding what the server says on open connections; the client's
+        bytes still reach it (an answer lost on the way back)."""
+        self.deaf.add(self.generation)
         self.generation += 1
 
     async def cut(self) -> None:
@@ -50,10 +57,12 @@ class Relay:
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         task_status.started()
 
-        async def pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream, gen: int) -> None:
+        async def pump(
+            src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream, gen: int, down: bool = False
+        ) -> None:
             try:
                 async for data in src:
-                    if gen in self.frozen:
+                    if gen in self.frozen or (down and gen in self.deaf):
                         await anyio.sleep_forever()
                     await dst.send(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -72,7 +81,7 @@ class Relay:
             self._upstreams.setdefault(gen, []).append(upstream)
             async with client, upstream, anyio.create_task_group() as tg:
                 tg.start_soon(pump, client, upstream, gen)
-                await pump(upstream, client, gen)
+                await pump(upstream, client, gen, down=True)
                 if gen in self.frozen:
                     await anyio.sleep_forever()  # the client must not hear the end
                 tg.cancel_scope.cancel()

@@ -130,6 +130,44 @@ async def test_a_send_into_a_link_frozen_without_fin_is_delivered_once() -> None
         ]
 
 
+async def test_a_send_whose_ack_was_lost_is_handed_on_once() -> None:
+    async with (
+        serving(config=Config(grace_period=30)) as srv,
+        relayed(srv.port) as relay,
+        ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as conn,
+        connect(
+            f"ws://127.0.0.1:{relay.port}/ws",
+            user="bob",
+            rooms=["general"],
+            keepalive=0.3,
+            backoff=0.05,
+        ) as bob,
+    ):
+        alice = Witness(conn, "general")
+        await welcome(conn)
+        await alice.say("before")
+        mine: dict[str, str] = {}
+        assert await read_chat(bob, mine, "before") == [("general", 1, "before")]
+        relay.deafen()  # bob's send gets through and is stored; its ack never comes back
+        mine[await bob.send("general", "stored, ack lost")] = "stored, ack lost"
+        await alice.wait_for("stored, ack lost")
+        await alice.say("after")
+        # The resume replays bob's own message; his retry is answered with the same
+        # offset, which the client must not hand on a second time.
+        seen = await read_chat(bob, mine, "after")
+        # The server answers bob's frames in order: the retry before this one.
+        mine[await bob.send("general", "bob again")] = "bob again"
+        seen += await read_chat(bob, mine, "bob again")
+        await alice.wait_for("bob again")
+        assert bob.reconnects == 1
+        assert not bob.unacked
+        assert seen == alice.room_as_seen()[1:] == [
+            ("general", 2, "stored, ack lost"),
+            ("general", 3, "after"),
+            ("general", 4, "bob again"),
+        ]
+
+
 @asynccontextmanager
 async def chatcore_process(*args: str) -> AsyncIterator[tuple[Process, int]]:
     """``python -m chatcore_server serve ARGS`` and its port, killed at the end."""
