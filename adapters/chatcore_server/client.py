@@ -764,6 +764,10 @@ async def connect(
       offsets go back down. Ask :meth:`Chat.history` for what the new epoch
       held before.
 
+    Other requests (join, leave, typing, read marks, history) are not kept: one
+    written into a link that turns out to be dead is lost with it. A new session
+    joins every room the client knows again from its connect query.
+
     A dead link with no FIN is found by ``keepalive``. A history page not
     answered within 30 s, or refused (``unavailable``, or ``rate_limited``
     without a ``ref`` while a page is awaited: the client cannot tell which
