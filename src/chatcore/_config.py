@@ -25,11 +25,16 @@ class Config:
     """Send a sender's own message back to the sending connection too."""
     typing_ttl: float = 5.0
     history_window: int = 1000
-    """Messages per room kept in memory; older ones are read from the log."""
+    """Messages per room kept in memory; older ones are read from the log. Also how
+    far a live connection may fall behind its room: one whose next message has left
+    the window is closed with 1013 ``slow consumer``."""
     history_page_max: int = 100
     outbox_frames: int = 256
     outbox_bytes: int = 1024 * 1024
-    """Per-connection bound on frames and bytes handed out but not yet written."""
+    """Per-connection bound on frames and bytes handed out but not yet written.
+
+    Past half, chat messages wait in the room's window and are replayed as writes
+    are reported; replies to the connection's own requests may use the rest."""
     rate_burst: int = 10
     rate_per_second: float = 10.0
     """Chat messages per session: a burst, then a sustained rate."""

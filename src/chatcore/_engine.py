@@ -1138,6 +1138,10 @@ class Engine:
                         out.append(LoadHistory(ref=self._ref, room=name, after=n - 1, before=start))
                     break
                 catchup.next = n + 1
+                own = catchup.own
+                if own is not None and n in own:
+                    own.discard(n)  # sent on this connection: it had the ack
+                    continue
                 self._to(conn, message, out)
                 if self._conns.get(conn.id) is not conn:
                     return
@@ -1205,13 +1209,12 @@ class Engine:
     ) -> None:
         """Fan one event out to the room's live connections: encoded once per mode.
 
-        Ephemeral events are dropped for a connection past half its outbox;
-        a chat message that does not fit closes the connection as too slow.
+        Past half its outbox a connection is lagging: ephemeral events are
+        dropped for it, and a chat message puts it behind (see ``_fall_behind``)
+        rather than being queued, so that however many messages the room
+        produces at once, no connection holds more than its outbox of them.
         """
-        if ephemeral:
-            max_frames, max_bytes = self._soft_frames, self._soft_bytes
-        else:
-            max_frames, max_bytes = self.config.outbox_frames, self.config.outbox_bytes
+        max_frames, max_bytes = self._soft_frames, self._soft_bytes
         overflow: list[Connection] = []
         for conns, encode in ((room.conns, encode_json), (room.text_conns, encode_text)):
             if not conns:
@@ -1233,7 +1236,44 @@ class Engine:
                     overflow.append(conn)
             if to:
                 out.append(Deliver(to=tuple(to), event=event, data=data, size=size))
+        if ephemeral:
+            return
+        offset = cast(Message, event).offset
         for conn in overflow:
+            self._fall_behind(conn, room, offset)
+        if skip is not None and (catchup := skip.catchup.get(room.name)) is not None:
+            # The sender is itself catching up: its replay must not echo this back.
+            if catchup.own is None:
+                catchup.own = set()
+            catchup.own.add(offset)
+        if room.behind:
+            self._give_up_far_behind(room, out)
+
+    def _fall_behind(self, conn: Connection, room: Room, offset: int) -> None:
+        """Stop the live fan-out to ``conn`` in ``room``: it replays from ``offset``.
+
+        The messages it has not been handed wait in the room's window, which
+        every member shares, instead of in its own outbox; ``_pump`` hands
+        them out as the adapter reports writes, and puts the connection back
+        on the live fan-out once it has caught up. A burst that fills a
+        reader's outbox in one go therefore costs it nothing if it reads on.
+        """
+        room.detach(conn)
+        room.behind[conn.id] = conn
+        conn.catchup[room.name] = Catchup(offset)
+
+    def _give_up_far_behind(self, room: Room, out: list[Effect]) -> None:
+        """Close, as too slow, connections the room's window has moved past.
+
+        A reader is judged by what it fails to read: one that has not taken
+        a whole window of messages since it fell behind (its outbox still full,
+        the rest no longer in memory) is closed with 1013 and resumes from the
+        log. What it held meanwhile was its outbox and a cursor.
+        """
+        start = room.window_start()
+        name = room.name
+        far = [c for c in room.behind.values() if c.catchup[name].next < start]
+        for conn in far:
             if self._conns.get(conn.id) is conn:
                 self._slow(conn, out)
 

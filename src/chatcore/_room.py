@@ -28,6 +28,7 @@ class Room:
         "window",
         "conns",
         "text_conns",
+        "behind",
         "users",
         "_sorted",
         "_encoded",
@@ -59,6 +60,9 @@ class Room:
         # Live recipients (connections of members that are caught up), by mode.
         self.conns: dict[int, Connection] = {}
         self.text_conns: dict[int, Connection] = {}
+        # Connections that fell behind the live fan-out (their outbox filled): they
+        # replay from the window as they write, and are given up once it moves past them.
+        self.behind: dict[int, Connection] = {}
         # Members: sessions per user, counting sessions in their grace period.
         self.users: dict[str, int] = {}
         # The users in order and each one's JSON string, kept sorted as they come and
@@ -78,9 +82,13 @@ class Room:
 
     def attach(self, conn: Connection) -> None:
         (self.conns if conn.mode is Mode.JSON else self.text_conns)[conn.id] = conn
+        if self.behind:
+            self.behind.pop(conn.id, None)
 
     def detach(self, conn: Connection) -> None:
         (self.conns if conn.mode is Mode.JSON else self.text_conns).pop(conn.id, None)
+        if self.behind:
+            self.behind.pop(conn.id, None)
 
     def window_start(self) -> int:
         """The lowest offset held in memory (head + 1 when none is)."""

@@ -110,10 +110,13 @@ class PendingSend:
 class Catchup:
     """A connection replaying a room from ``next`` before it goes live there."""
 
-    __slots__ = ("next", "loaded", "loading", "lost_below")
+    __slots__ = ("next", "loaded", "loading", "lost_below", "own")
 
     def __init__(self, next_offset: int) -> None:
         self.next = next_offset
+        # Offsets this connection sent while catching up: acked, so never replayed to it
+        # (the sending connection gets no echo of its own message, see Config.echo).
+        self.own: set[int] | None = None
         self.loaded: deque[Message] = deque()
         self.loading: int | None = None  # ref of the LoadHistory in flight
         # The log was asked for everything below this offset: what it lacks is gone

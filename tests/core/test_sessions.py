@@ -200,7 +200,9 @@ def test_resume_adds_newly_asked_rooms() -> None:
 
 
 def test_a_slow_reader_is_closed_with_1013_and_loses_nothing_on_resume() -> None:
-    sim = Simulation(Config(outbox_frames=16, rate_burst=1000, request_burst=1000), seed=7)
+    # Given up once the room's window (16 messages) has moved past what it took.
+    config = Config(outbox_frames=16, history_window=16, rate_burst=1000, request_burst=1000)
+    sim = Simulation(config, seed=7)
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     carol = sim.connect("carol", room="general")
@@ -232,7 +234,8 @@ def test_typing_is_dropped_for_a_lagging_reader_before_messages_are() -> None:
 
 
 def test_outbox_bytes_bound_closes_a_reader_of_big_messages() -> None:
-    sim = Simulation(Config(outbox_bytes=4096, rate_burst=1000, request_burst=1000), seed=7)
+    config = Config(outbox_bytes=4096, history_window=2, rate_burst=1000, request_burst=1000)
+    sim = Simulation(config, seed=7)
     alice = sim.connect("alice", room="general")
     bob = sim.connect("bob", room="general")
     bob.stop_reading()

@@ -33,10 +33,14 @@ from .conftest import (
 pytestmark = pytest.mark.anyio
 
 TEXT = "x" * 32_000
+# A reader that stops is given up once the room's window has moved past it: a
+# small window keeps the floods below short (the default holds 1,000 messages).
+WINDOW = 100
 
 
 async def test_slow_reader_is_closed_1013_and_others_get_everything() -> None:
     config = Config(
+        history_window=WINDOW,
         rate_burst=1_000_000,
         rate_per_second=1_000_000.0,
         request_burst=1_000_000,
@@ -173,7 +177,9 @@ async def test_a_reader_that_stops_with_default_buffers_is_closed_after_a_bounde
     outbox = 256 * 1024
     limits = Limits(close_timeout=GUARD)
     async with (
-        serving(config=Config(outbox_bytes=outbox, **UNLIMITED), limits=limits) as srv,
+        serving(
+            config=Config(outbox_bytes=outbox, history_window=WINDOW, **UNLIMITED), limits=limits
+        ) as srv,
         # alice floods and takes everything back (max_queue=None: she is no slow reader).
         ws_connect(f"{srv.ws}?user=alice&room=general", max_queue=None, **JSON) as alice,
     ):
@@ -206,7 +212,9 @@ async def test_a_reader_that_never_takes_its_close_frame_is_reset_after_the_clos
     queued in the kernel while the client reads nothing: it would never learn it was
     closed. After ``close_timeout`` the server resets the connection instead."""
     async with (
-        serving(config=Config(**UNLIMITED), limits=Limits(close_timeout=0.2)) as srv,
+        serving(
+            config=Config(history_window=WINDOW, **UNLIMITED), limits=Limits(close_timeout=0.2)
+        ) as srv,
         ws_connect(f"{srv.ws}?user=alice&room=general", max_queue=None, **JSON) as alice,
     ):
         await welcome(alice)
