@@ -593,14 +593,22 @@ class ChatServer:
     # -- HTTP ------------------------------------------------------------------------------
 
     async def _handle_tcp(self, stream: anyio.abc.ByteStream) -> None:
+        """One TCP connection's task: nothing it meets may end the server.
+
+        A bug while serving it is logged with its traceback and ends this
+        connection alone (``Peer.fail`` once upgraded: close 1011).
+        """
         self._tcp += 1
+        peer: Peer | None = None
         adopted = False
         try:
             upgraded = await self._http(stream)
             if upgraded is not None:
                 # Run the WebSocket from here, so the HTTP parser and request are freed.
                 peer, trailing = upgraded
-                if peer.fd >= 0:
+                # A peer the engine refused at once is closing with a writer task on the
+                # stream already: it stays on the stream until its close is done.
+                if peer.fd >= 0 and not peer.closing:
                     pending = adopt_asyncio(peer, stream)
                     if pending is not None:
                         # From now on asyncio callbacks drive it: this task ends here.
@@ -618,8 +626,19 @@ class ChatServer:
         finally:
             if not adopted:
                 self._tcp -= 1
+                if peer is not None and not peer.finished:
+                    self._forget(peer)  # failed between the upgrade and its read loop
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     await stream.aclose()
+
+    def _forget(self, peer: Peer) -> None:
+        """Drop an upgraded peer whose task ended before it could finish it."""
+        peer.close_seen = peer.aborted = peer.closing = True
+        peer.fd = -1
+        try:
+            self.peer_finished(peer)
+        except Exception:
+            log.exception("internal error dropping conn=%d user=%s", peer.id, peer.user)
 
     async def _http(self, stream: anyio.abc.ByteStream) -> tuple[Peer, bytes] | None:
         """Answer HTTP requests; the upgraded peer and its first bytes, if any."""
