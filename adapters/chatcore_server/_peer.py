@@ -35,6 +35,8 @@ from wsproto.events import (
     TextMessage,
 )
 
+from ._frames import MessageBound
+
 if TYPE_CHECKING:
     from ._server import ChatServer
 
@@ -49,6 +51,7 @@ _STREAM_ERRORS = (
     OSError,
 )
 _READ_SIZE = 65536
+_MAX_PARTS = 64  # pieces of one message kept apart before they are joined
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST
 
 
@@ -77,7 +80,7 @@ class Peer:
         "close_waiter",
         "send_scope",
         "parts",
-        "part_bytes",
+        "bound",
         "done",
         "transport",
         "paused",
@@ -118,8 +121,9 @@ class Peer:
         self.close_seen = False  # the client's close frame arrived (or cannot any more)
         self.close_waiter: anyio.Event | None = None
         self.send_scope: anyio.CancelScope | None = None
+        # The message being received, in pieces (fragments, or a frame read in parts).
         self.parts: list[str] = []
-        self.part_bytes = 0
+        self.bound = MessageBound(server.config.max_frame_bytes, server.limits.max_fragments)
         self.done: anyio.Event | None = None
         # asyncio only: the transport this peer drives through callbacks, no task at all.
         self.transport: asyncio.Transport | None = None
@@ -321,33 +325,48 @@ class Peer:
                 return
 
     def _receive(self, data: bytes) -> None:
-        self.ws.receive_data(data)
+        over = None if self.closing else self.bound.check(data)
         with self.server.turn():
-            self._events()
+            if over is None:
+                self.ws.receive_data(data)
+                self._events()
+                return
+            # A header over a bound: what came before it still counts, then 1009.
+            at, reason = over
+            at = max(at, 0)
+            if at:
+                self.ws.receive_data(data[:at])
+                self._events()
+            if not self.closing:
+                self.parts.clear()
+                self.server.peer_refused(self, 1009, reason)
+            if not self.close_seen:
+                # Read on only to see the client's answer to the close (whatever it
+                # sends meanwhile is dropped); close_timeout bounds the wait.
+                self.ws.receive_data(data[at:])
+                self._events()
 
     def _events(self) -> None:
         server = self.server
         for event in self.ws.events():
             if isinstance(event, TextMessage):
+                # Sizes were checked on the frame headers (``MessageBound``).
                 if self.closing:
                     continue
-                data = event.data
-                size = len(data) if data.isascii() else len(data.encode())
-                if self.part_bytes + size > server.config.max_frame_bytes:
-                    self.parts.clear()
-                    server.peer_refused(self, 1009, "message too big")
-                    continue
-                if event.message_finished and not self.parts:
-                    server.peer_received(self, data)
+                parts = self.parts
+                if event.message_finished and not parts:
+                    server.peer_received(self, event.data)
                 elif event.message_finished:
-                    self.parts.append(data)
-                    text = "".join(self.parts)
-                    self.parts.clear()
-                    self.part_bytes = 0
+                    parts.append(event.data)
+                    text = "".join(parts)
+                    parts.clear()
                     server.peer_received(self, text)
                 else:
-                    self.parts.append(data)
-                    self.part_bytes += size
+                    parts.append(event.data)
+                    if len(parts) >= _MAX_PARTS:
+                        # A frame trickling in byte by byte: keep one string, not
+                        # one object per read.
+                        parts[:] = ["".join(parts)]
             elif isinstance(event, Ping):
                 if self.ws.state is ConnectionState.OPEN:
                     self.queue(self.ws.send(event.response()))

@@ -102,6 +102,12 @@ class Limits:
     """Seconds to receive a complete request (and TLS handshake); else the socket is closed."""
     max_request_bytes: int = 16 * 1024
     """Request line plus headers (h11's bound): more gets 431."""
+    max_fragments: int = 64
+    """Frames one incoming message may span; more closes the connection with 1009.
+
+    Each continuation frame also counts its header (6 to 14 bytes) against
+    ``Config.max_frame_bytes``, so that no fragment is free.
+    """
     close_timeout: float = 3.0
     """Seconds a closing connection gets to take its last frames and answer the close."""
     send_buffer: int | None = 64 * 1024

@@ -325,3 +325,86 @@ async def test_a_failure_writing_to_one_connection_drops_it_and_spares_the_rest(
         await still_serving(srv)
     failures = [r for r in internal_errors(caplog) if r.exc_info is not None]
     assert len(failures) == 3, failures
+
+
+# -- items 3 and 4: frame headers are bounded before their payload arrives ------------------------
+
+
+def frame_header(opcode: int, n: int, *, fin: bool = True) -> bytes:
+    """A masked client frame header announcing ``n`` payload bytes (zero mask key)."""
+    first = (0x80 if fin else 0) | opcode
+    if n <= 125:
+        return struct.pack("!BB", first, 0x80 | n) + b"\0\0\0\0"
+    if n <= 0xFFFF:
+        return struct.pack("!BBH", first, 0x80 | 126, n) + b"\0\0\0\0"
+    return struct.pack("!BBQ", first, 0x80 | 127, n) + b"\0\0\0\0"
+
+
+def send_frame(text: str) -> bytes:
+    return json.dumps({"type": "send", "room": "lobby", "text": text, "id": text}).encode()
+
+
+def fragments(payload: bytes, count: int) -> bytes:
+    """``payload`` as one text message in ``count`` frames (the first ``count - 1``
+    one byte each)."""
+    pieces = [payload[i : i + 1] for i in range(count - 1)] + [payload[count - 1 :]]
+    frames = [client_frame(0x1 if i == 0 else 0x0, p, fin=False) for i, p in enumerate(pieces)]
+    frames[-1] = client_frame(0x1 if count == 1 else 0x0, pieces[-1])
+    return b"".join(frames)
+
+
+def acked(frames: list[tuple[int, bytes]], cid: str) -> bool:
+    return any(
+        op == 0x1 and json.loads(p).get("type") == "ack" and json.loads(p).get("id") == cid
+        for op, p in frames
+    )
+
+
+async def test_a_header_announcing_64_mib_is_closed_1009_before_any_payload() -> None:
+    async with serving(limits=Limits(close_timeout=0.5)) as srv:
+        for n in (64 * 1024 * 1024, Config().max_frame_bytes + 1):
+            # The header alone: no payload follows, so only the header can be judged.
+            status, frames = await exchange(
+                srv.port, upgrade("user=big&room=lobby") + frame_header(0x1, n)
+            )
+            assert status == b"HTTP/1.1 101 Switching Protocols"
+            assert status == b"HTTP/1.1 101 Switching Protocols"
+        assert close_of(frames) == (1009, "message too big")
+        await still_serving(srv)
+
+
+async def test_a_message_may_span_64_frames_and_no_more() -> None:
+    async with serving(limits=Limits(close_timeout=0.5)) as srv:
+        request = upgrade("user=frag&room=lobby", "Sec-WebSocket-Protocol: chatcore.v1")
+        status, frames = await exchange(
+            srv.port, request + fragments(send_frame("in 64"), 64) + close_frame(1000)
+        )
+        assert status == b"HTTP/1.1 101 Switching Protocols"
+        assert acked(frames, "in 64")
+        assert close_of(frames) == (1000, "")
+        status, frames = await exchange(
+            srv.port, request + fragments(send_frame("in 65"), 65) + close_frame(1000)
+        )
+        assert status == b"HTTP/1.1 101 Switching Protocols"
+        assert not acked(frames, "in 65")
+        assert close_of(frames) == (1009, "message in too many fragments")
+        await still_serving(srv)
+
+
+async def test_empty_continuation_frames_are_not_free() -> None:
+    async with serving(limits=Limits(close_timeout=0.5)) as srv:
+        request = upgrade("user=frag&room=lobby", "Sec-WebSocket-Protocol: chatcore.v1")
+        # A flood of empty continuations, as many as the socket takes: closed after 64.
+        flood = client_frame(0x1, b"{", fin=False) + client_frame(0x0, fin=False) * 10_000
+        status, frames = await exchange(srv.port, request + flood)
+        assert status == b"HTTP/1.1 101 Switching Protocols"
+        assert close_of(frames) == (1009, "message in too many fragments")
+        # Within the fragment bound, each continuation's 6-byte header counts too.
+        limit = Config().max_frame_bytes
+        body = client_frame(0x1, b"x" * (limit - 6 * 10), fin=False)
+        status, frames = await exchange(
+            srv.port, request + body + client_frame(0x0, fin=False) * 11
+        )
+        assert status == b"HTTP/1.1 101 Switching Protocols"
+        assert close_of(frames) == (1009, "message too big")
+        await still_serving(srv)
