@@ -89,6 +89,8 @@ log = logging.getLogger("chatcore_server")
 _ROOM_MESSAGES = re.compile(r"/rooms/([^/]+)/messages")
 _HISTORY_LIMIT = 100
 _RETENTION_EVERY = 60.0
+# Upgrade headers that must appear once (h11 already refuses a repeated Host).
+_SINGLE_HEADERS = (b"origin", b"sec-websocket-key", b"sec-websocket-version")
 _CLOSE_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 
 
@@ -102,6 +104,8 @@ class Limits:
     """Seconds to receive a complete request (and TLS handshake); else the socket is closed."""
     max_request_bytes: int = 16 * 1024
     """Request line plus headers (h11's bound): more gets 431."""
+    max_headers: int = 100
+    """Header fields in one request: more gets 431 (however small they are)."""
     max_fragments: int = 64
     """Frames one incoming message may span; more closes the connection with 1009.
 
@@ -155,6 +159,9 @@ class ChatServer:
         self.port = port
         self.ssl_context = ssl_context
         self.jwt_secret = jwt_secret
+        for entry in allow_origins:
+            if entry != "*" and _http.parse_origin(entry) is None:
+                raise ValueError(f"not an origin: {entry!r} (http[s]://HOST[:PORT], or *)")
         self.allow_origins = tuple(allow_origins)
         self.limits = limits or Limits()
         self.static_dir = static_dir or _http.STATIC_DIR
@@ -666,8 +673,12 @@ class ChatServer:
                     return None
             if request is None:
                 return None  # EOF, or too slow to send a request
-            if _request_size(request) > self.limits.max_request_bytes:
-                # h11 bounds only what arrives in pieces; one big read is bounded here.
+            if (
+                _request_size(request) > self.limits.max_request_bytes
+                or len(request.headers) > self.limits.max_headers
+            ):
+                # h11 bounds only what arrives in pieces; one big read is bounded here,
+                # and so is the number of header fields, however small.
                 reply = error(431, "request header fields too large")
                 await _send_reply(stream, http, reply, head=False, close=True)
                 return None
@@ -717,8 +728,12 @@ class ChatServer:
             return error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
         if self._stopping:
             return error(503, "shutting down", ("retry-after", "5"))
+        repeated = _http.repeated_header(request, _SINGLE_HEADERS)
+        if repeated is not None:
+            return error(400, f"more than one {repeated.decode()} header")
+        scheme = "https" if self.ssl_context is not None else "http"
         if not _http.origin_allowed(
-            header(request, b"origin"), header(request, b"host"), self.allow_origins
+            header(request, b"origin"), header(request, b"host"), scheme, self.allow_origins
         ):
             return error(403, "origin not allowed")
         if header(request, b"sec-websocket-version") != "13":

@@ -20,7 +20,7 @@ import anyio.abc
 import pytest
 
 from chatcore import Config
-from chatcore_server import Limits
+from chatcore_server import ChatServer, Limits
 from chatcore_server._peer import Peer
 
 from .conftest import (
@@ -40,11 +40,11 @@ pytestmark = pytest.mark.anyio
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
-def upgrade(query: str, *headers: str) -> bytes:
+def upgrade(query: str, *headers: str, host: str = "127.0.0.1") -> bytes:
     """A complete WebSocket upgrade request for ``/ws?QUERY``."""
     lines = [
         f"GET /ws?{query} HTTP/1.1",
-        "Host: 127.0.0.1",
+        f"Host: {host}",
         "Upgrade: websocket",
         "Connection: Upgrade",
         f"Sec-WebSocket-Key: {KEY}",
@@ -408,3 +408,85 @@ async def test_empty_continuation_frames_are_not_free() -> None:
         assert status == b"HTTP/1.1 101 Switching Protocols"
         assert close_of(frames) == (1009, "message too big")
         await still_serving(srv)
+
+
+# -- item 5: the handshake ------------------------------------------------------------------------
+
+
+async def test_header_fields_are_bounded_in_number_as_well_as_size() -> None:
+    async with serving() as srv:
+
+        def request(fields: int) -> bytes:
+            # Host plus ``fields - 1`` tiny fields: far under the 16 KiB bound.
+            extra = "".join(f"X-{i}: a\r\n" for i in range(fields - 1))
+            return f"GET /healthz HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+        async def status_of(data: bytes) -> bytes:
+            async with await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
+                await stream.send(data)
+                out = b""
+                with anyio.fail_after(GUARD):
+                    while b"\r\n" not in out:
+                        out += await stream.receive()
+            return out.split(b"\r\n", 1)[0]
+
+        assert len(request(300)) < 4096
+        assert await status_of(request(100)) == b"HTTP/1.1 200 OK"
+        assert await status_of(request(101)) == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert await status_of(request(300)) == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert await status_of(upgrade("user=a&room=r", *(f"X-{i}: a" for i in range(300)))) == (
+            b"HTTP/1.1 431 Request Header Fields Too Large"
+        )
+        await still_serving(srv)
+
+
+async def test_a_repeated_origin_is_refused_whichever_comes_first() -> None:
+    async with serving(allow_origins=["https://chat.example"]) as srv:
+        for origins in (
+            ("https://chat.example", "http://evil.example"),
+            ("http://evil.example", "https://chat.example"),
+            ("https://chat.example", "https://chat.example"),
+        ):
+            headers = [f"Origin: {o}" for o in origins]
+            status, _frames = await exchange(srv.port, upgrade("user=a&room=r", *headers))
+            assert status == b"HTTP/1.1 400 Bad Request"
+        for name, value in (("Sec-WebSocket-Key", KEY), ("Sec-WebSocket-Version", "13")):
+            status, _frames = await exchange(srv.port, upgrade("user=a&room=r", f"{name}: {value}"))
+            assert status == b"HTTP/1.1 400 Bad Request"
+        await still_serving(srv)
+
+
+async def test_by_default_only_the_servers_own_pages_may_connect() -> None:
+    async with serving() as srv:
+        own = srv.url.rstrip("/")  # http://127.0.0.1:PORT
+        refused = [
+            "http://localhost:3000",
+            f"http://localhost:{srv.port + 1}",
+            f"http://127.0.0.1:{srv.port + 1}",
+            f"https://127.0.0.1:{srv.port}",
+            "http://127.0.0.1",
+            "null",
+            "http://evil.example",
+        ]
+        host = f"127.0.0.1:{srv.port}"  # what a browser sends
+        for origin in refused:
+            status, _frames = await exchange(
+                srv.port, upgrade("user=a&room=r", f"Origin: {origin}", host=host)
+            )
+            assert status == b"HTTP/1.1 403 Forbidden", origin
+        for origin in (own, None):
+            async with ws_connect(f"{srv.ws}?user=a&room=r", origin=origin, **JSON) as ok:
+                await welcome(ok)
+        await still_serving(srv)
+    # --allow-origin widens it, to exactly the origins listed.
+    async with serving(allow_origins=["http://localhost:3000"]) as srv:
+        async with ws_connect(
+            f"{srv.ws}?user=a&room=r", origin="http://localhost:3000", **JSON
+        ) as ok:
+            await welcome(ok)
+        status, _frames = await exchange(
+            srv.port, upgrade("user=a&room=r", "Origin: http://localhost:3001")
+        )
+        assert status == b"HTTP/1.1 403 Forbidden"
+    with pytest.raises(ValueError, match="not an origin"):
+        ChatServer(allow_origins=["chat.example"])
