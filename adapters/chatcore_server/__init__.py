@@ -23,17 +23,21 @@ Endpoints
 Limits and their answers
 ------------------------
 =====================================================  =============================
-request not complete within ``handshake_timeout`` 10 s  socket closed, no answer
+request not complete in ``handshake_timeout`` (10 s)   socket closed, no answer
 more than ``max_connections`` (10,000) connections      HTTP 503, not upgraded
 request line and headers over 16 KiB                    HTTP 431
+more than ``max_headers`` (100) header fields           HTTP 431
 malformed HTTP                                          HTTP 400
 plain request to ``/ws``                                HTTP 426 (``Upgrade: websocket``)
-``Origin`` not this host, loopback or allowed           HTTP 403
+repeated ``Origin`` or ``Sec-WebSocket-*`` header       HTTP 400
+``Origin`` not the server's own, nor allowed            HTTP 403
 missing or invalid token (with a JWT secret)            HTTP 401
 bad ``user``/``room``/``offset`` parameters             HTTP 400 (414: query too long)
-message over ``Config.max_frame_bytes``                 close 1009
+message over ``Config.max_frame_bytes``                 close 1009 once its header is read
+message over ``max_fragments`` (64) frames              close 1009
 invalid UTF-8 in a text frame                           close 1007
 binary frame                                            close 1003
+a bug while serving one connection                      close 1011 (logged; others go on)
 client that does not read (outbox full)                 close 1013 (the engine's bound)
 no pong within ``Config.pong_timeout``                  close 4000
 SIGINT / SIGTERM                                        close 1001 to all, exit 0

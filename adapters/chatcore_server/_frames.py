@@ -1,16 +1,22 @@
-"""Server-side WebSocket frames built once and shared by every recipient.
+"""WebSocket frames outside wsproto: shared outgoing frames, incoming size bounds.
 
 Frames a server sends are never masked (RFC 6455, 5.1), so one message's frame
 is the same bytes for every connection: fan-out builds it once here and the
-writer of each recipient sends those very bytes. Everything else on the wire
-(pings, pongs, close frames, reading) goes through wsproto.
+writer of each recipient sends those very bytes.
+
+Incoming frames are parsed by wsproto, which has no size limit at all: it
+hands out a frame's payload piece by piece as it arrives and keeps no count
+of a message's fragments. :class:`MessageBound` reads only the frame headers
+of the same bytes, before wsproto sees them, so that a header announcing too
+much is refused the moment it is complete, without waiting for its payload.
+Everything else (pings, pongs, close frames, UTF-8, reassembly) is wsproto's.
 """
 
 from __future__ import annotations
 
 import struct
 
-__all__ = ["text_frame"]
+__all__ = ["MessageBound", "text_frame"]
 
 _FIN_TEXT = 0x81
 _PACK_16 = struct.Struct("!BBH").pack
@@ -25,3 +31,79 @@ def text_frame(payload: bytes) -> bytes:
     if n < 65536:
         return _PACK_16(_FIN_TEXT, 126, n) + payload
     return _PACK_64(_FIN_TEXT, 127, n) + payload
+
+
+class MessageBound:
+    """Bounds on each incoming message, checked from its frame headers alone.
+
+    A message counts the payload of all its frames plus the header (6 to 14
+    bytes) of each continuation frame, so that no frame is free: empty
+    continuation frames used to be kept by the server at no cost against the
+    limit. It may span at most ``max_fragments`` frames (control frames in
+    between do not count). ``check`` is given every byte read, in order.
+    """
+
+    __slots__ = ("max_bytes", "max_fragments", "_head", "_skip", "_size", "_fragments")
+
+    def __init__(self, max_bytes: int, max_fragments: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_fragments = max_fragments
+        self._head = b""  # the start of a header that the last read cut short
+        self._skip = 0  # payload bytes of the current frame still to come
+        self._size = 0  # what the message being received counts so far
+        self._fragments = 0  # its frames so far
+
+    def check(self, data: bytes) -> tuple[int, str] | None:
+        """Where in ``data`` the first header over a bound starts and why, or None.
+
+        The offset is negative when the header began in an earlier read. What
+        comes before it is a prefix to parse as usual; then the connection is
+        to be closed with 1009 and the reason returned.
+        """
+        end = len(data)
+        pos = 0
+        while True:
+            if self._skip:
+                if self._skip >= end - pos:
+                    self._skip -= end - pos
+                    return None
+                pos += self._skip
+                self._skip = 0
+            if pos >= end:
+                return None
+            carried = len(self._head)
+            head = self._head + data[pos : pos + 14 - carried] if carried else data[pos : pos + 14]
+            if len(head) < 2:
+                self._head = head
+                return None
+            second = head[1]
+            length = second & 0x7F
+            size = (
+                2
+                + (4 if second & 0x80 else 0)
+                + (2 if length == 126 else 8 if length == 127 else 0)
+            )
+            if len(head) < size:
+                self._head = head
+                return None
+            if length == 126:
+                length = int.from_bytes(head[2:4], "big")
+            elif length == 127:
+                length = int.from_bytes(head[2:10], "big")
+            first = head[0]
+            opcode = first & 0x0F
+            if opcode < 0x8:  # a data frame (control frames are wsproto's: at most 125 bytes)
+                if opcode:
+                    self._size, self._fragments = length, 1
+                else:
+                    self._size += size + length
+                    self._fragments += 1
+                if self._size > self.max_bytes:
+                    return pos - carried, "message too big"
+                if self._fragments > self.max_fragments:
+                    return pos - carried, "message in too many fragments"
+                if first & 0x80:  # FIN: the message is complete
+                    self._size = self._fragments = 0
+            self._head = b""
+            self._skip = length
+            pos += size - carried

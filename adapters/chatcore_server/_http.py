@@ -27,6 +27,8 @@ __all__ = [
     "header_list",
     "json_reply",
     "origin_allowed",
+    "parse_origin",
+    "repeated_header",
     "static_file",
 ]
 
@@ -47,7 +49,7 @@ _TYPES = {
     ".webmanifest": "application/manifest+json",
 }
 _PHRASES = frozenset(s.value for s in HTTPStatus)
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,22 @@ def header(request: h11.Request, name: bytes) -> str | None:
     return None
 
 
+def repeated_header(request: h11.Request, names: Iterable[bytes]) -> bytes | None:
+    """The first of ``names`` (lower case) that the request carries more than once.
+
+    For headers that must appear once: taking the first of several would let
+    a request pass on one value (``Origin: allowed``) while carrying another.
+    """
+    wanted = frozenset(names)
+    seen: set[bytes] = set()
+    for key, _ in request.headers:
+        if key in wanted:
+            if key in seen:
+                return bytes(key)
+            seen.add(key)
+    return None
+
+
 def header_list(request: h11.Request, name: bytes) -> list[str]:
     """Every comma-separated token of header ``name``, lower-cased for flags."""
     items: list[str] = []
@@ -111,23 +129,40 @@ def static_file(name: str, folder: Path = STATIC_DIR) -> Reply | None:
     )
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
+def parse_origin(origin: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an http(s) origin, the port made explicit; None
+    for anything else (``null``, another scheme, no host, a bad port)."""
+    parts = urlsplit(origin.strip())
+    scheme = parts.scheme.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    if default is None or not parts.hostname:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    return scheme, parts.hostname.lower(), port or default
+
+
+def origin_allowed(
+    origin: str | None, host: str | None, scheme: str, allowed: Sequence[str]
+) -> bool:
     """Whether a browser page from ``origin`` may open a WebSocket here.
 
     No ``Origin`` header (a program, not a browser) is allowed. Otherwise the
-    origin's host must be this server's ``Host``, a loopback name, or listed
-    in ``allowed`` (exact origins like ``https://chat.example``, or ``*``).
+    page must be this server's own: the same scheme (``scheme``, what the
+    server speaks), host and port as the request's ``Host``; or be listed in
+    ``allowed`` (origins like ``https://chat.example``, or ``*`` for any).
+    Another port of the same host, or ``localhost``, is another origin.
     """
-    if origin is None:
+    if origin is None or "*" in allowed:
         return True
-    if "*" in allowed or origin in allowed:
-        return True
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    theirs = parse_origin(origin)
+    if theirs is None:
         return False
-    if host is not None and parts.netloc.lower() == host.lower():
+    if any(parse_origin(entry) == theirs for entry in allowed):
         return True
-    return (parts.hostname or "") in _LOCAL_HOSTS or f"[{parts.hostname}]" in _LOCAL_HOSTS
+    return host is not None and parse_origin(f"{scheme}://{host}") == theirs
 
 
 class AuthError(Exception):

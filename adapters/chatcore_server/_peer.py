@@ -35,6 +35,8 @@ from wsproto.events import (
     TextMessage,
 )
 
+from ._frames import MessageBound
+
 if TYPE_CHECKING:
     from ._server import ChatServer
 
@@ -49,6 +51,7 @@ _STREAM_ERRORS = (
     OSError,
 )
 _READ_SIZE = 65536
+_MAX_PARTS = 64  # pieces of one message kept apart before they are joined
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST
 
 
@@ -77,7 +80,7 @@ class Peer:
         "close_waiter",
         "send_scope",
         "parts",
-        "part_bytes",
+        "bound",
         "done",
         "transport",
         "paused",
@@ -118,8 +121,9 @@ class Peer:
         self.close_seen = False  # the client's close frame arrived (or cannot any more)
         self.close_waiter: anyio.Event | None = None
         self.send_scope: anyio.CancelScope | None = None
+        # The message being received, in pieces (fragments, or a frame read in parts).
         self.parts: list[str] = []
-        self.part_bytes = 0
+        self.bound = MessageBound(server.config.max_frame_bytes, server.limits.max_fragments)
         self.done: anyio.Event | None = None
         # asyncio only: the transport this peer drives through callbacks, no task at all.
         self.transport: asyncio.Transport | None = None
@@ -229,7 +233,8 @@ class Peer:
 
     def _flush_transport(self) -> bool:
         transport = self.transport
-        assert transport is not None
+        if transport is None:
+            return False
         if self.paused or transport.is_closing():
             return False  # kept (and counted by the engine) until the client reads again
         if not self.out:
@@ -259,38 +264,55 @@ class Peer:
         """Bytes from an adopted asyncio transport (see ``adopt_asyncio``)."""
         if self.close_seen or self.aborted or not data:
             return
-        self.ws.receive_data(data)
-        with self.server.turn():
-            self._events()
+        try:
+            self._receive(data)
+        except Exception:
+            self.fail()
+            return
         if self.close_seen and self.closing and not self.out and self.transport is not None:
             self.transport.close()  # our close frame went out and the client answered
+
+    def fail(self) -> None:
+        """A bug while serving this connection: log it and end this connection alone.
+
+        Called from an ``except`` block. Nothing more is read from the client;
+        it gets close 1011 after what is queued, or a reset if even that fails.
+        """
+        log.exception("internal error on conn=%d user=%s", self.id, self.user)
+        self.close_seen = True  # its state is not to be trusted: read nothing more
+        try:
+            self.server.peer_refused(self, 1011, "internal error")
+        except Exception:
+            log.exception("conn=%d could not be closed cleanly; resetting it", self.id)
+            self.abort()
 
     async def run(self, trailing: bytes) -> None:
         """Read until the connection ends; then wait for the writer to finish, if any."""
         server = self.server
         try:
-            if trailing:
-                self.ws.receive_data(trailing)
-                with server.turn():
-                    self._events()
-            if not self.close_seen:
-                await self._read_loop()
+            try:
+                if trailing:
+                    self._receive(trailing)
+                if not self.close_seen:
+                    await self._read_loop()
+            except Exception:
+                self.fail()
             if self.writer and self.done is not None:
                 with anyio.move_on_after(server.limits.close_timeout + 1):
                     await self.done.wait()
         finally:
-            if not self.writer:
+            stream = self.stream
+            if not self.writer and stream is not None:
                 server.flush_now()  # a close frame may still wait for the deferred flush
                 self.fd = -1  # never write to a descriptor number that may be reused
-                assert self.stream is not None
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                    await self.stream.aclose()
+                    await stream.aclose()
             server.peer_finished(self)
 
     async def _read_loop(self) -> None:
         stream = self.stream
-        assert stream is not None
-        ws = self.ws
+        if stream is None:  # adopted by asyncio callbacks: they read, not this task
+            return
         server = self.server
         while True:
             try:
@@ -298,35 +320,53 @@ class Peer:
             except _STREAM_ERRORS:
                 server.peer_lost(self)
                 return
-            ws.receive_data(data)
-            with server.turn():
-                self._events()
+            self._receive(data)
             if self.close_seen:
                 return
+
+    def _receive(self, data: bytes) -> None:
+        over = None if self.closing else self.bound.check(data)
+        with self.server.turn():
+            if over is None:
+                self.ws.receive_data(data)
+                self._events()
+                return
+            # A header over a bound: what came before it still counts, then 1009.
+            at, reason = over
+            at = max(at, 0)
+            if at:
+                self.ws.receive_data(data[:at])
+                self._events()
+            if not self.closing:
+                self.parts.clear()
+                self.server.peer_refused(self, 1009, reason)
+            if not self.close_seen:
+                # Read on only to see the client's answer to the close (whatever it
+                # sends meanwhile is dropped); close_timeout bounds the wait.
+                self.ws.receive_data(data[at:])
+                self._events()
 
     def _events(self) -> None:
         server = self.server
         for event in self.ws.events():
             if isinstance(event, TextMessage):
+                # Sizes were checked on the frame headers (``MessageBound``).
                 if self.closing:
                     continue
-                data = event.data
-                size = len(data) if data.isascii() else len(data.encode())
-                if self.part_bytes + size > server.config.max_frame_bytes:
-                    self.parts.clear()
-                    server.peer_refused(self, 1009, "message too big")
-                    continue
-                if event.message_finished and not self.parts:
-                    server.peer_received(self, data)
+                parts = self.parts
+                if event.message_finished and not parts:
+                    server.peer_received(self, event.data)
                 elif event.message_finished:
-                    self.parts.append(data)
-                    text = "".join(self.parts)
-                    self.parts.clear()
-                    self.part_bytes = 0
+                    parts.append(event.data)
+                    text = "".join(parts)
+                    parts.clear()
                     server.peer_received(self, text)
                 else:
-                    self.parts.append(data)
-                    self.part_bytes += size
+                    parts.append(event.data)
+                    if len(parts) >= _MAX_PARTS:
+                        # A frame trickling in byte by byte: keep one string, not
+                        # one object per read.
+                        parts[:] = ["".join(parts)]
             elif isinstance(event, Ping):
                 if self.ws.state is ConnectionState.OPEN:
                     self.queue(self.ws.send(event.response()))
@@ -354,9 +394,25 @@ class Peer:
 
     async def write_loop(self) -> None:
         stream = self.stream
-        assert stream is not None
+        if stream is None:
+            # Adopted by asyncio callbacks, which write themselves. (The server adopts
+            # no peer that is already closing, the one way a writer could start first.)
+            self.writer = False
+            if self.done is not None:
+                self.done.set()
+            return
         try:
             await self._write(stream)
+        except Exception:
+            # A bug: this task is the server's, so it must not raise. The socket is
+            # reset below (no close frame: this writer is what would send it).
+            log.exception("internal error writing to conn=%d user=%s", self.id, self.user)
+            self.close_seen = True
+            self.aborted = True
+            try:
+                self.server.peer_lost(self)
+            except Exception:
+                log.exception("conn=%d could not be dropped cleanly", self.id)
         finally:
             self.fd = -1
             if self.aborted:
@@ -466,15 +522,21 @@ class _Link(asyncio.Protocol):
         self.peer.feed(data)
 
     def eof_received(self) -> bool:
-        self.peer.server.peer_lost(self.peer)
+        try:
+            self.peer.server.peer_lost(self.peer)
+        except Exception:
+            self.peer.fail()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         peer = self.peer
         if peer.timer is not None:
             peer.timer.cancel()
-        if not peer.closing:
-            peer.server.peer_lost(peer)
+        try:
+            if not peer.closing:
+                peer.server.peer_lost(peer)
+        except Exception:
+            log.exception("internal error dropping conn=%d user=%s", peer.id, peer.user)
         peer.aborted = peer.aborted or not peer.close_seen
         peer.server.peer_finished(peer)
 

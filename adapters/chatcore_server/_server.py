@@ -89,6 +89,8 @@ log = logging.getLogger("chatcore_server")
 _ROOM_MESSAGES = re.compile(r"/rooms/([^/]+)/messages")
 _HISTORY_LIMIT = 100
 _RETENTION_EVERY = 60.0
+# Upgrade headers that must appear once (h11 already refuses a repeated Host).
+_SINGLE_HEADERS = (b"origin", b"sec-websocket-key", b"sec-websocket-version")
 _CLOSE_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 
 
@@ -102,6 +104,14 @@ class Limits:
     """Seconds to receive a complete request (and TLS handshake); else the socket is closed."""
     max_request_bytes: int = 16 * 1024
     """Request line plus headers (h11's bound): more gets 431."""
+    max_headers: int = 100
+    """Header fields in one request: more gets 431 (however small they are)."""
+    max_fragments: int = 64
+    """Frames one incoming message may span; more closes the connection with 1009.
+
+    Each continuation frame also counts its header (6 to 14 bytes) against
+    ``Config.max_frame_bytes``, so that no fragment is free.
+    """
     close_timeout: float = 3.0
     """Seconds a closing connection gets to take its last frames and answer the close."""
     send_buffer: int | None = 64 * 1024
@@ -149,6 +159,9 @@ class ChatServer:
         self.port = port
         self.ssl_context = ssl_context
         self.jwt_secret = jwt_secret
+        for entry in allow_origins:
+            if entry != "*" and _http.parse_origin(entry) is None:
+                raise ValueError(f"not an origin: {entry!r} (http[s]://HOST[:PORT], or *)")
         self.allow_origins = tuple(allow_origins)
         self.limits = limits or Limits()
         self.static_dir = static_dir or _http.STATIC_DIR
@@ -593,14 +606,22 @@ class ChatServer:
     # -- HTTP ------------------------------------------------------------------------------
 
     async def _handle_tcp(self, stream: anyio.abc.ByteStream) -> None:
+        """One TCP connection's task: nothing it meets may end the server.
+
+        A bug while serving it is logged with its traceback and ends this
+        connection alone (``Peer.fail`` once upgraded: close 1011).
+        """
         self._tcp += 1
+        peer: Peer | None = None
         adopted = False
         try:
             upgraded = await self._http(stream)
             if upgraded is not None:
                 # Run the WebSocket from here, so the HTTP parser and request are freed.
                 peer, trailing = upgraded
-                if peer.fd >= 0:
+                # A peer the engine refused at once is closing with a writer task on the
+                # stream already: it stays on the stream until its close is done.
+                if peer.fd >= 0 and not peer.closing:
                     pending = adopt_asyncio(peer, stream)
                     if pending is not None:
                         # From now on asyncio callbacks drive it: this task ends here.
@@ -618,8 +639,19 @@ class ChatServer:
         finally:
             if not adopted:
                 self._tcp -= 1
+                if peer is not None and not peer.finished:
+                    self._forget(peer)  # failed between the upgrade and its read loop
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     await stream.aclose()
+
+    def _forget(self, peer: Peer) -> None:
+        """Drop an upgraded peer whose task ended before it could finish it."""
+        peer.close_seen = peer.aborted = peer.closing = True
+        peer.fd = -1
+        try:
+            self.peer_finished(peer)
+        except Exception:
+            log.exception("internal error dropping conn=%d user=%s", peer.id, peer.user)
 
     async def _http(self, stream: anyio.abc.ByteStream) -> tuple[Peer, bytes] | None:
         """Answer HTTP requests; the upgraded peer and its first bytes, if any."""
@@ -641,8 +673,12 @@ class ChatServer:
                     return None
             if request is None:
                 return None  # EOF, or too slow to send a request
-            if _request_size(request) > self.limits.max_request_bytes:
-                # h11 bounds only what arrives in pieces; one big read is bounded here.
+            if (
+                _request_size(request) > self.limits.max_request_bytes
+                or len(request.headers) > self.limits.max_headers
+            ):
+                # h11 bounds only what arrives in pieces; one big read is bounded here,
+                # and so is the number of header fields, however small.
                 reply = error(431, "request header fields too large")
                 await _send_reply(stream, http, reply, head=False, close=True)
                 return None
@@ -692,8 +728,12 @@ class ChatServer:
             return error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
         if self._stopping:
             return error(503, "shutting down", ("retry-after", "5"))
+        repeated = _http.repeated_header(request, _SINGLE_HEADERS)
+        if repeated is not None:
+            return error(400, f"more than one {repeated.decode()} header")
+        scheme = "https" if self.ssl_context is not None else "http"
         if not _http.origin_allowed(
-            header(request, b"origin"), header(request, b"host"), self.allow_origins
+            header(request, b"origin"), header(request, b"host"), scheme, self.allow_origins
         ):
             return error(403, "origin not allowed")
         if header(request, b"sec-websocket-version") != "13":

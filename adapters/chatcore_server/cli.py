@@ -17,6 +17,7 @@ from chatcore import Config
 from chatcore_store import DEFAULT_URL, HistoryStore, open_store
 from chatcore_store.cli import add_subcommands
 
+from ._http import parse_origin
 from ._server import ChatServer
 
 __all__ = ["main"]
@@ -62,9 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-origin",
         action="append",
         default=[],
+        type=_origin,
         metavar="ORIGIN",
-        help="a browser origin allowed to connect besides this host and localhost "
-        "(repeatable; '*' allows any)",
+        help="a browser origin (http[s]://HOST[:PORT]) whose pages may connect besides "
+        "the server's own pages, whose scheme, host and port must match exactly (another "
+        "port or localhost is another origin); needed behind a proxy that terminates TLS. "
+        "Repeatable; '*' allows any",
     )
     serve.add_argument(
         "--log-level",
@@ -78,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve_command)
     add_subcommands(commands)
     return parser
+
+
+def _origin(value: str) -> str:
+    if value != "*" and parse_origin(value) is None:
+        raise argparse.ArgumentTypeError(f"not an origin: {value!r} (http[s]://HOST[:PORT], or *)")
+    return value
 
 
 def _store(url: str) -> HistoryStore:
