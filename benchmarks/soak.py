@@ -128,7 +128,8 @@ class Ledger:
         first = self.seen.setdefault(key, got)
         if first != got:
             self.findings.fail(
-                "same offset, different message", f"{who} {key}: {got} != first seen {first}"
+                "same offset, different message",
+                f"{who} {key}: {got.sender} {got.cid} != first seen {first.sender} {first.cid}",
             )
 
 
@@ -390,7 +391,8 @@ class Client:
             self.f.count["retried sends acked at an earlier offset"] += 1
             seen = self.soak.ledger.seen.get((room, n))
             if n > t.start and (seen is None or (seen.sender, seen.cid) != (self.user, cid)):
-                self.f.fail("ack names another message", f"{self.name} {cid} {room}@{n}: {seen}")
+                holder = seen and (seen.sender, seen.cid)
+                self.f.fail("ack names another message", f"{self.name} {cid} {room}@{n}: {holder}")
 
     def _welcome(self, f: dict[str, Any]) -> None:
         rooms: dict[str, dict[str, Any]] = f["rooms"]
@@ -684,12 +686,24 @@ class Client:
         """Nothing asked and unanswered whose answer could fall into the gap."""
         return not (self.joining or self.leaving or self.page or self.resends)
 
-    async def do_drop(self) -> None:
-        if not self._quiet():
-            return
+    def _send_last_words(self) -> None:
+        """Half the time, send just before the connection goes: its ack may be lost."""
+        room = self._room()
+        if room is not None and self.rng.random() < 0.5:
+            self.send(room)
+            self.f.count["sends just before a drop"] += 1
+
+    def _cut(self) -> None:
+        """Drop the TCP connection without a close frame."""
+        self._send_last_words()
         link = self._retire()
         if link is not None:
             link.abort()
+
+    async def do_drop(self) -> None:
+        if not self._quiet():
+            return
+        self._cut()
         self.f.count["drops (resume within grace)"] += 1
         await asyncio.sleep(self.rng.uniform(0.2, 3.0))
         await self.connect(resume=True, expect=True)
@@ -697,6 +711,7 @@ class Client:
     async def do_abandon(self) -> None:
         if not self._quiet():
             return
+        self._send_last_words()
         old = self._retire()
         if old is not None:
             old.pause()
@@ -709,9 +724,7 @@ class Client:
     async def do_late(self) -> None:
         if not self._quiet():
             return
-        link = self._retire()
-        if link is not None:
-            link.abort()
+        self._cut()
         self.f.count["drops (resume after grace)"] += 1
         await asyncio.sleep(self.soak.args.grace + self.rng.uniform(2.0, 4.0))
         await self.connect(resume=True, expect=False)
@@ -734,7 +747,7 @@ class Client:
         if link is None:
             return
         long = self.slow and self.rng.random() < 0.4
-        seconds = self.rng.uniform(30.0, 45.0) if long else self.rng.uniform(1.0, 8.0)
+        seconds = self.rng.uniform(40.0, 60.0) if long else self.rng.uniform(1.0, 8.0)
         self.f.count["long stalls (small receive buffer)" if long else "short stalls"] += 1
         link.pause()
         with contextlib.suppress(TimeoutError):
@@ -919,7 +932,8 @@ def check_store(soak: Soak, db: Path) -> dict[str, int]:
     for (room, sender, cid), (offset, text) in soak.ledger.acked.items():
         row = by_key.get((room, offset))
         if row is None or row[1:] != (sender, text, cid):
-            f.fail("acked message not stored as acked", f"{room}@{offset} {sender} {cid}: {row}")
+            stored = row and (row[1], row[3], row[2][:20])
+            f.fail("acked message not stored as acked", f"{room}@{offset} {sender} {cid}: {stored}")
     for (room, offset), seen in soak.ledger.seen.items():
         row = by_key.get((room, offset))
         if row is None or row != (seen.epoch, seen.sender, seen.text, seen.cid):
