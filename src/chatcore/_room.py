@@ -10,10 +10,11 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 
+from ._awaits import PendingSend
 from ._codec import encode_members, encode_string
 from ._commands import Mode
 from ._events import Members, Message
-from ._session import Connection, PendingSend
+from ._session import Connection
 
 __all__ = ["Room"]
 

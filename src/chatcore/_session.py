@@ -1,9 +1,16 @@
 """Sessions and connections: the per-client state, and the session state table.
 
-Every session transition is listed in :data:`TRANSITIONS`; the engine asks
-:func:`next_state` and never assigns a state any other way. A session outlives
-its connection: when the transport drops, the session waits out the grace
-period detached, and a connection presenting its resume token picks it up.
+Everything that changes a session's state is in this file. :data:`TABLE`
+maps every (state, input) pair of a session that is not closed to the action
+the engine takes and the state that follows; :func:`fire` is the only code
+that assigns ``Session.state``. CLOSED is final: firing anything at a closed
+session is a bug in the engine and raises. The actions are carried out where
+their input arises (``_lifecycle`` for most, the engine for frames); the
+diagram in docs/engine.md is drawn from this table (:func:`diagram`).
+
+A session outlives its connection: when the transport drops, the session
+waits out the grace period detached, and a connection presenting its resume
+token picks it up.
 """
 
 from __future__ import annotations
@@ -11,8 +18,8 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 
 from ._commands import ClientRequest, ConnId, Mode
 from ._errors import LocalProtocolError
@@ -21,7 +28,18 @@ from ._events import Message
 NO_ROOMS: frozenset[str] = frozenset()
 NO_OFFSETS: Mapping[str, int] = MappingProxyType({})
 
-__all__ = ["TRANSITIONS", "SessionInput", "SessionState", "next_state"]
+__all__ = [
+    "TABLE",
+    "TRANSITIONS",
+    "SessionAction",
+    "SessionInput",
+    "SessionState",
+    "Transition",
+    "diagram",
+    "fire",
+    "next_state",
+    "takes",
+]
 
 
 class SessionState(enum.Enum):
@@ -46,36 +64,117 @@ class SessionInput(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-_S, _I = SessionState, SessionInput
+class SessionAction(enum.Enum):
+    """What the engine does when a transition fires."""
 
-TRANSITIONS: Mapping[tuple[SessionState, SessionInput], SessionState] = {
-    (_S.OPENING, _I.READY): _S.LIVE,
-    (_S.OPENING, _I.FRAME): _S.OPENING,  # held until the welcome
-    (_S.OPENING, _I.DROP): _S.CLOSED,  # the client never got a token to resume with
-    (_S.OPENING, _I.SHUTDOWN): _S.CLOSED,
-    (_S.RESUMING, _I.READY): _S.LIVE,
-    (_S.RESUMING, _I.FRAME): _S.RESUMING,
-    (_S.RESUMING, _I.DROP): _S.DETACHED,
-    (_S.RESUMING, _I.RESUME): _S.RESUMING,  # a newer connection takes over
-    (_S.RESUMING, _I.SHUTDOWN): _S.CLOSED,
-    (_S.LIVE, _I.FRAME): _S.LIVE,
-    (_S.LIVE, _I.DROP): _S.DETACHED,
-    (_S.LIVE, _I.RESUME): _S.RESUMING,  # reconnected before the old transport was seen dead
-    (_S.LIVE, _I.SHUTDOWN): _S.CLOSED,
-    (_S.DETACHED, _I.RESUME): _S.RESUMING,
-    (_S.DETACHED, _I.EXPIRE): _S.CLOSED,
-    (_S.DETACHED, _I.SHUTDOWN): _S.CLOSED,
-}
-"""Every allowed (state, input) pair and the state it leads to. CLOSED is final."""
+    WELCOME = "welcome"
+    """Join the rooms asked for, send the welcome, replay, run the held frames."""
+    HOLD = "hold"
+    """Keep the frame (up to ``max_pending_frames``) until the welcome."""
+    SERVE = "serve"
+    """Carry the request out, within the request rate."""
+    TAKE_OVER = "take over"
+    """The new connection replaces the old one, which is closed with 1000."""
+    WAIT = "wait"
+    """Detach and start the grace period."""
+    END = "end"
+    """Save the session's positions, leave its rooms, forget it."""
+    IGNORE = "ignore"
+    """Nothing: the input is stale (an old timer, a room loaded after a drop) or
+    cannot concern this session (a resume with a token the client never got)."""
+
+
+class Transition(NamedTuple):
+    action: SessionAction
+    next: SessionState
+
+
+_S, _I, _A = SessionState, SessionInput, SessionAction
+_T = Transition
+
+TABLE: Mapping[tuple[SessionState, SessionInput], Transition] = MappingProxyType(
+    {
+        (_S.OPENING, _I.READY): _T(_A.WELCOME, _S.LIVE),
+        (_S.OPENING, _I.FRAME): _T(_A.HOLD, _S.OPENING),
+        (_S.OPENING, _I.DROP): _T(_A.END, _S.CLOSED),  # no token was issued to resume with
+        (_S.OPENING, _I.RESUME): _T(_A.IGNORE, _S.OPENING),  # the newcomer gets its own
+        (_S.OPENING, _I.EXPIRE): _T(_A.IGNORE, _S.OPENING),
+        (_S.OPENING, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
+        (_S.RESUMING, _I.READY): _T(_A.WELCOME, _S.LIVE),
+        (_S.RESUMING, _I.FRAME): _T(_A.HOLD, _S.RESUMING),
+        (_S.RESUMING, _I.DROP): _T(_A.WAIT, _S.DETACHED),
+        (_S.RESUMING, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),  # a newer connection
+        (_S.RESUMING, _I.EXPIRE): _T(_A.IGNORE, _S.RESUMING),
+        (_S.RESUMING, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
+        (_S.LIVE, _I.READY): _T(_A.IGNORE, _S.LIVE),  # a room it asked for twice
+        (_S.LIVE, _I.FRAME): _T(_A.SERVE, _S.LIVE),
+        (_S.LIVE, _I.DROP): _T(_A.WAIT, _S.DETACHED),
+        (_S.LIVE, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),  # old transport not seen dead
+        (_S.LIVE, _I.EXPIRE): _T(_A.IGNORE, _S.LIVE),
+        (_S.LIVE, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
+        (_S.DETACHED, _I.READY): _T(_A.IGNORE, _S.DETACHED),  # dropped while resuming
+        (_S.DETACHED, _I.FRAME): _T(_A.IGNORE, _S.DETACHED),
+        (_S.DETACHED, _I.DROP): _T(_A.IGNORE, _S.DETACHED),
+        (_S.DETACHED, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),
+        (_S.DETACHED, _I.EXPIRE): _T(_A.END, _S.CLOSED),
+        (_S.DETACHED, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
+    }
+)
+"""Every (state, input) pair of a session that is not closed: (action, next state)."""
+
+TRANSITIONS: Mapping[tuple[SessionState, SessionInput], SessionState] = MappingProxyType(
+    {pair: t.next for pair, t in TABLE.items()}
+)
+"""The state each (state, input) pair leads to (:data:`TABLE` without its actions)."""
+
+
+def _check_complete() -> None:
+    open_states = [s for s in SessionState if s is not SessionState.CLOSED]
+    missing = [(s, i) for s in open_states for i in SessionInput if (s, i) not in TABLE]
+    if missing or any(s is SessionState.CLOSED for s, _ in TABLE):
+        raise RuntimeError(f"the session table is not complete: {missing}")  # pragma: no cover
+
+
+_check_complete()
 
 
 def next_state(state: SessionState, event: SessionInput) -> SessionState:
+    """The state ``event`` leads to from ``state``; a pair not in the table raises."""
+    return _transition(state, event).next
+
+
+def _transition(state: SessionState, event: SessionInput) -> Transition:
     try:
-        return TRANSITIONS[state, event]
+        return TABLE[state, event]
     except KeyError:
         raise LocalProtocolError(
             f"session in state {state.value} cannot take {event.value}"
         ) from None
+
+
+def fire(session: Session, event: SessionInput) -> SessionAction:
+    """Move ``session`` along the table; return the action to carry out.
+
+    The only writer of ``Session.state`` (a new session starts OPENING).
+    """
+    action, session.state = _transition(session.state, event)
+    return action
+
+
+def takes(session: Session, event: SessionInput) -> bool:
+    """Whether ``event`` would do anything to ``session`` (a closed one takes nothing)."""
+    transition = TABLE.get((session.state, event))
+    return transition is not None and transition.action is not SessionAction.IGNORE
+
+
+def diagram() -> str:
+    """The table as a mermaid state diagram; ignored inputs are left out."""
+    lines = ["stateDiagram-v2", "    [*] --> OPENING: connect"]
+    for (state, event), (action, target) in TABLE.items():
+        if action is not SessionAction.IGNORE:
+            lines.append(f"    {state.name} --> {target.name}: {event.value} / {action.value}")
+    lines.append("    CLOSED --> [*]")
+    return "\n".join(lines)
 
 
 class TokenBucket:
@@ -98,15 +197,6 @@ class TokenBucket:
         return (1.0 - self.tokens) / rate
 
 
-@dataclass(slots=True)
-class PendingSend:
-    """A message handed to the log and not yet answered."""
-
-    session: Session
-    room: str
-    client_id: str | None
-
-
 class Catchup:
     """A connection replaying a room from ``next`` before it goes live there."""
 
@@ -126,7 +216,17 @@ class Catchup:
 
 
 class Connection:
-    __slots__ = ("id", "session", "mode", "frames", "nbytes", "last_seen", "ping_sent", "catchup")
+    __slots__ = (
+        "id",
+        "session",
+        "mode",
+        "frames",
+        "nbytes",
+        "last_seen",
+        "ping_sent",
+        "catchup",
+        "closing",
+    )
 
     def __init__(self, conn_id: ConnId, session: Session, mode: Mode, now: float) -> None:
         self.id = conn_id
@@ -137,6 +237,9 @@ class Connection:
         self.last_seen = now
         self.ping_sent: float | None = None
         self.catchup: dict[str, Catchup] = {}
+        # Set when the engine decided to close it during a step; the close itself
+        # happens at the end of the step (see _outbox.close_later).
+        self.closing = False
 
 
 class Session:
@@ -166,7 +269,7 @@ class Session:
         self.id = sid
         self.token = token
         self.user = user
-        self.state = SessionState.OPENING
+        self.state = SessionState.OPENING  # from here on, only fire() writes it
         self.conn: Connection | None = None
         self.rooms: dict[str, None] = {}  # joined rooms, in join order
         self.text_room: str | None = None  # where plain-text lines go

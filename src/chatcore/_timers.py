@@ -1,27 +1,53 @@
 """The engine's timers: one heap of absolute deadlines, invalidated lazily.
 
 An entry is never removed when what it guards changes (a pong arrives, a
-session resumes); instead each entry carries a generation, and the engine
-checks it when the entry comes due. That keeps the hot paths free of heap work.
+session resumes); instead each entry says what it was armed for, and the
+engine checks that this still holds when the entry comes due. That keeps the
+hot paths free of heap work.
 """
 
 from __future__ import annotations
 
-import enum
 import heapq
-from typing import Any
+from typing import NamedTuple
 
-__all__ = ["TimerKind", "Timers"]
+from ._room import Room
+from ._session import Connection, Session
 
-
-class TimerKind(enum.IntEnum):
-    PING = 1
-    PONG_DEADLINE = 2
-    GRACE = 3
-    TYPING = 4
+__all__ = ["GraceOver", "PingDue", "PongDue", "Timer", "Timers", "TypingOver"]
 
 
-Entry = tuple[float, int, TimerKind, Any, Any]
+class PingDue(NamedTuple):
+    """Time to ping ``conn``."""
+
+    conn: Connection
+
+
+class PongDue(NamedTuple):
+    """``conn`` was pinged at ``sent``: it must have been heard from since."""
+
+    conn: Connection
+    sent: float
+
+
+class GraceOver(NamedTuple):
+    """The grace period of ``session``'s detachment number ``gen`` is over."""
+
+    session: Session
+    gen: int
+
+
+class TypingOver(NamedTuple):
+    """The typing indicator ``id`` of ``user`` in ``room`` may have expired."""
+
+    room: Room
+    user: str
+    id: int
+
+
+Timer = PingDue | PongDue | GraceOver | TypingOver
+
+Entry = tuple[float, int, Timer]
 
 
 class Timers:
@@ -31,9 +57,9 @@ class Timers:
         self._heap: list[Entry] = []
         self._seq = 0
 
-    def push(self, when: float, kind: TimerKind, key: Any, gen: Any) -> None:
+    def push(self, when: float, timer: Timer) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (when, self._seq, kind, key, gen))
+        heapq.heappush(self._heap, (when, self._seq, timer))
 
     def peek(self) -> Entry | None:
         return self._heap[0] if self._heap else None

@@ -48,8 +48,6 @@ from chatcore import (
     SeededIds,
     Send,
     SendDirect,
-    SessionInput,
-    SessionState,
     StartTyping,
     Written,
     WrittenMany,
@@ -61,7 +59,6 @@ from chatcore import (
     parse_connect,
     select_mode,
 )
-from chatcore._session import next_state  # the table's guard, reached only through misuse
 
 
 def msg(
@@ -199,11 +196,6 @@ def test_negative_written_counts_are_misuse() -> None:
     h.connect(1, "alice")
     with pytest.raises(LocalProtocolError):
         h.do(WrittenMany(reports=((1, 0, 0), (1, -1, 0))))
-
-
-def test_session_table_refuses_a_pair_it_does_not_list() -> None:
-    with pytest.raises(LocalProtocolError):
-        next_state(SessionState.DETACHED, SessionInput.FRAME)
 
 
 def test_room_load_failure_fails_joins_and_connects_but_not_the_rest() -> None:

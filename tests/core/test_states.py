@@ -1,19 +1,24 @@
 """Every session state against every input, through the public API (as h2 tests its states).
 
-The expected table is written out here by hand, independently of the engine's
-own TRANSITIONS, and the engine is driven into each state the way a real
-client and store would drive it.
+The expectations come from the engine's own table (``chatcore._session.TABLE``):
+for every (state, input) pair, the engine is driven into the state the way a
+real client and store would drive it, given the input, and must end in the
+state the table names and do what its action says. The diagram in
+docs/engine.md is checked against the same table.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chatcore import (
     TRANSITIONS,
+    Close,
     Config,
     Connect,
     Deliver,
@@ -29,37 +34,12 @@ from chatcore import (
     Shutdown,
     Written,
 )
+from chatcore._session import TABLE, SessionAction, Transition, diagram, next_state
 from chatcore_store import MemoryStore, is_storage_effect
 
-S, In = SessionState, SessionInput
+S, In, Do = SessionState, SessionInput, SessionAction
 GRACE = 30.0
-
-EXPECTED: dict[tuple[SessionState, SessionInput], SessionState] = {
-    (S.OPENING, In.READY): S.LIVE,
-    (S.OPENING, In.FRAME): S.OPENING,
-    (S.OPENING, In.DROP): S.CLOSED,
-    (S.OPENING, In.RESUME): S.OPENING,  # no token was issued yet: the newcomer is someone else
-    (S.OPENING, In.EXPIRE): S.OPENING,
-    (S.OPENING, In.SHUTDOWN): S.CLOSED,
-    (S.RESUMING, In.READY): S.LIVE,
-    (S.RESUMING, In.FRAME): S.RESUMING,
-    (S.RESUMING, In.DROP): S.DETACHED,
-    (S.RESUMING, In.RESUME): S.RESUMING,
-    (S.RESUMING, In.EXPIRE): S.RESUMING,
-    (S.RESUMING, In.SHUTDOWN): S.CLOSED,
-    (S.LIVE, In.READY): S.LIVE,
-    (S.LIVE, In.FRAME): S.LIVE,
-    (S.LIVE, In.DROP): S.DETACHED,
-    (S.LIVE, In.RESUME): S.RESUMING,
-    (S.LIVE, In.EXPIRE): S.LIVE,
-    (S.LIVE, In.SHUTDOWN): S.CLOSED,
-    (S.DETACHED, In.READY): S.DETACHED,
-    (S.DETACHED, In.FRAME): S.DETACHED,
-    (S.DETACHED, In.DROP): S.DETACHED,
-    (S.DETACHED, In.RESUME): S.RESUMING,
-    (S.DETACHED, In.EXPIRE): S.CLOSED,
-    (S.DETACHED, In.SHUTDOWN): S.CLOSED,
-}
+ENGINE_MD = Path(__file__).resolve().parents[2] / "docs" / "engine.md"
 
 
 class Harness:
@@ -71,6 +51,7 @@ class Harness:
         self.now = 100.0
         self.held: list[LoadRoom] = []
         self.frames: dict[int, list[dict[str, Any]]] = {}
+        self.closed: dict[int, int] = {}
         self.next_conn = 0
 
     def feed(self, command: Any) -> None:
@@ -83,6 +64,8 @@ class Harness:
             elif is_storage_effect(effect):
                 for answer in self.store.execute_now([effect]):
                     self.feed(answer)
+            elif isinstance(effect, Close):
+                self.closed[effect.conn] = effect.code
             elif isinstance(effect, Deliver):
                 for conn in effect.to:
                     self.frames.setdefault(conn, []).append(json.loads(effect.data))
@@ -141,26 +124,67 @@ def apply(h: Harness, event: SessionInput, conn: int, token: str | None) -> None
             h.feed(Shutdown())
 
 
-def test_the_expected_table_covers_every_pair() -> None:
+def test_the_table_lists_every_pair_of_a_session_that_is_not_closed() -> None:
     live = [s for s in SessionState if s is not S.CLOSED]
-    assert set(EXPECTED) == {(s, i) for s in live for i in SessionInput}
+    assert set(TABLE) == {(s, i) for s in live for i in SessionInput}
+    assert dict(TRANSITIONS) == {pair: t.next for pair, t in TABLE.items()}
 
 
-@pytest.mark.parametrize(("state", "event"), sorted(EXPECTED, key=str), ids=str)
-def test_every_state_against_every_input(state: SessionState, event: SessionInput) -> None:
+def test_a_closed_session_takes_no_input() -> None:
+    for event in SessionInput:
+        with pytest.raises(LocalProtocolError):
+            next_state(S.CLOSED, event)
+
+
+def _sent_to(h: Harness, conn: int, before: int) -> list[dict[str, Any]]:
+    return h.frames.get(conn, [])[before:]
+
+
+@pytest.mark.parametrize(("pair", "transition"), sorted(TABLE.items(), key=str), ids=str)
+def test_every_state_against_every_input(
+    pair: tuple[SessionState, SessionInput], transition: Transition
+) -> None:
+    state, event = pair
     h, conn, sid, token = reach(state)
     assert sid is not None
+    seen = len(h.frames.get(conn, []))
     apply(h, event, conn, token)
     info = h.engine.session(sid)
-    got = S.CLOSED if info is None else info.state
-    assert got is EXPECTED[state, event]
+    assert (S.CLOSED if info is None else info.state) is transition.next
+    new = _sent_to(h, conn, seen)
+    match transition.action:
+        case Do.WELCOME:
+            assert [f["type"] for f in new][:1] == ["welcome"]
+        case Do.HOLD:
+            assert new == []  # the join is answered after the welcome
+        case Do.SERVE:
+            assert [(f["type"], f["room"]) for f in new] == [("members", "tech")]
+        case Do.TAKE_OVER:
+            assert info is not None
+            assert info.conn == h.next_conn != conn
+            if state is not S.DETACHED:
+                assert h.closed[conn] == 1000
+        case Do.WAIT:
+            assert info is not None
+            assert info.conn is None
+            assert h.engine.next_deadline() == h.now + GRACE
+        case Do.END:
+            assert info is None
+        case Do.IGNORE:
+            assert transition.next is state
+            assert new == []
+            assert conn not in h.closed
+            assert info is not None
+            if state is not S.DETACHED:
+                assert info.conn == conn
+        case other:
+            pytest.fail(f"no check for {other}")
 
 
-@pytest.mark.parametrize(("pair", "target"), sorted(TRANSITIONS.items(), key=str), ids=str)
-def test_the_engines_table_agrees_with_what_it_does(
-    pair: tuple[SessionState, SessionInput], target: SessionState
-) -> None:
-    assert EXPECTED[pair] is target
+def test_the_diagram_in_the_docs_is_drawn_from_the_table() -> None:
+    text = ENGINE_MD.read_text()
+    blocks = re.findall(r"```mermaid\n(stateDiagram-v2\n.*?)\n```", text, re.S)
+    assert blocks == [diagram()]
 
 
 def test_host_misuse_raises_before_any_change() -> None:

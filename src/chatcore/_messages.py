@@ -1,0 +1,241 @@
+"""Chat messages: sending through the log, and publishing what the log numbered.
+
+Owns the checks on a message (member? allowed? size? rate?), the ``Append``
+that hands it to the log, and what happens when the log answers: the sender's
+ack, the fan-out in offset order, messages held back until the gap before
+them is filled (``LoadHistory``), and following the log when its history
+restarts (a new epoch). Direct messages make their room and its two members
+here. Replaying messages to one connection is ``_replay``.
+"""
+
+from __future__ import annotations
+
+from ._access import Action
+from ._awaits import PendingGap, PendingSend
+from ._commands import Appended, AppendFailed, HistoryLoaded, Publish, SendDirect
+from ._effects import Append, Effect, LoadHistory
+from ._errors import ErrorCode, LocalProtocolError
+from ._events import Ack, Message
+from ._names import dm_room, is_valid_name, is_valid_room
+from ._outbox import broadcast, error, to
+from ._presence import add_member, admits, member_room
+from ._room import Room
+from ._session import Connection, Session, SessionState
+from ._state import EngineState
+
+__all__ = [
+    "append_failed",
+    "appended",
+    "gap_failed",
+    "gap_filled",
+    "publish_for_host",
+    "send",
+    "send_direct",
+]
+
+
+def send(
+    st: EngineState,
+    session: Session,
+    room_name: str,
+    text: str,
+    client_id: str | None,
+    now: float,
+    out: list[Effect],
+) -> None:
+    ref_name = client_id if client_id is not None else room_name[:64]
+    room = member_room(st, session, room_name, ref_name, out)
+    if room is None:
+        return
+    if not admits(room, session.user, Action.SEND):  # members were admitted: never, today
+        error(st, session, ErrorCode.FORBIDDEN, f"not allowed in room {room_name}", ref_name, out)
+        return
+    if not text:
+        error(st, session, ErrorCode.INVALID_FIELD, "text must not be empty", ref_name, out)
+        return
+    try:
+        nbytes = len(text.encode())
+    except UnicodeEncodeError:
+        error(st, session, ErrorCode.INVALID_FIELD, "text is not valid Unicode", ref_name, out)
+        return
+    config = st.config
+    if nbytes > config.max_text_bytes:
+        error(
+            st,
+            session,
+            ErrorCode.TOO_LARGE,
+            f"text over {config.max_text_bytes} bytes",
+            ref_name,
+            out,
+        )
+        return
+    wait = session.bucket.take(now, config.rate_burst, config.rate_per_second)
+    if wait:
+        error(
+            st,
+            session,
+            ErrorCode.RATE_LIMITED,
+            "sending too fast",
+            ref_name,
+            out,
+            retry_after=round(wait, 3),
+        )
+        return
+    ref = st.awaits.expect(PendingSend(session, room_name, client_id))
+    out.append(
+        Append(
+            ref=ref,
+            room=room_name,
+            sender=session.user,
+            text=text,
+            ts=int(now * 1000),
+            client_id=client_id,
+        )
+    )
+
+
+def send_direct(
+    st: EngineState, session: Session, request: SendDirect, now: float, out: list[Effect]
+) -> None:
+    if not is_valid_name(request.to):
+        error(st, session, ErrorCode.INVALID_NAME, "no such user name", request.to[:64], out)
+        return
+    name = dm_room(session.user, request.to)
+    room = st.rooms.get(name)
+    if room is None:
+        st.load_room(name, session, request, out)
+        return
+    for s in (session, *st.by_user.get(request.to, {}).values()):
+        if (
+            name not in s.rooms
+            and s.state is not SessionState.CLOSED
+            and (s is session or len(s.rooms) < st.config.max_rooms_per_session)
+        ):
+            add_member(st, s, room, out, announce=True)
+    send(st, session, name, request.text, request.client_id, now, out)
+
+
+def publish_for_host(st: EngineState, cmd: Publish, now: float, out: list[Effect]) -> None:
+    if not is_valid_room(cmd.room) or not is_valid_name(cmd.sender):
+        raise LocalProtocolError(f"invalid room or sender in {cmd!r}")
+    if not cmd.text or len(cmd.text.encode()) > st.config.max_text_bytes:
+        raise LocalProtocolError("Publish text must be non-empty and within max_text_bytes")
+    out.append(
+        Append(
+            ref=st.awaits.next_ref(),
+            room=cmd.room,
+            sender=cmd.sender,
+            text=cmd.text,
+            ts=int(now * 1000),
+            client_id=cmd.client_id,
+        )
+    )
+
+
+def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
+    """The log numbered a message (ours or another process's): publish it in order."""
+    message = cmd.message
+    pending: PendingSend | None = None
+    if cmd.ref is not None:
+        refs = st.awaits.refs
+        found = refs.get(cmd.ref)
+        if type(found) is PendingSend:
+            del refs[cmd.ref]
+            pending = found
+    room = st.rooms.get(message.room)
+    if cmd.duplicate or room is None:
+        if pending is not None:
+            _ack(st, pending, message.offset, out)
+        return
+    if message.epoch != room.epoch:
+        # The log's history was lost and restarted: follow the new numbering.
+        room.epoch = message.epoch
+        room.head = message.offset - 1
+        room.window.clear()
+        room.early.clear()
+    head = room.head
+    if message.offset <= head:  # already delivered (a replayed answer)
+        if pending is not None:
+            _ack(st, pending, message.offset, out)
+        return
+    if message.offset > head + 1:
+        room.early[message.offset] = (message, pending)
+        if len(room.early) > st.config.history_window:
+            # The gap has not been filled for a whole window: give it up.
+            room.head = min(room.early) - 1
+            _drain_early(st, room, out)
+            return
+        if room.gap_ref is None:
+            ref = st.awaits.expect(PendingGap(room.name))
+            room.gap_ref = ref
+            out.append(LoadHistory(ref=ref, room=room.name, after=head, before=message.offset))
+        return
+    _publish(st, room, message, pending, out)
+    _drain_early(st, room, out)
+
+
+def append_failed(st: EngineState, cmd: AppendFailed, out: list[Effect]) -> None:
+    refs = st.awaits.refs
+    pending = refs.get(cmd.ref)
+    if type(pending) is PendingSend:
+        del refs[cmd.ref]
+        error(
+            st,
+            pending.session,
+            ErrorCode.UNAVAILABLE,
+            f"message not stored: {cmd.reason}",
+            pending.client_id,
+            out,
+        )
+
+
+def gap_filled(st: EngineState, gap: PendingGap, cmd: HistoryLoaded, out: list[Effect]) -> None:
+    room = st.rooms.get(gap.room)
+    if room is not None and room.gap_ref == cmd.ref:
+        room.gap_ref = None
+        for m in cmd.messages:
+            if m.offset == room.head + 1 and m.epoch == room.epoch:
+                _publish(st, room, m, None, out)
+        _drain_early(st, room, out)
+        if room.early:
+            # What the log does not have is lost for good: move past it.
+            room.head = min(room.early) - 1
+            _drain_early(st, room, out)
+
+
+def gap_failed(st: EngineState, gap: PendingGap) -> None:
+    if (room := st.rooms.get(gap.room)) is not None:
+        room.gap_ref = None
+
+
+def _drain_early(st: EngineState, room: Room, out: list[Effect]) -> None:
+    """Publish held-back messages that are next in line."""
+    while (nxt := room.early.pop(room.head + 1, None)) is not None:
+        _publish(st, room, nxt[0], nxt[1], out)
+
+
+def _publish(
+    st: EngineState,
+    room: Room,
+    message: Message,
+    pending: PendingSend | None,
+    out: list[Effect],
+) -> None:
+    room.head = message.offset
+    room.window.append(message)
+    sender_conn: Connection | None = None
+    if pending is not None:
+        sender_conn = _ack(st, pending, message.offset, out)
+    if room.typing:
+        room.typing.pop(message.sender, None)
+    broadcast(st, room, message, None if st.config.echo else sender_conn, out, ephemeral=False)
+
+
+def _ack(
+    st: EngineState, pending: PendingSend, offset: int, out: list[Effect]
+) -> Connection | None:
+    conn = pending.session.conn
+    if conn is None or pending.session.state is not SessionState.LIVE:
+        return None
+    to(st, conn, Ack(room=pending.room, offset=offset, client_id=pending.client_id), out)
+    return conn

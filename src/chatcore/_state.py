@@ -1,0 +1,94 @@
+"""Everything one engine holds, in one place that every part of the engine is handed.
+
+The engine's modules are functions over an :class:`EngineState`: they read
+and change what it holds and append effects to the list they are given. This
+module also owns which rooms stay in memory: a room is held while it has
+members, while a connecting session waits to join it, or while a request
+waits for it to load.
+"""
+
+from __future__ import annotations
+
+from ._awaits import Awaits
+from ._commands import ClientRequest, ConnId
+from ._config import Config
+from ._effects import Effect, LoadRoom
+from ._errors import CloseCode
+from ._ids import IdSource
+from ._room import Room
+from ._session import Connection, Session
+from ._timers import Timers
+
+__all__ = ["EngineState"]
+
+
+class EngineState:
+    __slots__ = (
+        "config",
+        "ids",
+        "conns",
+        "sessions",
+        "by_id",
+        "by_user",
+        "rooms",
+        "wanted",
+        "awaits",
+        "timers",
+        "closing",
+        "closes",
+        "now",
+        "soft_frames",
+        "soft_bytes",
+    )
+
+    def __init__(self, config: Config, ids: IdSource) -> None:
+        self.config = config
+        self.ids = ids
+        self.conns: dict[ConnId, Connection] = {}
+        self.sessions: dict[str, Session] = {}  # by resume token
+        self.by_id: dict[str, Session] = {}
+        self.by_user: dict[str, dict[str, Session]] = {}
+        self.rooms: dict[str, Room] = {}
+        self.wanted: dict[str, int] = {}  # rooms sessions wait for before their welcome
+        self.awaits = Awaits()
+        self.timers = Timers()
+        self.closing = False  # shut down: newcomers are refused
+        # Connections the engine closes at the end of the current step (_outbox.close_later).
+        self.closes: list[tuple[Connection, CloseCode, str]] = []
+        self.now = 0.0
+        # Past these a connection is lagging (see _outbox.broadcast).
+        self.soft_frames = max(1, config.outbox_frames // 2)
+        self.soft_bytes = max(1, config.outbox_bytes // 2)
+
+    def load_room(
+        self, name: str, session: Session, request: ClientRequest | None, out: list[Effect]
+    ) -> None:
+        """Wait for room ``name`` to load: asks the log once however many wait."""
+        waiters = self.awaits.rooms.get(name)
+        if waiters is None:
+            self.awaits.rooms[name] = [(session, request)]
+            out.append(LoadRoom(room=name, recent=self.config.history_window))
+        else:
+            waiters.append((session, request))
+
+    def want(self, session: Session, rooms: list[str]) -> None:
+        """Hold ``rooms`` in memory until ``session`` joins them (or gives up)."""
+        wanted = self.wanted
+        for name in rooms:
+            wanted[name] = wanted.get(name, 0) + 1
+
+    def release_wanted(self, session: Session) -> None:
+        """The session no longer holds the rooms it asked for at connect in memory."""
+        for name in session.wanted:
+            count = self.wanted[name] - 1
+            if count:
+                self.wanted[name] = count
+            else:
+                del self.wanted[name]
+                if (room := self.rooms.get(name)) is not None:
+                    self.forget_if_empty(room)
+        session.wanted = []
+
+    def forget_if_empty(self, room: Room) -> None:
+        if not room.users and room.name not in self.wanted and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
