@@ -220,3 +220,38 @@ def test_too_many_frames_before_the_welcome_are_refused() -> None:
     assert [f["code"] for f in h.frames[conn]] == ["rate_limited"]
     h.release()
     assert [m.text for m in h.store.messages("held-1")] == ["0", "1"]
+
+
+def test_a_connection_closed_as_slow_in_its_welcome_is_closed_last_and_runs_no_held_frame() -> None:
+    h = Harness()
+    h.engine = Engine(Config(outbox_frames=2), SeededIds(5))
+    conn = h.connect(rooms=("held-1", "held-2"))
+    h.feed(Receive(conn=conn, text='{"type":"send","room":"held-1","text":"early"}'))
+    first, second = h.held
+    h.held = []
+    for answer in h.store.execute_now([first]):
+        h.feed(answer)
+    (loaded,) = h.store.execute_now([second])
+    effects = h.engine.handle(loaded, h.now)  # the welcome: welcome, members, members...
+    h.run(effects)
+    assert effects[-1] == Close(conn=conn, code=1013, reason="slow consumer")
+    assert [f["type"] for f in h.frames[conn]] == ["welcome", "members"]
+    assert h.store.messages("held-1") == []  # the frame held for the welcome went with it
+    info = h.engine.session(h.welcome(conn)["session"])
+    assert info is not None
+    assert info.state is S.DETACHED
+
+
+def test_a_connection_closed_as_slow_is_handed_nothing_more_in_that_step() -> None:
+    h = Harness()
+    h.engine = Engine(Config(outbox_bytes=700), SeededIds(5))
+    for i in range(40):  # a crowded room: its member list alone overflows the outbox
+        h.feed(Connect(conn=1000 + i, user=f"member{i:04d}", rooms=("crowded",)))
+    conn = h.connect(rooms=("held-1", "crowded", "held-3"))
+    h.release()
+    assert h.closed[conn] == 1013
+    # the small member list after the crowded one would fit, but the connection is closing
+    assert [(f["type"], f.get("room")) for f in h.frames[conn]] == [
+        ("welcome", None),
+        ("members", "held-1"),
+    ]
