@@ -81,7 +81,9 @@ def send(
             retry_after=round(wait, 3),
         )
         return
-    ref = st.awaits.expect(PendingSend(session, room_name, client_id))
+    awaits = st.awaits  # (Awaits.expect, inlined: this runs for every message)
+    awaits.ref = ref = awaits.ref + 1
+    awaits.refs[ref] = PendingSend(session, room_name, client_id)
     out.append(
         Append(
             ref=ref,
@@ -138,10 +140,11 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
     pending: PendingSend | None = None
     if cmd.ref is not None:
         refs = st.awaits.refs
-        found = refs.get(cmd.ref)
+        found = refs.pop(cmd.ref, None)
         if type(found) is PendingSend:
-            del refs[cmd.ref]
             pending = found
+        elif found is not None:  # not an append's reference: not ours to take
+            refs[cmd.ref] = found
     room = st.rooms.get(message.room)
     if cmd.duplicate or room is None:
         if pending is not None:

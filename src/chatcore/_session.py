@@ -92,34 +92,34 @@ class Transition(NamedTuple):
 _S, _I, _A = SessionState, SessionInput, SessionAction
 _T = Transition
 
-TABLE: Mapping[tuple[SessionState, SessionInput], Transition] = MappingProxyType(
-    {
-        (_S.OPENING, _I.READY): _T(_A.WELCOME, _S.LIVE),
-        (_S.OPENING, _I.FRAME): _T(_A.HOLD, _S.OPENING),
-        (_S.OPENING, _I.DROP): _T(_A.END, _S.CLOSED),  # no token was issued to resume with
-        (_S.OPENING, _I.RESUME): _T(_A.IGNORE, _S.OPENING),  # the newcomer gets its own
-        (_S.OPENING, _I.EXPIRE): _T(_A.IGNORE, _S.OPENING),
-        (_S.OPENING, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
-        (_S.RESUMING, _I.READY): _T(_A.WELCOME, _S.LIVE),
-        (_S.RESUMING, _I.FRAME): _T(_A.HOLD, _S.RESUMING),
-        (_S.RESUMING, _I.DROP): _T(_A.WAIT, _S.DETACHED),
-        (_S.RESUMING, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),  # a newer connection
-        (_S.RESUMING, _I.EXPIRE): _T(_A.IGNORE, _S.RESUMING),
-        (_S.RESUMING, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
-        (_S.LIVE, _I.READY): _T(_A.IGNORE, _S.LIVE),  # a room it asked for twice
-        (_S.LIVE, _I.FRAME): _T(_A.SERVE, _S.LIVE),
-        (_S.LIVE, _I.DROP): _T(_A.WAIT, _S.DETACHED),
-        (_S.LIVE, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),  # old transport not seen dead
-        (_S.LIVE, _I.EXPIRE): _T(_A.IGNORE, _S.LIVE),
-        (_S.LIVE, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
-        (_S.DETACHED, _I.READY): _T(_A.IGNORE, _S.DETACHED),  # dropped while resuming
-        (_S.DETACHED, _I.FRAME): _T(_A.IGNORE, _S.DETACHED),
-        (_S.DETACHED, _I.DROP): _T(_A.IGNORE, _S.DETACHED),
-        (_S.DETACHED, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),
-        (_S.DETACHED, _I.EXPIRE): _T(_A.END, _S.CLOSED),
-        (_S.DETACHED, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
-    }
-)
+_TABLE: dict[tuple[SessionState, SessionInput], Transition] = {
+    (_S.OPENING, _I.READY): _T(_A.WELCOME, _S.LIVE),
+    (_S.OPENING, _I.FRAME): _T(_A.HOLD, _S.OPENING),
+    (_S.OPENING, _I.DROP): _T(_A.END, _S.CLOSED),  # no token was issued to resume with
+    (_S.OPENING, _I.RESUME): _T(_A.IGNORE, _S.OPENING),  # the newcomer gets its own
+    (_S.OPENING, _I.EXPIRE): _T(_A.IGNORE, _S.OPENING),
+    (_S.OPENING, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
+    (_S.RESUMING, _I.READY): _T(_A.WELCOME, _S.LIVE),
+    (_S.RESUMING, _I.FRAME): _T(_A.HOLD, _S.RESUMING),
+    (_S.RESUMING, _I.DROP): _T(_A.WAIT, _S.DETACHED),
+    (_S.RESUMING, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),  # a newer connection
+    (_S.RESUMING, _I.EXPIRE): _T(_A.IGNORE, _S.RESUMING),
+    (_S.RESUMING, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
+    (_S.LIVE, _I.READY): _T(_A.IGNORE, _S.LIVE),  # a room it asked for twice
+    (_S.LIVE, _I.FRAME): _T(_A.SERVE, _S.LIVE),
+    (_S.LIVE, _I.DROP): _T(_A.WAIT, _S.DETACHED),
+    (_S.LIVE, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),  # old transport not seen dead
+    (_S.LIVE, _I.EXPIRE): _T(_A.IGNORE, _S.LIVE),
+    (_S.LIVE, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
+    (_S.DETACHED, _I.READY): _T(_A.IGNORE, _S.DETACHED),  # dropped while resuming
+    (_S.DETACHED, _I.FRAME): _T(_A.IGNORE, _S.DETACHED),
+    (_S.DETACHED, _I.DROP): _T(_A.IGNORE, _S.DETACHED),
+    (_S.DETACHED, _I.RESUME): _T(_A.TAKE_OVER, _S.RESUMING),
+    (_S.DETACHED, _I.EXPIRE): _T(_A.END, _S.CLOSED),
+    (_S.DETACHED, _I.SHUTDOWN): _T(_A.END, _S.CLOSED),
+}
+
+TABLE: Mapping[tuple[SessionState, SessionInput], Transition] = MappingProxyType(_TABLE)
 """Every (state, input) pair of a session that is not closed: (action, next state)."""
 
 TRANSITIONS: Mapping[tuple[SessionState, SessionInput], SessionState] = MappingProxyType(
@@ -145,7 +145,7 @@ def next_state(state: SessionState, event: SessionInput) -> SessionState:
 
 def _transition(state: SessionState, event: SessionInput) -> Transition:
     try:
-        return TABLE[state, event]
+        return _TABLE[state, event]
     except KeyError:
         raise LocalProtocolError(
             f"session in state {state.value} cannot take {event.value}"
@@ -157,13 +157,18 @@ def fire(session: Session, event: SessionInput) -> SessionAction:
 
     The only writer of ``Session.state`` (a new session starts OPENING).
     """
-    action, session.state = _transition(session.state, event)
+    try:
+        action, session.state = _TABLE[session.state, event]
+    except KeyError:
+        raise LocalProtocolError(
+            f"session in state {session.state.value} cannot take {event.value}"
+        ) from None
     return action
 
 
 def takes(session: Session, event: SessionInput) -> bool:
     """Whether ``event`` would do anything to ``session`` (a closed one takes nothing)."""
-    transition = TABLE.get((session.state, event))
+    transition = _TABLE.get((session.state, event))
     return transition is not None and transition.action is not SessionAction.IGNORE
 
 
