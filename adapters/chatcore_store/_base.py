@@ -536,9 +536,7 @@ class SQLStore:
         return await self._guarded(self._range(request), write=False)
 
     async def positions(self, user: str) -> dict[str, tuple[int, int]]:
-        rows = await self._guarded(
-            _each([Statement(self._sql.positions, (user,))]), write=False
-        )
+        rows = await self._guarded(_each([Statement(self._sql.positions, (user,))]), write=False)
         return {r[0]: (r[1], r[2]) for r in rows}
 
     # -- the work: what a batch asks of the database -------------------------------

@@ -87,6 +87,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
+
 async def migrate(
     db: psycopg.AsyncConnection[Any], schema: str, target: int = SCHEMA_VERSION
 ) -> int:

@@ -87,6 +87,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
+
 def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     """Bring the schema up to ``target`` in place; returns the version found.
 
@@ -122,7 +123,6 @@ def _version(db: sqlite3.Connection) -> int:
         return 0
     row = db.execute("SELECT max(version) FROM schema_version").fetchone()
     return int(row[0] or 0)
-
 
 
 _DIALECT = Dialect(
@@ -269,6 +269,7 @@ class _Driver:
                 db.execute("ROLLBACK")
         if not _in_memory(self.path):  # an in-memory database dies with its only connection
             self._drop()
+
 
 class _transaction:
     """BEGIN ... COMMIT, or ROLLBACK when the body raises."""
