@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 from chatcore import (
     Append,
     Appended,
-    AppendFailed,
     Command,
-    HistoryFailed,
     HistoryLoaded,
-    InboxFailed,
     InboxLoaded,
     LoadHistory,
     LoadInbox,
@@ -30,7 +27,7 @@ from chatcore import (
     room_rule,
 )
 
-from ._base import RoomInfo, StorageEffect, history_request
+from ._base import RoomInfo, StorageEffect, failed, history_request, number_appends
 
 __all__ = ["MemoryStore"]
 
@@ -42,7 +39,8 @@ class _Room:
     allow: frozenset[str] = frozenset()
     head: int = 0
     messages: list[Message] = field(default_factory=list)  # ascending offsets
-    keys: dict[tuple[str, str], Message] = field(default_factory=dict)
+    keys: dict[tuple[str, str, str], Message] = field(default_factory=dict)
+    """The exactly-once keys (room, sender, client id) of the kept messages."""
     max_messages: int | None = None
     max_age: float | None = None
 
@@ -51,7 +49,7 @@ class _Room:
         count = min(count, len(self.messages))
         for old in self.messages[:count]:
             if old.client_id is not None:
-                self.keys.pop((old.sender, old.client_id), None)
+                self.keys.pop((old.room, old.sender, old.client_id), None)
         del self.messages[:count]
         return count
 
@@ -160,10 +158,11 @@ class MemoryStore:
         return room
 
     def _apply(self, effect: StorageEffect) -> Command | None:
+        # An outage fails what would touch the database's log; rooms and marks are kept.
+        if not self.available and isinstance(effect, (Append, LoadHistory, LoadInbox)):
+            return failed(effect)
         match effect:
             case Append():
-                if not self.available:
-                    return AppendFailed(ref=effect.ref, reason="store unavailable")
                 return self._append(effect)
             case LoadRoom():
                 room = self._room(effect.room)
@@ -176,12 +175,8 @@ class MemoryStore:
                     recent=tuple(room.messages[-effect.recent :]) if effect.recent > 0 else (),
                 )
             case LoadHistory():
-                if not self.available:
-                    return HistoryFailed(ref=effect.ref, reason="store unavailable")
                 return HistoryLoaded(ref=effect.ref, messages=self._range(effect))
             case LoadInbox():
-                if not self.available:
-                    return InboxFailed(ref=effect.ref, reason="store unavailable")
                 return InboxLoaded(ref=effect.ref, rooms=self._inbox(effect))
             case SaveRoom():
                 room = self._room(effect.room)
@@ -211,26 +206,13 @@ class MemoryStore:
 
     def _append(self, effect: Append) -> Appended:
         room = self._room(effect.room)
-        if effect.client_id is not None:
-            seen = room.keys.get((effect.sender, effect.client_id))
-            if seen is not None:
-                return Appended(message=seen, ref=effect.ref, duplicate=True)
-        room.head += 1
-        message = Message(
-            room=effect.room,
-            offset=room.head,
-            epoch=room.epoch,
-            sender=effect.sender,
-            text=effect.text,
-            ts=effect.ts,
-            client_id=effect.client_id,
-        )
-        room.messages.append(message)
-        if effect.client_id is not None:
-            room.keys[effect.sender, effect.client_id] = message
+        heads = {effect.room: (room.epoch, room.head)}
+        [answer], new = number_appends([effect], heads, room.keys)
+        room.head = heads[effect.room][1]
+        room.messages.extend(new)
         if self.max_messages is not None and len(room.messages) > self.max_messages:
             room.cut(len(room.messages) - self.max_messages)
-        return Appended(message=message, ref=effect.ref)
+        return answer
 
     def _range(self, effect: LoadHistory) -> tuple[Message, ...]:
         room = self._rooms.get(effect.room)

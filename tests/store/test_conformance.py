@@ -377,3 +377,20 @@ async def test_the_inbox_lists_direct_rooms_with_unread_messages_newest_first(
     assert await inbox("dave") == ()  # dave sent every one of them
     assert await inbox("erin") == ("dm:bob:erin",)
     assert await inbox("nobody") == ()
+
+
+async def test_the_inbox_breaks_ties_by_name_and_lists_emptied_rooms_last(
+    make_store: MakeStore,
+) -> None:
+    store = durable(await make_store())
+    for room in ("dm:bob:erin", "dm:bob:carol", "dm:alice:bob"):
+        await load(store, room)
+    # Retention keeps nothing of dm:bob:erin, whose head stays unread.
+    await appended(store, append(1, room="dm:bob:erin", sender="erin", ts=T0 + 9))
+    await store.set_retention("dm:bob:erin", max_messages=0)
+    assert await store.apply_retention(T0 / 1000) == 1
+    # The newest messages of the other two were stored at the same millisecond.
+    await appended(store, append(2, room="dm:bob:carol", sender="carol", ts=T0))
+    await appended(store, append(3, room="dm:alice:bob", sender="alice", ts=T0))
+    [answer] = await store.execute([LoadInbox(ref=4, user="bob", limit=10)])
+    assert answer == InboxLoaded(ref=4, rooms=("dm:alice:bob", "dm:bob:carol", "dm:bob:erin"))

@@ -1,20 +1,24 @@
-"""Property: SQLiteStore answers every batch exactly as MemoryStore, the reference, does.
+"""Property: the SQLite and PostgreSQL stores answer every batch exactly as
+MemoryStore, the reference, does.
 
 Random batches of appends (client ids from a small pool, so repeats happen),
 room loads, history pages with random bounds, room saves, position saves,
-retention passes and restarts of the SQLite store are run against both; the
-answers must be equal once each store's random epoch is replaced by a name
-for it (and each store keeps one epoch per room throughout).
+inbox loads, retention passes and restarts of the store under test are run
+against both; the answers must be equal once each store's random epoch is
+replaced by a name for it (and each store keeps one epoch per room throughout).
+Direct-message rooms are among the rooms, so inboxes fill, are read and empty.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +28,7 @@ from chatcore import (
     Command,
     HistoryLoaded,
     LoadHistory,
+    LoadInbox,
     LoadRoom,
     Message,
     Position,
@@ -31,17 +36,21 @@ from chatcore import (
     SavePositions,
     SaveRoom,
 )
-from chatcore_store import MemoryStore, StorageEffect
+from chatcore_store import DurableStore, MemoryStore, StorageEffect
 from chatcore_store.sqlite import SQLiteStore
 
+from .conftest import drop_schema, new_schema
+
 T0 = 1_795_000_000_000
-ROOMS = st.sampled_from(["a", "b", "c"])
-USERS = st.sampled_from(["ann", "bob"])
+USER_NAMES = ["ann", "bob", "cy"]
+ROOMS = st.sampled_from(["a", "b", "dm:ann:bob", "dm:ann:cy", "dm:bob:cy"])
+DM_ROOMS = st.sampled_from(["dm:ann:bob", "dm:ann:cy", "dm:bob:cy"])
+USERS = st.sampled_from(USER_NAMES)
 
 effects = st.one_of(
     st.builds(
         lambda room, user, cid: ("append", room, user, cid),
-        ROOMS,
+        st.one_of(ROOMS, DM_ROOMS),
         USERS,
         st.one_of(st.none(), st.sampled_from(["x", "y", "z", "w"])),
     ),
@@ -66,6 +75,7 @@ effects = st.one_of(
         st.integers(0, 20),
         st.integers(0, 20),
     ),
+    st.builds(lambda user, limit: ("inbox", user, limit), USERS, st.integers(0, 3)),
 )
 steps = st.lists(
     st.one_of(
@@ -115,8 +125,9 @@ def build(batch: list[tuple[Any, ...]], ref: int, ts: int) -> list[StorageEffect
         match step:
             case ("append", room, user, cid):
                 text = f"{user} {ref + i}"
-                # Server clocks step back now and then: times are not in offset order.
-                when = ts + (i % 3 - 1) * 90_000
+                # Server clocks step back now and then: times are not in offset order,
+                # and rooms' newest messages often share a time (the inbox breaks ties).
+                when = ts - (i % 2) * 90_000
                 out.append(
                     Append(ref=ref + i, room=room, sender=user, text=text, ts=when, client_id=cid)
                 )
@@ -132,49 +143,83 @@ def build(batch: list[tuple[Any, ...]], ref: int, ts: int) -> list[StorageEffect
                 out.append(
                     SavePositions(user=user, positions=(Position(room=room, delivered=d, read=r),))
                 )
+            case ("inbox", user, limit):
+                out.append(LoadInbox(ref=ref + i, user=user, limit=limit))
     return out
+
+
+OpenStore = Callable[[], Awaitable[DurableStore]]
+
+
+async def answers_as_the_model(steps: list[tuple[Any, ...]], open_store: OpenStore) -> None:
+    """Run ``steps`` against a store from ``open_store`` (called again for each
+    restart, on the same storage) and against a MemoryStore; compare."""
+    model = MemoryStore()
+    store = await open_store()
+    mine, theirs = Names(), Names()
+    ref, now = 0, T0
+    try:
+        for step in steps:
+            now += 60_000
+            match step:
+                case ("batch", batch):
+                    effects = build(batch, ref, now)
+                    ref += len(batch)
+                    got = [mine.answer(a) for a in await store.execute(effects)]
+                    want = [theirs.answer(a) for a in await model.execute(effects)]
+                    assert got == want
+                case ("retention", room, keep, age):
+                    for s in (store, model):
+                        await s.set_retention(room, max_messages=keep, max_age=age and age * 60)
+                    assert await store.apply_retention(now / 1000) == await model.apply_retention(
+                        now / 1000
+                    )
+                case ("restart",):
+                    await store.close()
+                    store = await open_store()
+        for user in USER_NAMES:
+            assert await store.positions(user) == await model.positions(user)
+        got_rooms = {r.name: (r.private, r.allow, r.head, r.stored) for r in await store.rooms()}
+        want_rooms = {r.name: (r.private, r.allow, r.head, r.stored) for r in await model.rooms()}
+        assert got_rooms == want_rooms
+    finally:
+        await store.close()
 
 
 @settings(max_examples=60, deadline=None)
 @given(steps=steps)
 def test_sqlite_answers_as_the_memory_store_does(steps: list[tuple[Any, ...]]) -> None:
     async def run(folder: Path) -> None:
-        model = MemoryStore()
-        store = SQLiteStore(folder / "chat.db")
-        await store.open()
-        mine, theirs = Names(), Names()
-        ref, now = 0, T0
-        try:
-            for step in steps:
-                now += 60_000
-                match step:
-                    case ("batch", batch):
-                        effects = build(batch, ref, now)
-                        ref += len(batch)
-                        got = [mine.answer(a) for a in await store.execute(effects)]
-                        want = [theirs.answer(a) for a in await model.execute(effects)]
-                        assert got == want
-                    case ("retention", room, keep, age):
-                        for s in (store, model):
-                            await s.set_retention(room, max_messages=keep, max_age=age and age * 60)
-                        assert await store.apply_retention(
-                            now / 1000
-                        ) == await model.apply_retention(now / 1000)
-                    case ("restart",):
-                        await store.close()
-                        store = SQLiteStore(folder / "chat.db")
-                        await store.open()
-            for user in ("ann", "bob"):
-                assert await store.positions(user) == await model.positions(user)
-            got_rooms = {
-                r.name: (r.private, r.allow, r.head, r.stored) for r in await store.rooms()
-            }
-            want_rooms = {
-                r.name: (r.private, r.allow, r.head, r.stored) for r in await model.rooms()
-            }
-            assert got_rooms == want_rooms
-        finally:
-            await store.close()
+        async def open_store() -> DurableStore:
+            store = SQLiteStore(folder / "chat.db")
+            await store.open()
+            return store
+
+        await answers_as_the_model(steps, open_store)
 
     with tempfile.TemporaryDirectory() as folder:
         anyio.run(run, Path(folder))
+
+
+@pytest.mark.postgres
+@settings(max_examples=40, deadline=None)
+@given(steps=steps)
+def test_postgres_answers_as_the_memory_store_does(
+    pg_url: str, steps: list[tuple[Any, ...]]
+) -> None:
+    from chatcore_store.postgres import PostgresStore
+
+    async def run() -> None:
+        schema = new_schema()
+
+        async def open_store() -> DurableStore:
+            store = PostgresStore(pg_url, schema=schema)
+            await store.open()
+            return store
+
+        try:
+            await answers_as_the_model(steps, open_store)
+        finally:
+            await drop_schema(schema)
+
+    anyio.run(run, backend="asyncio")  # psycopg's async connections run on asyncio

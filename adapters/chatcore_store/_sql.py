@@ -1,0 +1,223 @@
+"""Every statement the durable stores run against their tables, written once.
+
+SQLite and PostgreSQL read the same statements; what differs between them is
+named in a :class:`Dialect` (placeholders, the two-argument maximum, how a
+list of rows travels as one parameter set, the row locks of an append, how a
+direct-message room is found by either of its users). The schemas and their
+migrations are not here: each driver owns its own, since they differ in types
+and indexes. This module builds text and parameters; it runs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["COLUMNS", "Dialect", "Statement", "Statements", "allow_json"]
+
+COLUMNS = "room, msg_offset, epoch, sender, text, ts, client_id"
+"""A message's columns, in the order ``Message`` is built from a row."""
+
+Column = tuple[str, str]  # (name, "text" | "int" | "bool" | "names": a JSON array of names)
+
+_MESSAGE = (
+    ("room", "text"),
+    ("msg_offset", "int"),
+    ("epoch", "text"),
+    ("sender", "text"),
+    ("text", "text"),
+    ("ts", "int"),
+    ("client_id", "text"),
+)
+_NEW_ROOM = (("name", "text"), ("epoch", "text"), ("private", "bool"), ("allow", "names"))
+_KEY = (("room", "text"), ("sender", "text"), ("client_id", "text"))
+_HEAD = (("name", "text"), ("head", "int"))
+_NAME = (("name", "text"),)
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One statement and its parameters. ``count``: the driver answers
+    ``[(rows changed,)]`` instead of the rows; ``many``: ``params`` is a list
+    of parameter rows, the statement runs once for each (and answers ``[]``)."""
+
+    sql: str
+    params: Sequence[Any] = ()
+    count: bool = False
+    many: bool = False
+
+
+def allow_json(allow: Iterable[str]) -> str:
+    """An allow list as both dialects take it in: a JSON array, sorted."""
+    return json.dumps(sorted(allow))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dialect:
+    """What one database says differently. Statements are written with ``?``."""
+
+    placeholder: str
+    greatest: str
+    """The two-argument maximum."""
+    no_limit: int | None
+    """The ``LIMIT`` that means every row."""
+    lock_rooms: str
+    """Appended to the select of the rooms an append run writes (row locks)."""
+    allow_from_json: str
+    """Turns ``{}``, a JSON array of names, into the allow column's value."""
+    read_allow: Callable[[Any], frozenset[str]]
+    dm_rooms: str
+    """A select of the names of USER's direct-message rooms; every ``?`` is USER."""
+    array_types: dict[str, str] | None = None
+    """Rows travel as one array per column (PostgreSQL's ``unnest``), cast to these
+    types: one round trip for any number of rows. None: rows are read as ``VALUES``,
+    one parameter per value, and inserted one by one (SQLite inserts those fastest)."""
+    max_params: int | None = None
+    """Bound parameters one statement may carry (None: no limit)."""
+
+    def sql(self, text: str) -> str:
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+    def table(
+        self, name: str, columns: Sequence[Column], rows: Sequence[tuple[Any, ...]]
+    ) -> tuple[str, list[Any]]:
+        """A ``WITH`` entry naming ``rows`` as a table, and its parameters."""
+        names = ", ".join(c for c, _ in columns)
+        if self.array_types is None:
+            one = "(" + ", ".join("?" * len(columns)) + ")"
+            values = ", ".join([one] * len(rows))
+            return f"{name} ({names}) AS (VALUES {values})", [v for row in rows for v in row]
+        arrays = ", ".join(f"?::{self.array_types.get(kind, 'text')}[]" for _, kind in columns)
+        return f"{name} ({names}) AS (SELECT * FROM unnest({arrays}))", [
+            list(col) for col in zip(*rows, strict=True)
+        ]
+
+    def insert(
+        self, into: str, columns: Sequence[Column], rows: Sequence[tuple[Any, ...]], suffix: str
+    ) -> Statement:
+        names = ", ".join(c for c, _ in columns)
+
+        def value(column: Column, source: str) -> str:
+            return self.allow_from_json.format(source) if column[1] == "names" else source
+
+        if self.array_types is None:
+            marks = ", ".join(value(c, "?") for c in columns)
+            text = f"INSERT INTO {into} ({names}) VALUES ({marks}){suffix}"
+            return Statement(self.sql(text), rows, many=True)
+        table, params = self.table("v", columns, rows)
+        select = ", ".join(value(c, c[0]) for c in columns)
+        text = f"WITH {table} INSERT INTO {into} ({names}) SELECT {select} FROM v WHERE true"
+        text += suffix  # "WHERE true": an ON CONFLICT after a SELECT must not read as a join
+        return Statement(self.sql(text), params)
+
+    def chunks(
+        self, rows: Sequence[tuple[Any, ...]], width: int
+    ) -> Iterator[Sequence[tuple[Any, ...]]]:
+        size = len(rows) if self.max_params is None else self.max_params // width
+        for lo in range(0, len(rows), max(size, 1)):
+            yield rows[lo : lo + size]
+
+
+class Statements:
+    """The statements in one dialect: fixed text built once, rows bound per call."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = d = dialect
+        q = d.sql
+        self.room = q("SELECT epoch, head, private, allow FROM rooms WHERE name = ?")
+        self.recent = q(
+            f"SELECT {COLUMNS} FROM messages WHERE room = ? ORDER BY msg_offset DESC LIMIT ?"
+        )
+        self.range = q(
+            f"SELECT {COLUMNS} FROM messages WHERE room = ? AND msg_offset > ? AND msg_offset < ?"
+            " ORDER BY msg_offset DESC LIMIT ?"
+        )
+        # The user's direct-message rooms with something unread whose newest
+        # message is someone else's, newest first.
+        self.inbox = q(
+            "SELECT r.name FROM rooms r"
+            " LEFT JOIN positions p ON p.username = ? AND p.room = r.name"
+            " LEFT JOIN messages m ON m.room = r.name AND m.msg_offset = r.head"
+            f" WHERE r.name IN ({d.dm_rooms})"
+            " AND r.head > coalesce(p.read, 0)"
+            " AND (m.sender IS NULL OR m.sender <> ?)"
+            " ORDER BY m.ts DESC NULLS LAST, r.name LIMIT ?"
+        )
+        self.inbox_user_marks = 2 + d.dm_rooms.count("?")
+        self.save_room = q(
+            "INSERT INTO rooms (name, private, allow, epoch)"
+            f" VALUES (?, ?, {d.allow_from_json.format('?')}, ?)"
+            " ON CONFLICT (name) DO UPDATE SET private = excluded.private, allow = excluded.allow"
+        )
+        self.set_retention = q("UPDATE rooms SET max_messages = ?, max_age_ms = ? WHERE name = ?")
+        rooms = (
+            "SELECT r.name, r.private, r.allow, r.epoch, r.head, r.max_messages, r.max_age_ms,"
+            " (SELECT count(*) FROM messages m WHERE m.room = r.name) FROM rooms r"
+        )
+        self.rooms = q(f"{rooms} ORDER BY r.name")
+        self.one_room = q(f"{rooms} WHERE r.name = ?")
+        # (room, first stored offset, last offset the limits cut) of every room with
+        # a limit. Too old: everything before the oldest message young enough to keep;
+        # the scan walks only the messages it will delete, so ts needs no index.
+        self.retention_cuts = q(
+            "SELECT r.name, (SELECT min(msg_offset) FROM messages m WHERE m.room = r.name),"
+            f" {d.greatest}(coalesce(r.head - r.max_messages, 0),"
+            "  CASE WHEN r.max_age_ms IS NULL THEN 0 ELSE"
+            "   coalesce((SELECT m.msg_offset - 1 FROM messages m"
+            "    WHERE m.room = r.name AND m.ts >= ? - r.max_age_ms"
+            "    ORDER BY m.msg_offset LIMIT 1), r.head) END)"
+            " FROM rooms r WHERE r.max_messages IS NOT NULL OR r.max_age_ms IS NOT NULL"
+        )
+        self.delete_range = q("DELETE FROM messages WHERE room = ? AND msg_offset BETWEEN ? AND ?")
+        self.positions = q("SELECT room, delivered, read FROM positions WHERE username = ?")
+        # Run once per position: a mark only moves forward.
+        self.save_positions = q(
+            "INSERT INTO positions (username, room, delivered, read) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (username, room) DO UPDATE SET"
+            f" delivered = {d.greatest}(positions.delivered, excluded.delivered),"
+            f" read = {d.greatest}(positions.read, excluded.read)"
+        )
+
+    def _bulk(
+        self, columns: Sequence[Column], rows: Sequence[tuple[Any, ...]], template: str
+    ) -> Iterator[Statement]:
+        """``WITH v AS (rows) <template>``, as many statements as the dialect needs."""
+        for part in self.dialect.chunks(rows, len(columns)):
+            table, params = self.dialect.table("v", columns, part)
+            yield Statement(self.dialect.sql(f"WITH {table} {template}"), params)
+
+    def heads(self, names: Sequence[str]) -> Iterator[Statement]:
+        """(name, epoch, head) of those rooms that exist, locked for the run."""
+        return self._bulk(
+            _NAME,
+            [(n,) for n in names],
+            "SELECT name, epoch, head FROM rooms WHERE name IN (SELECT name FROM v)"
+            f" ORDER BY name{self.dialect.lock_rooms}",
+        )
+
+    def create_rooms(self, rows: Sequence[tuple[str, str, bool, str]]) -> Statement:
+        """Rows of (name, epoch, private, allow as JSON); a room that exists stays."""
+        return self.dialect.insert("rooms", _NEW_ROOM, rows, " ON CONFLICT DO NOTHING")
+
+    def stored(self, keys: Sequence[tuple[str, str, str]]) -> Iterator[Statement]:
+        """The stored messages of these exactly-once keys (room, sender, client id)."""
+        columns = ", ".join("m." + c for c in COLUMNS.split(", "))
+        return self._bulk(
+            _KEY,
+            keys,
+            f"SELECT {columns} FROM v JOIN messages m ON m.room = v.room"
+            " AND m.sender = v.sender AND m.client_id = v.client_id"
+            " WHERE m.client_id IS NOT NULL",
+        )
+
+    def insert_messages(self, rows: Sequence[tuple[Any, ...]]) -> Statement:
+        return self.dialect.insert("messages", _MESSAGE, rows, "")
+
+    def move_heads(self, rows: Sequence[tuple[str, int]]) -> Iterator[Statement]:
+        return self._bulk(
+            _HEAD,
+            rows,
+            "UPDATE rooms SET head = v.head FROM v WHERE rooms.name = v.name",  # SQLite 3.33+
+        )
