@@ -32,7 +32,7 @@ receive. The invariant, checked after every step:
 * nobody off a private room's allow list, and nobody outside a DM pair, ever
   receives anything of that room;
 * no client's own queue of unread frames ever holds more than the outbox
-  bounds, and a slow consumer is closed only when its queue is full;
+  bounds, and a slow consumer is closed only once it has fallen behind;
 * a client message id retried any number of times is stored (and broadcast) once.
 
 Every run with a prompt store also starts with a reader that stops reading, is
@@ -157,7 +157,8 @@ class MeasuredSimulation(Simulation):
                 client = self._by_conn[effect.conn]
                 frames = queued.get(client, [len(client._unread)])[0]
                 if not client.reading:  # a reader's Written may lag its queue
-                    assert frames == CONFIG.outbox_frames, ("closed with room left", client, frames)
+                    # Only a client that fell behind (past half its outbox) is too slow.
+                    assert frames >= SOFT_FRAMES, ("closed while keeping up", client, frames)
 
     def _enter(self) -> None:
         if self._depth == 0:
