@@ -50,7 +50,7 @@ def setup(extras: str) -> None:
 # see [tool.coverage.run] in pyproject.toml). They hold for the full suite as CI
 # runs it, PostgreSQL and chromium included; a run given extra pytest arguments
 # prints the report and checks no floor.
-COVERAGE_FLOORS = {"src/chatcore/*": 97, "adapters/*": 88}
+COVERAGE_FLOORS = {"src/chatcore/*": 97, "adapters/*": 87}
 
 
 def check() -> int:

@@ -230,7 +230,9 @@ class Model:
         return {s.user for s in self.sessions if room in s.rooms}
 
     def attached(self, room: str) -> list[SimClient]:
-        """Clients whose connections are live in the room."""
+        """Clients whose connections are live in the room. (One that fell behind
+        misses presence events until it catches up; such a client is not compared
+        in that step, and a reading one has caught up by the end of it.)"""
         return [s.client for s in self.sessions if s.live and room in s.rooms]
 
     def live_session(self, client: SimClient) -> Sess:
