@@ -189,6 +189,8 @@ class SQLiteStore:
     before the batch fails.
     """
 
+    answers_at_once = False
+
     def __init__(
         self,
         path: str | os.PathLike[str] = "chatcore.db",
