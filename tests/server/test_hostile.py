@@ -18,8 +18,9 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from websockets.exceptions import ConnectionClosed
 
-from chatcore import Config
+from chatcore import Command, Config, Drained, Effect, Engine
 from chatcore_server import ChatServer, Limits
 from chatcore_server._peer import Peer
 
@@ -152,6 +153,16 @@ async def all_hear(conns: list[Any], text: str) -> None:
     await recv_until(conns[0], lambda e: e.get("type") == "ack" and e.get("id") == text)
     for conn in conns[1:]:
         await recv_until(conn, lambda e: e.get("text") == text)
+
+
+async def dropped(conn: Any) -> bool:
+    """Read until the server ends ``conn``; whether it did so without a close frame."""
+    with anyio.fail_after(GUARD):
+        try:
+            while True:
+                await conn.recv()
+        except ConnectionClosed as exc:
+            return exc.rcvd is None
 
 
 def internal_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -325,6 +336,58 @@ async def test_a_failure_writing_to_one_connection_drops_it_and_spares_the_rest(
         await still_serving(srv)
     failures = [r for r in internal_errors(caplog) if r.exc_info is not None]
     assert len(failures) == 3, failures
+
+
+async def test_a_failure_flushing_one_connection_drops_it_and_spares_the_rest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    flush = Peer.flush
+
+    def broken_for_victim(self: Peer, lost: list[Peer]) -> bool:
+        if self.user == "victim":
+            raise RuntimeError("planted bug")
+        return flush(self, lost)
+
+    # Sessions on both sides of the victim: all of them are flushed in the same loop.
+    async with serving() as srv, sessions(srv, "before", 2) as before:
+        async with ws_connect(f"{srv.ws}?user=victim&room=lobby", **JSON) as victim:
+            await welcome(victim)
+            async with sessions(srv, "after", 2) as after:
+                monkeypatch.setattr(Peer, "flush", broken_for_victim)
+                await all_hear(before + after, "still fine")
+                assert await dropped(victim)  # the victim alone, without a close frame
+                await all_hear(after + before, "and again")
+        await still_serving(srv)
+    failures = [r for r in internal_errors(caplog) if r.exc_info is not None]
+    assert failures, "the failure was not logged with its traceback"
+    logged = failures[0].exc_info
+    assert logged is not None
+    assert "planted bug" in str(logged[1])
+
+
+async def test_an_engine_failure_after_a_flush_is_logged_and_the_server_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    handle = Engine.handle
+    planted = [True]
+
+    def broken_once(self: Engine, command: Command, now: float) -> list[Effect]:
+        if planted and isinstance(command, Drained):
+            planted.clear()
+            raise RuntimeError("planted engine bug")
+        return handle(self, command, now)
+
+    async with serving() as srv, sessions(srv, "probe", 3) as probes:
+        monkeypatch.setattr(Engine, "handle", broken_once)
+        await all_hear(probes, "through the failure")
+        assert not planted, "the fault was not reached"
+        await all_hear(probes, "after it")
+        await still_serving(srv)
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert critical, "an engine failure was not logged loudly"
+    logged = critical[0].exc_info
+    assert logged is not None
+    assert "planted engine bug" in str(logged[1])
 
 
 # -- items 3 and 4: frame headers are bounded before their payload arrives ------------------------
