@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
-from websockets.exceptions import ConnectionClosed
 
 from chatcore import Command, Config, Drained, Effect, Engine
 from chatcore_server import ChatServer, Limits
@@ -29,6 +28,7 @@ from .conftest import (
     JSON,
     Running,
     close_code,
+    ended,
     recv_until,
     serving,
     welcome,
@@ -155,14 +155,13 @@ async def all_hear(conns: list[Any], text: str) -> None:
         await recv_until(conn, lambda e: e.get("text") == text)
 
 
-async def dropped(conn: Any) -> bool:
-    """Read until the server ends ``conn``; whether it did so without a close frame."""
-    with anyio.fail_after(GUARD):
-        try:
-            while True:
-                await conn.recv()
-        except ConnectionClosed as exc:
-            return exc.rcvd is None
+def assert_logged(records: list[logging.LogRecord], planted: str) -> None:
+    """The first of ``records`` carries the traceback of the planted failure."""
+    failures = [r for r in records if r.exc_info is not None]
+    assert failures, "the failure was not logged with its traceback"
+    logged = failures[0].exc_info
+    assert logged is not None
+    assert planted in str(logged[1])
 
 
 def internal_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -303,11 +302,7 @@ async def test_a_failure_reading_one_connection_closes_it_1011_and_spares_the_re
             assert await close_code(victim) == 1011
         await all_hear(probes, "still fine")
         await still_serving(srv)
-    failures = [r for r in internal_errors(caplog) if r.exc_info is not None]
-    assert failures, "the failure was not logged with its traceback"
-    logged = failures[0].exc_info
-    assert logged is not None
-    assert "planted bug" in str(logged[1])
+    assert_logged(internal_errors(caplog), "planted bug")
 
 
 async def test_a_failure_writing_to_one_connection_drops_it_and_spares_the_rest(
@@ -355,14 +350,10 @@ async def test_a_failure_flushing_one_connection_drops_it_and_spares_the_rest(
             async with sessions(srv, "after", 2) as after:
                 monkeypatch.setattr(Peer, "flush", broken_for_victim)
                 await all_hear(before + after, "still fine")
-                assert await dropped(victim)  # the victim alone, without a close frame
+                assert (await ended(victim)).rcvd is None  # the victim alone: a reset
                 await all_hear(after + before, "and again")
         await still_serving(srv)
-    failures = [r for r in internal_errors(caplog) if r.exc_info is not None]
-    assert failures, "the failure was not logged with its traceback"
-    logged = failures[0].exc_info
-    assert logged is not None
-    assert "planted bug" in str(logged[1])
+    assert_logged(internal_errors(caplog), "planted bug")
 
 
 async def test_an_engine_failure_after_a_flush_is_logged_and_the_server_goes_on(
@@ -384,10 +375,7 @@ async def test_an_engine_failure_after_a_flush_is_logged_and_the_server_goes_on(
         await all_hear(probes, "after it")
         await still_serving(srv)
     critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
-    assert critical, "an engine failure was not logged loudly"
-    logged = critical[0].exc_info
-    assert logged is not None
-    assert "planted engine bug" in str(logged[1])
+    assert_logged(critical, "planted engine bug")
 
 
 # -- items 3 and 4: frame headers are bounded before their payload arrives ------------------------
