@@ -1,7 +1,9 @@
 """chatcore_server: the WebSocket chat server and its Python client.
 
-``ChatServer`` runs a :class:`chatcore.Engine` behind anyio sockets (asyncio or
-trio), h11 and wsproto; ``connect`` is the matching client with resume built
+``ChatServer`` serves a :class:`chatcore.Engine` over anyio sockets (asyncio
+or trio), h11 and wsproto, as the transport of a
+:class:`chatcore_host.EngineHost` (which feeds the engine, keeps its timer and
+runs the history store); ``connect`` is the matching client with resume built
 in; ``chatcore serve`` (``cli.main``) is the standalone server.
 
 Endpoints

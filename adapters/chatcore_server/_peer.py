@@ -1,8 +1,10 @@
 """One WebSocket connection after the upgrade: its reader, its queue, its writes.
 
 A peer owns the socket and a wsproto connection. It never talks to the
-engine itself: it calls back into the server (``peer_received``,
-``peer_lost``, ...), which feeds the engine and carries out the effects.
+engine itself: it calls back into its :class:`PeerOwner` (``peer_received``,
+``peer_lost``, ...), which feeds the engine and carries out the effects. That
+owner is all a peer knows of the server, so a test can feed a peer bytes
+with an owner of its own.
 
 Writes cost no task switch: fan-out appends the shared frame bytes to
 ``out`` and marks the peer dirty; once per turn the server flushes every
@@ -21,7 +23,8 @@ import os
 import socket
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -37,10 +40,7 @@ from wsproto.events import (
 
 from ._frames import MessageBound
 
-if TYPE_CHECKING:
-    from ._server import ChatServer
-
-__all__ = ["Peer"]
+__all__ = ["Peer", "PeerOwner", "adopt_asyncio"]
 
 log = logging.getLogger("chatcore_server")
 
@@ -55,6 +55,58 @@ _MAX_PARTS = 64  # pieces of one message kept apart before they are joined
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST
 
 
+class PeerOwner(Protocol):
+    """What a peer needs of its server: a turn to read in, writes, and what it reports.
+
+    The ``peer_*`` calls report what the connection did; the owner feeds the
+    engine and may call back into the peer (``queue``, ``close``, ``abort``).
+    """
+
+    def turn(self) -> AbstractContextManager[None]:
+        """Engine calls made inside share one flush (one read's messages)."""
+        ...
+
+    def queued(self, peer: Peer) -> None:
+        """``peer`` has bytes queued and was not dirty: flush it at the end of the turn."""
+        ...
+
+    def flush_peer(self, peer: Peer) -> None:
+        """``peer``'s transport can take bytes again: flush it soon, outside any turn."""
+        ...
+
+    def flush_now(self) -> None:
+        """Write every queued byte now (a closing peer's last frames)."""
+        ...
+
+    def spawn_writer(self, peer: Peer) -> None:
+        """Run ``peer.write_loop`` as a task of the server's."""
+        ...
+
+    def peer_received(self, peer: Peer, text: str) -> None: ...
+
+    def peer_alive(self, peer: Peer) -> None:
+        """A ping or a pong came."""
+        ...
+
+    def peer_written(self, peer: Peer, frames: int, nbytes: int) -> None: ...
+
+    def peer_left(self, peer: Peer, code: int) -> None:
+        """The client sent a close frame with ``code``."""
+        ...
+
+    def peer_refused(self, peer: Peer, code: int, reason: str) -> None:
+        """The client broke a rule the transport enforces: close it with ``code``."""
+        ...
+
+    def peer_lost(self, peer: Peer) -> None:
+        """EOF, a reset or a failed write."""
+        ...
+
+    def peer_finished(self, peer: Peer) -> None:
+        """The connection is closed and its socket released (called once)."""
+        ...
+
+
 class Peer:
     """The transport side of one engine connection id."""
 
@@ -64,7 +116,8 @@ class Peer:
         "stream",
         "fd",
         "ws",
-        "server",
+        "owner",
+        "close_timeout",
         "out",
         "control",
         "control_bytes",
@@ -92,18 +145,23 @@ class Peer:
         self,
         conn: int,
         user: str,
-        stream: anyio.abc.ByteStream,
+        stream: anyio.abc.ByteStream | None,
         fd: int,
         ws: WebSocket,
-        server: ChatServer,
+        owner: PeerOwner,
+        *,
+        bound: MessageBound,
+        close_timeout: float,
     ) -> None:
         self.id = conn
         self.user = user
-        # None once asyncio callbacks drive the transport (see ``adopt_asyncio``).
+        # None once asyncio callbacks drive the transport (see ``adopt_asyncio``), or
+        # for a peer that is only fed bytes (``feed``) and whose queue is read directly.
         self.stream: anyio.abc.ByteStream | None = stream
         self.fd = fd  # -1: every write goes through the stream (TLS, or closed)
         self.ws = ws
-        self.server = server
+        self.owner = owner
+        self.close_timeout = close_timeout
         # Engine frames and the other bytes (101, ping, pong, close) in sending order.
         # Fan-out only appends: what a write carried is worked out when it is taken.
         self.out: list[bytes] = []
@@ -112,7 +170,7 @@ class Peer:
         # Engine frames written but not reported yet (a write cut short, see ``flush``).
         self.frames = 0
         self.nbytes = 0
-        self.dirty = False  # listed in server.dirty, to be flushed
+        self.dirty = False  # reported ``queued`` to the owner, to be flushed
         self.writer = False  # a writer task owns the writes from now on
         self.wake: anyio.Event | None = None
         self.closing = False
@@ -123,7 +181,7 @@ class Peer:
         self.send_scope: anyio.CancelScope | None = None
         # The message being received, in pieces (fragments, or a frame read in parts).
         self.parts: list[str] = []
-        self.bound = MessageBound(server.config.max_frame_bytes, server.limits.max_fragments)
+        self.bound = bound
         self.done: anyio.Event | None = None
         # asyncio only: the transport this peer drives through callbacks, no task at all.
         self.transport: asyncio.Transport | None = None
@@ -140,7 +198,7 @@ class Peer:
         self.control_bytes += len(data)
         if not self.dirty:
             self.dirty = True
-            self.server.dirty.append(self)
+            self.owner.queued(self)
 
     def ping(self) -> None:
         if self.ws.state is ConnectionState.OPEN:
@@ -160,10 +218,10 @@ class Peer:
             self.queue(self.ws.send(CloseConnection(code=code, reason=reason)))
         if self.transport is not None:
             loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(self.server.limits.close_timeout, self.abort)
+            self.timer = loop.call_later(self.close_timeout, self.abort)
             return
         if self.send_scope is not None:
-            self.send_scope.deadline = anyio.current_time() + self.server.limits.close_timeout
+            self.send_scope.deadline = anyio.current_time() + self.close_timeout
         self.start_writer()
 
     def abort(self) -> None:
@@ -253,7 +311,7 @@ class Peer:
         if not self.writer:
             self.writer = True
             self.done = anyio.Event()
-            self.server.spawn_writer(self)
+            self.owner.spawn_writer(self)
         elif (wake := self.wake) is not None:
             self.wake = None
             wake.set()
@@ -281,14 +339,14 @@ class Peer:
         log.exception("internal error on conn=%d user=%s", self.id, self.user)
         self.close_seen = True  # its state is not to be trusted: read nothing more
         try:
-            self.server.peer_refused(self, 1011, "internal error")
+            self.owner.peer_refused(self, 1011, "internal error")
         except Exception:
             log.exception("conn=%d could not be closed cleanly; resetting it", self.id)
             self.abort()
 
     async def run(self, trailing: bytes) -> None:
         """Read until the connection ends; then wait for the writer to finish, if any."""
-        server = self.server
+        owner = self.owner
         try:
             try:
                 if trailing:
@@ -298,27 +356,26 @@ class Peer:
             except Exception:
                 self.fail()
             if self.writer and self.done is not None:
-                with anyio.move_on_after(server.limits.close_timeout + 1):
+                with anyio.move_on_after(self.close_timeout + 1):
                     await self.done.wait()
         finally:
             stream = self.stream
             if not self.writer and stream is not None:
-                server.flush_now()  # a close frame may still wait for the deferred flush
+                owner.flush_now()  # a close frame may still wait for the deferred flush
                 self.fd = -1  # never write to a descriptor number that may be reused
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     await stream.aclose()
-            server.peer_finished(self)
+            owner.peer_finished(self)
 
     async def _read_loop(self) -> None:
         stream = self.stream
         if stream is None:  # adopted by asyncio callbacks: they read, not this task
             return
-        server = self.server
         while True:
             try:
                 data = await stream.receive(_READ_SIZE)
             except _STREAM_ERRORS:
-                server.peer_lost(self)
+                self.owner.peer_lost(self)
                 return
             self._receive(data)
             if self.close_seen:
@@ -326,7 +383,7 @@ class Peer:
 
     def _receive(self, data: bytes) -> None:
         over = None if self.closing else self.bound.check(data)
-        with self.server.turn():
+        with self.owner.turn():
             if over is None:
                 self.ws.receive_data(data)
                 self._events()
@@ -339,7 +396,7 @@ class Peer:
                 self._events()
             if not self.closing:
                 self.parts.clear()
-                self.server.peer_refused(self, 1009, reason)
+                self.owner.peer_refused(self, 1009, reason)
             if not self.close_seen:
                 # Read on only to see the client's answer to the close (whatever it
                 # sends meanwhile is dropped); close_timeout bounds the wait.
@@ -347,7 +404,7 @@ class Peer:
                 self._events()
 
     def _events(self) -> None:
-        server = self.server
+        owner = self.owner
         for event in self.ws.events():
             if isinstance(event, TextMessage):
                 # Sizes were checked on the frame headers (``MessageBound``).
@@ -355,12 +412,12 @@ class Peer:
                     continue
                 parts = self.parts
                 if event.message_finished and not parts:
-                    server.peer_received(self, event.data)
+                    owner.peer_received(self, event.data)
                 elif event.message_finished:
                     parts.append(event.data)
                     text = "".join(parts)
                     parts.clear()
-                    server.peer_received(self, text)
+                    owner.peer_received(self, text)
                 else:
                     parts.append(event.data)
                     if len(parts) >= _MAX_PARTS:
@@ -370,9 +427,9 @@ class Peer:
             elif isinstance(event, Ping):
                 if self.ws.state is ConnectionState.OPEN:
                     self.queue(self.ws.send(event.response()))
-                server.peer_alive(self)
+                owner.peer_alive(self)
             elif isinstance(event, Pong):
-                server.peer_alive(self)
+                owner.peer_alive(self)
             elif isinstance(event, CloseConnection):
                 self.close_seen = True
                 if self.close_waiter is not None:
@@ -382,13 +439,13 @@ class Peer:
                     if not self.closing:
                         self.close_code = event.code
                         self.queue(self.ws.send(event.response()))
-                        server.peer_left(self, event.code)
+                        owner.peer_left(self, event.code)
                 elif self.ws.state is ConnectionState.OPEN:
                     # wsproto found a protocol error (bad UTF-8: 1007, ...).
-                    server.peer_refused(self, event.code, event.reason or "protocol error")
+                    owner.peer_refused(self, event.code, event.reason or "protocol error")
                 return
             elif isinstance(event, BytesMessage) and not self.closing:
-                server.peer_refused(self, 1003, "binary frames are not supported")
+                owner.peer_refused(self, 1003, "binary frames are not supported")
 
     # -- the writer task (slow, TLS or closing peers only) -------------------------------
 
@@ -410,7 +467,7 @@ class Peer:
             self.close_seen = True
             self.aborted = True
             try:
-                self.server.peer_lost(self)
+                self.owner.peer_lost(self)
             except Exception:
                 log.exception("conn=%d could not be dropped cleanly", self.id)
         finally:
@@ -423,7 +480,7 @@ class Peer:
                 self.done.set()
 
     async def _write(self, stream: anyio.abc.ByteStream) -> None:
-        server = self.server
+        owner = self.owner
         while True:
             if self.aborted:
                 return
@@ -440,12 +497,12 @@ class Peer:
             self.frames = self.nbytes = 0
             with anyio.CancelScope() as scope:
                 if self.closing:
-                    scope.deadline = anyio.current_time() + server.limits.close_timeout
+                    scope.deadline = anyio.current_time() + self.close_timeout
                 self.send_scope = scope
                 try:
                     await stream.send(data)
                 except _STREAM_ERRORS:
-                    server.peer_lost(self)
+                    owner.peer_lost(self)
                     return
                 finally:
                     self.send_scope = None
@@ -453,13 +510,13 @@ class Peer:
                 self.aborted = True
                 return
             if frames and not self.closing:
-                server.peer_written(self, frames, nbytes)
+                owner.peer_written(self, frames, nbytes)
 
     async def _finish(self) -> None:
         """Everything is sent, the close frame last: wait for the client's reply."""
         if not self.aborted and not self.close_seen:
             self.close_waiter = anyio.Event()
-            with anyio.move_on_after(self.server.limits.close_timeout):
+            with anyio.move_on_after(self.close_timeout):
                 await self.close_waiter.wait()
 
 
@@ -523,7 +580,7 @@ class _Link(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         try:
-            self.peer.server.peer_lost(self.peer)
+            self.peer.owner.peer_lost(self.peer)
         except Exception:
             self.peer.fail()
         return False
@@ -534,11 +591,11 @@ class _Link(asyncio.Protocol):
             peer.timer.cancel()
         try:
             if not peer.closing:
-                peer.server.peer_lost(peer)
+                peer.owner.peer_lost(peer)
         except Exception:
             log.exception("internal error dropping conn=%d user=%s", peer.id, peer.user)
         peer.aborted = peer.aborted or not peer.close_seen
-        peer.server.peer_finished(peer)
+        peer.owner.peer_finished(peer)
 
     def pause_writing(self) -> None:
         self.peer.paused = True
@@ -547,4 +604,4 @@ class _Link(asyncio.Protocol):
         peer = self.peer
         peer.paused = False
         if peer.out:
-            peer.server.flush_peer(peer)  # write what waited
+            peer.owner.flush_peer(peer)  # write what waited

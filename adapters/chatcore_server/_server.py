@@ -1,22 +1,21 @@
-"""The chat server: sockets and time in, engine effects out.
+"""The chat server: h11 and wsproto over anyio sockets, around one engine host.
 
 :class:`ChatServer` listens with anyio (asyncio or trio), speaks HTTP with h11
-and WebSocket with wsproto, and drives one :class:`chatcore.Engine`:
+and WebSocket with wsproto, and runs a :class:`chatcore_host.EngineHost`,
+which feeds the engine, keeps its timer and runs the history store. The
+server is the host's :class:`~chatcore_host.Transport`: what it owns is what
+is specific to sockets:
 
-* every event from a socket becomes one command, and the effects of each
-  call are carried out at once (``_run``), without awaiting;
-* fan-out builds each frame once and appends the same bytes to every
-  recipient's queue; once per event-loop iteration every peer with queued
-  bytes gets one write, and the engine hears of all of them in one
-  ``Drained`` (see ``_peer``);
-* one timer per server, re-armed from ``engine.next_deadline()`` after each
-  call, runs ``engine.tick``;
-* storage effects pile up in a batch that one worker hands to the
-  :class:`chatcore_store.HistoryStore` (what accumulates while the store is
-  busy goes in the next batch: group commit), feeding every answer back;
-  :class:`~chatcore_store.MemoryStore`, which answers at once, runs inline.
+* every event from a socket becomes one command fed to the host, which
+  carries out its effects at once, without awaiting;
+* fan-out (:meth:`ChatServer.deliver`) builds each frame once and appends
+  the same bytes to every recipient's queue; once per event-loop iteration
+  every peer with queued bytes gets one write, and the engine hears of all
+  of them in one ``Drained`` (see ``_peer``);
+* a failure while writing to one peer ends that peer alone (reset, logged
+  with its traceback); the other peers of the same flush are written.
 
-Chat rules live in the engine, not here.
+Chat rules live in the engine, hosting in ``chatcore_host``, not here.
 """
 
 from __future__ import annotations
@@ -25,14 +24,11 @@ import asyncio
 import base64
 import binascii
 import logging
-import re
-import secrets
 import socket
 import ssl
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +36,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import h11
 from anyio.abc import TaskStatus
 from anyio.streams.tls import TLSListener
@@ -49,46 +44,42 @@ from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from chatcore import (
-    Close,
-    Command,
     Config,
     CreateRoom,
-    Deliver,
     Disconnected,
     Drained,
-    Effect,
     Engine,
     HandshakeError,
     IdSource,
-    Ping,
     Pong,
-    RandomIds,
     Receive,
     Shutdown,
     Written,
     parse_connect,
     select_mode,
 )
-from chatcore_store import (
-    HistoryStore,
-    MemoryStore,
-    StorageEffect,
-    StoreUnavailable,
+from chatcore_host import (
+    AuthError,
+    EngineHost,
+    authenticate,
+    header,
+    header_tokens,
+    origin_allowed,
+    parse_origin,
+    repeated_header,
 )
+from chatcore_store import HistoryStore
 
 from . import _http
 from ._api import route
-from ._frames import text_frame
-from ._http import AuthError, Reply, error, header, header_list
+from ._frames import MessageBound, text_frame
+from ._http import Reply, error
 from ._peer import Peer, adopt_asyncio
 
 __all__ = ["ChatServer", "Limits"]
 
 log = logging.getLogger("chatcore_server")
 
-_ROOM_MESSAGES = re.compile(r"/rooms/([^/]+)/messages")
-_HISTORY_LIMIT = 100
-_RETENTION_EVERY = 60.0
 # Upgrade headers that must appear once (h11 already refuses a repeated Host).
 _SINGLE_HEADERS = (b"origin", b"sec-websocket-key", b"sec-websocket-version")
 _CLOSE_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
@@ -152,15 +143,16 @@ class ChatServer:
         static_dir: Path | None = None,
         ids: IdSource | None = None,
     ) -> None:
-        self.config = config or Config()
-        self.engine = Engine(self.config, ids or RandomIds(secrets.token_bytes))
-        self.store: HistoryStore = store if store is not None else MemoryStore()
+        self.engine_host = EngineHost(self, config=config, store=store, ids=ids)
+        self.config = self.engine_host.config
+        self.engine: Engine = self.engine_host.engine
+        self.store: HistoryStore = self.engine_host.store
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
         self.jwt_secret = jwt_secret
         for entry in allow_origins:
-            if entry != "*" and _http.parse_origin(entry) is None:
+            if entry != "*" and parse_origin(entry) is None:
                 raise ValueError(f"not an origin: {entry!r} (http[s]://HOST[:PORT], or *)")
         self.allow_origins = tuple(allow_origins)
         self.limits = limits or Limits()
@@ -169,19 +161,12 @@ class ChatServer:
         self._peers: dict[int, Peer] = {}
         self._tcp = 0
         self._next_id = 0
-        self._storage: list[StorageEffect] = []
-        self._storage_wake: anyio.Event | None = None
-        self._storage_idle: anyio.Event | None = None
-        self._store_lock = anyio.Lock()
-        self._timer: anyio.CancelScope | None = None
-        self._armed: float | None = None
         self._stop: anyio.Event | None = None
         self._stopping = False
         self._drained: anyio.Event | None = None
         self._ws_running = 0
         # Peers with queued bytes, flushed once per turn (a read, a store batch, a tick).
         self.dirty: list[Peer] = []
-        self._turns = 0
         self._flushing = False
         # A queue this long is flushed at once, turn or not, to stay inside the outbox bound.
         self._high_water = max(1, self.config.outbox_frames // 4)
@@ -196,12 +181,6 @@ class ChatServer:
         self._cpu_busy = 0.0  # moving average of CPU time over wall time between flushes
         self._flush_delay_next = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
-        # MemoryStore answers at once: run it inline instead of through the worker.
-        self._inline = self.store if isinstance(self.store, MemoryStore) else None
-        self._answers: deque[Command] = deque()
-        self._answering = False
-        self._storage_busy = False
-        self._service: anyio.abc.TaskGroup | None = None
         self._writers: anyio.abc.TaskGroup | None = None
         self._adopted: set[Peer] = set()  # asyncio peers driven by callbacks, not tasks
 
@@ -211,6 +190,11 @@ class ChatServer:
     def connections(self) -> int:
         """Open WebSocket connections."""
         return len(self._peers)
+
+    @property
+    def stopping(self) -> bool:
+        """Shutting down: no new WebSocket connections."""
+        return self._stopping
 
     async def serve(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown`, then close everything gracefully."""
@@ -227,26 +211,17 @@ class ChatServer:
                 handshake_timeout=self.limits.handshake_timeout,
             )
         scheme = "https" if self.ssl_context is not None else "http"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"{scheme}://{host}:{port}/"
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"{scheme}://{name}:{port}/"
         if self.jwt_secret is None:
             log.warning("no --jwt-secret: clients are trusted to name themselves (unauthenticated)")
         try:
-            await self.store.open()
-        except StoreUnavailable as exc:
-            # Start anyway: the store reconnects on use and answers failures meanwhile.
-            log.error("history store unavailable at start (%s); will retry on use", exc.reason)
-        try:
-            async with anyio.create_task_group() as service:
-                self._service = service
+            async with self.engine_host.running(), anyio.create_task_group() as service:
                 try:
                     self._loop = asyncio.get_running_loop()
                 except RuntimeError:  # not asyncio (trio): a task does the flushing
                     self._loop = None
                     service.start_soon(self._flush_loop)
-                service.start_soon(self._timer_loop)
-                service.start_soon(self._storage_loop)
-                service.start_soon(self._retention_loop)
                 async with anyio.create_task_group() as conns:
                     self._writers = conns
                     accept = anyio.CancelScope()
@@ -260,19 +235,16 @@ class ChatServer:
                     conns.cancel_scope.cancel()
                     for peer in list(self._adopted):
                         peer.abort()
-                with anyio.move_on_after(1.5):
-                    await self._flush_storage()
                 service.cancel_scope.cancel()
+            # Leaving engine_host.running() handed the store what was pending and closed it.
         finally:
             for peer in list(self._adopted):  # cancelled rather than shut down
                 peer.abort()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await self.store.close()
             log.info("chatcore stopped")
 
     def create_room(self, room: str, *, private: bool = True, allow: Iterable[str] = ()) -> None:
         """Create or change a room; a private room admits only the users in ``allow``."""
-        self._feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
+        self.engine_host.feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
 
     def shutdown(self) -> None:
         """Stop accepting, close every client with 1001, flush the store, return from serve."""
@@ -291,39 +263,53 @@ class ChatServer:
 
     async def _close_all(self) -> None:
         self._stopping = True
-        self._feed(Shutdown())
+        self.engine_host.feed(Shutdown())
         # Engine closes came with Close effects; peers finish within close_timeout.
         while self._peers or self._ws_running:
             self._drained = anyio.Event()
             await self._drained.wait()
 
-    async def _flush_storage(self) -> None:
-        while self._storage or self._storage_busy:
-            self._storage_idle = anyio.Event()
-            await self._storage_idle.wait()
+    # -- the host's transport: effects to peers ------------------------------------------
 
-    # -- driving the engine --------------------------------------------------------
+    def deliver(self, to: tuple[int, ...], text: str) -> None:
+        # The hot loop of fan-out: one frame, one append per recipient. The engine
+        # counts the frames; a flush works out what it wrote from the queue it took.
+        frame = text_frame(text.encode())
+        get = self._peers.get
+        mark = self.dirty.append
+        high = self._high_water
+        for conn in to:
+            peer = get(conn)
+            if peer is None:
+                continue
+            out = peer.out
+            out.append(frame)
+            if not peer.dirty:
+                peer.dirty = True
+                mark(peer)
+            elif len(out) >= high and not (peer.paused or peer.writer):
+                # (A blocked peer cannot take more now: flushing early won't help.)
+                self._pressure = True
 
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        """Commands fed inside share one flush (writes coalesce)."""
-        self._turns += 1
-        try:
-            yield
-        finally:
-            self._turns -= 1
-            if not self._turns:
-                self._schedule_flush()
+    def close(self, conn: int, code: int, reason: str) -> None:
+        peer = self._peers.pop(conn, None)
+        if peer is not None:
+            peer.close(code, reason)
 
-    def _feed(self, command: Command) -> None:
-        effects = self.engine.handle(command, time.time())
-        if effects:
-            self._run(effects)
+    def ping(self, conn: int) -> None:
+        peer = self._peers.get(conn)
+        if peer is not None:
+            peer.ping()
+
+    def end_turn(self, *, nested: bool) -> None:
+        if self._flushing:
+            return  # the flush under way writes what its Drained queued
         if self._pressure:
             self._flush()  # a queue reached the high-water mark: do not wait
-        elif not self._turns:
+        elif not nested:
             self._schedule_flush()
-        self._rearm()
+
+    # -- writes: coalesced, one per peer per flush -------------------------------------
 
     def _schedule_flush(self) -> None:
         """Flush once, after everything else ready in this loop iteration has run.
@@ -366,8 +352,11 @@ class ChatServer:
 
     def _scheduled_flush(self) -> None:
         self._flush_pending = False
-        self._flush()
-        self._rearm()
+        try:
+            self._flush()
+        except Exception:
+            # Never out of here: on trio this runs in a task of the server's own.
+            log.critical("internal error flushing; the server goes on", exc_info=True)
 
     async def _flush_loop(self) -> None:
         """The flush on backends without ``call_soon`` (trio): one wake-up per iteration."""
@@ -379,66 +368,13 @@ class ChatServer:
                 await anyio.sleep(self._flush_delay_next)
             self._scheduled_flush()
 
-    def _run(self, effects: list[Effect]) -> None:
-        get = self._peers.get
-        mark = self.dirty.append
-        high = self._high_water
-        storage: list[StorageEffect] = []
-        for effect in effects:
-            kind = type(effect)
-            if kind is Deliver:
-                assert isinstance(effect, Deliver)
-                frame = text_frame(effect.data.encode())
-                # The hot loop of fan-out: one append per recipient. The engine counts
-                # the frames; a flush works out what it wrote from the queue it took.
-                for conn in effect.to:
-                    peer = get(conn)
-                    if peer is None:
-                        continue
-                    out = peer.out
-                    out.append(frame)
-                    if not peer.dirty:
-                        peer.dirty = True
-                        mark(peer)
-                    elif len(out) >= high and not (peer.paused or peer.writer):
-                        # (A blocked peer cannot take more now: flushing early won't help.)
-                        self._pressure = True
-            elif kind is Close:
-                assert isinstance(effect, Close)
-                peer = self._peers.pop(effect.conn, None)
-                if peer is not None:
-                    peer.close(effect.code, effect.reason)
-            elif kind is Ping:
-                assert isinstance(effect, Ping)
-                peer = get(effect.conn)
-                if peer is not None:
-                    peer.ping()
-            else:
-                storage.append(effect)  # type: ignore[arg-type]
-        if storage:
-            self._store(storage)
-
-    def _store(self, storage: list[StorageEffect]) -> None:
-        if self._inline is None:
-            self._storage.extend(storage)
-            if (wake := self._storage_wake) is not None:
-                self._storage_wake = None
-                wake.set()
-            return
-        self._answers.extend(self._inline.execute_now(storage))
-        if self._answering:
-            return  # the loop below, further up the stack, feeds them
-        self._answering = True
-        try:
-            while self._answers:
-                effects = self.engine.handle(self._answers.popleft(), time.time())
-                if effects:
-                    self._run(effects)
-        finally:
-            self._answering = False
-
     def _flush(self) -> None:
-        """Write every dirty peer's queue (one send each), report them all written."""
+        """Write every dirty peer's queue (one send each), report them all written.
+
+        A peer whose flush raises is a bug of ours on that connection: it is
+        logged with its traceback and that peer alone is dropped (reset); the
+        others are written as usual.
+        """
         if self._flushing:
             return
         self._flushing = True
@@ -450,14 +386,19 @@ class ChatServer:
                 drained: list[int] = []
                 lost: list[Peer] = []
                 for peer in dirty:
-                    if peer.flush(lost):
-                        drained.append(peer.id)
+                    try:
+                        if peer.flush(lost):
+                            drained.append(peer.id)
+                    except Exception:
+                        log.exception(
+                            "internal error writing to conn=%d user=%s", peer.id, peer.user
+                        )
+                        peer.close_seen = True  # its state is not to be trusted: read no more
+                        lost.append(peer)
                 if drained:
-                    effects = self.engine.handle(Drained(conns=tuple(drained)), time.time())
-                    if effects:
-                        self._run(effects)
+                    self.engine_host.feed_or_log(Drained(conns=tuple(drained)))
                 for peer in lost:
-                    self.peer_lost(peer)
+                    self._drop(peer)
         finally:
             self._flushing = False
             ended = time.monotonic()
@@ -467,6 +408,22 @@ class ChatServer:
             cpu = time.process_time()
             self._cpu_busy = 0.75 * self._cpu_busy + 0.25 * min(1.0, (cpu - self._flush_cpu) / wall)
             self._flush_cost, self._flush_end, self._flush_cpu = cost, ended, cpu
+
+    def _drop(self, peer: Peer) -> None:
+        """A peer lost while flushing: the engine hears of it, its socket is reset."""
+        try:
+            self.peer_lost(peer)
+        except Exception:
+            log.exception("internal error dropping conn=%d user=%s", peer.id, peer.user)
+            peer.abort()
+
+    # -- what peers report (their PeerOwner) --------------------------------------------
+
+    def turn(self) -> AbstractContextManager[None]:
+        return self.engine_host.turn()
+
+    def queued(self, peer: Peer) -> None:
+        self.dirty.append(peer)
 
     def flush_now(self) -> None:
         self._flush()
@@ -482,110 +439,32 @@ class ChatServer:
         if self._writers is not None:
             self._writers.start_soon(peer.write_loop)
 
-    def _rearm(self) -> None:
-        deadline = self.engine.next_deadline()
-        if deadline is None or self._timer is None:
-            return
-        if self._armed is not None and deadline >= self._armed:
-            return
-        self._armed = deadline
-        self._timer.deadline = anyio.current_time() + (deadline - time.time())
-
-    async def _timer_loop(self) -> None:
-        while True:
-            with anyio.CancelScope() as scope:
-                self._timer = scope
-                self._armed = None
-                self._rearm()
-                await anyio.sleep_forever()
-            self._timer = None
-            with self.turn():
-                effects = self.engine.tick(time.time())
-                if effects:
-                    self._run(effects)
-
-    async def _storage_loop(self) -> None:
-        while True:
-            while not self._storage:
-                if (idle := self._storage_idle) is not None:
-                    self._storage_idle = None
-                    idle.set()
-                wake = self._storage_wake = anyio.Event()
-                await wake.wait()
-            batch, self._storage = self._storage, []
-            self._storage_busy = True
-            async with self._store_lock:
-                answers = await self._execute(batch)
-            with self.turn():
-                for answer in answers:
-                    self._feed(answer)
-            self._storage_busy = False
-            # A store that answers at once must not starve the sockets.
-            await anyio.lowlevel.checkpoint()
-
-    @property
-    def stopping(self) -> bool:
-        """Shutting down: no new WebSocket connections."""
-        return self._stopping
-
-    async def query_store(self, effects: Sequence[StorageEffect]) -> list[Command]:
-        """Run read-only storage effects for HTTP, between the worker's batches.
-
-        The answers go back to the caller, never to the engine.
-        """
-        async with self._store_lock:
-            return await self._execute(effects)
-
-    async def _execute(self, batch: Sequence[StorageEffect]) -> list[Command]:
-        try:
-            return await self.store.execute(batch)
-        except StoreUnavailable as exc:  # stores answer failures as commands; an old one may raise
-            log.warning("history store unavailable: %s", exc.reason)
-            return exc.answers
-        except Exception:
-            log.exception("history store failed on a batch of %d effects", len(batch))
-            return []
-
-    async def _retention_loop(self) -> None:
-        apply = getattr(self.store, "apply_retention", None)
-        if apply is None:
-            return
-        while True:
-            await anyio.sleep(_RETENTION_EVERY)
-            try:
-                # No store lock: the store serializes itself and lets batches in between chunks.
-                await apply(time.time())
-            except StoreUnavailable as exc:
-                log.warning("retention skipped: %s", exc.reason)
-
-    # -- callbacks from peers ----------------------------------------------------------
-
     def peer_received(self, peer: Peer, text: str) -> None:
-        self._feed(Receive(conn=peer.id, text=text))
+        self.engine_host.feed(Receive(conn=peer.id, text=text))
 
     def peer_alive(self, peer: Peer) -> None:
         if not peer.closing:
-            self._feed(Pong(conn=peer.id))
+            self.engine_host.feed(Pong(conn=peer.id))
 
     def peer_written(self, peer: Peer, frames: int, nbytes: int) -> None:
-        self._feed(Written(conn=peer.id, frames=frames, nbytes=nbytes))
+        self.engine_host.feed(Written(conn=peer.id, frames=frames, nbytes=nbytes))
 
     def peer_left(self, peer: Peer, code: int) -> None:
         """The client sent a close frame (1000: its session ends, no grace period)."""
         peer.closing = True
         if self._peers.pop(peer.id, None) is not None:
-            self._feed(Disconnected(conn=peer.id, code=code))
+            self.engine_host.feed(Disconnected(conn=peer.id, code=code))
 
     def peer_refused(self, peer: Peer, code: int, reason: str) -> None:
         """The client broke a rule the transport enforces (size, UTF-8, binary)."""
         peer.close(code, reason)
         if self._peers.pop(peer.id, None) is not None:
-            self._feed(Disconnected(conn=peer.id))
+            self.engine_host.feed(Disconnected(conn=peer.id))
 
     def peer_lost(self, peer: Peer) -> None:
         """EOF, reset or a failed write."""
         if self._peers.pop(peer.id, None) is not None:
-            self._feed(Disconnected(conn=peer.id))
+            self.engine_host.feed(Disconnected(conn=peer.id))
         peer.abort()
 
     def peer_finished(self, peer: Peer) -> None:
@@ -596,7 +475,7 @@ class ChatServer:
             self._tcp -= 1
             self._adopted.discard(peer)
         if self._peers.pop(peer.id, None) is not None:
-            self._feed(Disconnected(conn=peer.id))
+            self.engine_host.feed(Disconnected(conn=peer.id))
         self._ws_running -= 1
         code = 1006 if peer.aborted and peer.close_code == 1006 else peer.close_code
         log.info("closed conn=%d user=%s code=%d", peer.id, peer.user, code)
@@ -698,7 +577,7 @@ class ChatServer:
             elif method not in ("GET", "HEAD"):
                 reply = error(405, "method not allowed", ("allow", "GET, HEAD"))
             else:
-                reply = await route(self, path, parts.query, request)
+                reply = await route(self, path, parts.query, request.headers)
             close = http.their_state is not h11.DONE or reply.status >= 500 or self._stopping
             if not await _send_reply(stream, http, reply, head=head, close=close):
                 return None
@@ -715,8 +594,9 @@ class ChatServer:
         self, stream: anyio.abc.ByteStream, http: h11.Connection, request: h11.Request, query: str
     ) -> Reply | tuple[Peer, bytes]:
         """The upgraded peer (registered with the engine), or the reply that refuses it."""
-        upgrade = [t.lower() for t in header_list(request, b"upgrade")]
-        connection = [t.lower() for t in header_list(request, b"connection")]
+        headers = request.headers
+        upgrade = [t.lower() for t in header_tokens(headers, b"upgrade")]
+        connection = [t.lower() for t in header_tokens(headers, b"connection")]
         if "websocket" not in upgrade or "upgrade" not in connection:
             return error(
                 426,
@@ -728,26 +608,26 @@ class ChatServer:
             return error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
         if self._stopping:
             return error(503, "shutting down", ("retry-after", "5"))
-        repeated = _http.repeated_header(request, _SINGLE_HEADERS)
+        repeated = repeated_header(headers, _SINGLE_HEADERS)
         if repeated is not None:
             return error(400, f"more than one {repeated.decode()} header")
         scheme = "https" if self.ssl_context is not None else "http"
-        if not _http.origin_allowed(
-            header(request, b"origin"), header(request, b"host"), scheme, self.allow_origins
+        if not origin_allowed(
+            header(headers, b"origin"), header(headers, b"host"), scheme, self.allow_origins
         ):
             return error(403, "origin not allowed")
-        if header(request, b"sec-websocket-version") != "13":
+        if header(headers, b"sec-websocket-version") != "13":
             return error(426, "WebSocket version 13 only", ("sec-websocket-version", "13"))
-        key = header(request, b"sec-websocket-key")
+        key = header(headers, b"sec-websocket-key")
         if key is None or not _valid_key(key):
             return error(400, "missing or invalid Sec-WebSocket-Key")
         user: str | None = None
         if self.jwt_secret is not None:
             try:
-                user = _http.authenticate(request, parse_qsl(query), self.jwt_secret)
+                user = authenticate(headers, parse_qsl(query), self.jwt_secret)
             except AuthError as exc:
                 return error(401, str(exc), ("www-authenticate", "Bearer"))
-        mode, subprotocol = select_mode(header_list(request, b"sec-websocket-protocol"))
+        mode, subprotocol = select_mode(header_tokens(headers, b"sec-websocket-protocol"))
         self._next_id += 1
         conn = self._next_id
         try:
@@ -761,7 +641,17 @@ class ChatServer:
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
         fd = -1 if raw is None or self.ssl_context is not None else raw.fileno()
         ws = WebSocket(ConnectionType.SERVER)
-        peer = Peer(conn, connect.user, stream, fd, ws, self)
+        bound = MessageBound(self.config.max_frame_bytes, self.limits.max_fragments)
+        peer = Peer(
+            conn,
+            connect.user,
+            stream,
+            fd,
+            ws,
+            self,
+            bound=bound,
+            close_timeout=self.limits.close_timeout,
+        )
         # The 101 leads the peer's queue: it goes out in one write with the welcome.
         peer.queue(_switching_protocols(key, subprotocol))
         self._peers[conn] = peer
@@ -774,7 +664,7 @@ class ChatServer:
                 mode.value,
                 _address(raw),
             )
-        self._feed(connect)
+        self.engine_host.feed(connect)
         return peer, bytes(trailing)
 
 

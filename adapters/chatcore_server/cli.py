@@ -14,10 +14,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from chatcore import Config
+from chatcore_host import parse_origin
 from chatcore_store import DEFAULT_URL, HistoryStore, open_store
 from chatcore_store.cli import add_subcommands
 
-from ._http import parse_origin
 from ._server import ChatServer
 
 __all__ = ["main"]

@@ -11,6 +11,7 @@ it in a database. :func:`open_store` picks one from a URL.
 from ._base import (
     DurableStore,
     HistoryStore,
+    InstantStore,
     RoomInfo,
     StorageEffect,
     StoreUnavailable,
@@ -23,6 +24,7 @@ __all__ = [
     "DEFAULT_URL",
     "DurableStore",
     "HistoryStore",
+    "InstantStore",
     "MemoryStore",
     "RoomInfo",
     "StorageEffect",

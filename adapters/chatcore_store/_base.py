@@ -53,6 +53,7 @@ __all__ = [
     "UNAVAILABLE",
     "DurableStore",
     "HistoryStore",
+    "InstantStore",
     "RoomInfo",
     "SQLDriver",
     "SQLStore",
@@ -192,11 +193,21 @@ class HistoryStore(Protocol):
     ``SavePositions`` have none.
     """
 
+    answers_at_once: bool
+    """True: the store does no I/O and is an :class:`InstantStore`; a host runs
+    its ``execute_now`` inline, feeding the answers back within the same call."""
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
     async def execute(self, effects: Sequence[StorageEffect]) -> list[Command]: ...
+
+
+class InstantStore(HistoryStore, Protocol):
+    """A store whose answers need no waiting (``answers_at_once`` is True)."""
+
+    def execute_now(self, effects: Sequence[StorageEffect]) -> list[Command]: ...
 
 
 @runtime_checkable

@@ -61,6 +61,8 @@ class MemoryStore:
     with :meth:`set_retention` are applied by :meth:`apply_retention`.
     """
 
+    answers_at_once = True  # execute_now: no I/O, so a host runs it inline
+
     def __init__(self, *, epoch_prefix: str = "m", max_messages: int | None = None) -> None:
         self._rooms: dict[str, _Room] = {}
         self._epoch_prefix = epoch_prefix

@@ -136,6 +136,8 @@ class PostgresStore(SQLStore):
     Tests give each run its own schema; servers sharing a history share one.
     """
 
+    answers_at_once = False
+
     def __init__(
         self,
         conninfo: str,

@@ -151,6 +151,8 @@ class SQLiteStore(SQLStore):
     before the batch fails.
     """
 
+    answers_at_once = False
+
     def __init__(
         self,
         path: str | os.PathLike[str] = "chatcore.db",

@@ -211,14 +211,19 @@ async def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True)
             return out
 
 
-async def close_code(conn: Any) -> int:
-    """Read (and drop) frames until the server's close frame; its code."""
+async def ended(conn: Any) -> ConnectionClosed:
+    """Read (and drop) frames until the connection ends; how it ended."""
     with anyio.fail_after(GUARD):
         try:
             while True:
                 await conn.recv()
         except ConnectionClosed as exc:
-            closed = exc
+            return exc
+
+
+async def close_code(conn: Any) -> int:
+    """Read (and drop) frames until the server's close frame; its code."""
+    closed = await ended(conn)
     if closed.rcvd is None:
         raise AssertionError(f"closed without a close frame: {closed!r}")
     return closed.rcvd.code

@@ -19,7 +19,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from chatcore import Config
+from chatcore import Command, Config, Drained, Effect, Engine
 from chatcore_server import ChatServer, Limits
 from chatcore_server._peer import Peer
 
@@ -28,6 +28,7 @@ from .conftest import (
     JSON,
     Running,
     close_code,
+    ended,
     recv_until,
     serving,
     welcome,
@@ -152,6 +153,15 @@ async def all_hear(conns: list[Any], text: str) -> None:
     await recv_until(conns[0], lambda e: e.get("type") == "ack" and e.get("id") == text)
     for conn in conns[1:]:
         await recv_until(conn, lambda e: e.get("text") == text)
+
+
+def assert_logged(records: list[logging.LogRecord], planted: str) -> None:
+    """The first of ``records`` carries the traceback of the planted failure."""
+    failures = [r for r in records if r.exc_info is not None]
+    assert failures, "the failure was not logged with its traceback"
+    logged = failures[0].exc_info
+    assert logged is not None
+    assert planted in str(logged[1])
 
 
 def internal_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -292,11 +302,7 @@ async def test_a_failure_reading_one_connection_closes_it_1011_and_spares_the_re
             assert await close_code(victim) == 1011
         await all_hear(probes, "still fine")
         await still_serving(srv)
-    failures = [r for r in internal_errors(caplog) if r.exc_info is not None]
-    assert failures, "the failure was not logged with its traceback"
-    logged = failures[0].exc_info
-    assert logged is not None
-    assert "planted bug" in str(logged[1])
+    assert_logged(internal_errors(caplog), "planted bug")
 
 
 async def test_a_failure_writing_to_one_connection_drops_it_and_spares_the_rest(
@@ -325,6 +331,51 @@ async def test_a_failure_writing_to_one_connection_drops_it_and_spares_the_rest(
         await still_serving(srv)
     failures = [r for r in internal_errors(caplog) if r.exc_info is not None]
     assert len(failures) == 3, failures
+
+
+async def test_a_failure_flushing_one_connection_drops_it_and_spares_the_rest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    flush = Peer.flush
+
+    def broken_for_victim(self: Peer, lost: list[Peer]) -> bool:
+        if self.user == "victim":
+            raise RuntimeError("planted bug")
+        return flush(self, lost)
+
+    # Sessions on both sides of the victim: all of them are flushed in the same loop.
+    async with serving() as srv, sessions(srv, "before", 2) as before:
+        async with ws_connect(f"{srv.ws}?user=victim&room=lobby", **JSON) as victim:
+            await welcome(victim)
+            async with sessions(srv, "after", 2) as after:
+                monkeypatch.setattr(Peer, "flush", broken_for_victim)
+                await all_hear(before + after, "still fine")
+                assert (await ended(victim)).rcvd is None  # the victim alone: a reset
+                await all_hear(after + before, "and again")
+        await still_serving(srv)
+    assert_logged(internal_errors(caplog), "planted bug")
+
+
+async def test_an_engine_failure_after_a_flush_is_logged_and_the_server_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    handle = Engine.handle
+    planted = [True]
+
+    def broken_once(self: Engine, command: Command, now: float) -> list[Effect]:
+        if planted and isinstance(command, Drained):
+            planted.clear()
+            raise RuntimeError("planted engine bug")
+        return handle(self, command, now)
+
+    async with serving() as srv, sessions(srv, "probe", 3) as probes:
+        monkeypatch.setattr(Engine, "handle", broken_once)
+        await all_hear(probes, "through the failure")
+        assert not planted, "the fault was not reached"
+        await all_hear(probes, "after it")
+        await still_serving(srv)
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert_logged(critical, "planted engine bug")
 
 
 # -- items 3 and 4: frame headers are bounded before their payload arrives ------------------------

@@ -1,0 +1,38 @@
+"""chatcore_host: run a :class:`chatcore.Engine` behind any server.
+
+:class:`EngineHost` feeds the engine, carries its effects out (connection
+effects to a :class:`Transport` the server implements, storage effects to a
+:class:`chatcore_store.HistoryStore`), keeps its one timer and runs the store.
+The request policy every server needs (tokens, the page's origin, who may
+read a room's history) takes plain headers and query values. Needs anyio;
+no HTTP or WebSocket library.
+"""
+
+from ._host import EngineHost, Transport
+from ._policy import (
+    AuthError,
+    Headers,
+    authenticate,
+    bearer_token,
+    header,
+    header_tokens,
+    origin_allowed,
+    parse_origin,
+    read_history,
+    repeated_header,
+)
+
+__all__ = [
+    "AuthError",
+    "EngineHost",
+    "Headers",
+    "Transport",
+    "authenticate",
+    "bearer_token",
+    "header",
+    "header_tokens",
+    "origin_allowed",
+    "parse_origin",
+    "read_history",
+    "repeated_header",
+]

@@ -1,0 +1,379 @@
+"""The engine host: one :class:`chatcore.Engine`, its history store and its timer.
+
+:class:`EngineHost` is what every server that runs an engine needs, whatever
+it speaks: it feeds commands in, carries the effects out (the connection
+effects to a :class:`Transport`, the storage effects to the store), feeds the
+store's answers back, keeps one timer re-armed from ``next_deadline()``, and
+opens and closes the store. It owns no socket, no HTTP and no WebSocket: a
+transport turns ``deliver``/``close``/``ping`` into bytes, and tells the host
+what its connections do by feeding commands (``Connect``, ``Receive``,
+``Drained``, ``Disconnected``...).
+
+Errors: :meth:`EngineHost.feed` lets an exception out to its caller, who
+knows whose command it was (a server ends that connection alone, close 1011).
+Where no one connection is the cause (the timer, the store's answers, a
+transport's ``Drained`` for many), an exception out of the engine is a bug of
+the engine or of the host program: :meth:`EngineHost.feed_or_log` logs it at
+CRITICAL with its traceback and drops that command, and the host goes on.
+Ending the server instead would drop every session for one bad command, and
+turn a bug that a peer can trigger into a way to stop the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Protocol, TypeGuard
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from chatcore import (
+    Close,
+    Command,
+    Config,
+    Deliver,
+    Effect,
+    Engine,
+    HistoryLoaded,
+    IdSource,
+    LoadHistory,
+    LoadRoom,
+    Message,
+    Ping,
+    RandomIds,
+    RoomLoaded,
+)
+from chatcore_store import (
+    DurableStore,
+    HistoryStore,
+    InstantStore,
+    MemoryStore,
+    StorageEffect,
+    StoreUnavailable,
+    is_storage_effect,
+)
+
+__all__ = ["EngineHost", "Transport"]
+
+log = logging.getLogger("chatcore_host")
+
+_RETENTION_EVERY = 60.0
+_AFTER_TIMER_FAILURE = 1.0  # seconds before a tick that raised is tried again (no spin)
+
+
+class Transport(Protocol):
+    """Where the host sends what concerns connections; the server implements it.
+
+    Each method is called while the host carries out one engine call's
+    effects, in the engine's order, and must not block or call back into the
+    host (queue the bytes; write them at :meth:`end_turn`).
+    """
+
+    def deliver(self, to: tuple[int, ...], text: str) -> None:
+        """Send ``text`` as one text frame to each connection in ``to`` (unknown ids:
+        gone already, skip them). Report the frames back once written, with
+        ``Written`` or ``Drained``: they count against the engine's outboxes."""
+        ...
+
+    def close(self, conn: int, code: int, reason: str) -> None:
+        """Close ``conn`` with a close frame after what is queued for it. The engine
+        has forgotten it already: do not feed ``Disconnected`` for it."""
+        ...
+
+    def ping(self, conn: int) -> None:
+        """Send a ping to ``conn``; feed ``Pong`` when the answer comes."""
+        ...
+
+    def end_turn(self, *, nested: bool) -> None:
+        """The effects of one engine call are carried out.
+
+        ``nested`` is False when no :meth:`EngineHost.turn` is open any more:
+        the time to write what was queued (at once, or soon). True while a
+        turn goes on (the rest of one read, a store batch): a transport that
+        coalesces writes waits, unless a queue grew so long that writing now
+        keeps the engine's outbox from filling.
+        """
+        ...
+
+
+class EngineHost:
+    """Runs one engine for a transport: commands in, effects out, timer, store.
+
+    Feed commands with :meth:`feed`; run the host's tasks with
+    ``async with host.running():`` (the timer, the store worker, retention),
+    inside which the server serves. Commands fed inside one :meth:`turn`
+    share one :meth:`Transport.end_turn`, so their writes coalesce.
+
+    The store is run inline when it says it ``answers_at_once`` (its answers
+    are fed back within the same call); any other store gets one worker task
+    that hands it everything that piled up since its last batch (group
+    commit) and feeds every answer back.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        config: Config | None = None,
+        store: HistoryStore | None = None,
+        ids: IdSource | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self.engine = Engine(self.config, ids or RandomIds(secrets.token_bytes))
+        self.store: HistoryStore = store if store is not None else MemoryStore()
+        self.durable: DurableStore | None = (
+            self.store if isinstance(self.store, DurableStore) else None
+        )
+        """The store's admin and maintenance calls, if it has them (retention, HTTP reads)."""
+        self._transport = transport
+        self._turns = 0
+        # The one timer, a cancel scope whose deadline follows engine.next_deadline().
+        self._timer: anyio.CancelScope | None = None
+        self._armed: float | None = None
+        # A store that answers at once runs inline; its answers wait here while
+        # the call that asked is still carrying out effects.
+        self._instant = self.store if _answers_at_once(self.store) else None
+        self._answers: deque[Command] = deque()
+        self._answering = False
+        # The worker's next batch, and its wake-ups.
+        self._storage: list[StorageEffect] = []
+        self._storage_wake: anyio.Event | None = None
+        self._storage_idle: anyio.Event | None = None
+        self._storage_busy = False
+        self._store_lock = anyio.Lock()
+
+    # -- feeding the engine -------------------------------------------------------------
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Commands fed inside share one end of turn (their writes coalesce)."""
+        self._turns += 1
+        try:
+            yield
+        finally:
+            self._turns -= 1
+            if not self._turns:
+                self._transport.end_turn(nested=False)
+
+    def feed(self, command: Command) -> None:
+        """Hand ``command`` to the engine and carry out its effects at once.
+
+        An exception from the engine goes to the caller: whoever fed a
+        connection's command decides what becomes of that connection.
+        """
+        effects = self.engine.handle(command, time.time())
+        if effects:
+            self._run(effects)
+        self._transport.end_turn(nested=self._turns > 0)
+        self._rearm()
+
+    def feed_or_log(self, command: Command) -> None:
+        """:meth:`feed` a command that no one connection is answerable for.
+
+        An exception is a bug (in the engine or the host program): it is
+        logged at CRITICAL with its traceback and the command is dropped.
+        """
+        try:
+            self.feed(command)
+        except Exception:
+            log.critical(
+                "engine bug: %s raised; the command is dropped",
+                type(command).__name__,
+                exc_info=True,
+            )
+
+    def _run(self, effects: list[Effect]) -> None:
+        transport = self._transport
+        storage: list[StorageEffect] = []
+        for effect in effects:
+            kind = type(effect)
+            if kind is Deliver:
+                assert isinstance(effect, Deliver)
+                transport.deliver(effect.to, effect.data)
+            elif kind is Close:
+                assert isinstance(effect, Close)
+                transport.close(effect.conn, effect.code, effect.reason)
+            elif kind is Ping:
+                assert isinstance(effect, Ping)
+                transport.ping(effect.conn)
+            elif is_storage_effect(effect):
+                storage.append(effect)
+            else:
+                log.error("no adapter for effect %r; dropped", effect)
+        if storage:
+            self._store(storage)
+
+    def _store(self, storage: list[StorageEffect]) -> None:
+        if self._instant is None:
+            self._storage.extend(storage)
+            if (wake := self._storage_wake) is not None:
+                self._storage_wake = None
+                wake.set()
+            return
+        self._answers.extend(self._instant.execute_now(storage))
+        if self._answering:
+            return  # the loop below, further up the stack, feeds them
+        # A trampoline: answers that cause storage effects that are answered at once
+        # are fed here in order, never by recursion.
+        self._answering = True
+        try:
+            while self._answers:
+                effects = self.engine.handle(self._answers.popleft(), time.time())
+                if effects:
+                    self._run(effects)
+        finally:
+            self._answering = False
+
+    # -- the timer ----------------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        deadline = self.engine.next_deadline()
+        if deadline is None or self._timer is None:
+            return
+        if self._armed is not None and deadline >= self._armed:
+            return
+        self._armed = deadline
+        self._timer.deadline = anyio.current_time() + (deadline - time.time())
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with anyio.CancelScope() as scope:
+                self._timer = scope
+                self._armed = None
+                self._rearm()
+                await anyio.sleep_forever()
+            self._timer = None
+            try:
+                with self.turn():
+                    effects = self.engine.tick(time.time())
+                    if effects:
+                        self._run(effects)
+            except Exception:
+                log.critical(
+                    "engine bug: tick raised; the timer tries again in %.0f s",
+                    _AFTER_TIMER_FAILURE,
+                    exc_info=True,
+                )
+                await anyio.sleep(_AFTER_TIMER_FAILURE)
+
+    # -- running ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Open the store and run the timer, the store worker and retention.
+
+        Serve inside the block. Leaving it hands the store what is still
+        pending (up to 1.5 s) and closes it (up to 2 s), also when cancelled.
+        A store that cannot be reached at start is logged, not fatal: stores
+        reconnect on use and answer failures meanwhile.
+        """
+        try:
+            await self.store.open()
+        except StoreUnavailable as exc:
+            log.error("history store unavailable at start (%s); will retry on use", exc.reason)
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._timer_loop)
+                tasks.start_soon(self._storage_loop)
+                if self.durable is not None:
+                    tasks.start_soon(self._retention_loop, self.durable)
+                yield
+                with anyio.move_on_after(1.5):
+                    await self._flush_storage()
+                tasks.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self.store.close()
+
+    # -- the store ----------------------------------------------------------------------
+
+    async def _storage_loop(self) -> None:
+        while True:
+            while not self._storage:
+                if (idle := self._storage_idle) is not None:
+                    self._storage_idle = None
+                    idle.set()
+                wake = self._storage_wake = anyio.Event()
+                await wake.wait()
+            batch, self._storage = self._storage, []
+            self._storage_busy = True
+            async with self._store_lock:
+                answers = await self._execute(batch)
+            with self.turn():
+                for answer in answers:
+                    self.feed_or_log(answer)
+            self._storage_busy = False
+            # A store that answers at once must not starve the sockets.
+            await anyio.lowlevel.checkpoint()
+
+    async def _flush_storage(self) -> None:
+        while self._storage or self._storage_busy:
+            self._storage_idle = anyio.Event()
+            await self._storage_idle.wait()
+
+    async def _execute(self, batch: Sequence[StorageEffect]) -> list[Command]:
+        try:
+            return await self.store.execute(batch)
+        except StoreUnavailable as exc:  # stores answer failures as commands; an old one may raise
+            log.warning("history store unavailable: %s", exc.reason)
+            return exc.answers
+        except Exception:
+            log.exception("history store failed on a batch of %d effects", len(batch))
+            return []
+
+    async def _retention_loop(self, store: DurableStore) -> None:
+        while True:
+            await anyio.sleep(_RETENTION_EVERY)
+            try:
+                # No store lock: the store serializes itself and lets batches in between chunks.
+                await store.apply_retention(time.time())
+            except StoreUnavailable as exc:
+                log.warning("retention skipped: %s", exc.reason)
+            except Exception:
+                log.exception("retention failed; tried again in %.0f s", _RETENTION_EVERY)
+
+    # -- reads for HTTP (never fed to the engine) ---------------------------------------
+
+    async def query_store(self, effects: Sequence[StorageEffect]) -> list[Command]:
+        """Run read-only storage effects between the worker's batches.
+
+        The answers go back to the caller, never to the engine.
+        """
+        async with self._store_lock:
+            return await self._execute(effects)
+
+    async def stored_room(self, room: str) -> tuple[bool, frozenset[str]] | None:
+        """``(private, allow)`` of a stored room, None if unknown; raises StoreUnavailable."""
+        if (durable := self.durable) is not None:
+            info = await durable.room(room)
+            return None if info is None else (info.private, info.allow)
+        answers = await self.query_store([LoadRoom(room=room, recent=0)])
+        meta = next((a for a in answers if isinstance(a, RoomLoaded)), None)
+        return None if meta is None else (meta.private, meta.allow)
+
+    async def history(self, room: str, *, before: int, limit: int) -> tuple[Message, ...]:
+        """The newest ``limit`` stored messages of ``room`` below offset ``before``,
+        oldest first; raises StoreUnavailable."""
+        if (durable := self.durable) is not None:
+            return await durable.history(room, before=before, limit=limit)
+        answers = await self.query_store(
+            [LoadHistory(ref=-1, room=room, after=0, before=before, limit=limit)]
+        )
+        loaded = next((a for a in answers if isinstance(a, HistoryLoaded)), None)
+        if loaded is None:
+            raise StoreUnavailable("history not available")
+        return loaded.messages
+
+
+def _answers_at_once(store: HistoryStore) -> TypeGuard[InstantStore]:
+    if not store.answers_at_once:
+        return False
+    if not callable(getattr(store, "execute_now", None)):
+        raise TypeError(f"{type(store).__name__} answers_at_once but has no execute_now()")
+    return True
