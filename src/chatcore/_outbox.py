@@ -126,11 +126,6 @@ def broadcast(
     offset = cast(Message, event).offset
     for conn in overflow:
         _fall_behind(conn, room, offset)
-    if skip is not None and (catchup := skip.catchup.get(room.name)) is not None:
-        # The sender is itself catching up: its replay must not echo this back.
-        if catchup.own is None:
-            catchup.own = set()
-        catchup.own.add(offset)
     if room.behind:
         _give_up_far_behind(st, room)
 

@@ -34,6 +34,9 @@ def pump(st: EngineState, conn: Connection, out: list[Effect]) -> None:
             n = catchup.next
             if n > room.head:
                 del conn.catchup[name]
+                if catchup.own:  # acks of offsets the replay jumped over (lost to retention)
+                    for offset in sorted(catchup.own):
+                        to(st, conn, catchup.own[offset], out)
                 room.attach(conn)
                 break
             loaded = catchup.loaded
@@ -58,9 +61,10 @@ def pump(st: EngineState, conn: Connection, out: list[Effect]) -> None:
                 break
             catchup.next = n + 1
             own = catchup.own
-            if own is not None and n in own:
-                own.discard(n)  # sent on this connection: it had the ack
-                continue
+            if own is not None and (ack := own.pop(n, None)) is not None:
+                to(st, conn, ack, out)  # sent on this connection: its ack, in its place
+                if not st.config.echo:
+                    continue
             to(st, conn, message, out)
 
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from ._commands import ClientRequest, ConnId, Mode
 from ._errors import LocalProtocolError
-from ._events import Message
+from ._events import Ack, Message
 
 NO_ROOMS: frozenset[str] = frozenset()
 NO_OFFSETS: Mapping[str, int] = MappingProxyType({})
@@ -209,9 +209,10 @@ class Catchup:
 
     def __init__(self, next_offset: int) -> None:
         self.next = next_offset
-        # Offsets this connection sent while catching up: acked, so never replayed to it
-        # (the sending connection gets no echo of its own message, see Config.echo).
-        self.own: set[int] | None = None
+        # Messages this connection sent while catching up, by offset: the replay hands
+        # out their acks in their place (the sending connection gets no echo of its
+        # own message, see Config.echo), so acks and messages stay in offset order.
+        self.own: dict[int, Ack] | None = None
         self.loaded: deque[Message] = deque()
         self.loading: int | None = None  # ref of the LoadHistory in flight
         # The log was asked for everything below this offset: what it lacks is gone

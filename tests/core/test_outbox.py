@@ -118,6 +118,10 @@ def test_a_batch_twice_the_outbox_closes_no_reader_and_sender_that_write() -> No
         assert len(got) == 40, conn
         assert all(m["from"] != f"u{conn}" for m in got), conn  # no echo of its own
         assert sum(f["type"] == "ack" for f in a.frames[conn]) == 10
+        # Its acks take its messages' places: the stream it sees has no gap and
+        # never runs ahead, although it fell behind while it was sending.
+        stream = [f["offset"] for f in a.frames[conn] if f["type"] in ("message", "ack")]
+        assert stream == list(range(1, 51)), conn
     # Nobody was handed more than the outbox at any moment, whatever the batch.
     assert a.most[0] <= config.outbox_frames
     assert a.most[1] <= config.outbox_bytes
