@@ -1,4 +1,4 @@
-"""Resuming after the grace period (protocol.md section 4): a new session, nothing lost to history."""
+"""Resuming after the grace period (protocol.md section 4): a new session; history has the rest."""
 
 from __future__ import annotations
 
