@@ -30,7 +30,7 @@ SENDERS = 10  # senders at a time
 
 async def _sender(server: Server, room: str, texts: list[str], acked: dict[int, str]) -> None:
     """Join, send ``texts`` at once, read until each is acked, leave (close 1000)."""
-    async with ws_open(server.ws(f"user={unique('flood')}&room={room}"), max_queue=None) as conn:
+    async with ws_open(server.ws(f"user={unique('flood')}&room={room}")) as conn:
         await recv_until(conn, is_type("members"))
         for text in texts:
             await send(conn, type="send", room=room, text=text, id=text[:16])

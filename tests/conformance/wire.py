@@ -41,6 +41,10 @@ def ws_open(url: str, *, json_mode: bool = True, **kwargs: Any) -> Any:
     """``async with ws_open(url) as conn``: a WebSocket client, JSON mode by default."""
     if json_mode:
         kwargs.setdefault("subprotocols", [SUBPROTOCOL])
+    # Unbounded: a bounded queue makes websockets stop reading once it is full, and
+    # then it never sees the server's answer to its close (a test that leaves
+    # replies unread would wait out the close timeout).
+    kwargs.setdefault("max_queue", None)
     kwargs.setdefault("proxy", None)
     kwargs.setdefault("compression", None)
     kwargs.setdefault("open_timeout", GUARD)
