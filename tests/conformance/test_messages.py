@@ -254,3 +254,20 @@ async def test_text_over_64_kib_is_too_large_and_the_connection_goes_on(server: 
         error = (await recv_until(a, is_type("error")))[-1]
         assert (error["code"], error["ref"]) == ("too_large", "big")
         await say(a, room, "x" * (64 * 1024))  # exactly the limit is fine
+
+
+async def test_typing_and_read_reach_the_other_members(server: Server) -> None:
+    alice, bob, room = unique("alice"), unique("bob"), unique("room")
+    async with (
+        ws_open(server.ws(f"user={alice}&room={room}")) as a,
+        ws_open(server.ws(f"user={bob}&room={room}")) as b,
+    ):
+        await welcome(a)
+        await welcome(b)
+        await send(a, type="typing", room=room)
+        typing = (await recv_until(b, is_type("typing")))[-1]
+        assert typing == {"type": "typing", "room": room, "user": alice, "active": True}
+        offset = await say(b, room, "read me")
+        await send(a, type="read", room=room, offset=offset)
+        read = (await recv_until(b, is_type("read")))[-1]
+        assert read == {"type": "read", "room": room, "user": alice, "offset": offset}
