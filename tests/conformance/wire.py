@@ -16,6 +16,8 @@ import socket
 import struct
 import urllib.error
 import urllib.request
+import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,8 +54,15 @@ def ws_open(url: str, *, json_mode: bool = True, **kwargs: Any) -> Any:
     return connect(url, **kwargs)
 
 
+# Frames that ``say`` read past while waiting for its ack, for the next ``recv``.
+_backlog: weakref.WeakKeyDictionary[ClientConnection, deque[Any]] = weakref.WeakKeyDictionary()
+
+
 async def recv(conn: ClientConnection) -> Any:
     """The next frame, JSON-decoded in JSON mode (a str in plain-text mode)."""
+    waiting = _backlog.get(conn)
+    if waiting:
+        return waiting.popleft()
     with anyio.fail_after(GUARD):
         data = await conn.recv()
     if conn.subprotocol == SUBPROTOCOL:
@@ -99,13 +108,15 @@ async def send(conn: ClientConnection, **frame: Any) -> None:
 
 
 async def say(conn: ClientConnection, room: str, text: str, cid: str | None = None) -> int:
-    """``send`` and wait for its ``ack``: the offset it was stored at."""
+    """``send`` and wait for its ``ack``: the offset it was stored at. The frames that
+    came before the ack are left for the next ``recv``."""
     frame: dict[str, Any] = {"type": "send", "room": room, "text": text}
     if cid is not None:
         frame["id"] = cid
     await conn.send(json.dumps(frame))
     events = await recv_until(conn, lambda e: e["type"] in ("ack", "error"))
-    ack = events[-1]
+    ack = events.pop()
+    _backlog.setdefault(conn, deque()).extend(events)
     assert ack["type"] == "ack", ack
     offset: int = ack["offset"]
     return offset
