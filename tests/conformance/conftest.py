@@ -46,6 +46,10 @@ an ASGI app that reads its settings from the environment::
                 env["CHATCORE_JWT_SECRET"] = options.jwt_secret
             return env
 
+Hypercorn is the same with ``-m hypercorn examples.asgi_app:app --bind
+127.0.0.1:PORT``. Server processes start in the repository's root (``ROOT``),
+so module paths such as ``examples.asgi_app:app`` resolve.
+
 The rest is shared and needs nothing from the new server but this:
 
 * it answers ``GET /healthz`` with 200 once it accepts connections (the
@@ -58,6 +62,9 @@ The rest is shared and needs nothing from the new server but this:
 
 A launcher that cannot honour an option calls ``pytest.skip(reason)`` from
 ``command``: the tests that need it are then skipped for that server alone.
+An option that ``chatcore serve`` gains a flag for (the engine's limits, say)
+becomes a new field of :class:`Options` with ``None`` meaning "the default",
+passed on by each launcher.
 Start uvicorn and hypercorn with ``python -m`` and ``sys.executable``, so that
 they run from the test's own environment (and its ``PYTHONPATH``).
 """
@@ -80,6 +87,8 @@ from typing import ClassVar, Literal
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository: every server process starts here (``examples.asgi_app:app`` resolves)."""
 STARTUP = 20.0  # seconds a server may take to answer /healthz
 STOP = 15.0  # seconds a server may take to exit after SIGTERM (then it is killed)
 
@@ -201,7 +210,9 @@ def launch(launcher: Launcher, options: Options, workdir: Path) -> Iterator[Serv
         env = {**os.environ, **launcher.environment(port=port, db=db, options=options)}
         argv = launcher.command(port=port, db=db, options=options)
         with log.open("ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
         try:
             deadline = time.monotonic() + STARTUP
             while process.poll() is None and time.monotonic() < deadline:
