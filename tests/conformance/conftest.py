@@ -1,0 +1,266 @@
+"""Launchers: each kind of server the conformance suite runs against, as a real process.
+
+Every test in this folder talks to a server over loopback only (``websockets``
+for WebSocket, ``urllib`` or a raw socket for HTTP) and asserts only what
+docs/protocol.md promises. It never imports the server: the same test must
+pass against every adapter, so the server is whatever process a
+:class:`Launcher` starts.
+
+Fixtures
+--------
+
+``server``
+    A :class:`Server` shared by every test of a module, started with the
+    module's ``SERVER_OPTIONS`` (an :class:`Options`; the defaults when the
+    module has none). Tests in a shared server use fresh user and room names
+    (``wire.unique``) so that they do not see each other.
+``start_server``
+    A factory, ``start_server(Options(...)) -> Server``, for a test that needs
+    a server of its own (one it shuts down, for instance); stopped after the test.
+``launcher``
+    The :class:`Launcher` in use; both fixtures above are parametrized over
+    :data:`LAUNCHERS`, so every test runs once per kind of server
+    (``test_x[chatcore-serve]``; ``-k chatcore-serve`` picks one).
+
+Adding a server
+---------------
+
+Subclass :class:`Launcher`, give it a ``name`` (the test id) and a
+``command`` that starts it listening on ``127.0.0.1:port`` with history in
+``db`` (a ``--db`` URL: ``sqlite:////abs/path`` or ``memory``) and the
+``options``, then append an instance to :data:`LAUNCHERS`. For instance, for
+an ASGI app that reads its settings from the environment::
+
+    class Uvicorn(Launcher):
+        name = "uvicorn"
+
+        def command(self, *, port: int, db: str, options: Options) -> list[str]:
+            return [sys.executable, "-m", "uvicorn", "examples.asgi_app:app",
+                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+
+        def environment(self, *, port: int, db: str, options: Options) -> dict[str, str]:
+            env = {"CHATCORE_DB": db}
+            if options.grace is not None:
+                env["CHATCORE_GRACE"] = str(options.grace)
+            if options.jwt_secret is not None:
+                env["CHATCORE_JWT_SECRET"] = options.jwt_secret
+            return env
+
+Hypercorn is the same with ``-m hypercorn examples.asgi_app:app --bind
+127.0.0.1:PORT``. Server processes start in the repository's root (``ROOT``),
+so module paths such as ``examples.asgi_app:app`` resolve.
+
+The rest is shared and needs nothing from the new server but this:
+
+* it answers ``GET /healthz`` with 200 once it accepts connections (the
+  readiness probe; polled every 50 ms for up to ``STARTUP`` seconds);
+* it reads the history store named by ``db``: private rooms are written there
+  beforehand with ``python -m chatcore_store rooms create`` (so
+  ``Options.private_rooms`` needs a SQLite store, the default);
+* SIGTERM shuts it down gracefully (that is what ``test_shutdown`` checks,
+  and how every server is stopped after its tests).
+
+A launcher that cannot honour an option calls ``pytest.skip(reason)`` from
+``command``: the tests that need it are then skipped for that server alone.
+An option that ``chatcore serve`` gains a flag for (the engine's limits, say)
+becomes a new field of :class:`Options` with ``None`` meaning "the default",
+passed on by each launcher.
+Start uvicorn and hypercorn with ``python -m`` and ``sys.executable``, so that
+they run from the test's own environment (and its ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository: every server process starts here (``examples.asgi_app:app`` resolves)."""
+STARTUP = 20.0  # seconds a server may take to answer /healthz
+STOP = 15.0  # seconds a server may take to exit after SIGTERM (then it is killed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What a test needs of its server; a launcher turns it into flags or settings."""
+
+    grace: float | None = None
+    """Seconds a dropped session waits for a resume (None: the server's default, 30 s)."""
+    store: Literal["sqlite", "memory"] = "sqlite"
+    """History store: a SQLite file of the server's own, or memory."""
+    jwt_secret: str | None = None
+    """Require an HS256 token whose ``sub`` names the user (None: authentication off)."""
+    private_rooms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Private rooms created before the server starts: name -> users on its allow list."""
+
+
+class Launcher:
+    """One kind of server: the command that starts it. Subclass and add to ``LAUNCHERS``."""
+
+    name: ClassVar[str]
+
+    def command(self, *, port: int, db: str, options: Options) -> list[str]:
+        """The argv that runs the server on ``127.0.0.1:port`` with store ``db``."""
+        raise NotImplementedError
+
+    def environment(self, *, port: int, db: str, options: Options) -> dict[str, str]:
+        """Variables added to the test's own environment for the server process."""
+        return {}
+
+
+class ChatcoreServe(Launcher):
+    """The standalone server: ``python -m chatcore_server serve``."""
+
+    name = "chatcore-serve"
+
+    def command(self, *, port: int, db: str, options: Options) -> list[str]:
+        argv = [sys.executable, "-m", "chatcore_server", "serve"]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--db", db]
+        argv += ["--log-level", "warning"]
+        if options.grace is not None:
+            argv += ["--grace", str(options.grace)]
+        if options.jwt_secret is not None:
+            argv += ["--jwt-secret", options.jwt_secret]
+        return argv
+
+
+LAUNCHERS: list[Launcher] = [ChatcoreServe()]
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running server process and where to reach it."""
+
+    launcher: str
+    port: int
+    process: subprocess.Popen[bytes]
+    options: Options
+    log: Path
+    """The process's stdout and stderr."""
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT/``."""
+        return f"http://127.0.0.1:{self.port}/"
+
+    def ws(self, query: str = "") -> str:
+        """``ws://127.0.0.1:PORT/ws?QUERY``."""
+        return f"ws://127.0.0.1:{self.port}/ws" + (f"?{query}" if query else "")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _create_private_rooms(db: str, rooms: Mapping[str, tuple[str, ...]]) -> None:
+    for room, allow in rooms.items():
+        argv = [sys.executable, "-m", "chatcore_store", "rooms", "create", room, "--private"]
+        argv += ["--allow", ",".join(allow), "--db", db]
+        subprocess.run(argv, check=True, capture_output=True, timeout=STARTUP)
+
+
+def _healthy(port: int) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=1.0) as reply:
+            return bool(reply.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def launch(launcher: Launcher, options: Options, workdir: Path) -> Iterator[Server]:
+    """Start ``launcher``'s server with ``options``; stop it (SIGTERM) when the block ends."""
+    if options.store == "memory":
+        if options.private_rooms:
+            raise ValueError("private rooms are written to the store first: use SQLite")
+        db = "memory"
+    else:
+        db = f"sqlite:///{workdir / 'chat.db'}"  # an absolute path: sqlite:////tmp/...
+        _create_private_rooms(db, options.private_rooms)
+    log = workdir / "server.log"
+    for _attempt in range(3):  # another process may take the free port before the server
+        port = _free_port()
+        env = {**os.environ, **launcher.environment(port=port, db=db, options=options)}
+        argv = launcher.command(port=port, db=db, options=options)
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
+        try:
+            deadline = time.monotonic() + STARTUP
+            while process.poll() is None and time.monotonic() < deadline:
+                if _healthy(port):
+                    break
+                time.sleep(0.05)
+            else:
+                if process.poll() is not None:
+                    continue  # exited: most likely the port was taken; try another
+                raise RuntimeError(f"{launcher.name} not ready after {STARTUP} s: {log}")
+            yield Server(launcher.name, port, process, options, log)
+            return
+        finally:
+            _stop(process)
+    raise RuntimeError(f"{launcher.name} did not start:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # The server is another process: the client's event loop is not what is tested.
+    return "asyncio"
+
+
+@pytest.fixture(scope="module", params=LAUNCHERS, ids=lambda launcher: launcher.name)
+def launcher(request: pytest.FixtureRequest) -> Launcher:
+    chosen: Launcher = request.param
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def server(
+    launcher: Launcher, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server for the whole module, started with its ``SERVER_OPTIONS``."""
+    options = getattr(request.module, "SERVER_OPTIONS", Options())
+    with launch(launcher, options, tmp_path_factory.mktemp(launcher.name)) as running:
+        yield running
+
+
+@pytest.fixture
+def start_server(
+    launcher: Launcher, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[Options], Server]]:
+    """``start_server(Options(...))``: a server of the test's own, stopped after it."""
+    with ExitStack() as stack:
+
+        def start(options: Options) -> Server:
+            workdir = tmp_path_factory.mktemp(launcher.name)
+            return stack.enter_context(launch(launcher, options, workdir))
+
+        yield start
