@@ -114,10 +114,11 @@ def decode_request(conn: ConnId, text: str) -> ClientRequest:
     kind = obj.get("type")
     if kind == "send":
         cid = _client_id(obj)
+        ref = cid if cid is not None else _room_ref(obj)
         return Send(
             conn=conn,
-            room=_field_str(obj, "room", cid),
-            text=_field_str(obj, "text", cid),
+            room=_field_str(obj, "room", ref),
+            text=_field_str(obj, "text", ref),
             client_id=cid,
         )
     if kind == "dm":
@@ -145,8 +146,17 @@ def decode_request(conn: ConnId, text: str) -> ClientRequest:
             conn=conn, room=room, before=before, limit=50 if limit is None else limit
         )
     if not isinstance(kind, str):
-        raise FrameError(ErrorCode.UNKNOWN_TYPE, "field 'type' missing or not a string")
-    raise FrameError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:40]!r}")
+        raise FrameError(
+            ErrorCode.UNKNOWN_TYPE, "field 'type' missing or not a string", _room_ref(obj)
+        )
+    raise FrameError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:40]!r}", _room_ref(obj))
+
+
+def _room_ref(obj: dict[str, Any]) -> str | None:
+    """What an error names when the request has no client id: its room, if any
+    (protocol.md section 5: the id, else the room name, else null)."""
+    room = obj.get("room")
+    return room if isinstance(room, str) else None
 
 
 def decode_line(text: str) -> str:

@@ -200,29 +200,9 @@ async def test_history_frame_answers_ascending_pages(server: Server) -> None:
         ("not json", "invalid_json", None),
         ("[1, 2]", "invalid_json", None),
         ('{"type": "shout"}', "unknown_type", None),
-        pytest.param(
-            '{"room": "x"}',
-            "unknown_type",
-            "x",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="finding: protocol.md section 5 says ref is the room name when there is "
-                "no client id; a frame without a type that names a room gets ref null "
-                "(src/chatcore/_codec.py decode_request)",
-            ),
-        ),
+        ('{"room": "x"}', "unknown_type", "x"),
         ('{"type": "send", "room": "{room}", "text": "", "id": "e-1"}', "invalid_field", "e-1"),
-        pytest.param(
-            '{"type": "send", "room": "{room}", "text": 5}',
-            "invalid_field",
-            "{room}",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="finding: protocol.md section 5 says ref is the room name for a send "
-                "without id; an invalid text in such a send gets ref null "
-                "(src/chatcore/_codec.py decode_request passes the id alone as ref)",
-            ),
-        ),
+        ('{"type": "send", "room": "{room}", "text": 5}', "invalid_field", "{room}"),
         ('{"type": "join", "room": "no spaces"}', "invalid_name", "no spaces"),
         ('{"type": "send", "room": "{other}", "text": "hi", "id": "e-2"}', "not_member", "e-2"),
         ('{"type": "leave", "room": "{other}"}', "not_member", "{other}"),
