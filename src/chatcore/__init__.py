@@ -18,6 +18,7 @@ from ._codec import (
 from ._commands import (
     Appended,
     AppendFailed,
+    CallSignal,
     ClientRequest,
     Command,
     Connect,
@@ -42,6 +43,7 @@ from ._commands import (
     Send,
     SendDirect,
     Shutdown,
+    SignalKind,
     StartTyping,
     Written,
     WrittenMany,
@@ -64,6 +66,7 @@ from ._engine import Engine, RoomView, SessionInfo
 from ._errors import CloseCode, ErrorCode, LocalProtocolError
 from ._events import (
     Ack,
+    CallEvent,
     ErrorEvent,
     History,
     Joined,
@@ -93,6 +96,8 @@ __all__ = [
     "Append",
     "AppendFailed",
     "Appended",
+    "CallEvent",
+    "CallSignal",
     "ClientRequest",
     "Close",
     "CloseCode",
@@ -150,6 +155,7 @@ __all__ = [
     "SessionInput",
     "SessionState",
     "Shutdown",
+    "SignalKind",
     "StartTyping",
     "Typing",
     "Welcome",

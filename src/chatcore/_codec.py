@@ -26,6 +26,7 @@ from ._commands import (
 from ._errors import ErrorCode
 from ._events import (
     Ack,
+    CallEvent,
     ErrorEvent,
     History,
     Joined,
@@ -159,6 +160,28 @@ def _room_ref(obj: dict[str, Any]) -> str | None:
     return room if isinstance(room, str) else None
 
 
+def _call_obj(event: CallEvent) -> dict[str, Any]:
+    obj: dict[str, Any] = {"type": event.kind, "call": event.call}
+    match event.kind:
+        case "call":
+            obj["from"] = event.user
+            obj["video"] = event.video
+        case "ringing":
+            obj["to"] = event.user
+        case "offer" | "answer":
+            obj["from"] = event.user
+            obj["sdp"] = event.sdp
+        case "candidate":
+            obj["from"] = event.user
+            obj["candidate"] = event.candidate
+            obj["mid"] = event.mid
+            obj["index"] = event.index
+        case _:  # ended
+            obj["with"] = event.user
+            obj["reason"] = event.reason
+    return obj
+
+
 def decode_line(text: str) -> str:
     """A plain-text-mode frame as message text: without one trailing line ending
     (``\n``, ``\r\n`` or ``\r``), which line-based clients such as websocat send."""
@@ -249,6 +272,8 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
             if event.retry_after is not None:
                 obj["retry_after"] = event.retry_after
             return obj
+        case CallEvent():
+            return _call_obj(event)
         case _:
             assert_never(event)
 
@@ -291,7 +316,7 @@ def encode_text(event: ServerEvent) -> str | None:
             return f"error: {event.message}"
         case History():
             return "\n".join(f"{m.sender}: {m.text}" for m in event.messages) or None
-        case Welcome() | Ack() | Typing() | ReadMark():
+        case Welcome() | Ack() | Typing() | ReadMark() | CallEvent():
             return None
         case _:
             assert_never(event)

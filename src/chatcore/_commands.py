@@ -24,6 +24,7 @@ from ._events import Message
 __all__ = [
     "AppendFailed",
     "Appended",
+    "CallSignal",
     "ClientRequest",
     "Command",
     "Connect",
@@ -47,6 +48,7 @@ __all__ = [
     "Send",
     "SendDirect",
     "Shutdown",
+    "SignalKind",
     "StartTyping",
     "Written",
     "WrittenMany",
@@ -199,6 +201,40 @@ class FetchHistory:
     room: str
     before: int | None = None
     limit: int = 50
+
+
+class SignalKind(enum.StrEnum):
+    """What a call frame asks (docs/protocol.md section 8); the value is its ``type``."""
+
+    CALL = "call"  # ring a user
+    OFFER = "offer"
+    ANSWER = "answer"
+    CANDIDATE = "candidate"
+    CONNECTED = "connected"  # this side's peer connection is up
+    DECLINE = "decline"
+    BUSY = "busy"
+    HANGUP = "hangup"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallSignal:
+    """One call frame: ring ``to`` (``CALL``), or a signal in call ``call``.
+
+    Which fields are set depends on ``kind``: ``to`` and ``video`` ring, ``sdp``
+    is an offer's or an answer's, ``candidate``/``mid``/``index`` an ICE
+    candidate's (an empty ``candidate``: this side has no more). The engine
+    relays it to the other party and never stores it.
+    """
+
+    conn: ConnId
+    call: str
+    kind: SignalKind
+    to: str | None = None
+    video: bool = False
+    sdp: str | None = None
+    candidate: str | None = None
+    mid: str | None = None
+    index: int | None = None
 
 
 ClientRequest = Join | Leave | Send | SendDirect | StartTyping | MarkRead | FetchHistory

@@ -56,6 +56,22 @@ class Config:
     pong_timeout: float = 20.0
     max_pending_frames: int = 32
     """Frames a connection may send before its welcome; more are refused."""
+    call_ring_timeout: float = 30.0
+    """A call nobody answers within this ends (``ended`` reason ``timeout``)."""
+    call_connect_timeout: float = 30.0
+    """An answered call whose sides report no ``connected`` within this ends (``failed``)."""
+    call_signal_ttl: float = 5.0
+    """How long a call signal waits for a session in its grace period; then it is dropped."""
+    call_held_max: int = 64
+    """Call signals held per session in its grace period; later ones are dropped."""
+    max_calls_per_session: int = 4
+    """Calls one session may have placed or answered at once."""
+    max_sdp_bytes: int = 16 * 1024
+    max_candidate_bytes: int = 1024
+    signal_burst: int = 60
+    signal_per_second: float = 20.0
+    """Call frames per session: their own bucket, apart from chat messages and
+    requests, so that a burst of ICE candidates neither waits for nor spends them."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -37,6 +37,9 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
     SHUTTING_DOWN = "shutting_down"
+    NO_CALL = "no_call"
+    CALL_STATE = "call_state"
+    CALL_LIMIT = "call_limit"
 
 
 class CloseCode(enum.IntEnum):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "Ack",
+    "CallEvent",
     "ErrorEvent",
     "History",
     "Joined",
@@ -125,6 +126,36 @@ class ErrorEvent:
     retry_after: float | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallEvent:
+    """A call signal for this client (docs/protocol.md section 8); never stored.
+
+    ``kind`` is the frame's ``type``: ``call`` (``user`` rings you), ``ringing``
+    (your call rings ``user``), ``offer``, ``answer``, ``candidate`` (from
+    ``user``), or ``ended`` (with a ``reason``).
+    """
+
+    kind: str
+    call: str
+    user: str
+    video: bool = False
+    sdp: str | None = None
+    candidate: str | None = None
+    mid: str | None = None
+    index: int | None = None
+    reason: str | None = None
+
+
 ServerEvent = (
-    Welcome | Message | Ack | Joined | Left | Members | Typing | ReadMark | History | ErrorEvent
+    Welcome
+    | Message
+    | Ack
+    | Joined
+    | Left
+    | Members
+    | Typing
+    | ReadMark
+    | History
+    | ErrorEvent
+    | CallEvent
 )
