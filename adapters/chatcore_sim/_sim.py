@@ -107,6 +107,19 @@ class SimClient:
             frame["id"] = id
         self.send_json(frame)
 
+    def signal(self, kind: str, call: str, **fields: Any) -> None:
+        """A call frame (``call``, ``offer``, ``candidate``, ``hangup``...) for call ``call``."""
+        self.send_json({"type": kind, "call": call, **fields})
+
+    def calls(self, call: str | None = None) -> list[dict[str, Any]]:
+        """The call frames read (optionally of one call), as ``(type, ...)`` dicts."""
+        kinds = ("call", "ringing", "offer", "answer", "candidate", "ended")
+        return [
+            e
+            for e in self.events
+            if e.get("type") in kinds and (call is None or e.get("call") == call)
+        ]
+
     def send_json(self, frame: dict[str, Any]) -> None:
         self.send_raw(json.dumps(frame))
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, assert_never
 
 from ._commands import (
+    CallSignal,
     ClientRequest,
     ConnId,
     FetchHistory,
@@ -21,6 +22,7 @@ from ._commands import (
     MarkRead,
     Send,
     SendDirect,
+    SignalKind,
     StartTyping,
 )
 from ._errors import ErrorCode
@@ -146,6 +148,8 @@ def decode_request(conn: ConnId, text: str) -> ClientRequest:
         return FetchHistory(
             conn=conn, room=room, before=before, limit=50 if limit is None else limit
         )
+    if isinstance(kind, str) and kind in _SIGNALS:
+        return _decode_signal(conn, _SIGNALS[kind], obj)
     if not isinstance(kind, str):
         raise FrameError(
             ErrorCode.UNKNOWN_TYPE, "field 'type' missing or not a string", _room_ref(obj)
@@ -158,6 +162,42 @@ def _room_ref(obj: dict[str, Any]) -> str | None:
     (protocol.md section 5: the id, else the room name, else null)."""
     room = obj.get("room")
     return room if isinstance(room, str) else None
+
+
+_SIGNALS = {kind.value: kind for kind in SignalKind}
+_MAX_MLINE = 65535
+
+
+def _decode_signal(conn: ConnId, kind: SignalKind, obj: dict[str, Any]) -> CallSignal:
+    """A call frame (section 8). Its ``ref`` is the call id."""
+    call = _field_str(obj, "call", None)
+    ref = call[:64]
+    match kind:
+        case SignalKind.CALL:
+            video = obj.get("video", False)
+            if not isinstance(video, bool):
+                raise FrameError(ErrorCode.INVALID_FIELD, "field 'video' must be a boolean", ref)
+            to = _field_str(obj, "to", ref)
+            return CallSignal(conn=conn, call=call, kind=kind, to=to, video=video)
+        case SignalKind.OFFER | SignalKind.ANSWER:
+            return CallSignal(conn=conn, call=call, kind=kind, sdp=_field_str(obj, "sdp", ref))
+        case SignalKind.CANDIDATE:
+            mid = obj.get("mid")
+            if mid is not None:
+                mid = _field_str(obj, "mid", ref)
+            index = _field_opt_int(obj, "index", ref, low=0)
+            if index is not None and index > _MAX_MLINE:
+                raise FrameError(ErrorCode.INVALID_FIELD, "field 'index' out of range", ref)
+            return CallSignal(
+                conn=conn,
+                call=call,
+                kind=kind,
+                candidate=_field_str(obj, "candidate", ref),
+                mid=mid,
+                index=index,
+            )
+        case _:
+            return CallSignal(conn=conn, call=call, kind=kind)
 
 
 def _call_obj(event: CallEvent) -> dict[str, Any]:

@@ -237,7 +237,9 @@ class CallSignal:
     index: int | None = None
 
 
-ClientRequest = Join | Leave | Send | SendDirect | StartTyping | MarkRead | FetchHistory
+ClientRequest = (
+    Join | Leave | Send | SendDirect | StartTyping | MarkRead | FetchHistory | CallSignal
+)
 
 
 # -- log answers and host commands ----------------------------------------------

@@ -12,9 +12,10 @@ connections the step decided to close. The rules live below it, one idea per
 module: ``_lifecycle`` (connect, welcome, resume, grace period), ``_presence``
 (membership, typing, read marks), ``_messages`` (send, log order), ``_replay``
 (catching up), ``_history`` (history pages, loading rooms), ``_requests``
-(decoding frames, the request rate), ``_outbox`` (backpressure), all over
-the data in ``_state``. No module below imports this one, and none imports
-a module that imports it back.
+(decoding frames, the request rate), ``_outbox`` (backpressure), ``_signals``
+(relaying call frames as ``_calls`` decides), all over the data in
+``_state``. No module below imports this one, and none imports a module that
+imports it back.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never
 
-from . import _history, _lifecycle, _messages, _presence, _replay, _requests
+from . import _history, _lifecycle, _messages, _presence, _replay, _requests, _signals
 from ._commands import (
     Appended,
     AppendFailed,
+    CallSignal,
     ClientRequest,
     Command,
     Connect,
@@ -125,6 +127,7 @@ class Engine:
                 | MarkRead()
                 | FetchHistory()
                 | SendDirect()
+                | CallSignal()
             ):
                 if (conn := st.conns.get(command.conn)) is not None:
                     conn.last_seen = now
@@ -174,11 +177,12 @@ class Engine:
     def next_deadline(self) -> float | None:
         """The absolute time at which :meth:`tick` next has work, or None."""
         timers = self._st.timers
+        calls = self._st.calls.next_deadline()
         while (entry := timers.peek()) is not None:
             if self._timer_live(entry[2]):
-                return entry[0]
+                return entry[0] if calls is None else min(entry[0], calls)
             timers.pop()
-        return None
+        return calls
 
     def tick(self, now: float) -> list[Effect]:
         """Run every timer due at or before ``now``."""
@@ -202,6 +206,7 @@ class Engine:
                     _presence.typing_over(st, timer, now, out)
                 case _:
                     assert_never(timer)
+        _signals.tick(st, now, out)
         if st.closes:
             _lifecycle.close_deferred(st, out)
         return out
@@ -277,6 +282,7 @@ class Engine:
             "pending_appends": appends,
             "pending_loads": loads,
             "messages_in_memory": sum(len(r.window) for r in st.rooms.values()),
+            "calls": st.calls.stats()["calls"],
         }
 
     # -- requests from clients ------------------------------------------------------
@@ -286,6 +292,11 @@ class Engine:
     ) -> None:
         action = fire(session, _In.FRAME)
         if action is _Do.SERVE:
+            if isinstance(request, CallSignal):
+                # Call frames have their own bucket (``_calls``): an ICE candidate burst
+                # neither waits for the request tokens nor spends them.
+                self._dispatch(session, request, now, out)
+                return
             ref = _requests.ref_of(session.user, request)
             if not _requests.over_rate(self._st, session, ref, now, out):
                 self._dispatch(session, request, now, out)
@@ -322,6 +333,8 @@ class Engine:
                 _presence.mark_read(st, session, request.room, request.offset, out)
             case FetchHistory():
                 _history.fetch_history(st, session, request, out)
+            case CallSignal():
+                _signals.signal(st, session, request, now, out)
             case _:
                 assert_never(request)
 

@@ -36,6 +36,7 @@ from ._session import (
     fire,
     takes,
 )
+from ._signals import session_ended, welcomed
 from ._state import EngineState
 from ._timers import GraceOver, PingDue, PongDue
 
@@ -239,6 +240,7 @@ def _welcome(st: EngineState, session: Session, out: list[Effect]) -> Held | Non
         ),
         out,
     )
+    welcomed(st, session, conn, out)  # call signals held while away come first
     out.extend(later)
     for name, start in starts.items():
         room = st.rooms[name]
@@ -328,7 +330,8 @@ def expire(st: EngineState, session: Session, out: list[Effect]) -> None:
 
 
 def _end(st: EngineState, session: Session, out: list[Effect]) -> None:
-    """A session is over: save where it stood, leave its rooms."""
+    """A session is over: save where it stood, leave its rooms, end its calls."""
+    session_ended(st, session, out)
     st.release_wanted(session)
     session.inbox = None
     st.awaits.forget_session(session)

@@ -10,7 +10,7 @@ names. Which module carries a request out is the engine's routing.
 from __future__ import annotations
 
 from ._codec import FrameError, decode_line, decode_request
-from ._commands import ClientRequest, Mode, Send, SendDirect
+from ._commands import CallSignal, ClientRequest, Mode, Send, SendDirect
 from ._effects import Effect
 from ._errors import ErrorCode
 from ._names import dm_room, is_valid_name
@@ -97,5 +97,7 @@ def ref_of(user: str, request: ClientRequest) -> str | None:
             return request.client_id
         case SendDirect():
             return dm_room(user, request.to) if is_valid_name(request.to) else request.to[:64]
+        case CallSignal():
+            return request.call[:64]
         case _:
             return request.room[:64]

@@ -10,13 +10,14 @@ waits for it to load.
 from __future__ import annotations
 
 from ._awaits import Awaits
+from ._calls import Calls
 from ._commands import ClientRequest, ConnId
 from ._config import Config
 from ._effects import Effect, LoadRoom
 from ._errors import CloseCode
 from ._ids import IdSource
 from ._room import Room
-from ._session import Connection, Session
+from ._session import Connection, Session, SessionState
 from ._timers import Timers
 
 __all__ = ["EngineState"]
@@ -39,6 +40,7 @@ class EngineState:
         "now",
         "soft_frames",
         "soft_bytes",
+        "calls",
     )
 
     def __init__(self, config: Config, ids: IdSource) -> None:
@@ -59,6 +61,12 @@ class EngineState:
         # Past these a connection is lagging (see _outbox.broadcast).
         self.soft_frames = max(1, config.outbox_frames // 2)
         self.soft_bytes = max(1, config.outbox_bytes // 2)
+        self.calls = Calls(config, self.ringable)  # see _signals
+
+    def ringable(self, user: str) -> list[str]:
+        """The sessions a call to ``user`` rings: every one not ended, those away included."""
+        sessions = self.by_user.get(user, {})
+        return [sid for sid, s in sessions.items() if s.state is not SessionState.CLOSED]
 
     def load_room(
         self, name: str, session: Session, request: ClientRequest | None, out: list[Effect]
