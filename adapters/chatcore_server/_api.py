@@ -1,4 +1,5 @@
-"""The JSON and file endpoints: ``/``, ``/static/*``, ``/healthz``, ``/rooms``, history.
+"""The JSON and file endpoints: ``/``, ``/static/*``, ``/config.json``, ``/healthz``,
+``/rooms``, history.
 
 Read-only views over the engine and the history store; nothing here changes
 chat state. Errors are JSON bodies with their HTTP status (see ``_http.error``).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, assert_never
 from urllib.parse import parse_qsl, unquote
@@ -47,6 +49,11 @@ class Site(Protocol):
     @property
     def connections(self) -> int: ...
 
+    @property
+    def ice_servers(self) -> Sequence[Mapping[str, Any]]:
+        """``RTCIceServer`` entries for the page's calls (``--ice-server``)."""
+        ...
+
 
 async def route(site: Site, path: str, query: str, headers: Headers) -> Reply:
     """The answer to a GET or HEAD of ``path`` (anything but ``/ws``)."""
@@ -57,6 +64,8 @@ async def route(site: Site, path: str, query: str, headers: Headers) -> Reply:
     if path.startswith("/static/"):
         found = _http.static_file(unquote(path[len("/static/") :]), site.static_dir)
         return found or error(404, "no such file")
+    if path == "/config.json":  # what the browser page needs to know of this server
+        return json_reply(200, {"iceServers": list(site.ice_servers)})
     if path == "/healthz":
         if site.stopping:
             return json_reply(503, {"status": "stopping"})

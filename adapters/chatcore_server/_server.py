@@ -27,7 +27,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +142,7 @@ class ChatServer:
         limits: Limits | None = None,
         static_dir: Path | None = None,
         ids: IdSource | None = None,
+        ice_servers: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self.engine_host = EngineHost(self, config=config, store=store, ids=ids)
         self.config = self.engine_host.config
@@ -157,6 +158,8 @@ class ChatServer:
         self.allow_origins = tuple(allow_origins)
         self.limits = limits or Limits()
         self.static_dir = static_dir or _http.STATIC_DIR
+        # RTCIceServer entries the browser page uses for calls (GET /config.json).
+        self.ice_servers = tuple(dict(entry) for entry in ice_servers)
         self.url = ""
         self._peers: dict[int, Peer] = {}
         self._tcp = 0

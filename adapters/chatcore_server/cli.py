@@ -9,6 +9,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -71,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
         "Repeatable; '*' allows any",
     )
     serve.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        type=_ice_server,
+        metavar="URL[,USER,CREDENTIAL]",
+        help="a STUN or TURN server the browser page uses for calls (stun:HOST:PORT; "
+        "turn:HOST:PORT?transport=udp,USER,CREDENTIAL). Repeatable. None is needed on "
+        "one machine or a LAN; across the internet give a STUN server, and a TURN server "
+        "for users behind symmetric NAT",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -88,6 +100,24 @@ def _origin(value: str) -> str:
     if value != "*" and parse_origin(value) is None:
         raise argparse.ArgumentTypeError(f"not an origin: {value!r} (http[s]://HOST[:PORT], or *)")
     return value
+
+
+_ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+
+
+def _ice_server(value: str) -> dict[str, Any]:
+    """``URL`` or ``URL,USER,CREDENTIAL`` as an ``RTCIceServer`` for the page."""
+    url, *secret = value.split(",")
+    if not url.startswith(_ICE_SCHEMES) or len(url) <= len("stun:"):
+        raise argparse.ArgumentTypeError(f"not a stun: or turn: URL: {url!r}")
+    server: dict[str, Any] = {"urls": [url]}
+    if len(secret) == 2:
+        server["username"], server["credential"] = secret
+    elif secret or url.startswith(("turn:", "turns:")):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: a TURN server takes URL,USER,CREDENTIAL; a STUN server only its URL"
+        )
+    return server
 
 
 def _store(url: str) -> HistoryStore:
@@ -152,6 +182,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         ssl_context=_ssl(args.certfile, args.keyfile),
         jwt_secret=args.jwt_secret,
         allow_origins=args.allow_origin,
+        ice_servers=args.ice_server,
     )
     failed: list[BaseException] = []
     try:
