@@ -66,8 +66,9 @@ def browser() -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def chat_server(grace: float) -> Iterator[str]:
-    """A ``chatcore serve`` process on a free loopback port; yields its base URL."""
+def chat_server(grace: float, *extra: str) -> Iterator[str]:
+    """A ``chatcore serve`` process on a free loopback port (``extra``: more of its
+    options); yields its base URL."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -82,6 +83,7 @@ def chat_server(grace: float) -> Iterator[str]:
             str(grace),
             "--log-level",
             "warning",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -40,6 +40,9 @@
     lineSeq: 0,
     typingSentAt: 0,
     readTimer: null,
+    call: null, // the call in progress or ringing (one at a time)
+    endedCalls: new Set(), // ids of calls over here: late errors about them are moot
+    iceServers: [], // from GET /config.json
   };
 
   // -- rooms ------------------------------------------------------------------------
@@ -227,6 +230,8 @@
       case "typing": return onTyping(ev);
       case "read": return onRead(ev);
       case "error": return onError(ev);
+      case "call": case "ringing": case "offer": case "answer": case "candidate": case "ended":
+        return onCallSignal(ev);
       default: return undefined; // a newer server: ignore what we do not know
     }
   }
@@ -411,6 +416,16 @@
   }
 
   function onError(ev) {
+    if (ev.ref && state.endedCalls.has(ev.ref)) return; // about a call already over here
+    if (state.call && ev.ref === state.call.id) {
+      // The server knows no such call of ours (it ended meanwhile): so be it here too.
+      if (ev.code === "no_call" || ev.code === "forbidden" || ev.code === "invalid_name") {
+        endCall(state.call, ev.message || ev.code);
+      } else {
+        toast(ev.message || ev.code);
+      }
+      return;
+    }
     const p = ev.ref ? state.pending.get(ev.ref) : null;
     if (p) {
       if (state.inflight === ev.ref) state.inflight = null;
@@ -659,6 +674,11 @@
       : room.dmTo || dmUsers(room.name) ? `Direct message with ${room.dmTo || dmPeer(room.name)}`
       : `${n} ${n === 1 ? "member" : "members"}`;
     $("leave").hidden = !room;
+    const inDm = Boolean(room && (room.dmTo || dmUsers(room.name)));
+    for (const id of ["call-audio", "call-video"]) {
+      $(id).hidden = !inDm;
+      $(id).disabled = Boolean(state.call) || !state.welcomed;
+    }
     $("composer").hidden = !room;
     $("text").placeholder = room ? `Message ${roomLabel(room.name)}` : "";
     $("me-name").textContent = state.user || "";
@@ -1009,6 +1029,267 @@
     history.replaceState(null, "", `${location.pathname}?${q}`);
   }
 
+  // -- calls ------------------------------------------------------------------------
+  //
+  // One call at a time, in a direct-message conversation. The server only relays
+  // the signalling (docs/protocol.md section 8); media go browser to browser over
+  // an RTCPeerConnection built with the ICE servers of GET /config.json.
+
+  const ENDED_TEXT = {
+    hangup: "Call ended",
+    declined: "Call declined",
+    busy: "is busy",
+    timeout: "No answer",
+    failed: "The call could not connect",
+    gone: "Call ended: the other side went away",
+    offline: "is not online",
+    answered_elsewhere: "Answered in another tab",
+  };
+
+  function callId() {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes); // randomUUID needs a secure context; this does not
+    return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function newCall(id, peer, video, role) {
+    return {
+      id, peer, video, role,
+      phase: role === "caller" ? "calling" : "incoming", // ringing, connecting, active
+      pc: null,
+      local: null, // our MediaStream
+      offer: null, // the caller's offer, until we answer it
+      accepted: false,
+      candidates: [], // remote candidates that came before the remote description
+      connectedSent: false,
+      muted: false,
+      cameraOff: false,
+    };
+  }
+
+  async function startCall(video) {
+    const room = state.rooms.get(state.active);
+    const peer = room && (room.dmTo || dmPeer(room.name));
+    if (!peer || state.call || !state.welcomed) return;
+    const call = newCall(callId(), peer, video, "caller");
+    state.call = call;
+    renderCall();
+    try {
+      call.local = await navigator.mediaDevices.getUserMedia({ audio: true, video });
+    } catch (err) {
+      endCall(call, `No ${video ? "camera or " : ""}microphone: ${err.message || err.name}`);
+      return;
+    }
+    if (state.call !== call) return stopMedia(call);
+    send({ type: "call", call: call.id, to: peer, video });
+    const pc = peerConnection(call);
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    if (state.call === call) send({ type: "offer", call: call.id, sdp: offer.sdp });
+  }
+
+  function peerConnection(call) {
+    const pc = new RTCPeerConnection({ iceServers: state.iceServers });
+    call.pc = pc;
+    for (const track of call.local.getTracks()) pc.addTrack(track, call.local);
+    pc.onicecandidate = (e) => {
+      if (!e.candidate || state.call !== call) return;
+      send({
+        type: "candidate",
+        call: call.id,
+        candidate: e.candidate.candidate,
+        mid: e.candidate.sdpMid,
+        index: e.candidate.sdpMLineIndex,
+      });
+    };
+    pc.ontrack = (e) => {
+      const remote = $("remote-video");
+      if (remote.srcObject !== e.streams[0]) remote.srcObject = e.streams[0] || new MediaStream([e.track]);
+    };
+    pc.onconnectionstatechange = () => {
+      if (state.call !== call) return;
+      if (pc.connectionState === "connected") {
+        call.phase = "active";
+        if (!call.connectedSent) {
+          call.connectedSent = true;
+          send({ type: "connected", call: call.id });
+        }
+      } else if (pc.connectionState === "failed") {
+        hangUp();
+        toast("The call could not connect");
+        return;
+      }
+      renderCall();
+    };
+    $("local-video").srcObject = call.local;
+    return pc;
+  }
+
+  async function acceptCall() {
+    const call = state.call;
+    if (!call || call.phase !== "incoming" || call.accepted) return;
+    call.accepted = true;
+    call.phase = "connecting";
+    openDm(call.peer); // the conversation the call belongs to
+    renderCall();
+    try {
+      call.local = await navigator.mediaDevices.getUserMedia({ audio: true, video: call.video });
+    } catch (err) {
+      send({ type: "decline", call: call.id });
+      endCall(call, `No ${call.video ? "camera or " : ""}microphone: ${err.message || err.name}`);
+      return;
+    }
+    if (state.call !== call) return stopMedia(call);
+    peerConnection(call);
+    if (call.offer) answerOffer(call, call.offer);
+  }
+
+  async function answerOffer(call, sdp) {
+    const pc = call.pc;
+    call.offer = null;
+    await pc.setRemoteDescription({ type: "offer", sdp });
+    await flushCandidates(call);
+    const answer = await pc.createAnswer();
+    await pc.setLocalDescription(answer);
+    if (state.call === call) send({ type: "answer", call: call.id, sdp: answer.sdp });
+  }
+
+  async function flushCandidates(call) {
+    const waiting = call.candidates;
+    call.candidates = [];
+    for (const c of waiting) await addCandidate(call, c);
+  }
+
+  async function addCandidate(call, c) {
+    if (!c.candidate) return; // "no more candidates"
+    try {
+      await call.pc.addIceCandidate({ candidate: c.candidate, sdpMid: c.mid, sdpMLineIndex: c.index });
+    } catch { /* a candidate this browser cannot use: the others may do */ }
+  }
+
+  function declineCall() {
+    const call = state.call;
+    if (!call || call.phase !== "incoming") return;
+    send({ type: "decline", call: call.id });
+    endCall(call, null);
+  }
+
+  function hangUp() {
+    const call = state.call;
+    if (!call) return;
+    send({ type: call.phase === "incoming" ? "decline" : "hangup", call: call.id });
+    endCall(call, null);
+  }
+
+  function stopMedia(call) {
+    if (call.local) for (const t of call.local.getTracks()) t.stop();
+    call.local = null;
+  }
+
+  function endCall(call, why) {
+    if (state.call !== call) return;
+    state.call = null;
+    state.endedCalls.add(call.id);
+    if (call.pc) call.pc.close();
+    stopMedia(call);
+    $("remote-video").srcObject = null;
+    $("local-video").srcObject = null;
+    if (why) toast(why);
+    renderCall();
+    renderHeader();
+  }
+
+  function onCallSignal(ev) {
+    const call = state.call;
+    if (ev.type === "call") {
+      if (call) {
+        send({ type: "busy", call: ev.call }); // one call at a time
+        return;
+      }
+      state.call = newCall(ev.call, ev.from, ev.video, "callee");
+      renderCall();
+      return;
+    }
+    if (!call || call.id !== ev.call) return; // an old call's stragglers
+    switch (ev.type) {
+      case "ringing":
+        call.phase = "ringing";
+        break;
+      case "offer":
+        if (call.pc && !call.offer) answerOffer(call, ev.sdp); // renegotiation, or our answer
+        else call.offer = ev.sdp;
+        return;
+      case "answer":
+        if (call.pc) {
+          call.phase = "connecting";
+          call.pc.setRemoteDescription({ type: "answer", sdp: ev.sdp }).then(() => flushCandidates(call));
+        }
+        break;
+      case "candidate":
+        if (call.pc && call.pc.remoteDescription) addCandidate(call, ev);
+        else call.candidates.push(ev);
+        return;
+      case "ended": {
+        const text = ENDED_TEXT[ev.reason] || "Call ended";
+        endCall(call, text.startsWith("is ") ? `${call.peer} ${text}` : text);
+        return;
+      }
+      default:
+        return;
+    }
+    renderCall();
+  }
+
+  function renderCall() {
+    const call = state.call;
+    const incoming = call && call.phase === "incoming";
+    $("incoming").hidden = !incoming;
+    if (incoming) {
+      paintAvatar($("incoming-avatar"), call.peer);
+      $("incoming-text").textContent = `${call.peer} is calling${call.video ? " (video)" : ""}\u2026`;
+    }
+    const panel = $("call-panel");
+    panel.hidden = !call || incoming;
+    document.body.dataset.call = call ? call.phase : "none";
+    for (const id of ["call-audio", "call-video"]) $(id).disabled = Boolean(call) || !state.welcomed;
+    if (!call || incoming) return;
+    panel.dataset.video = String(call.video);
+    $("call-status").textContent = {
+      calling: `Calling ${call.peer}\u2026`,
+      ringing: `Ringing ${call.peer}\u2026`,
+      connecting: `Connecting to ${call.peer}\u2026`,
+      active: `In a call with ${call.peer}`,
+    }[call.phase];
+    $("mute").textContent = call.muted ? "Unmute" : "Mute";
+    $("mute").setAttribute("aria-pressed", String(call.muted));
+    $("camera").hidden = !call.video;
+    $("camera").textContent = call.cameraOff ? "Camera on" : "Camera off";
+    $("camera").setAttribute("aria-pressed", String(call.cameraOff));
+  }
+
+  function toggleMute() {
+    const call = state.call;
+    if (!call || !call.local) return;
+    call.muted = !call.muted;
+    for (const t of call.local.getAudioTracks()) t.enabled = !call.muted;
+    renderCall();
+  }
+
+  function toggleCamera() {
+    const call = state.call;
+    if (!call || !call.local) return;
+    call.cameraOff = !call.cameraOff;
+    for (const t of call.local.getVideoTracks()) t.enabled = !call.cameraOff;
+    renderCall();
+  }
+
+  async function loadConfig() {
+    try {
+      const reply = await fetch("/config.json", { cache: "no-store" });
+      if (reply.ok) state.iceServers = (await reply.json()).iceServers || [];
+    } catch { /* an older server: no ICE servers, which is right on a LAN */ }
+  }
+
   // -- start ------------------------------------------------------------------------
 
   function start(user, rooms) {
@@ -1111,6 +1392,15 @@
       if (e.key === "Escape") $("join-form").hidden = true;
     });
     $("leave").addEventListener("click", leaveRoom);
+    $("call-audio").addEventListener("click", () => startCall(false));
+    $("call-video").addEventListener("click", () => startCall(true));
+    $("accept").addEventListener("click", acceptCall);
+    $("decline").addEventListener("click", declineCall);
+    $("hangup").addEventListener("click", hangUp);
+    $("mute").addEventListener("click", toggleMute);
+    $("camera").addEventListener("click", toggleCamera);
+    window.addEventListener("pagehide", hangUp);
+    loadConfig();
 
     setInterval(renderTyping, 1000);
   }
@@ -1120,6 +1410,7 @@
     state,
     dropConnection,
     get connected() { return state.welcomed; },
+    get call() { return state.call; },
   };
 
   init();
