@@ -282,7 +282,7 @@ class Engine:
             "pending_appends": appends,
             "pending_loads": loads,
             "messages_in_memory": sum(len(r.window) for r in st.rooms.values()),
-            "calls": st.calls.stats()["calls"],
+            **st.calls.stats(),  # calls, and what they hold per session
         }
 
     # -- requests from clients ------------------------------------------------------

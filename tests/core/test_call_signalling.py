@@ -10,6 +10,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from chatcore import Append, Command, Config
 from chatcore_sim import SimClient, Simulation
 from chatcore_store import MemoryStore, StorageEffect
@@ -274,3 +277,86 @@ def test_signal_sizes_are_bounded_with_an_error_for_the_sender_alone() -> None:
         ("invalid_field", "c2"),
     ]
     assert bob1.take() == []
+
+
+# -- any sequence of call frames, from anyone -------------------------------------
+
+USERS = ("alice", "bob", "carol")
+CALL_IDS = ("k1", "k2", "k3")
+KINDS = ("call", "offer", "answer", "candidate", "connected", "decline", "busy", "hangup")
+ERROR_CODES = {
+    "no_call",
+    "call_state",
+    "call_limit",
+    "invalid_field",
+    "invalid_name",
+    "too_large",
+    "rate_limited",
+}
+
+actions = st.one_of(
+    st.tuples(
+        st.just("frame"),
+        st.integers(0, 4),  # which client
+        st.sampled_from(KINDS),
+        st.sampled_from(CALL_IDS),
+        st.sampled_from(USERS),
+    ),
+    st.tuples(st.just("advance"), st.sampled_from((0.5, 3.0, 6.0, 31.0))),
+    st.tuples(st.just("drop"), st.integers(0, 4)),
+    st.tuples(st.just("close"), st.integers(0, 4)),
+    st.tuples(st.just("resume"), st.integers(0, 4)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(actions, max_size=40))
+def test_whatever_is_sent_a_call_frame_reaches_only_the_calls_two_users(
+    steps: list[tuple[Any, ...]],
+) -> None:
+    """Invariant: no exception; every error is a documented code; a client gets a
+    call frame only for a call between its own user and one other, placed by one
+    of them; and once every session is gone, nothing of any call is left."""
+    sim = Simulation(Config(grace_period=30.0), seed=3)
+    owners = ["alice", "bob", "bob", "carol", "alice"]
+    clients = [sim.connect(user, "lobby") for user in owners]
+    rung: set[frozenset[str]] = set()  # pairs of users one of whom rang the other
+    for step in steps:
+        match step:
+            case ("frame", i, kind, call, to):
+                client = clients[i]
+                if not client.connected:
+                    continue
+                fields: dict[str, Any] = {}
+                if kind == "call":
+                    fields = {"to": to, "video": False}
+                    rung.add(frozenset((client.user, to)))
+                elif kind in ("offer", "answer"):
+                    fields = {"sdp": SDP}
+                elif kind == "candidate":
+                    fields = {"candidate": CAND, "mid": "0", "index": 0}
+                client.signal(kind, call, **fields)
+            case ("advance", seconds):
+                sim.advance(seconds)
+            case ("drop", i) if clients[i].connected:
+                sim.drop(clients[i])
+            case ("close", i) if clients[i].connected:
+                sim.close(clients[i])
+            case ("resume", i) if not clients[i].connected:
+                sim.resume(clients[i])
+            case _:
+                pass
+        for client in clients:
+            for event in client.calls():
+                other = event.get("from") or event.get("to") or event.get("with")
+                assert other != client.user
+                assert frozenset((client.user, other)) in rung
+    for client in clients:
+        codes = {e["code"] for e in client.of_type("error")}
+        assert codes <= ERROR_CODES
+    for client in clients:
+        if client.connected:
+            sim.close(client)
+    sim.advance(60.0)
+    stats = sim.engine.stats()
+    assert [stats[k] for k in stats if k.startswith("call")] == [0] * 5, stats
