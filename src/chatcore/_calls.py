@@ -290,7 +290,7 @@ class Calls:
                 session,
                 ErrorCode.RATE_LIMITED,
                 "call signals too fast",
-                request.call,
+                request.call[:64],
                 out,
                 retry_after=round(wait, 3),
             )

@@ -388,3 +388,14 @@ def test_nothing_is_left_behind_when_calls_and_sessions_end() -> None:
         "call_signals_held": 0,
         "call_timers": 0,
     }
+
+
+def test_an_error_names_at_most_64_characters_of_a_call_id_however_it_is_refused() -> None:
+    rig = Rig(Config(signal_burst=1, signal_per_second=1.0))
+    long_id = "x" * 5000
+    first = rig.send("a1", K.HANGUP, long_id)  # a bad id
+    second = rig.send("a1", K.HANGUP, long_id)  # and now over the rate too
+    assert [(n.event.code, n.event.ref) for n in first + second] == [
+        ("invalid_field", "x" * 64),
+        ("rate_limited", "x" * 64),
+    ]
