@@ -83,6 +83,7 @@ from ._handshake import SUBPROTOCOL, HandshakeError, parse_connect, select_mode
 from ._ids import IdSource, RandomIds, SeededIds
 from ._names import NAME_PATTERN, dm_room, dm_users, is_valid_name, is_valid_room
 from ._session import TRANSITIONS, SessionInput, SessionState
+from ._state import Counters
 
 __version__ = "0.1.0"
 
@@ -105,6 +106,7 @@ __all__ = [
     "Config",
     "ConnId",
     "Connect",
+    "Counters",
     "CreateRoom",
     "Deliver",
     "Disconnected",

@@ -61,7 +61,7 @@ from ._errors import ErrorCode, LocalProtocolError
 from ._ids import IdSource
 from ._outbox import error
 from ._session import Session, SessionAction, SessionInput, SessionState, fire
-from ._state import EngineState
+from ._state import Counters, EngineState
 from ._timers import GraceOver, PingDue, PongDue, Timer, TypingOver
 
 __all__ = ["Engine", "RoomView", "SessionInfo"]
@@ -283,7 +283,14 @@ class Engine:
             "pending_loads": loads,
             "messages_in_memory": sum(len(r.window) for r in st.rooms.values()),
             **st.calls.stats(),  # calls, and what they hold per session
+            "sessions_detached": sum(
+                1 for s in st.by_id.values() if s.state is SessionState.DETACHED
+            ),
         }
+
+    def counters(self) -> Counters:
+        """A copy of the engine's running totals (messages, resumes, refusals...)."""
+        return self._st.counters.copy()
 
     # -- requests from clients ------------------------------------------------------
 

@@ -77,16 +77,22 @@ def connect(st: EngineState, cmd: Connect, now: float, out: list[Effect]) -> Hel
     if cmd.conn in st.conns:
         raise LocalProtocolError(f"connection {cmd.conn!r} is already open")
     if st.closing:
+        st.counters.refuse("going_away")
         out.append(Close(conn=cmd.conn, code=CloseCode.GOING_AWAY, reason="going away"))
         return None
     if not is_valid_name(cmd.user):
+        st.counters.refuse("invalid_user_name")
         out.append(
             Close(conn=cmd.conn, code=CloseCode.POLICY_VIOLATION, reason="invalid user name")
         )
         return None
     config = st.config
     session = st.sessions.get(cmd.resume) if cmd.resume else None
-    if session is None or session.user != cmd.user or not _resume(st, session, cmd, out):
+    if session is not None and session.user == cmd.user and _resume(st, session, cmd, out):
+        st.counters.resumes += 1
+    else:
+        if cmd.resume:
+            st.counters.resumes_failed += 1
         session = _new_session(st, cmd, now, out)
         if session is None:
             return None
@@ -121,6 +127,7 @@ def _new_session(st: EngineState, cmd: Connect, now: float, out: list[Effect]) -
         # Make room by ending the oldest session waiting out its grace period.
         oldest = next((s for s in mine.values() if takes(s, _In.EXPIRE)), None)
         if oldest is None:
+            st.counters.refuse("too_many_sessions")
             out.append(
                 Close(conn=cmd.conn, code=CloseCode.POLICY_VIOLATION, reason="too many sessions")
             )

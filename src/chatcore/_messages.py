@@ -71,6 +71,7 @@ def send(
         return
     wait = session.bucket.take(now, config.rate_burst, config.rate_per_second)
     if wait:
+        st.counters.limit("messages")
         error(
             st,
             session,
@@ -165,6 +166,7 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
         room.early[message.offset] = (message, pending)
         if len(room.early) > st.config.history_window:
             # The gap has not been filled for a whole window: give it up.
+            st.counters.gaps_given_up += 1
             room.head = min(room.early) - 1
             _drain_early(st, room, out)
             return
@@ -224,6 +226,7 @@ def _publish(
     pending: PendingSend | None,
     out: list[Effect],
 ) -> None:
+    st.counters.messages_appended += 1
     room.head = message.offset
     room.window.append(message)
     sender_conn: Connection | None = None

@@ -47,6 +47,7 @@ def to(
     size = len(data.encode())
     config = st.config
     if conn.frames >= config.outbox_frames or conn.nbytes + size > config.outbox_bytes:
+        st.counters.slow_consumer_closes += 1
         close_later(st, conn, CloseCode.TRY_AGAIN_LATER, "slow consumer")
         return
     conn.frames += 1
@@ -65,6 +66,7 @@ def error(
     retry_after: float | None = None,
 ) -> None:
     """An ``error`` event to the session's connection, if it has one."""
+    st.counters.refuse(code.value)
     if session.conn is not None:
         to(
             st,
@@ -155,6 +157,7 @@ def _give_up_far_behind(st: EngineState, room: Room) -> None:
     start = room.window_start()
     name = room.name
     for conn in [c for c in room.behind.values() if c.catchup[name].next < start]:
+        st.counters.slow_consumer_closes += 1
         close_later(st, conn, CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
 

@@ -63,6 +63,7 @@ def over_rate(
     config = st.config
     wait = session.requests.take(now, config.request_burst, config.request_per_second)
     if wait:
+        st.counters.limit("requests")
         error(
             st,
             session,
@@ -78,6 +79,7 @@ def over_rate(
 def hold(st: EngineState, session: Session, request: ClientRequest, out: list[Effect]) -> None:
     """Keep a request that came before the welcome, within ``max_pending_frames``."""
     if len(session.backlog) >= st.config.max_pending_frames:
+        st.counters.limit("pending")
         error(
             st,
             session,

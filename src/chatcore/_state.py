@@ -20,7 +20,53 @@ from ._room import Room
 from ._session import Connection, Session, SessionState
 from ._timers import Timers
 
-__all__ = ["EngineState"]
+__all__ = ["Counters", "EngineState"]
+
+
+class Counters:
+    """Running totals since the engine started, read by metrics.
+
+    Each is one increment where its event happens (never work per recipient):
+    the host reads them at scrape time through ``Engine.counters()``.
+    """
+
+    __slots__ = (
+        "messages_appended",
+        "resumes",
+        "resumes_failed",
+        "slow_consumer_closes",
+        "gaps_given_up",
+        "rate_limited",
+        "refusals",
+    )
+
+    def __init__(self) -> None:
+        self.messages_appended = 0
+        """Messages the log numbered that this engine published to a room in memory."""
+        self.resumes = 0
+        """Connections whose resume token took up their session."""
+        self.resumes_failed = 0
+        """Connections with a resume token that started a fresh session instead."""
+        self.slow_consumer_closes = 0
+        self.gaps_given_up = 0
+        """Rooms that waited a whole window for a missing offset and skipped it."""
+        self.rate_limited: dict[str, int] = {}
+        """Requests refused for a rate, by limit: ``messages``, ``requests``, ``pending``."""
+        self.refusals: dict[str, int] = {}
+        """``error`` events sent, by code, and connections refused at connect, by reason."""
+
+    def copy(self) -> Counters:
+        snapshot = Counters()
+        for name in self.__slots__:
+            value = getattr(self, name)
+            setattr(snapshot, name, dict(value) if isinstance(value, dict) else value)
+        return snapshot
+
+    def refuse(self, reason: str) -> None:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+
+    def limit(self, which: str) -> None:
+        self.rate_limited[which] = self.rate_limited.get(which, 0) + 1
 
 
 class EngineState:
@@ -41,6 +87,7 @@ class EngineState:
         "soft_frames",
         "soft_bytes",
         "calls",
+        "counters",
     )
 
     def __init__(self, config: Config, ids: IdSource) -> None:
@@ -62,6 +109,7 @@ class EngineState:
         self.soft_frames = max(1, config.outbox_frames // 2)
         self.soft_bytes = max(1, config.outbox_bytes // 2)
         self.calls = Calls(config, self.ringable)  # see _signals
+        self.counters = Counters()
 
     def ringable(self, user: str) -> list[str]:
         """The sessions a call to ``user`` rings: every one not ended, those away included."""
