@@ -59,6 +59,8 @@ from chatcore_store import (
     is_storage_effect,
 )
 
+from ._tally import HostTally
+
 __all__ = ["EngineHost", "Transport"]
 
 log = logging.getLogger("chatcore_host")
@@ -147,6 +149,8 @@ class EngineHost:
         self._storage_idle: anyio.Event | None = None
         self._storage_busy = False
         self._store_lock = anyio.Lock()
+        self.tally = HostTally()
+        """Deliveries, store latency and store failures, for metrics."""
 
     # -- feeding the engine -------------------------------------------------------------
 
@@ -196,6 +200,7 @@ class EngineHost:
             if kind is Deliver:
                 assert isinstance(effect, Deliver)
                 transport.deliver(effect.to, effect.data)
+                self.tally.deliveries += len(effect.to)
             elif kind is Close:
                 assert isinstance(effect, Close)
                 transport.close(effect.conn, effect.code, effect.reason)
@@ -216,7 +221,10 @@ class EngineHost:
                 self._storage_wake = None
                 wake.set()
             return
-        self._answers.extend(self._instant.execute_now(storage))
+        started = time.perf_counter()
+        answers = self._instant.execute_now(storage)
+        self.tally.store_call(time.perf_counter() - started, answers)
+        self._answers.extend(answers)
         if self._answering:
             return  # the loop below, further up the stack, feeds them
         # A trampoline: answers that cause storage effects that are answered at once
@@ -318,14 +326,19 @@ class EngineHost:
             await self._storage_idle.wait()
 
     async def _execute(self, batch: Sequence[StorageEffect]) -> list[Command]:
+        started = time.perf_counter()
         try:
-            return await self.store.execute(batch)
+            answers = await self.store.execute(batch)
         except StoreUnavailable as exc:  # stores answer failures as commands; an old one may raise
             log.warning("history store unavailable: %s", exc.reason)
-            return exc.answers
+            answers = exc.answers
+            self.tally.store_failures += not answers  # (failure answers are counted below)
         except Exception:
             log.exception("history store failed on a batch of %d effects", len(batch))
-            return []
+            answers = []
+            self.tally.store_failures += 1
+        self.tally.store_call(time.perf_counter() - started, answers)
+        return answers
 
     async def _retention_loop(self, store: DurableStore) -> None:
         while True:

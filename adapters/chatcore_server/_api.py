@@ -1,5 +1,5 @@
 """The JSON and file endpoints: ``/``, ``/static/*``, ``/config.json``, ``/healthz``,
-``/rooms``, history.
+``/readyz``, ``/metrics``, ``/rooms``, history.
 
 Read-only views over the engine and the history store; nothing here changes
 chat state. Errors are JSON bodies with their HTTP status (see ``_http.error``).
@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any, Protocol, assert_never
 from urllib.parse import parse_qsl, unquote
 
+from prometheus_client import CollectorRegistry
+
 from chatcore import Access, History, event_to_dict, is_valid_name, is_valid_room
 from chatcore_host import AuthError, EngineHost, Headers, authenticate, read_history
+from chatcore_host._metrics import Page, metrics_page, readiness
 from chatcore_store import StoreUnavailable
 
 from . import _http
@@ -54,6 +57,12 @@ class Site(Protocol):
         """``RTCIceServer`` entries for the page's calls (``--ice-server``)."""
         ...
 
+    @property
+    def metrics(self) -> CollectorRegistry: ...
+
+    @property
+    def metrics_token(self) -> str | None: ...
+
 
 async def route(site: Site, path: str, query: str, headers: Headers) -> Reply:
     """The answer to a GET or HEAD of ``path`` (anything but ``/ws``)."""
@@ -70,6 +79,10 @@ async def route(site: Site, path: str, query: str, headers: Headers) -> Reply:
         if site.stopping:
             return json_reply(503, {"status": "stopping"})
         return json_reply(200, {"status": "ok", "connections": site.connections})
+    if path == "/readyz":
+        return _reply(await readiness(site.engine_host, stopping=site.stopping))
+    if path == "/metrics":
+        return _reply(metrics_page(site.metrics, headers, site.metrics_token))
     if path == "/rooms":
         rooms = site.engine_host.engine.rooms(include_private=False)
         listed = [{"room": name, "members": len(v.users)} for name, v in sorted(rooms.items())]
@@ -116,6 +129,10 @@ async def _history(site: Site, room: str, query: str, headers: Headers) -> Reply
             return error(500, "internal error")
         case unreachable:
             assert_never(unreachable)
+
+
+def _reply(page: Page) -> Reply:
+    return Reply(page.status, page.headers, page.body)
 
 
 def _int_param(params: list[tuple[str, str]], name: str, default: Any) -> Any:

@@ -107,6 +107,15 @@ class PeerOwner(Protocol):
         ...
 
 
+class ByteTally:
+    """Bytes written to the sockets of a server's peers, for metrics."""
+
+    __slots__ = ("written",)
+
+    def __init__(self) -> None:
+        self.written = 0
+
+
 class Peer:
     """The transport side of one engine connection id."""
 
@@ -139,6 +148,7 @@ class Peer:
         "paused",
         "timer",
         "finished",
+        "tally",
     )
 
     def __init__(
@@ -152,7 +162,9 @@ class Peer:
         *,
         bound: MessageBound,
         close_timeout: float,
+        tally: ByteTally | None = None,
     ) -> None:
+        self.tally = tally if tally is not None else ByteTally()
         self.id = conn
         self.user = user
         # None once asyncio callbacks drive the transport (see ``adopt_asyncio``), or
@@ -274,6 +286,7 @@ class Peer:
         except OSError:
             lost.append(self)
             return False
+        self.tally.written += sent
         if sent < len(data):
             # The socket is full: a writer task waits for room from now on. The rest
             # is no frame of its own; its frames are reported once it is sent.
@@ -303,6 +316,7 @@ class Peer:
         # (Holding frames until the buffer drains would report them late by a whole
         # flush, and close readers that keep up with big messages.)
         transport.write(data)
+        self.tally.written += len(data)
         if self.closing and self.close_seen:
             transport.close()
         return frames > 0 and not self.closing
@@ -501,6 +515,7 @@ class Peer:
                 self.send_scope = scope
                 try:
                     await stream.send(data)
+                    self.tally.written += len(data)
                 except _STREAM_ERRORS:
                     owner.peer_lost(self)
                     return

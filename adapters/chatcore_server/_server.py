@@ -68,13 +68,14 @@ from chatcore_host import (
     parse_origin,
     repeated_header,
 )
+from chatcore_host._metrics import TransportTally, metrics_registry
 from chatcore_store import HistoryStore
 
 from . import _http
 from ._api import route
 from ._frames import MessageBound, text_frame
 from ._http import Reply, error
-from ._peer import Peer, adopt_asyncio
+from ._peer import ByteTally, Peer, adopt_asyncio
 
 __all__ = ["ChatServer", "Limits"]
 
@@ -143,6 +144,7 @@ class ChatServer:
         static_dir: Path | None = None,
         ids: IdSource | None = None,
         ice_servers: Sequence[Mapping[str, Any]] = (),
+        metrics_token: str | None = None,
     ) -> None:
         self.engine_host = EngineHost(self, config=config, store=store, ids=ids)
         self.config = self.engine_host.config
@@ -186,6 +188,13 @@ class ChatServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writers: anyio.abc.TaskGroup | None = None
         self._adopted: set[Peer] = set()  # asyncio peers driven by callbacks, not tasks
+        # Metrics: read at scrape time from the engine, the host and these two.
+        self._opened = 0
+        self._bytes = ByteTally()
+        self.metrics = metrics_registry(self.engine_host, self.transport_tally)
+        """The registry ``/metrics`` shows (this server's own, not prometheus-client's global)."""
+        self.metrics_token = metrics_token
+        """Bearer token ``/metrics`` requires; None: served to anyone who can reach it."""
 
     # -- running -------------------------------------------------------------------
 
@@ -193,6 +202,12 @@ class ChatServer:
     def connections(self) -> int:
         """Open WebSocket connections."""
         return len(self._peers)
+
+    def transport_tally(self) -> TransportTally:
+        """What the sockets did, for metrics."""
+        return TransportTally(
+            open=len(self._peers), opened=self._opened, bytes_written=self._bytes.written
+        )
 
     @property
     def stopping(self) -> bool:
@@ -654,11 +669,13 @@ class ChatServer:
             self,
             bound=bound,
             close_timeout=self.limits.close_timeout,
+            tally=self._bytes,
         )
         # The 101 leads the peer's queue: it goes out in one write with the welcome.
         peer.queue(_switching_protocols(key, subprotocol))
         self._peers[conn] = peer
         self._ws_running += 1
+        self._opened += 1
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "opened conn=%d user=%s mode=%s from=%s",

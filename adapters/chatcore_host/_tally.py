@@ -1,0 +1,43 @@
+"""What the host counts for metrics: deliveries, and the store's latency and failures.
+
+Plain integers and a fixed-bucket histogram, no metrics library: the host runs
+without one, and ``chatcore_host._metrics`` turns these into Prometheus
+families at scrape time.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+
+from chatcore import AppendFailed, Command, HistoryFailed, InboxFailed, RoomLoadFailed
+
+__all__ = ["LATENCY_BUCKETS", "HostTally"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Upper bounds in seconds of the store latency histogram's buckets (``+Inf`` implied)."""
+
+_FAILURES = (AppendFailed, HistoryFailed, InboxFailed, RoomLoadFailed)
+
+
+class HostTally:
+    """Running totals kept by an :class:`EngineHost`; read, never reset."""
+
+    __slots__ = ("deliveries", "store_failures", "store_counts", "store_sum")
+
+    def __init__(self) -> None:
+        self.deliveries = 0
+        """Frames handed to the transport, one per recipient."""
+        self.store_failures = 0
+        """Storage effects the store answered with a failure, and batches that raised."""
+        self.store_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        """Store calls per latency bucket (not cumulative; the last is over every bound)."""
+        self.store_sum = 0.0
+
+    def store_call(self, seconds: float, answers: Sequence[Command]) -> None:
+        """One call into the store took ``seconds`` and answered ``answers``."""
+        self.store_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.store_sum += seconds
+        for answer in answers:
+            if isinstance(answer, _FAILURES):
+                self.store_failures += 1

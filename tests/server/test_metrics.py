@@ -1,0 +1,191 @@
+"""``/metrics``, ``/healthz`` and ``/readyz`` over real sockets.
+
+Each test scrapes a running server, parses the text with prometheus-client's
+own parser, and checks that the numbers moved by what the clients did.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from chatcore import Config
+from chatcore_server import Limits
+from chatcore_store import open_store
+
+from .conftest import (
+    GUARD,
+    JSON,
+    Running,
+    http_get,
+    kill,
+    recv,
+    recv_until,
+    serving,
+    welcome,
+    ws_connect,
+)
+from .test_slow import UNLIMITED, WINDOW, _flood_until_closed, _stalled_reader
+
+pytestmark = pytest.mark.anyio
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(srv: Running, token: str | None = None) -> Samples:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, hdrs, body = await http_get(srv.url + "metrics", headers)
+    assert status == 200, body
+    assert hdrs["content-type"].startswith("text/plain; version=")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def send(room: str, text: str) -> str:
+    return json.dumps({"type": "send", "room": room, "text": text})
+
+
+async def test_metrics_follow_messages_refusals_and_resumes() -> None:
+    config = Config(grace_period=30, rate_burst=3, rate_per_second=0.01)
+    async with (
+        serving(config=config) as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
+    ):
+        await welcome(alice)
+        async with ws_connect(f"{srv.ws}?user=bob&room=general", **JSON) as bob:
+            token = (await welcome(bob))["resume"]
+            await recv_until(alice, lambda e: e["type"] == "joined")
+            before = await scrape(srv)
+            assert value(before, "chatcore_connections") == 2
+            assert value(before, "chatcore_sessions", state="live") == 2
+            assert value(before, "chatcore_rooms") == 1
+
+            for i in range(3):
+                await alice.send(send("general", f"m{i}"))
+            await recv_until(bob, lambda e: e.get("text") == "m2")
+            await alice.send(send("general", "one too many"))
+            await recv_until(alice, lambda e: e.get("code") == "rate_limited")
+            await alice.send(send("elsewhere", "not a member"))
+            await recv_until(alice, lambda e: e.get("code") == "not_member")
+            await kill(bob)
+        # Bob's session waits out its grace period; he resumes, a stranger's token fails.
+        with anyio.fail_after(GUARD):
+            while srv.server.connections != 1:
+                await anyio.sleep(0.01)
+        grace = await scrape(srv)
+        assert value(grace, "chatcore_sessions", state="grace") == 1
+        assert value(grace, "chatcore_sessions", state="live") == 1
+        async with (
+            ws_connect(f"{srv.ws}?user=bob&room=general&resume={token}", **JSON) as bob2,
+            ws_connect(f"{srv.ws}?user=carol&room=general&resume=forged", **JSON) as carol,
+        ):
+            assert (await recv(bob2))["resumed"] is True
+            assert (await recv(carol))["resumed"] is False
+            after = await scrape(srv)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - before.get((name, frozenset(labels.items())), 0)
+
+    assert moved("chatcore_messages_appended_total") == 3
+    # Each message went to both members (the sender's copy is an ack), plus the
+    # refusals, the welcomes and member lists of the newcomers.
+    assert moved("chatcore_deliveries_total") >= 3 * 2 + 2
+    assert moved("chatcore_written_bytes_total") > 3 * len(send("general", "m0"))
+    assert moved("chatcore_rate_limited_total", limit="messages") == 1
+    assert moved("chatcore_rate_limited_total", limit="requests") == 0
+    assert moved("chatcore_refusals_total", reason="rate_limited") == 1
+    assert moved("chatcore_refusals_total", reason="not_member") == 1
+    assert moved("chatcore_resumes_total", resumed="true") == 1
+    assert moved("chatcore_resumes_total", resumed="false") == 1
+    assert value(after, "chatcore_connections") == 3
+    assert value(after, "chatcore_connections_opened_total") == 4
+    assert value(after, "chatcore_sessions", state="grace") == 0
+    # The memory store answered every append and room load, each one timed.
+    count = value(after, "chatcore_store_latency_seconds_count")
+    assert count - value(before, "chatcore_store_latency_seconds_count") >= 3
+    assert value(after, "chatcore_store_latency_seconds_bucket", le="+Inf") == count
+    assert value(after, "chatcore_store_latency_seconds_sum") > 0
+    assert value(after, "chatcore_store_failures_total") == 0
+
+
+async def test_a_slow_consumer_close_is_counted() -> None:
+    config = Config(outbox_bytes=256 * 1024, history_window=WINDOW, **UNLIMITED)
+    async with (
+        serving(config=config, limits=Limits(close_timeout=0.5)) as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=general", max_queue=None, **JSON) as alice,
+    ):
+        await welcome(alice)
+        assert value(await scrape(srv), "chatcore_slow_consumer_closes_total") == 0
+        slow, _ = await _stalled_reader(srv, alice)
+        async with slow:
+            with anyio.fail_after(GUARD * 2):
+                await _flood_until_closed(srv, alice)
+            assert value(await scrape(srv), "chatcore_slow_consumer_closes_total") == 1
+
+
+async def test_store_failures_are_counted_and_readyz_turns_503(anyio_backend: str) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the PostgreSQL store runs on asyncio only")
+    # Nothing listens on port 1: every call into the store fails at once.
+    store = open_store("postgresql://postgres@127.0.0.1:1/test")
+    async with (
+        serving(store=store) as srv,
+        ws_connect(f"{srv.ws}?user=alice", **JSON) as alice,
+    ):
+        await welcome(alice)
+        status, _, body = await http_get(srv.url + "readyz")
+        assert status == 503, body
+        assert json.loads(body)["status"] == "unavailable"
+        status, _, _ = await http_get(srv.url + "healthz")  # the process still answers
+        assert status == 200
+        await alice.send(json.dumps({"type": "join", "room": "general"}))
+        await recv_until(alice, lambda e: e.get("code") == "unavailable")
+        samples = await scrape(srv)
+        assert value(samples, "chatcore_store_failures_total") >= 1
+        assert value(samples, "chatcore_refusals_total", reason="unavailable") == 1
+
+
+@pytest.mark.parametrize("url", ["memory", "postgresql://postgres@127.0.0.1/test"])
+async def test_readyz_is_200_when_the_store_answers(anyio_backend: str, url: str) -> None:
+    if url.startswith("postgresql") and anyio_backend != "asyncio":
+        pytest.skip("the PostgreSQL store runs on asyncio only")
+    async with serving(store=open_store(url)) as srv:
+        status, hdrs, body = await http_get(srv.url + "readyz")
+        assert (status, json.loads(body)) == (200, {"status": "ready", "store": "ok"})
+        assert hdrs["cache-control"] == "no-store"
+
+
+async def test_metrics_token_is_required_when_set() -> None:
+    async with serving(metrics_token="s3cret") as srv:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            status, hdrs, _ = await http_get(srv.url + "metrics", headers)
+            assert status == 401, headers
+            assert hdrs["www-authenticate"] == "Bearer"
+        status, _, _ = await http_get(srv.url + "metrics?token=s3cret")
+        assert status == 401  # never from the query string (it would be logged)
+        assert value(await scrape(srv, token="s3cret"), "chatcore_connections") == 0
+
+
+async def test_two_servers_in_one_process_keep_their_own_counts() -> None:
+    async with serving() as one, serving() as two:
+        async with ws_connect(f"{one.ws}?user=alice&room=general", **JSON) as alice:
+            await welcome(alice)
+            await alice.send(send("general", "hi"))
+            await recv_until(alice, lambda e: e["type"] == "ack")
+            first: Any = await scrape(one)
+            second: Any = await scrape(two)
+        assert value(first, "chatcore_messages_appended_total") == 1
+        assert value(first, "chatcore_connections_opened_total") == 1
+        assert value(second, "chatcore_messages_appended_total") == 0
+        assert value(second, "chatcore_connections_opened_total") == 0
