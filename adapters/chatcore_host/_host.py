@@ -125,8 +125,11 @@ class EngineHost:
         config: Config | None = None,
         store: HistoryStore | None = None,
         ids: IdSource | None = None,
+        retention_every: float = _RETENTION_EVERY,
     ) -> None:
         self.config = config or Config()
+        self.retention_every = retention_every
+        """Seconds between passes that cut the store's rooms down to their retention limits."""
         self.engine = Engine(self.config, ids or RandomIds(secrets.token_bytes))
         self.store: HistoryStore = store if store is not None else MemoryStore()
         self.durable: DurableStore | None = (
@@ -342,14 +345,14 @@ class EngineHost:
 
     async def _retention_loop(self, store: DurableStore) -> None:
         while True:
-            await anyio.sleep(_RETENTION_EVERY)
+            await anyio.sleep(self.retention_every)
             try:
                 # No store lock: the store serializes itself and lets batches in between chunks.
                 await store.apply_retention(time.time())
             except StoreUnavailable as exc:
                 log.warning("retention skipped: %s", exc.reason)
             except Exception:
-                log.exception("retention failed; tried again in %.0f s", _RETENTION_EVERY)
+                log.exception("retention failed; tried again in %.0f s", self.retention_every)
 
     # -- reads for HTTP (never fed to the engine) ---------------------------------------
 

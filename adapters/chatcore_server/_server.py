@@ -120,6 +120,8 @@ class Limits:
     """
     shutdown_timeout: float = 10.0
     """Seconds a graceful shutdown may take in all."""
+    retention_interval: float = 60.0
+    """Seconds between passes that cut stored rooms down to their retention limits."""
 
 
 class ChatServer:
@@ -146,7 +148,14 @@ class ChatServer:
         ice_servers: Sequence[Mapping[str, Any]] = (),
         metrics_token: str | None = None,
     ) -> None:
-        self.engine_host = EngineHost(self, config=config, store=store, ids=ids)
+        self.limits = limits or Limits()
+        self.engine_host = EngineHost(
+            self,
+            config=config,
+            store=store,
+            ids=ids,
+            retention_every=self.limits.retention_interval,
+        )
         self.config = self.engine_host.config
         self.engine: Engine = self.engine_host.engine
         self.store: HistoryStore = self.engine_host.store
@@ -158,7 +167,6 @@ class ChatServer:
             if entry != "*" and parse_origin(entry) is None:
                 raise ValueError(f"not an origin: {entry!r} (http[s]://HOST[:PORT], or *)")
         self.allow_origins = tuple(allow_origins)
-        self.limits = limits or Limits()
         self.static_dir = static_dir or _http.STATIC_DIR
         # RTCIceServer entries the browser page uses for calls (GET /config.json).
         self.ice_servers = tuple(dict(entry) for entry in ice_servers)

@@ -8,8 +8,9 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
-from typing import Any
+import tomllib
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import anyio
 from anyio.abc import TaskStatus
@@ -19,7 +20,8 @@ from chatcore_host import parse_origin
 from chatcore_store import DEFAULT_URL, HistoryStore, open_store
 from chatcore_store.cli import add_subcommands
 
-from ._server import ChatServer
+from ._logjson import JsonFormatter
+from ._server import ChatServer, Limits
 
 __all__ = ["main"]
 
@@ -91,9 +93,155 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend", default="asyncio", choices=["asyncio", "trio"], help="anyio event loop"
     )
+    _add_operator_flags(serve)
     serve.set_defaults(func=_serve_command)
     add_subcommands(commands)
     return parser
+
+
+def _add_operator_flags(serve: argparse.ArgumentParser) -> None:
+    """Limits, observability and the config file (each flag's default is in --help)."""
+    config, limits = Config(), Limits()
+    group = serve.add_argument_group("limits")
+    group.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        default=limits.max_connections,
+        help="open TCP connections; a request beyond this gets 503",
+    )
+    group.add_argument(
+        "--ping-interval",
+        metavar="SECONDS",
+        type=float,
+        default=config.ping_interval,
+        help="seconds between pings to an idle connection",
+    )
+    group.add_argument(
+        "--pong-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=config.pong_timeout,
+        help="seconds a ping may go unanswered before the connection is closed (4000)",
+    )
+    group.add_argument(
+        "--rate-burst",
+        metavar="N",
+        type=int,
+        default=config.rate_burst,
+        help="chat messages a session may send at once",
+    )
+    group.add_argument(
+        "--rate-per-second",
+        metavar="RATE",
+        type=float,
+        default=config.rate_per_second,
+        help="chat messages per second a session may send after its burst",
+    )
+    group.add_argument(
+        "--request-burst",
+        metavar="N",
+        type=int,
+        default=config.request_burst,
+        help="requests of any kind (join, typing, history...) a session may make at once",
+    )
+    group.add_argument(
+        "--request-per-second",
+        metavar="RATE",
+        type=float,
+        default=config.request_per_second,
+        help="requests per second a session may make after its burst",
+    )
+    group.add_argument(
+        "--history-window",
+        metavar="N",
+        type=int,
+        default=config.history_window,
+        help="messages per room kept in memory; a reader further behind is closed 1013",
+    )
+    group.add_argument(
+        "--max-rooms-per-session",
+        metavar="N",
+        type=int,
+        default=config.max_rooms_per_session,
+        help="rooms one session may be in at once",
+    )
+    group.add_argument(
+        "--max-sessions-per-user",
+        metavar="N",
+        type=int,
+        default=config.max_sessions_per_user,
+        help="sessions one user may hold, counting those in their grace period",
+    )
+    group.add_argument(
+        "--max-text-bytes",
+        metavar="BYTES",
+        type=int,
+        default=config.max_text_bytes,
+        help="largest message text in bytes of UTF-8",
+    )
+    group.add_argument(
+        "--retention-interval",
+        metavar="SECONDS",
+        type=float,
+        default=limits.retention_interval,
+        help="seconds between passes that cut stored rooms down to their retention limits",
+    )
+    group = serve.add_argument_group("observability")
+    group.add_argument(
+        "--metrics-token",
+        metavar="TOKEN",
+        help="require 'Authorization: Bearer TOKEN' for /metrics (without it, /metrics is "
+        "open to anyone who can reach the port: counts only, no names or messages)",
+    )
+    group.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line (time, level, logger, message, exc_info)",
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file of flags (keys are flag names: max-connections = 500); "
+        "flags on the command line win",
+    )
+
+
+def _config_file(serve: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The defaults a ``--config`` file sets, checked as the flags would be."""
+    try:
+        with open(path, "rb") as file:
+            table = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SystemExit(f"--config {path}: {exc}") from None
+    actions = {a.dest: a for a in serve._actions if a.option_strings and a.dest != "help"}
+    defaults: dict[str, Any] = {}
+    for key, value in table.items():
+        dest = key.removeprefix("--").replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest == "config":
+            raise SystemExit(f"--config {path}: unknown setting {key!r}")
+        values = value if isinstance(action, argparse._AppendAction) else [value]
+        if not isinstance(values, list) or any(isinstance(v, dict | list) for v in values):
+            raise SystemExit(f"--config {path}: {key} has the wrong type")
+        try:
+            converted = [_convert(action, v) for v in values]
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise SystemExit(f"--config {path}: {key}: {exc}") from None
+        defaults[dest] = converted if isinstance(action, argparse._AppendAction) else converted[0]
+    return defaults
+
+
+def _convert(action: argparse.Action, value: object) -> object:
+    if isinstance(value, bool) and action.type in (int, float):
+        raise ValueError(f"expected a number, got {value!r}")
+    if callable(action.type):
+        convert = cast(Callable[[Any], object], action.type)
+        value = convert(value if action.type in (int, float) else str(value))
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def _origin(value: str) -> str:
@@ -159,9 +307,23 @@ async def _serve(server: ChatServer) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        # The file's values become defaults and the command line is read again over them.
+        serve = _subcommand(parser, "serve")
+        serve.set_defaults(**_config_file(serve, args.config))
+        args = parser.parse_args(argv)
     code: int = args.func(args)
     return code
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise LookupError(name)
 
 
 def _serve_command(args: argparse.Namespace) -> int:
@@ -170,10 +332,31 @@ def _serve_command(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
-        config = Config(grace_period=args.grace)
+        config = Config(
+            grace_period=args.grace,
+            ping_interval=args.ping_interval,
+            pong_timeout=args.pong_timeout,
+            rate_burst=args.rate_burst,
+            rate_per_second=args.rate_per_second,
+            request_burst=args.request_burst,
+            request_per_second=args.request_per_second,
+            history_window=args.history_window,
+            max_rooms_per_session=args.max_rooms_per_session,
+            max_sessions_per_user=args.max_sessions_per_user,
+            max_text_bytes=args.max_text_bytes,
+            max_frame_bytes=max(Config().max_frame_bytes, args.max_text_bytes + 16 * 1024),
+        )
+        limits = Limits(
+            max_connections=args.max_connections, retention_interval=args.retention_interval
+        )
     except ValueError as exc:
-        raise SystemExit(f"--grace: {exc}") from None
+        raise SystemExit(f"chatcore serve: {_flag_names(str(exc))}") from None
+    if limits.max_connections < 1 or limits.retention_interval <= 0:
+        raise SystemExit("chatcore serve: --max-connections and --retention-interval must be > 0")
     server = ChatServer(
         config=config,
         store=_store(args.db),
@@ -183,6 +366,8 @@ def _serve_command(args: argparse.Namespace) -> int:
         jwt_secret=args.jwt_secret,
         allow_origins=args.allow_origin,
         ice_servers=args.ice_server,
+        limits=limits,
+        metrics_token=args.metrics_token,
     )
     failed: list[BaseException] = []
     try:
@@ -193,3 +378,12 @@ def _serve_command(args: argparse.Namespace) -> int:
     for error in failed:
         print(f"chatcore: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _flag_names(message: str) -> str:
+    """``Config.history_window must be...`` as the flag the operator typed."""
+    renamed = {"grace_period": "grace"}
+    for field in Config.__dataclass_fields__:
+        flag = "--" + renamed.get(field, field).replace("_", "-")
+        message = message.replace(f"Config.{field} ", f"{flag} ")
+    return message
