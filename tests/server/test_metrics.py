@@ -20,7 +20,6 @@ from chatcore_store import open_store
 from .conftest import (
     GUARD,
     JSON,
-    Running,
     http_get,
     kill,
     recv,
@@ -36,9 +35,10 @@ pytestmark = pytest.mark.anyio
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-async def scrape(srv: Running, token: str | None = None) -> Samples:
+async def scrape(url: str, token: str | None = None) -> Samples:
+    """``/metrics`` of the server at ``url``, parsed by prometheus-client."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    status, hdrs, body = await http_get(srv.url + "metrics", headers)
+    status, hdrs, body = await http_get(url + "metrics", headers)
     assert status == 200, body
     assert hdrs["content-type"].startswith("text/plain; version=")
     samples: Samples = {}
@@ -66,7 +66,7 @@ async def test_metrics_follow_messages_refusals_and_resumes() -> None:
         async with ws_connect(f"{srv.ws}?user=bob&room=general", **JSON) as bob:
             token = (await welcome(bob))["resume"]
             await recv_until(alice, lambda e: e["type"] == "joined")
-            before = await scrape(srv)
+            before = await scrape(srv.url)
             assert value(before, "chatcore_connections") == 2
             assert value(before, "chatcore_sessions", state="live") == 2
             assert value(before, "chatcore_rooms") == 1
@@ -83,7 +83,7 @@ async def test_metrics_follow_messages_refusals_and_resumes() -> None:
         with anyio.fail_after(GUARD):
             while srv.server.connections != 1:
                 await anyio.sleep(0.01)
-        grace = await scrape(srv)
+        grace = await scrape(srv.url)
         assert value(grace, "chatcore_sessions", state="grace") == 1
         assert value(grace, "chatcore_sessions", state="live") == 1
         async with (
@@ -92,7 +92,7 @@ async def test_metrics_follow_messages_refusals_and_resumes() -> None:
         ):
             assert (await recv(bob2))["resumed"] is True
             assert (await recv(carol))["resumed"] is False
-            after = await scrape(srv)
+            after = await scrape(srv.url)
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - before.get((name, frozenset(labels.items())), 0)
@@ -126,12 +126,12 @@ async def test_a_slow_consumer_close_is_counted() -> None:
         ws_connect(f"{srv.ws}?user=alice&room=general", max_queue=None, **JSON) as alice,
     ):
         await welcome(alice)
-        assert value(await scrape(srv), "chatcore_slow_consumer_closes_total") == 0
+        assert value(await scrape(srv.url), "chatcore_slow_consumer_closes_total") == 0
         slow, _ = await _stalled_reader(srv, alice)
         async with slow:
             with anyio.fail_after(GUARD * 2):
                 await _flood_until_closed(srv, alice)
-            assert value(await scrape(srv), "chatcore_slow_consumer_closes_total") == 1
+            assert value(await scrape(srv.url), "chatcore_slow_consumer_closes_total") == 1
 
 
 async def test_store_failures_are_counted_and_readyz_turns_503(anyio_backend: str) -> None:
@@ -151,7 +151,7 @@ async def test_store_failures_are_counted_and_readyz_turns_503(anyio_backend: st
         assert status == 200
         await alice.send(json.dumps({"type": "join", "room": "general"}))
         await recv_until(alice, lambda e: e.get("code") == "unavailable")
-        samples = await scrape(srv)
+        samples = await scrape(srv.url)
         assert value(samples, "chatcore_store_failures_total") >= 1
         assert value(samples, "chatcore_refusals_total", reason="unavailable") == 1
 
@@ -174,7 +174,7 @@ async def test_metrics_token_is_required_when_set() -> None:
             assert hdrs["www-authenticate"] == "Bearer"
         status, _, _ = await http_get(srv.url + "metrics?token=s3cret")
         assert status == 401  # never from the query string (it would be logged)
-        assert value(await scrape(srv, token="s3cret"), "chatcore_connections") == 0
+        assert value(await scrape(srv.url, token="s3cret"), "chatcore_connections") == 0
 
 
 async def test_two_servers_in_one_process_keep_their_own_counts() -> None:
@@ -183,8 +183,8 @@ async def test_two_servers_in_one_process_keep_their_own_counts() -> None:
             await welcome(alice)
             await alice.send(send("general", "hi"))
             await recv_until(alice, lambda e: e["type"] == "ack")
-            first: Any = await scrape(one)
-            second: Any = await scrape(two)
+            first: Any = await scrape(one.url)
+            second: Any = await scrape(two.url)
         assert value(first, "chatcore_messages_appended_total") == 1
         assert value(first, "chatcore_connections_opened_total") == 1
         assert value(second, "chatcore_messages_appended_total") == 0
