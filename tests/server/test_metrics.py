@@ -119,6 +119,30 @@ async def test_metrics_follow_messages_refusals_and_resumes() -> None:
     assert value(after, "chatcore_store_failures_total") == 0
 
 
+async def test_deliveries_count_every_recipient_of_a_fan_out() -> None:
+    async with (
+        serving() as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
+        ws_connect(f"{srv.ws}?user=bob&room=general", **JSON) as bob,
+        ws_connect(f"{srv.ws}?user=carol&room=general", **JSON) as carol,
+        ws_connect(f"{srv.ws}?user=dave&room=general", **JSON) as dave,
+    ):
+        for conn in (alice, bob, carol, dave):
+            await welcome(conn)
+        await recv_until(alice, lambda e: e.get("user") == "dave")
+        before = await scrape(srv.url)
+        for i in range(5):
+            await alice.send(send("general", f"m{i}"))
+        for reader in (bob, carol, dave):
+            await recv_until(reader, lambda e: e.get("text") == "m4")
+        acks: list[Any] = []
+        await recv_until(alice, lambda e: e["type"] == "ack" and (acks.append(e) or len(acks) == 5))
+        after = await scrape(srv.url)
+    # Each message: one frame to each of the three readers, and the sender's ack.
+    moved = value(after, "chatcore_deliveries_total") - value(before, "chatcore_deliveries_total")
+    assert moved == 5 * 4
+
+
 async def test_a_slow_consumer_close_is_counted() -> None:
     config = Config(outbox_bytes=256 * 1024, history_window=WINDOW, **UNLIMITED)
     async with (
