@@ -144,7 +144,8 @@ class ChatCollector(Collector):
         yield limited
         refusals = CounterMetricFamily(
             "chatcore_refusals",
-            "Error events sent, by code, and connections refused, by reason",
+            "Requests refused with an error event, by its code, and connections "
+            "refused at connect, by reason",
             labels=["reason"],
         )
         for reason, count in sorted(counters.refusals.items()):
