@@ -53,7 +53,9 @@ class Counters:
         self.rate_limited: dict[str, int] = {}
         """Requests refused for a rate, by limit: ``messages``, ``requests``, ``pending``."""
         self.refusals: dict[str, int] = {}
-        """``error`` events sent, by code, and connections refused at connect, by reason."""
+        """Requests refused with an ``error`` event, by code (counted also when the
+        connection is gone or the error closes it), and connections refused at
+        connect, by reason."""
 
     def copy(self) -> Counters:
         snapshot = Counters()
