@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -39,16 +40,21 @@ OPERATOR_FLAGS = (
 )
 
 
-def described(flag: str) -> str:
-    """What ``chatcore serve --help`` says of ``flag``, wrapped lines joined."""
+@functools.cache
+def serve_help() -> str:
+    """The options part of ``chatcore serve --help``, wrapped lines joined."""
     done = subprocess.run(
         [sys.executable, "-m", "chatcore_server", "serve", "--help"],
         capture_output=True,
         text=True,
         check=True,
     )
-    options = " ".join(done.stdout.split("options:", 1)[1].split())
-    return options.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+    return " ".join(done.stdout.split("options:", 1)[1].split())
+
+
+def described(flag: str) -> str:
+    """What ``chatcore serve --help`` says of ``flag``."""
+    return serve_help().split(f" {flag} ", 1)[1].split(" --", 1)[0]
 
 
 def test_help_shows_every_limit_with_its_default() -> None:
