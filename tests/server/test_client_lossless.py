@@ -161,11 +161,15 @@ async def test_a_send_whose_ack_was_lost_is_handed_on_once() -> None:
         await alice.wait_for("bob again")
         assert bob.reconnects == 1
         assert not bob.unacked
-        assert seen == alice.room_as_seen()[1:] == [
-            ("general", 2, "stored, ack lost"),
-            ("general", 3, "after"),
-            ("general", 4, "bob again"),
-        ]
+        assert (
+            seen
+            == alice.room_as_seen()[1:]
+            == [
+                ("general", 2, "stored, ack lost"),
+                ("general", 3, "after"),
+                ("general", 4, "bob again"),
+            ]
+        )
 
 
 @asynccontextmanager
