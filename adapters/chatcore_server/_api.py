@@ -123,7 +123,7 @@ async def _history(site: Site, room: str, query: str, headers: Headers) -> Reply
             return json_reply(200, event_to_dict(page))  # the shape of the WebSocket frame
         case Access.NAME_REQUIRED:
             return error(401, unnamed)
-        case Access.FORBIDDEN:
+        case Access.FORBIDDEN | Access.BANNED | Access.MUTED:  # (reads are never moderated)
             return error(403, f"not allowed in room {room}")
         case Access.ALLOWED:  # read_history answers a page instead
             return error(500, "internal error")

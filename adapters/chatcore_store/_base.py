@@ -28,6 +28,7 @@ from chatcore import (
     Appended,
     AppendFailed,
     Command,
+    DeleteStored,
     Effect,
     HistoryFailed,
     HistoryLoaded,
@@ -39,6 +40,7 @@ from chatcore import (
     Message,
     RoomLoaded,
     RoomLoadFailed,
+    SaveModeration,
     SavePositions,
     SaveRoom,
     room_rule,
@@ -73,8 +75,26 @@ T = TypeVar("T")
 
 UNAVAILABLE = "store unavailable"
 
-StorageEffect = LoadRoom | Append | LoadHistory | LoadInbox | SaveRoom | SavePositions
-_STORAGE = (LoadRoom, Append, LoadHistory, LoadInbox, SaveRoom, SavePositions)
+StorageEffect = (
+    LoadRoom
+    | Append
+    | LoadHistory
+    | LoadInbox
+    | SaveRoom
+    | SavePositions
+    | SaveModeration
+    | DeleteStored
+)
+_STORAGE = (
+    LoadRoom,
+    Append,
+    LoadHistory,
+    LoadInbox,
+    SaveRoom,
+    SavePositions,
+    SaveModeration,
+    DeleteStored,
+)
 
 
 def is_storage_effect(effect: Effect) -> TypeGuard[StorageEffect]:
@@ -321,6 +341,7 @@ def _message(row: Sequence[Any]) -> Message:
         text=row[4],
         ts=row[5],
         client_id=row[6],
+        deleted=bool(row[7]),
     )
 
 
@@ -571,6 +592,7 @@ class SQLStore:
                 recent: Rows = []
                 if effect.recent > 0:
                     recent = yield Statement(sql.recent, (effect.room, effect.recent))
+                moderation = yield Statement(sql.moderation, (effect.room,))
                 return RoomLoaded(
                     room=effect.room,
                     epoch=epoch,
@@ -578,6 +600,8 @@ class SQLStore:
                     private=private,
                     allow=allow,
                     recent=tuple(_message(r) for r in reversed(recent)),
+                    banned=frozenset(r[0] for r in moderation if r[1]),
+                    muted={r[0]: r[2] / 1000 for r in moderation if r[2] is not None},
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=(yield from self._range(effect)))
@@ -587,6 +611,17 @@ class SQLStore:
                 return InboxLoaded(ref=effect.ref, rooms=tuple(r[0] for r in rows))
             case SaveRoom():
                 yield from self._save_room(effect)
+                return None
+            case SaveModeration():
+                if not effect.banned and effect.muted_until is None:
+                    yield Statement(sql.forget_moderation, (effect.room, effect.user))
+                else:
+                    until = None if effect.muted_until is None else int(effect.muted_until * 1000)
+                    row = (effect.room, effect.user, effect.banned, until)
+                    yield Statement(sql.save_moderation, row)
+                return None
+            case DeleteStored():
+                yield Statement(sql.delete_message, (effect.room, effect.offset))
                 return None
             case SavePositions():
                 rows = [(effect.user, p.room, p.delivered, p.read) for p in effect.positions]

@@ -17,8 +17,9 @@ from typing import Any
 
 __all__ = ["COLUMNS", "Dialect", "Statement", "Statements", "allow_json"]
 
-COLUMNS = "room, msg_offset, epoch, sender, text, ts, client_id"
-"""A message's columns, in the order ``Message`` is built from a row."""
+COLUMNS = "room, msg_offset, epoch, sender, text, ts, client_id, deleted"
+"""A message's columns, in the order ``Message`` is built from a row (``deleted``
+is not inserted: a new message is not deleted, the column's default)."""
 
 Column = tuple[str, str]  # (name, "text" | "int" | "bool" | "names": a JSON array of names)
 
@@ -172,6 +173,21 @@ class Statements:
         )
         self.delete_range = q("DELETE FROM messages WHERE room = ? AND msg_offset BETWEEN ? AND ?")
         self.positions = q("SELECT room, delivered, read FROM positions WHERE username = ?")
+        # Moderation (schema 6): a row per user banned or muted in a room.
+        self.moderation = q("SELECT username, banned, muted_until FROM moderation WHERE room = ?")
+        self.save_moderation = q(
+            "INSERT INTO moderation (room, username, banned, muted_until) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (room, username) DO UPDATE SET"
+            " banned = excluded.banned, muted_until = excluded.muted_until"
+        )
+        self.forget_moderation = q("DELETE FROM moderation WHERE room = ? AND username = ?")
+        self.all_moderation = q(
+            "SELECT room, username, banned, muted_until FROM moderation ORDER BY room, username"
+        )
+        # The offset stays (history keeps no gap); the text goes.
+        self.delete_message = q(
+            "UPDATE messages SET text = '', deleted = TRUE WHERE room = ? AND msg_offset = ?"
+        )
         # Run once per position: a mark only moves forward.
         self.save_positions = q(
             "INSERT INTO positions (username, room, delivered, read) VALUES (?, ?, ?, ?)"

@@ -29,6 +29,7 @@ from ._errors import ErrorCode
 from ._events import (
     Ack,
     CallEvent,
+    Deleted,
     ErrorEvent,
     History,
     Joined,
@@ -36,6 +37,7 @@ from ._events import (
     Members,
     Message,
     ReadMark,
+    Removed,
     ServerEvent,
     Typing,
     Welcome,
@@ -238,7 +240,7 @@ def format_ts(ms: int) -> str:
 
 
 def _message_obj(m: Message) -> dict[str, Any]:
-    return {
+    obj = {
         "type": "message",
         "room": m.room,
         "offset": m.offset,
@@ -248,6 +250,9 @@ def _message_obj(m: Message) -> dict[str, Any]:
         "ts": format_ts(m.ts),
         "id": m.client_id,
     }
+    if m.deleted:  # only then: every other message frame stays as it was
+        obj["deleted"] = True
+    return obj
 
 
 def event_to_dict(event: ServerEvent) -> dict[str, Any]:
@@ -314,6 +319,10 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
             return obj
         case CallEvent():
             return _call_obj(event)
+        case Deleted():
+            return {"type": "deleted", "room": event.room, "offset": event.offset}
+        case Removed():
+            return {"type": "removed", "room": event.room, "reason": event.reason}
         case _:
             assert_never(event)
 
@@ -341,11 +350,15 @@ def encode_members(event: Members, users: str) -> str:
     return frame.replace(_NO_USERS, f'"users":[{users}]', 1)
 
 
+def _shown(m: Message) -> str:
+    return "(message deleted)" if m.deleted else m.text
+
+
 def encode_text(event: ServerEvent) -> str | None:
     """The plain-text-mode line for ``event``, or None if that mode shows nothing."""
     match event:
         case Message():
-            return f"{event.sender}: {event.text}"
+            return f"{event.sender}: {_shown(event)}"
         case Joined():
             return f"{event.user} joined the room"
         case Left():
@@ -355,7 +368,13 @@ def encode_text(event: ServerEvent) -> str | None:
         case ErrorEvent():
             return f"error: {event.message}"
         case History():
-            return "\n".join(f"{m.sender}: {m.text}" for m in event.messages) or None
+            lines = (f"{m.sender}: {_shown(m)}" for m in event.messages)
+            return "\n".join(lines) or None
+        case Deleted():
+            return f"a message was deleted (offset {event.offset})"
+        case Removed():
+            where = "the server" if event.room is None else f"room {event.room}"
+            return f"you were removed from {where}" + (f": {event.reason}" if event.reason else "")
         case Welcome() | Ack() | Typing() | ReadMark() | CallEvent():
             return None
         case _:

@@ -24,11 +24,13 @@ from ._events import Message
 __all__ = [
     "AppendFailed",
     "Appended",
+    "Ban",
     "CallSignal",
     "ClientRequest",
     "Command",
     "Connect",
     "CreateRoom",
+    "DeleteMessage",
     "Disconnected",
     "Drained",
     "FetchHistory",
@@ -37,12 +39,16 @@ __all__ = [
     "InboxFailed",
     "InboxLoaded",
     "Join",
+    "Kick",
     "Leave",
     "MarkRead",
     "Mode",
+    "Moderation",
+    "Mute",
     "Pong",
     "Publish",
     "Receive",
+    "RemoveMember",
     "RoomLoadFailed",
     "RoomLoaded",
     "Send",
@@ -50,6 +56,7 @@ __all__ = [
     "Shutdown",
     "SignalKind",
     "StartTyping",
+    "Unban",
     "Written",
     "WrittenMany",
 ]
@@ -259,6 +266,9 @@ class RoomLoaded:
     private: bool = False
     allow: frozenset[str] = frozenset()
     recent: tuple[Message, ...] = ()
+    banned: frozenset[str] = frozenset()
+    muted: Mapping[str, float] = field(default_factory=dict)
+    """user -> until when (the engine's ``now``) a mute stored for the room lasts."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -346,6 +356,66 @@ class Shutdown:
     """Close every connection with 1001, save positions, refuse new connections."""
 
 
+# -- moderation: host and admin commands (see ``_moderation``) -----------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoveMember:
+    """Take ``user`` (every session) out of ``room``; they get ``removed``. They
+    may join again unless banned."""
+
+    room: str
+    user: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Kick:
+    """Remove ``user`` from the server: every connection gets ``removed`` and is
+    closed with 4003, and their sessions end (no resume)."""
+
+    user: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mute:
+    """``user`` may not send in ``room`` until ``until`` (the engine's clock,
+    seconds); ``until=None`` lifts a mute. Stored."""
+
+    room: str
+    user: str
+    until: float | None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ban:
+    """``user`` may not join (or send in) ``room``; a member is removed. Stored."""
+
+    room: str
+    user: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unban:
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteMessage:
+    """Mark the message at ``offset`` deleted: its offset stays (no gap), its text
+    goes; history and replays show it deleted and members get ``deleted``. Stored."""
+
+    room: str
+    offset: int
+
+
+Moderation = RemoveMember | Kick | Mute | Ban | Unban | DeleteMessage
+
+
 Command = (
     Connect
     | Receive
@@ -366,4 +436,5 @@ Command = (
     | CreateRoom
     | Publish
     | Shutdown
+    | Moderation
 )

@@ -2,8 +2,8 @@
 
 Transport effects (``Deliver``, ``Close``, ``Ping``) act on connections;
 storage effects (``LoadRoom``, ``Append``, ``LoadHistory``, ``LoadInbox``,
-``SaveRoom``, ``SavePositions``) go to the log, whose answers come back as commands. The
-adapter carries them out in the order given.
+``SaveRoom``, ``SavePositions``, ``SaveModeration``, ``DeleteStored``) go to
+the log, whose answers come back as commands. The adapter carries them out in the order given.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ._events import ServerEvent
 __all__ = [
     "Append",
     "Close",
+    "DeleteStored",
     "Deliver",
     "Effect",
     "LoadHistory",
@@ -23,6 +24,7 @@ __all__ = [
     "LoadRoom",
     "Ping",
     "Position",
+    "SaveModeration",
     "SavePositions",
     "SaveRoom",
 ]
@@ -132,6 +134,36 @@ class SavePositions:
     positions: tuple[Position, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveModeration:
+    """Store what holds for ``user`` in ``room``: banned or not, muted until when
+    (None: not muted). Both false/None: forget the user's row. No answer."""
+
+    room: str
+    user: str
+    banned: bool
+    muted_until: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteStored:
+    """Mark the stored message at ``offset`` deleted (blank its text, keep the
+    offset) so that history pages and replays show it deleted. No answer."""
+
+    room: str
+    offset: int
+
+
 Effect = (
-    Deliver | Close | Ping | LoadRoom | Append | LoadHistory | LoadInbox | SaveRoom | SavePositions
+    Deliver
+    | Close
+    | Ping
+    | LoadRoom
+    | Append
+    | LoadHistory
+    | LoadInbox
+    | SaveRoom
+    | SavePositions
+    | SaveModeration
+    | DeleteStored
 )

@@ -13,9 +13,9 @@ module: ``_lifecycle`` (connect, welcome, resume, grace period), ``_presence``
 (membership, typing, read marks), ``_messages`` (send, log order), ``_replay``
 (catching up), ``_history`` (history pages, loading rooms), ``_requests``
 (decoding frames, the request rate), ``_outbox`` (backpressure), ``_signals``
-(relaying call frames as ``_calls`` decides), all over the data in
-``_state``. No module below imports this one, and none imports a module that
-imports it back.
+(relaying call frames as ``_calls`` decides), ``_moderation`` (removals,
+mutes, bans, deleting messages), all over the data in ``_state``. No module
+below imports this one, and none imports a module that imports it back.
 """
 
 from __future__ import annotations
@@ -23,16 +23,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never
 
-from . import _history, _lifecycle, _messages, _presence, _replay, _requests, _signals
+from . import (
+    _history,
+    _lifecycle,
+    _messages,
+    _moderation,
+    _presence,
+    _replay,
+    _requests,
+    _signals,
+)
 from ._commands import (
     Appended,
     AppendFailed,
+    Ban,
     CallSignal,
     ClientRequest,
     Command,
     Connect,
     ConnId,
     CreateRoom,
+    DeleteMessage,
     Disconnected,
     Drained,
     FetchHistory,
@@ -41,17 +52,21 @@ from ._commands import (
     InboxFailed,
     InboxLoaded,
     Join,
+    Kick,
     Leave,
     MarkRead,
+    Mute,
     Pong,
     Publish,
     Receive,
+    RemoveMember,
     RoomLoaded,
     RoomLoadFailed,
     Send,
     SendDirect,
     Shutdown,
     StartTyping,
+    Unban,
     Written,
     WrittenMany,
 )
@@ -168,6 +183,8 @@ class Engine:
                 _messages.publish_for_host(st, command, now, out)
             case Shutdown():
                 _lifecycle.shutdown(st, out)
+            case RemoveMember() | Kick() | Mute() | Ban() | Unban() | DeleteMessage():
+                _moderation.moderate(st, command, out)
             case _:
                 assert_never(command)
         if st.closes:
@@ -254,6 +271,17 @@ class Engine:
             for name, room in self._st.rooms.items()
             if include_private or not room.private
         }
+
+    def sessions(self, user: str | None = None) -> list[SessionInfo]:
+        """Every session (of ``user``, if given), connected or in its grace period."""
+        st = self._st
+        ids = st.by_id if user is None else st.by_user.get(user, {})
+        return [info for i in list(ids) if (info := self.session(i)) is not None]
+
+    def moderation(self, room: str) -> tuple[frozenset[str], dict[str, float]]:
+        """(banned users, muted users -> until) of a room held in memory."""
+        r = self._st.rooms.get(room)
+        return (frozenset(), {}) if r is None else (frozenset(r.banned), dict(r.muted))
 
     def members(self, room: str) -> tuple[str, ...]:
         r = self._st.rooms.get(room)

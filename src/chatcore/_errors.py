@@ -53,3 +53,5 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
     HEARTBEAT_TIMEOUT = 4000
+    REMOVED = 4003
+    """A moderator removed the user from the server; reconnecting starts afresh."""

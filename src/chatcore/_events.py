@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "Ack",
     "CallEvent",
+    "Deleted",
     "ErrorEvent",
     "History",
     "Joined",
@@ -20,6 +21,7 @@ __all__ = [
     "Members",
     "Message",
     "ReadMark",
+    "Removed",
     "RoomPosition",
     "ServerEvent",
     "Typing",
@@ -43,6 +45,8 @@ class Message:
     text: str
     ts: int
     client_id: str | None = None
+    deleted: bool = False
+    """Deleted by a moderator: the offset stays, ``text`` is empty."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +150,23 @@ class CallEvent:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deleted:
+    """A moderator deleted the message at ``offset``: show it as deleted."""
+
+    room: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Removed:
+    """A moderator removed this user from ``room`` (None: from the server, and the
+    connection closes next with code 4003)."""
+
+    room: str | None
+    reason: str = ""
+
+
 ServerEvent = (
     Welcome
     | Message
@@ -158,4 +179,6 @@ ServerEvent = (
     | History
     | ErrorEvent
     | CallEvent
+    | Deleted
+    | Removed
 )

@@ -10,7 +10,7 @@ here. Replaying messages to one connection is ``_replay``.
 
 from __future__ import annotations
 
-from ._access import Action
+from ._access import Access, Action
 from ._awaits import PendingGap, PendingSend
 from ._commands import Appended, AppendFailed, HistoryLoaded, Publish, SendDirect
 from ._effects import Append, Effect, LoadHistory
@@ -18,7 +18,7 @@ from ._errors import ErrorCode, LocalProtocolError
 from ._events import Ack, Message
 from ._names import dm_room, is_valid_name, is_valid_room
 from ._outbox import broadcast, error, to
-from ._presence import add_member, admits, member_room
+from ._presence import add_member, member_room, refusal, verdict
 from ._room import Room
 from ._session import Connection, Session, SessionState
 from ._state import EngineState
@@ -47,8 +47,15 @@ def send(
     room = member_room(st, session, room_name, ref_name, out)
     if room is None:
         return
-    if not admits(room, session.user, Action.SEND):  # members were admitted: never, today
-        error(st, session, ErrorCode.FORBIDDEN, f"not allowed in room {room_name}", ref_name, out)
+    if (refused := verdict(room, session.user, Action.SEND, now)) is not Access.ALLOWED:
+        error(
+            st,
+            session,
+            ErrorCode.FORBIDDEN,
+            refusal(room, refused, session.user, now),
+            ref_name,
+            out,
+        )
         return
     if not text:
         error(st, session, ErrorCode.INVALID_FIELD, "text must not be empty", ref_name, out)
