@@ -4,10 +4,12 @@
 effects to a :class:`Transport` the server implements, storage effects to a
 :class:`chatcore_store.HistoryStore`), keeps its one timer and runs the store.
 The request policy every server needs (tokens, the page's origin, who may
-read a room's history) takes plain headers and query values. Needs anyio;
+read a room's history) takes plain headers and query values, and so does the
+admin API (``check_admin``, ``admin_request``). Needs anyio;
 no HTTP or WebSocket library.
 """
 
+from ._admin import MAX_ADMIN_BODY, AdminReply, admin_request, check_admin
 from ._host import EngineHost, Transport
 from ._policy import (
     AuthError,
@@ -23,12 +25,16 @@ from ._policy import (
 )
 
 __all__ = [
+    "MAX_ADMIN_BODY",
+    "AdminReply",
     "AuthError",
     "EngineHost",
     "Headers",
     "Transport",
+    "admin_request",
     "authenticate",
     "bearer_token",
+    "check_admin",
     "header",
     "header_tokens",
     "origin_allowed",

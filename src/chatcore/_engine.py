@@ -104,6 +104,7 @@ class RoomView:
     users: tuple[str, ...]
     head: int
     epoch: str
+    allow: frozenset[str] = frozenset()
 
 
 class Engine:
@@ -267,6 +268,7 @@ class Engine:
                 users=room.member_list(),
                 head=room.head,
                 epoch=room.epoch,
+                allow=room.allow,
             )
             for name, room in self._st.rooms.items()
             if include_private or not room.private
