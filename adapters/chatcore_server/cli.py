@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -20,6 +21,7 @@ from chatcore_host import parse_origin
 from chatcore_store import DEFAULT_URL, HistoryStore, open_store
 from chatcore_store.cli import add_subcommands
 
+from ._admin_cli import add_admin_subcommands, live_room_create, url_options
 from ._logjson import JsonFormatter
 from ._server import ChatServer, Limits
 
@@ -94,8 +96,20 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", default="asyncio", choices=["asyncio", "trio"], help="anyio event loop"
     )
     _add_operator_flags(serve)
+    serve.add_argument(
+        "--admin-token",
+        default=os.environ.get("CHATCORE_ADMIN_TOKEN"),
+        help="enable the admin API (/admin/...) for requests with Authorization: Bearer "
+        "this token (default: $CHATCORE_ADMIN_TOKEN; with --jwt-secret, tokens with "
+        "\"admin\": true are admins too)",
+    )
     serve.set_defaults(func=_serve_command)
-    add_subcommands(commands)
+    add_subcommands(
+        commands,
+        live_options=lambda p: url_options(p, required=False),
+        live_create=live_room_create,
+    )
+    add_admin_subcommands(commands)
     return parser
 
 
@@ -368,6 +382,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         ice_servers=args.ice_server,
         limits=limits,
         metrics_token=args.metrics_token,
+        admin_token=args.admin_token or None,
     )
     failed: list[BaseException] = []
     try:
