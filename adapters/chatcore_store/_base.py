@@ -40,7 +40,8 @@ from chatcore import (
     Message,
     RoomLoaded,
     RoomLoadFailed,
-    SaveModeration,
+    SaveBan,
+    SaveMute,
     SavePositions,
     SaveRoom,
     room_rule,
@@ -82,7 +83,8 @@ StorageEffect = (
     | LoadInbox
     | SaveRoom
     | SavePositions
-    | SaveModeration
+    | SaveBan
+    | SaveMute
     | DeleteStored
 )
 _STORAGE = (
@@ -92,7 +94,8 @@ _STORAGE = (
     LoadInbox,
     SaveRoom,
     SavePositions,
-    SaveModeration,
+    SaveBan,
+    SaveMute,
     DeleteStored,
 )
 
@@ -612,13 +615,14 @@ class SQLStore:
             case SaveRoom():
                 yield from self._save_room(effect)
                 return None
-            case SaveModeration():
-                if not effect.banned and effect.muted_until is None:
-                    yield Statement(sql.forget_moderation, (effect.room, effect.user))
-                else:
-                    until = None if effect.muted_until is None else int(effect.muted_until * 1000)
-                    row = (effect.room, effect.user, effect.banned, until)
-                    yield Statement(sql.save_moderation, row)
+            case SaveBan():
+                yield Statement(sql.save_ban, (effect.room, effect.user, effect.banned))
+                yield Statement(sql.forget_moderation, (effect.room, effect.user))
+                return None
+            case SaveMute():
+                until = None if effect.until is None else int(effect.until * 1000)
+                yield Statement(sql.save_mute, (effect.room, effect.user, until))
+                yield Statement(sql.forget_moderation, (effect.room, effect.user))
                 return None
             case DeleteStored():
                 yield Statement(sql.delete_message, (effect.room, effect.offset))

@@ -175,14 +175,19 @@ class Statements:
         self.positions = q("SELECT room, delivered, read FROM positions WHERE username = ?")
         # Moderation (schema 6): a row per user banned or muted in a room.
         self.moderation = q("SELECT username, banned, muted_until FROM moderation WHERE room = ?")
-        self.save_moderation = q(
-            "INSERT INTO moderation (room, username, banned, muted_until) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (room, username) DO UPDATE SET"
-            " banned = excluded.banned, muted_until = excluded.muted_until"
+        # Each sets its own column and leaves the other as stored.
+        self.save_ban = q(
+            "INSERT INTO moderation (room, username, banned) VALUES (?, ?, ?)"
+            " ON CONFLICT (room, username) DO UPDATE SET banned = excluded.banned"
         )
-        self.forget_moderation = q("DELETE FROM moderation WHERE room = ? AND username = ?")
-        self.all_moderation = q(
-            "SELECT room, username, banned, muted_until FROM moderation ORDER BY room, username"
+        self.save_mute = q(
+            "INSERT INTO moderation (room, username, muted_until) VALUES (?, ?, ?)"
+            " ON CONFLICT (room, username) DO UPDATE SET muted_until = excluded.muted_until"
+        )
+        # A row that holds neither is forgotten.
+        self.forget_moderation = q(
+            "DELETE FROM moderation WHERE room = ? AND username = ?"
+            " AND NOT banned AND muted_until IS NULL"
         )
         # The offset stays (history keeps no gap); the text goes.
         self.delete_message = q(

@@ -22,7 +22,8 @@ from chatcore import (
     LoadRoom,
     Message,
     RoomLoaded,
-    SaveModeration,
+    SaveBan,
+    SaveMute,
     SavePositions,
     SaveRoom,
     dm_users,
@@ -192,13 +193,16 @@ class MemoryStore:
                     effect.room, private=effect.private, allow=effect.allow
                 )
                 return None
-            case SaveModeration():
+            case SaveBan():
                 room = self._room(effect.room)
                 (room.banned.add if effect.banned else room.banned.discard)(effect.user)
-                if effect.muted_until is None:
+                return None
+            case SaveMute():
+                room = self._room(effect.room)
+                if effect.until is None:
                     room.muted.pop(effect.user, None)
                 else:
-                    room.muted[effect.user] = effect.muted_until
+                    room.muted[effect.user] = effect.until
                 return None
             case DeleteStored():
                 room = self._room(effect.room)

@@ -2,7 +2,7 @@
 
 Transport effects (``Deliver``, ``Close``, ``Ping``) act on connections;
 storage effects (``LoadRoom``, ``Append``, ``LoadHistory``, ``LoadInbox``,
-``SaveRoom``, ``SavePositions``, ``SaveModeration``, ``DeleteStored``) go to
+``SaveRoom``, ``SavePositions``, ``SaveBan``, ``SaveMute``, ``DeleteStored``) go to
 the log, whose answers come back as commands. The adapter carries them out in the order given.
 """
 
@@ -24,7 +24,8 @@ __all__ = [
     "LoadRoom",
     "Ping",
     "Position",
-    "SaveModeration",
+    "SaveBan",
+    "SaveMute",
     "SavePositions",
     "SaveRoom",
 ]
@@ -135,14 +136,22 @@ class SavePositions:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SaveModeration:
-    """Store what holds for ``user`` in ``room``: banned or not, muted until when
-    (None: not muted). Both false/None: forget the user's row. No answer."""
+class SaveBan:
+    """Store whether ``user`` is banned from ``room`` (a mute stays as stored). No answer."""
 
     room: str
     user: str
     banned: bool
-    muted_until: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveMute:
+    """Store until when ``user`` is muted in ``room`` (None: not muted; a ban stays
+    as stored). No answer."""
+
+    room: str
+    user: str
+    until: float | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +173,7 @@ Effect = (
     | LoadInbox
     | SaveRoom
     | SavePositions
-    | SaveModeration
+    | SaveBan
+    | SaveMute
     | DeleteStored
 )

@@ -3,7 +3,7 @@
 Owns removing a user from a room or from the server, mutes, bans and
 deleting a message. Each is a host command (``_commands.Moderation``) that
 changes what the engine holds of a loaded room and says what must be stored
-(``SaveModeration``, ``DeleteStored``), so that a room loaded later, here or
+(``SaveBan``, ``SaveMute``, ``DeleteStored``), so that a room loaded later, here or
 in another process, holds the same. Whether a banned or muted user may join
 or send is not decided here: the one access rule (``_access``) is asked with
 the room's bans and mutes. Membership itself is ``_presence``; ending a
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ._commands import Ban, DeleteMessage, Kick, Moderation, Mute, RemoveMember, Unban
-from ._effects import Close, DeleteStored, Effect, SaveModeration
+from ._effects import Close, DeleteStored, Effect, SaveBan, SaveMute
 from ._errors import CloseCode, LocalProtocolError
 from ._events import Deleted, Removed
 from ._lifecycle import drop, expire
@@ -43,31 +43,24 @@ def moderate(st: EngineState, cmd: Moderation, out: list[Effect]) -> None:
         case Kick():
             _kick(st, cmd.user, cmd.reason, out)
         case Mute():
-            room = st.rooms.get(cmd.room)
-            banned = room is not None and cmd.user in room.banned
-            if room is not None:
-                if cmd.until is None:
+            # A mute that is over already is nothing to keep.
+            until = cmd.until if cmd.until is not None and cmd.until > st.now else None
+            if (room := st.rooms.get(cmd.room)) is not None:
+                if until is None:
                     room.muted.pop(cmd.user, None)
                 else:
-                    room.muted[cmd.user] = cmd.until
-            # A room not held here learns the mute from the store when it loads.
-            # (Held or not, the ban flag saved is what the store holds: see _save.)
-            _save(st, cmd.room, cmd.user, banned=banned, muted_until=cmd.until, out=out)
+                    room.muted[cmd.user] = until
+            # A room not held here learns it from the store when it loads.
+            out.append(SaveMute(room=cmd.room, user=cmd.user, until=until))
         case Ban():
-            room = st.rooms.get(cmd.room)
-            until = None
-            if room is not None:
+            if (room := st.rooms.get(cmd.room)) is not None:
                 room.banned.add(cmd.user)
-                until = room.muted.get(cmd.user)
                 _remove(st, room, cmd.user, cmd.reason or "banned", out)
-            _save(st, cmd.room, cmd.user, banned=True, muted_until=until, out=out)
+            out.append(SaveBan(room=cmd.room, user=cmd.user, banned=True))
         case Unban():
-            room = st.rooms.get(cmd.room)
-            until = None
-            if room is not None:
+            if (room := st.rooms.get(cmd.room)) is not None:
                 room.banned.discard(cmd.user)
-                until = room.muted.get(cmd.user)
-            _save(st, cmd.room, cmd.user, banned=False, muted_until=until, out=out)
+            out.append(SaveBan(room=cmd.room, user=cmd.user, banned=False))
         case DeleteMessage():
             out.append(DeleteStored(room=cmd.room, offset=cmd.offset))
             if (room := st.rooms.get(cmd.room)) is not None and cmd.offset <= room.head:
@@ -86,21 +79,6 @@ def _check(cmd: Moderation) -> None:
         raise LocalProtocolError(f"offsets start at 1, got {cmd.offset}")
     if not isinstance(cmd, Unban | DeleteMessage) and len(cmd.reason) > _MAX_REASON:
         raise LocalProtocolError(f"a reason is at most {_MAX_REASON} characters")
-
-
-def _save(
-    st: EngineState,
-    room: str,
-    user: str,
-    *,
-    banned: bool,
-    muted_until: float | None,
-    out: list[Effect],
-) -> None:
-    # A mute that is over is nothing to keep: the row goes when neither holds.
-    if muted_until is not None and muted_until <= st.now:
-        muted_until = None
-    out.append(SaveModeration(room=room, user=user, banned=banned, muted_until=muted_until))
 
 
 def _remove(st: EngineState, room: Room, user: str, reason: str, out: list[Effect]) -> None:

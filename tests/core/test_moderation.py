@@ -224,3 +224,19 @@ def test_invalid_moderation_is_refused_before_anything_changes(command: object) 
     with pytest.raises(LocalProtocolError):
         sim.engine.handle(command, sim.now)  # type: ignore[arg-type]
     assert sim.engine.members("lobby") == ("bob",)
+
+
+def test_a_mute_and_a_ban_of_a_room_nobody_holds_keep_each_other() -> None:
+    sim = Simulation()
+    sim.feed(Ban(room="quiet", user="bob"))
+    sim.feed(Mute(room="quiet", user="bob", until=sim.now + 600))  # must not lift the ban
+    sim.feed(Mute(room="quiet", user="carol", until=sim.now + 600))
+    sim.feed(Ban(room="quiet", user="carol"))  # must not lift the mute
+    sim.feed(Unban(room="quiet", user="carol"))
+    bob = sim.connect("bob", "quiet")
+    assert any("banned" in str(e["message"]) for e in _errors(bob))
+    carol = sim.connect("carol", "quiet")
+    carol.send("hello")
+    assert [str(e["message"]) for e in _errors(carol)] == [
+        "muted in room quiet for 600 more seconds"
+    ]

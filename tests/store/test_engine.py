@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatcore import Ban, DeleteMessage, Mute
+from chatcore import Ban, DeleteMessage, Mute, Unban
 from chatcore_store import create_room
 
 from .conftest import MakeStore
@@ -67,6 +67,8 @@ async def test_bans_mutes_and_deleted_messages_survive_a_restart(make_store: Mak
     await first.feed(Mute(room="lobby", user="carol", until=muted_until))
     await first.feed(Mute(room="lobby", user="carol", until=None))  # lifted: forgotten
     await first.feed(DeleteMessage(room="lobby", offset=2))
+    await first.feed(Ban(room="lobby", user="dave"))  # banned and muted: each kept
+    await first.feed(Mute(room="lobby", user="dave", until=muted_until))
     await store.close()
 
     second = Driver(await make_store(), seed=1, history_window=2)
@@ -92,3 +94,8 @@ async def test_bans_mutes_and_deleted_messages_survive_a_restart(make_store: Mak
     await second.send(alice := await second.connect("alice", "lobby"), "lobby", "hello 2", "m2")
     assert [a.offset for a in second.acks(alice)] == [2]
     assert second.messages(carol) == []  # (a duplicate is not delivered again)
+    await second.feed(Unban(room="lobby", user="dave"))
+    dave = await second.connect("dave", "lobby")
+    assert "lobby" in second.welcome(dave).rooms  # the ban is lifted...
+    await second.send(dave, "lobby", "hi", client_id="d1")
+    assert "muted" in second.errors(dave)[0].message  # ...the mute is not
