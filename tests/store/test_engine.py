@@ -67,8 +67,10 @@ async def test_bans_mutes_and_deleted_messages_survive_a_restart(make_store: Mak
     await first.feed(Mute(room="lobby", user="carol", until=muted_until))
     await first.feed(Mute(room="lobby", user="carol", until=None))  # lifted: forgotten
     await first.feed(DeleteMessage(room="lobby", offset=2))
-    await first.feed(Ban(room="lobby", user="dave"))  # banned and muted: each kept
+    await first.feed(Ban(room="lobby", user="dave"))  # banned and muted: each kept,
     await first.feed(Mute(room="lobby", user="dave", until=muted_until))
+    await first.feed(Mute(room="lobby", user="erin", until=muted_until))  # in either order
+    await first.feed(Ban(room="lobby", user="erin"))
     await store.close()
 
     second = Driver(await make_store(), seed=1, history_window=2)
@@ -94,8 +96,9 @@ async def test_bans_mutes_and_deleted_messages_survive_a_restart(make_store: Mak
     await second.send(alice := await second.connect("alice", "lobby"), "lobby", "hello 2", "m2")
     assert [a.offset for a in second.acks(alice)] == [2]
     assert second.messages(carol) == []  # (a duplicate is not delivered again)
-    await second.feed(Unban(room="lobby", user="dave"))
-    dave = await second.connect("dave", "lobby")
-    assert "lobby" in second.welcome(dave).rooms  # the ban is lifted...
-    await second.send(dave, "lobby", "hi", client_id="d1")
-    assert "muted" in second.errors(dave)[0].message  # ...the mute is not
+    for user in ("dave", "erin"):
+        await second.feed(Unban(room="lobby", user=user))
+        conn = await second.connect(user, "lobby")
+        assert "lobby" in second.welcome(conn).rooms  # the ban is lifted...
+        await second.send(conn, "lobby", "hi", client_id="x1")
+        assert "muted" in second.errors(conn)[0].message  # ...the mute is not
