@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CHATCORE_ADMIN_TOKEN"),
         help="enable the admin API (/admin/...) for requests with Authorization: Bearer "
         "this token (default: $CHATCORE_ADMIN_TOKEN; with --jwt-secret, tokens with "
-        "\"admin\": true are admins too)",
+        '"admin": true are admins too)',
     )
     serve.set_defaults(func=_serve_command)
     add_subcommands(
