@@ -407,8 +407,10 @@ class Engine:
         st = self._st
         loaded = _history.room_loaded(st, cmd)
         if loaded is None:
+            _moderation.load_failed(st, cmd.room)  # (an answer nobody waits for)
             return
         room, waiters = loaded
+        _moderation.room_arrived(st, room)
         for session, request in waiters:
             if request is None:
                 self._run_held(_lifecycle.room_arrived(st, session, cmd.room, now, out), now, out)
@@ -418,6 +420,7 @@ class Engine:
 
     def _room_failed(self, cmd: RoomLoadFailed, now: float, out: list[Effect]) -> None:
         st = self._st
+        _moderation.load_failed(st, cmd.room)
         for session, request in st.awaits.rooms.pop(cmd.room, None) or ():
             if request is not None:
                 error(

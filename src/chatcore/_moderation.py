@@ -26,7 +26,7 @@ from ._room import Room
 from ._session import SessionInput, takes
 from ._state import EngineState
 
-__all__ = ["moderate"]
+__all__ = ["load_failed", "moderate", "room_arrived"]
 
 _MAX_REASON = 200  # characters: a close reason must fit in 123 bytes, see ``kick``
 
@@ -36,6 +36,10 @@ def moderate(st: EngineState, cmd: Moderation, out: list[Effect]) -> None:
     an invalid room or user name, an offset below 1 or an over-long reason,
     before changing anything."""
     _check(cmd)
+    if not isinstance(cmd, Kick) and cmd.room not in st.rooms and cmd.room in st.awaits.rooms:
+        # Its load is on the way with what the store held before this: apply it again
+        # to what arrives (the store gets it after the load, in order).
+        st.moderating.setdefault(cmd.room, []).append(cmd)
     match cmd:
         case RemoveMember():
             if (room := st.rooms.get(cmd.room)) is not None:
@@ -68,6 +72,29 @@ def moderate(st: EngineState, cmd: Moderation, out: list[Effect]) -> None:
                 broadcast(
                     st, room, Deleted(room=cmd.room, offset=cmd.offset), None, out, ephemeral=True
                 )
+
+
+def room_arrived(st: EngineState, room: Room) -> None:
+    """A room loaded: what was decided about it while it loaded holds in it too."""
+    for cmd in st.moderating.pop(room.name, ()):
+        match cmd:
+            case Ban():
+                room.banned.add(cmd.user)
+            case Unban():
+                room.banned.discard(cmd.user)
+            case Mute():
+                if cmd.until is None or cmd.until <= st.now:
+                    room.muted.pop(cmd.user, None)
+                else:
+                    room.muted[cmd.user] = cmd.until
+            case DeleteMessage():
+                _blank(room, cmd.offset)
+            case RemoveMember() | Kick():
+                pass  # nobody was in it while it loaded
+
+
+def load_failed(st: EngineState, room: str) -> None:
+    st.moderating.pop(room, None)  # stored all the same; the next load brings it
 
 
 def _check(cmd: Moderation) -> None:

@@ -22,6 +22,7 @@ from chatcore import (
     room_access,
 )
 from chatcore_sim import SimClient, Simulation
+from chatcore_store import MemoryStore
 
 
 def _errors(client: SimClient) -> list[dict[str, object]]:
@@ -240,3 +241,30 @@ def test_a_mute_and_a_ban_of_a_room_nobody_holds_keep_each_other() -> None:
     assert [str(e["message"]) for e in _errors(carol)] == [
         "muted in room quiet for 600 more seconds"
     ]
+
+
+def test_moderation_while_the_room_is_loading_is_not_lost_when_it_arrives() -> None:
+    # The store answers late: the ban, the mute and the deletion reach the engine
+    # after it asked for the room and before the (older) answer comes back.
+    store = MemoryStore()
+    seed = Simulation(store=store)
+    author = seed.connect("alice", "quiet")
+    author.send("one")
+    author.send("two")
+    seed.shutdown()
+    sim = Simulation(store=store, store_latency=1.0, start=seed.now + 1)
+    bob = sim.connect("bob", "quiet")  # asks the store for the room
+    carol = sim.connect("carol", "quiet")
+    sim.feed(Ban(room="quiet", user="bob"))
+    sim.feed(Mute(room="quiet", user="carol", until=sim.now + 600))
+    sim.feed(DeleteMessage(room="quiet", offset=2))
+    sim.advance(5)
+    assert sim.engine.members("quiet") == ("carol",)
+    assert any("banned" in str(e["message"]) for e in _errors(bob))
+    carol.send("hi")
+    sim.advance(5)
+    assert any("muted" in str(e["message"]) for e in _errors(carol))
+    carol.history("quiet")
+    sim.advance(5)
+    [page] = carol.of_type("history")
+    assert [m.get("deleted", False) for m in page["messages"]] == [False, True]
