@@ -40,11 +40,13 @@ from ._commands import (
     Receive,
     RoomLoaded,
     RoomLoadFailed,
+    Screened,
     Send,
     SendDirect,
     Shutdown,
     SignalKind,
     StartTyping,
+    Verdict,
     Written,
     WrittenMany,
 )
@@ -61,6 +63,7 @@ from ._effects import (
     Position,
     SavePositions,
     SaveRoom,
+    Screen,
 )
 from ._engine import Engine, RoomView, SessionInfo
 from ._errors import CloseCode, ErrorCode, LocalProtocolError
@@ -82,6 +85,17 @@ from ._events import (
 from ._handshake import SUBPROTOCOL, HandshakeError, parse_connect, select_mode
 from ._ids import IdSource, RandomIds, SeededIds
 from ._names import NAME_PATTERN, dm_room, dm_users, is_valid_name, is_valid_room
+from ._record import (
+    Divergence,
+    Recorder,
+    RecordError,
+    decode,
+    decode_command,
+    effect_digest,
+    encode,
+    read_header,
+    replay,
+)
 from ._session import TRANSITIONS, SessionInput, SessionState
 from ._state import Counters
 
@@ -110,6 +124,7 @@ __all__ = [
     "CreateRoom",
     "Deliver",
     "Disconnected",
+    "Divergence",
     "Drained",
     "Effect",
     "Engine",
@@ -143,12 +158,16 @@ __all__ = [
     "RandomIds",
     "ReadMark",
     "Receive",
+    "RecordError",
+    "Recorder",
     "RoomLoadFailed",
     "RoomLoaded",
     "RoomPosition",
     "RoomView",
     "SavePositions",
     "SaveRoom",
+    "Screen",
+    "Screened",
     "SeededIds",
     "Send",
     "SendDirect",
@@ -160,13 +179,18 @@ __all__ = [
     "SignalKind",
     "StartTyping",
     "Typing",
+    "Verdict",
     "Welcome",
     "Written",
     "WrittenMany",
     "__version__",
+    "decode",
+    "decode_command",
     "decode_request",
     "dm_room",
     "dm_users",
+    "effect_digest",
+    "encode",
     "encode_json",
     "encode_text",
     "event_to_dict",
@@ -175,6 +199,8 @@ __all__ = [
     "is_valid_name",
     "is_valid_room",
     "parse_connect",
+    "read_header",
+    "replay",
     "room_access",
     "room_rule",
     "select_mode",

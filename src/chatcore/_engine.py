@@ -48,6 +48,7 @@ from ._commands import (
     Receive,
     RoomLoaded,
     RoomLoadFailed,
+    Screened,
     Send,
     SendDirect,
     Shutdown,
@@ -168,6 +169,8 @@ class Engine:
                 _messages.publish_for_host(st, command, now, out)
             case Shutdown():
                 _lifecycle.shutdown(st, out)
+            case Screened():
+                _messages.screened(st, command, out)
             case _:
                 assert_never(command)
         if st.closes:
