@@ -8,7 +8,7 @@ read a room's history) takes plain headers and query values. Needs anyio;
 no HTTP or WebSocket library.
 """
 
-from ._host import EngineHost, Transport
+from ._host import EngineHost, ScreenHook, Transport
 from ._policy import (
     AuthError,
     Headers,
@@ -21,11 +21,14 @@ from ._policy import (
     read_history,
     repeated_header,
 )
+from ._record import RecordFile, read_record
 
 __all__ = [
     "AuthError",
     "EngineHost",
     "Headers",
+    "RecordFile",
+    "ScreenHook",
     "Transport",
     "authenticate",
     "bearer_token",
@@ -34,5 +37,6 @@ __all__ = [
     "origin_allowed",
     "parse_origin",
     "read_history",
+    "read_record",
     "repeated_header",
 ]
