@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from chatcore import Screen, Screened
+from chatcore_sim import Simulation
 
 from .conftest import JSON, recv_until, serving, welcome, ws_connect
 
@@ -67,3 +71,32 @@ async def test_a_hook_that_raises_refuses_that_message_only() -> None:
         errors = [e for e in seen if e["type"] == "error"]
         assert [(e["code"], e["ref"]) for e in errors] == [("refused", "1")]
         assert seen[-1]["type"] == "ack"
+
+
+def load_example() -> Any:
+    path = Path(__file__).resolve().parents[2] / "examples" / "moderation.py"
+    spec = importlib.util.spec_from_file_location("moderation_example", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_moderation_example_filters_refuses_and_routes_commands() -> None:
+    moderate = load_example().moderate
+    sim = Simulation(seed=1, screen=moderate)
+    amy = sim.connect("amy", room="general")
+    bo = sim.connect("bo", room="general")
+    amy.send("oh heck, Darn it", id="1")
+    amy.send("WHY IS NOBODY HERE", id="2")
+    amy.send("/roll", id="3")
+    amy.send("/kick bo", id="4")
+    texts = bo.texts()
+    assert texts[0] == "oh ****, **** it"
+    assert texts[1].startswith("amy rolls a die: ")
+    assert len(texts) == 2
+    assert [(e["ref"], e["code"]) for e in amy.of_type("error")] == [
+        ("2", "refused"),
+        ("4", "refused"),
+    ]
