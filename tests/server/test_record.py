@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
-from chatcore import RecordError, replay
+from chatcore import Config, RecordError, replay
 from chatcore_host import RecordFile, read_record
 
 from .conftest import JSON, kill, recv, recv_until, serving, welcome, ws_connect
@@ -188,3 +188,25 @@ async def test_a_rotated_record_replays_while_its_first_part_is_kept(tmp_path: P
     assert not short.with_name("short.jsonl.2").exists()
     with pytest.raises(RecordError, match="header"):
         replay(read_record(short))
+
+
+async def test_timers_are_recorded_a_session_that_expired_replays_as_expired(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "grace.jsonl"
+    config = Config(grace_period=0.3)
+    async with serving(config=config, record=RecordFile(path)) as srv:
+        await expire_and_come_back(srv.ws)
+    assert replay(read_record(path)) is None
+    assert any('"tick":true' in line for line in read_record(path))
+
+
+async def expire_and_come_back(ws: str) -> None:
+    async with ws_connect(f"{ws}?user=amy&room=general", **JSON) as amy:
+        await welcome(amy)
+        bo = await ws_connect(f"{ws}?user=bo&room=general", **JSON).__aenter__()
+        token = (await welcome(bo))["resume"]
+        await kill(bo)
+        await recv_until(amy, lambda e: e["type"] == "left")  # the timer ran out
+        async with ws_connect(f"{ws}?user=bo&room=general&resume={token}", **JSON) as bo2:
+            assert (await welcome(bo2))["resumed"] is False
