@@ -28,7 +28,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ._commands import Command
 from ._config import Config
-from ._effects import Effect
+from ._effects import Deliver, Effect
 from ._engine import Engine
 from ._events import ServerEvent
 from ._ids import IdSource
@@ -68,6 +68,8 @@ _KNOWN: dict[str, type] = {
     **_dataclasses(ServerEvent),
 }
 _HINTS: dict[type, dict[str, Any]] = {}
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_PLAIN = frozenset({str, int, float, bool, type(None)})  # exactly these: an enum is not plain
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -84,19 +86,21 @@ def encode(value: object) -> Json:
     frozensets sorted lists, enums their value: the same value always gives
     the same JSON, whatever the process's hash seed.
     """
-    if value is None or isinstance(value, str | bool | int | float):
-        if isinstance(value, enum.Enum):
-            return value.value
+    if type(value) in _PLAIN:
         return value
     if isinstance(value, enum.Enum):
         return value.value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    names = _FIELDS.get(type(value))
+    if names is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = _FIELDS[type(value)] = tuple(f.name for f in dataclasses.fields(value))
+    if names is not None:
         out: dict[str, Json] = {"type": type(value).__name__}
-        for f in dataclasses.fields(value):
-            out[f.name] = encode(getattr(value, f.name))
+        for name in names:
+            v = getattr(value, name)
+            out[name] = v if type(v) in _PLAIN else encode(v)
         return out
     if isinstance(value, tuple | list):
-        return [encode(v) for v in value]
+        return [v if type(v) in _PLAIN else encode(v) for v in value]
     if isinstance(value, frozenset | set):
         return sorted(encode(v) for v in value)
     if isinstance(value, Mapping):
@@ -185,8 +189,16 @@ def _dumps(data: Json) -> str:
 
 
 def effect_digest(effect: Effect) -> str:
-    """A short digest of an effect's canonical JSON: equal effects, equal digests."""
-    raw = _dumps(encode(effect)).encode("utf-8", "surrogatepass")
+    """A short digest of an effect's canonical JSON: equal effects, equal digests.
+
+    A ``Deliver`` is digested by its recipients and its frame (``data`` is the
+    event, encoded): the bytes the clients get, without encoding them twice.
+    """
+    if type(effect) is Deliver:
+        assert isinstance(effect, Deliver)
+        raw = f"Deliver|{effect.to}|{effect.size}|{effect.data}".encode("utf-8", "surrogatepass")
+    else:
+        raw = _dumps(encode(effect)).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
