@@ -10,7 +10,7 @@ no HTTP or WebSocket library.
 """
 
 from ._admin import MAX_ADMIN_BODY, AdminReply, admin_request, check_admin
-from ._host import EngineHost, Transport
+from ._host import EngineHost, ScreenHook, Transport
 from ._policy import (
     AuthError,
     Headers,
@@ -23,6 +23,7 @@ from ._policy import (
     read_history,
     repeated_header,
 )
+from ._record import RecordFile, read_record
 
 __all__ = [
     "MAX_ADMIN_BODY",
@@ -30,6 +31,8 @@ __all__ = [
     "AuthError",
     "EngineHost",
     "Headers",
+    "RecordFile",
+    "ScreenHook",
     "Transport",
     "admin_request",
     "authenticate",
@@ -40,5 +43,6 @@ __all__ = [
     "origin_allowed",
     "parse_origin",
     "read_history",
+    "read_record",
     "repeated_header",
 ]

@@ -69,6 +69,8 @@ from chatcore_host import (
     MAX_ADMIN_BODY,
     AuthError,
     EngineHost,
+    RecordFile,
+    ScreenHook,
     authenticate,
     header,
     header_tokens,
@@ -138,6 +140,8 @@ class ChatServer:
     ``await server.serve()`` runs until :meth:`shutdown` (or cancellation);
     ``url = await task_group.start(server.serve)`` gives the address once the
     listener is up, which is how tests and embedding programs start it.
+    ``screen`` and ``record`` are :class:`chatcore_host.EngineHost`'s hooks:
+    a message filter, and a record of the run for ``chatcore replay``.
     """
 
     def __init__(
@@ -156,6 +160,8 @@ class ChatServer:
         ice_servers: Sequence[Mapping[str, Any]] = (),
         metrics_token: str | None = None,
         admin_token: str | None = None,
+        screen: ScreenHook | None = None,
+        record: RecordFile | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.engine_host = EngineHost(
@@ -164,6 +170,8 @@ class ChatServer:
             store=store,
             ids=ids,
             retention_every=self.limits.retention_interval,
+            screen=screen,
+            record=record,
         )
         self.config = self.engine_host.config
         self.engine: Engine = self.engine_host.engine

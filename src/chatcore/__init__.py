@@ -46,12 +46,14 @@ from ._commands import (
     RemoveMember,
     RoomLoaded,
     RoomLoadFailed,
+    Screened,
     Send,
     SendDirect,
     Shutdown,
     SignalKind,
     StartTyping,
     Unban,
+    Verdict,
     Written,
     WrittenMany,
 )
@@ -71,6 +73,7 @@ from ._effects import (
     SaveMute,
     SavePositions,
     SaveRoom,
+    Screen,
 )
 from ._engine import Engine, RoomView, SessionInfo
 from ._errors import CloseCode, ErrorCode, LocalProtocolError
@@ -94,6 +97,17 @@ from ._events import (
 from ._handshake import SUBPROTOCOL, HandshakeError, parse_connect, select_mode
 from ._ids import IdSource, RandomIds, SeededIds
 from ._names import NAME_PATTERN, dm_room, dm_users, is_valid_name, is_valid_room
+from ._record import (
+    Divergence,
+    Recorder,
+    RecordError,
+    decode,
+    decode_command,
+    effect_digest,
+    encode,
+    read_header,
+    replay,
+)
 from ._session import TRANSITIONS, SessionInput, SessionState
 from ._state import Counters
 
@@ -126,6 +140,7 @@ __all__ = [
     "Deleted",
     "Deliver",
     "Disconnected",
+    "Divergence",
     "Drained",
     "Effect",
     "Engine",
@@ -162,6 +177,8 @@ __all__ = [
     "RandomIds",
     "ReadMark",
     "Receive",
+    "RecordError",
+    "Recorder",
     "RemoveMember",
     "Removed",
     "RoomLoadFailed",
@@ -172,6 +189,8 @@ __all__ = [
     "SaveMute",
     "SavePositions",
     "SaveRoom",
+    "Screen",
+    "Screened",
     "SeededIds",
     "Send",
     "SendDirect",
@@ -184,13 +203,18 @@ __all__ = [
     "StartTyping",
     "Typing",
     "Unban",
+    "Verdict",
     "Welcome",
     "Written",
     "WrittenMany",
     "__version__",
+    "decode",
+    "decode_command",
     "decode_request",
     "dm_room",
     "dm_users",
+    "effect_digest",
+    "encode",
     "encode_json",
     "encode_text",
     "event_to_dict",
@@ -199,6 +223,8 @@ __all__ = [
     "is_valid_name",
     "is_valid_room",
     "parse_connect",
+    "read_header",
+    "replay",
     "room_access",
     "room_rule",
     "select_mode",

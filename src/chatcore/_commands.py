@@ -51,12 +51,14 @@ __all__ = [
     "RemoveMember",
     "RoomLoadFailed",
     "RoomLoaded",
+    "Screened",
     "Send",
     "SendDirect",
     "Shutdown",
     "SignalKind",
     "StartTyping",
     "Unban",
+    "Verdict",
     "Written",
     "WrittenMany",
 ]
@@ -351,6 +353,31 @@ class Publish:
     client_id: str | None = None
 
 
+class Verdict(enum.Enum):
+    """What the host's screening hook decided about a message (see ``Screened``)."""
+
+    ACCEPT = "accept"
+    REFUSE = "refuse"
+    REPLACE = "replace"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Screened:
+    """Host: the answer to ``Screen`` ``ref``.
+
+    ``ACCEPT`` appends the message as sent; ``REPLACE`` appends ``text``
+    instead; ``REFUSE`` appends nothing and sends the sender error
+    ``refused`` with ``reason``. An answer for a ref that is not awaited
+    (answered already) is ignored. Build it with ``Screen.accept()``,
+    ``Screen.refuse(reason)`` or ``Screen.replace(text)``.
+    """
+
+    ref: int
+    verdict: Verdict
+    text: str | None = None
+    reason: str = ""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Shutdown:
     """Close every connection with 1001, save positions, refuse new connections."""
@@ -437,4 +464,5 @@ Command = (
     | Publish
     | Shutdown
     | Moderation
+    | Screened
 )

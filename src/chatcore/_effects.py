@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._commands import ConnId
+from ._commands import ConnId, Screened, Verdict
 from ._events import ServerEvent
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "SaveMute",
     "SavePositions",
     "SaveRoom",
+    "Screen",
 ]
 
 
@@ -163,6 +164,30 @@ class DeleteStored:
     offset: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Screen:
+    """Ask the host's hook about a message before it is appended (``Config.screen_messages``).
+
+    Answer with ``Screened`` (the helpers below build it); until then the
+    message waits and nothing of it is stored or delivered.
+    """
+
+    ref: int
+    room: str
+    sender: str
+    text: str
+    client_id: str | None = None
+
+    def accept(self) -> Screened:
+        return Screened(ref=self.ref, verdict=Verdict.ACCEPT)
+
+    def refuse(self, reason: str) -> Screened:
+        return Screened(ref=self.ref, verdict=Verdict.REFUSE, reason=reason)
+
+    def replace(self, text: str) -> Screened:
+        return Screened(ref=self.ref, verdict=Verdict.REPLACE, text=text)
+
+
 Effect = (
     Deliver
     | Close
@@ -176,4 +201,5 @@ Effect = (
     | SaveBan
     | SaveMute
     | DeleteStored
+    | Screen
 )

@@ -62,6 +62,7 @@ from ._commands import (
     RemoveMember,
     RoomLoaded,
     RoomLoadFailed,
+    Screened,
     Send,
     SendDirect,
     Shutdown,
@@ -186,6 +187,8 @@ class Engine:
                 _lifecycle.shutdown(st, out)
             case RemoveMember() | Kick() | Mute() | Ban() | Unban() | DeleteMessage():
                 _moderation.moderate(st, command, out)
+            case Screened():
+                _messages.screened(st, command, out)
             case _:
                 assert_never(command)
         if st.closes:

@@ -40,6 +40,7 @@ class ErrorCode(enum.StrEnum):
     NO_CALL = "no_call"
     CALL_STATE = "call_state"
     CALL_LIMIT = "call_limit"
+    REFUSED = "refused"
 
 
 class CloseCode(enum.IntEnum):

@@ -11,9 +11,17 @@ here. Replaying messages to one connection is ``_replay``.
 from __future__ import annotations
 
 from ._access import Access, Action
-from ._awaits import PendingGap, PendingSend
-from ._commands import Appended, AppendFailed, HistoryLoaded, Publish, SendDirect
-from ._effects import Append, Effect, LoadHistory
+from ._awaits import PendingGap, PendingScreen, PendingSend
+from ._commands import (
+    Appended,
+    AppendFailed,
+    HistoryLoaded,
+    Publish,
+    Screened,
+    SendDirect,
+    Verdict,
+)
+from ._effects import Append, Effect, LoadHistory, Screen
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import Ack, Message
 from ._names import dm_room, is_valid_name, is_valid_room
@@ -29,6 +37,7 @@ __all__ = [
     "gap_failed",
     "gap_filled",
     "publish_for_host",
+    "screened",
     "send",
     "send_direct",
 ]
@@ -89,6 +98,12 @@ def send(
             retry_after=round(wait, 3),
         )
         return
+    if config.screen_messages:
+        ref = st.awaits.expect(PendingScreen(session, room_name, client_id, text, int(now * 1000)))
+        out.append(
+            Screen(ref=ref, room=room_name, sender=session.user, text=text, client_id=client_id)
+        )
+        return
     awaits = st.awaits  # (Awaits.expect, inlined: this runs for every message)
     awaits.ref = ref = awaits.ref + 1
     awaits.refs[ref] = PendingSend(session, room_name, client_id)
@@ -123,6 +138,38 @@ def send_direct(
         ):
             add_member(st, s, room, out, announce=True)
     send(st, session, name, request.text, request.client_id, now, out)
+
+
+def screened(st: EngineState, cmd: Screened, out: list[Effect]) -> None:
+    """The host's hook answered a ``Screen``: append the message (as sent or
+    replaced), or refuse it with an error to its sender."""
+    refs = st.awaits.refs
+    pending = refs.get(cmd.ref)
+    if type(pending) is not PendingScreen:
+        return  # answered already, or not a screening's reference
+    text = pending.text
+    if cmd.verdict is Verdict.REPLACE:
+        if cmd.text is None or not cmd.text or len(cmd.text.encode()) > st.config.max_text_bytes:
+            raise LocalProtocolError("Screened text must be non-empty and within max_text_bytes")
+        text = cmd.text
+    if cmd.verdict is Verdict.REFUSE:
+        del refs[cmd.ref]
+        if pending.session.state is SessionState.LIVE:
+            ref_name = pending.client_id if pending.client_id is not None else pending.room[:64]
+            error(st, pending.session, ErrorCode.REFUSED, cmd.reason or "refused", ref_name, out)
+        return
+    # The same reference now awaits the log's answer, as if sent unscreened.
+    refs[cmd.ref] = PendingSend(pending.session, pending.room, pending.client_id)
+    out.append(
+        Append(
+            ref=cmd.ref,
+            room=pending.room,
+            sender=pending.session.user,
+            text=text,
+            ts=pending.ts,
+            client_id=pending.client_id,
+        )
+    )
 
 
 def publish_for_host(st: EngineState, cmd: Publish, now: float, out: list[Effect]) -> None:
