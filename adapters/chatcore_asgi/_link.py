@@ -47,6 +47,7 @@ class Link:
         "_close_timeout",
         "_deadline",
         "_scope",
+        "__weakref__",
     )
 
     def __init__(self, conn: int, user: str, send: Send, *, close_timeout: float) -> None:
