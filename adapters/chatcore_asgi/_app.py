@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, 
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import anyio
 import anyio.abc
@@ -228,6 +228,8 @@ class ChatApp:
                 ("sec-websocket-version", "13"),
             )
         else:
+            if self.identify is not None and path.startswith("/rooms/"):
+                query = await self._identified_query(scope, query)
             reply = await route(self, path or "/", query, scope["headers"])
         head, body = _response(reply)
         await send({"type": "http.response.start", "status": reply.status, "headers": head})
@@ -309,6 +311,21 @@ class ChatApp:
         if self.jwt_secret is not None:
             return authenticate(headers, parse_qsl(query), self.jwt_secret)
         return None
+
+    async def _identified_query(self, scope: Scope, query: str) -> str:
+        """``query`` with its ``user`` replaced by the one ``identify`` names (none: anonymous).
+
+        The history route trusts ``user=`` when tokens are off; with a hook, the
+        hook's answer is the only one it sees.
+        """
+        try:
+            user = await self._identify(scope, scope["headers"], query)
+        except AuthError:
+            user = None
+        params = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "user"]
+        if user is not None:
+            params.append(("user", user))
+        return urlencode(params)
 
     async def _refuse(self, scope: Scope, send: Send, reply: Reply) -> None:
         """Refuse a WebSocket before accepting it: HTTP where the server can, else a close."""

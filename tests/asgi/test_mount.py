@@ -89,3 +89,17 @@ async def test_the_fastapi_example_mounts_chat_at_slash_chat() -> None:
         ws = url.replace("http", "ws", 1) + "/chat/ws"
         async with ws_open(f"{ws}?room=r", additional_headers={"cookie": cookie}) as c:
             assert (await recv(c))["user"] == "carol"
+
+
+async def test_history_over_http_asks_the_identity_hook() -> None:
+    """With a hook, ``?user=`` is not trusted: a private room answers its reader only."""
+    chat = ChatApp(identify=_header_user)
+    async with serve("uvicorn", _starlette(chat)) as url:
+        chat.create_room("staff", private=True, allow=["alice"])
+        page = f"{url}/chat/rooms/staff/messages"
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+            assert (await client.get(f"{page}?user=alice")).status_code == 401
+            named = await client.get(f"{page}?user=alice", headers={"x-user": "bob"})
+            assert named.status_code == 403
+            allowed = await client.get(page, headers={"x-user": "alice"})
+            assert allowed.status_code == 200
