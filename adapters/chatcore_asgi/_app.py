@@ -58,6 +58,7 @@ from chatcore_host import (
     parse_origin,
     repeated_header,
 )
+from chatcore_host._metrics import TransportTally, metrics_registry
 from chatcore_server._api import route
 from chatcore_server._http import STATIC_DIR, Reply, error
 from chatcore_store import HistoryStore
@@ -110,6 +111,8 @@ class ChatApp:
         allow_origins: Sequence[str] = (),
         static_dir: Path | None = None,
         max_connections: int = 10_000,
+        admin_token: str | None = None,
+        metrics_token: str | None = None,
         close_timeout: float = 3.0,
         shutdown_timeout: float = 10.0,
         ids: IdSource | None = None,
@@ -126,6 +129,14 @@ class ChatApp:
         self.max_connections = max_connections
         self.close_timeout = close_timeout
         self.shutdown_timeout = shutdown_timeout
+        self.admin_token = admin_token
+        """Bearer token of the admin API (``/admin/...``, GET here); None: JWT admins only."""
+        self.metrics_token = metrics_token
+        """Bearer token ``/metrics`` requires; None: served to anyone who can reach it."""
+        self.ice_servers: tuple[dict[str, Any], ...] = ()
+        self.metrics = metrics_registry(self.engine_host, self._tally)
+        self._opened = 0
+        self._bytes_written = 0
         self._links: dict[int, Link] = {}
         self._open = 0  # accepted WebSocket connections whose app call is still running
         self._next_id = 0
@@ -149,6 +160,11 @@ class ChatApp:
     def stopping(self) -> bool:
         """Shutting down (or not started): no new WebSocket connections."""
         return self._stopping or not self._running
+
+    def _tally(self) -> TransportTally:
+        return TransportTally(
+            open=len(self._links), opened=self._opened, bytes_written=self._bytes_written
+        )
 
     def create_room(self, room: str, *, private: bool = True, allow: Sequence[str] = ()) -> None:
         """Create or change a room; a private room admits only the users in ``allow``."""
@@ -252,6 +268,7 @@ class ChatApp:
         link = Link(connect.conn, connect.user, send, close_timeout=self.close_timeout)
         self._links[link.conn] = link
         self._open += 1
+        self._opened += 1
         log.info("opened conn=%d user=%s mode=%s", link.conn, link.user, connect.mode.value)
         try:
             async with anyio.create_task_group() as tasks:
@@ -396,6 +413,7 @@ class ChatApp:
     # -- reports back to the engine -------------------------------------------------------
 
     def _report(self, link: Link, frames: int, nbytes: int, drained: bool) -> None:
+        self._bytes_written += nbytes  # counted when the engine needs them (not drained)
         if drained:
             self._drained.append(link.conn)
         else:
