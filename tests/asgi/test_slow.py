@@ -80,11 +80,15 @@ async def test_a_reader_that_stops_is_closed_1013_and_its_queue_freed(kind: str)
                 await recv_until(flood, is_type("members"))
                 await recv_until(other, is_type("members"))
                 sent = 0
+                queued = 0  # the most frames ChatApp held for the stalled reader
                 with anyio.fail_after(60):
-                    while conn in chat._links and sent < MAX_FLOOD:
+                    while (held := chat._links.get(conn)) is not None and sent < MAX_FLOOD:
+                        queued = max(queued, len(held.queue))
                         await send(flood, type="send", room="r", text=TEXT, id=f"m{sent}")
                         await recv_until(flood, is_type("ack"))
                         sent += 1
+                # The writer reports only what send took: the outbox bounds the queue.
+                assert queued <= chat.config.outbox_frames
                 assert conn not in chat._links, f"still open after {sent} messages"
                 # The others go on: the next message reaches a reader that reads.
                 await send(flood, type="send", room="r", text="after", id="after")
