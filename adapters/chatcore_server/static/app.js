@@ -131,7 +131,9 @@
         if (room.joined) q.append("offset", `${room.name}:${room.last}`);
       }
     }
-    return `${proto}//${location.host}/ws?${q}`;
+    // Relative to the page, so that a page mounted under a prefix (/chat/) finds /chat/ws.
+    const base = location.pathname.replace(/[^/]*$/, "");
+    return `${proto}//${location.host}${base}ws?${q}`;
   }
 
   function connect() {
