@@ -84,6 +84,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " allow = ARRAY[split_part(name, ':', 2), split_part(name, ':', 3)]"
         " WHERE left(name, 3) = 'dm:'",
     ),
+    # The key directory of end-to-end encrypted direct messages: public keys only.
+    6: (
+        """CREATE TABLE devices (
+            username text NOT NULL,
+            device text NOT NULL,
+            identity text NOT NULL,
+            PRIMARY KEY (username, device)
+        )""",
+        """CREATE TABLE prekeys (
+            username text NOT NULL,
+            device text NOT NULL,
+            key_id bigint NOT NULL,
+            key text NOT NULL,
+            PRIMARY KEY (username, device, key_id)
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -127,6 +143,14 @@ _DIALECT = Dialect(
     " UNION ALL"
     " SELECT name FROM rooms WHERE left(name, 3) = 'dm:' AND split_part(name, ':', 3) = ?",
     array_types={"text": "text", "int": "bigint", "bool": "boolean"},
+    # Each device's lowest prekey that no other claim holds right now (SKIP LOCKED:
+    # a claim racing this one takes the next prekey instead of waiting for this
+    # one and finding it gone); the DELETE returns only rows it deleted itself.
+    claim_prekeys="DELETE FROM prekeys p USING devices d CROSS JOIN LATERAL ("
+    " SELECT k.key_id FROM prekeys k WHERE k.username = d.username AND k.device = d.device"
+    " ORDER BY k.key_id LIMIT 1 FOR UPDATE SKIP LOCKED) c"
+    " WHERE d.username = ? AND p.username = d.username AND p.device = d.device"
+    " AND p.key_id = c.key_id RETURNING p.device, p.key_id, p.key",
 )
 
 

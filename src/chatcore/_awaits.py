@@ -21,6 +21,7 @@ __all__ = [
     "PendingCatchup",
     "PendingGap",
     "PendingInbox",
+    "PendingKeys",
     "PendingPage",
     "PendingSend",
     "RoomWaiter",
@@ -68,7 +69,16 @@ class PendingInbox:
     session: Session
 
 
-Pending = PendingSend | PendingPage | PendingCatchup | PendingGap | PendingInbox
+@dataclass(slots=True)
+class PendingKeys:
+    """A key request handed to the log (``StoreDeviceKeys``, ``ClaimPrekeys``);
+    ``ref_name`` is what an error about it names."""
+
+    session: Session
+    ref_name: str
+
+
+Pending = PendingSend | PendingPage | PendingCatchup | PendingGap | PendingInbox | PendingKeys
 
 RoomWaiter = tuple[Session, ClientRequest | None]
 """A session waiting for a room to load: for its welcome (None), or to carry out a request."""

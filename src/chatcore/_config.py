@@ -73,6 +73,13 @@ class Config:
     """Call frames per session: their own bucket, apart from chat messages and
     requests, so that a burst of ICE candidates neither waits for nor spends them."""
 
+    max_devices_per_user: int = 8
+    """Devices one user may publish keys for (end-to-end encryption); more are refused."""
+    max_prekeys_per_device: int = 100
+    """One-time prekeys a device may hold in stock, and publish at once."""
+    prekeys_low: int = 10
+    """A claim that leaves a device with fewer prekeys than this sends ``keys_low``."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

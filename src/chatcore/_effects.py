@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._commands import ConnId
+from ._commands import ConnId, Prekey
 from ._events import ServerEvent
 
 __all__ = [
     "Append",
+    "ClaimPrekeys",
     "Close",
     "Deliver",
     "Effect",
@@ -25,6 +26,7 @@ __all__ = [
     "Position",
     "SavePositions",
     "SaveRoom",
+    "StoreDeviceKeys",
 ]
 
 
@@ -132,6 +134,43 @@ class SavePositions:
     positions: tuple[Position, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreDeviceKeys:
+    """Answer ``DeviceKeysStored`` (or ``KeysFailed``): record ``user``'s device
+    with its public identity key and add ``prekeys`` (ids already stored are
+    kept as they are). A device whose identity key changes starts over: its old
+    prekeys go. Refuse a new device past ``max_devices`` and prekeys past
+    ``max_prekeys`` in stock."""
+
+    ref: int
+    user: str
+    device: str
+    identity: str
+    prekeys: tuple[Prekey, ...]
+    max_devices: int
+    max_prekeys: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimPrekeys:
+    """Answer ``PrekeysClaimed`` (or ``KeysFailed``): every device of ``user``,
+    each with one of its prekeys deleted from the store and returned. Each
+    prekey must be returned by one claim only, whatever claims run at once."""
+
+    ref: int
+    user: str
+
+
 Effect = (
-    Deliver | Close | Ping | LoadRoom | Append | LoadHistory | LoadInbox | SaveRoom | SavePositions
+    Deliver
+    | Close
+    | Ping
+    | LoadRoom
+    | Append
+    | LoadHistory
+    | LoadInbox
+    | SaveRoom
+    | SavePositions
+    | StoreDeviceKeys
+    | ClaimPrekeys
 )

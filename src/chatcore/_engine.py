@@ -23,16 +23,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never
 
-from . import _history, _lifecycle, _messages, _presence, _replay, _requests, _signals
+from . import _history, _keys, _lifecycle, _messages, _presence, _replay, _requests, _signals
 from ._commands import (
     Appended,
     AppendFailed,
     CallSignal,
+    ClaimDeviceKeys,
     ClientRequest,
     Command,
     Connect,
     ConnId,
     CreateRoom,
+    DeviceKeysStored,
     Disconnected,
     Drained,
     FetchHistory,
@@ -41,10 +43,13 @@ from ._commands import (
     InboxFailed,
     InboxLoaded,
     Join,
+    KeysFailed,
     Leave,
     MarkRead,
     Pong,
+    PrekeysClaimed,
     Publish,
+    PublishDeviceKeys,
     Receive,
     RoomLoaded,
     RoomLoadFailed,
@@ -128,6 +133,8 @@ class Engine:
                 | FetchHistory()
                 | SendDirect()
                 | CallSignal()
+                | PublishDeviceKeys()
+                | ClaimDeviceKeys()
             ):
                 if (conn := st.conns.get(command.conn)) is not None:
                     conn.last_seen = now
@@ -162,6 +169,12 @@ class Engine:
                 self._run_held(held, now, out)
             case InboxFailed():
                 self._run_held(_lifecycle.inbox_loaded(st, command.ref, (), now, out), now, out)
+            case DeviceKeysStored():
+                _keys.stored(st, command, out)
+            case PrekeysClaimed():
+                _keys.claimed(st, command, out)
+            case KeysFailed():
+                _keys.failed(st, command, out)
             case CreateRoom():
                 _presence.create_room(st, command, out)
             case Publish():
@@ -327,7 +340,16 @@ class Engine:
         st = self._st
         match request:
             case Send():
-                _messages.send(st, session, request.room, request.text, request.client_id, now, out)
+                _messages.send(
+                    st,
+                    session,
+                    request.room,
+                    request.text,
+                    request.client_id,
+                    now,
+                    out,
+                    encrypted=request.encrypted,
+                )
             case SendDirect():
                 _messages.send_direct(st, session, request, now, out)
             case Join():
@@ -342,6 +364,10 @@ class Engine:
                 _history.fetch_history(st, session, request, out)
             case CallSignal():
                 _signals.signal(st, session, request, now, out)
+            case PublishDeviceKeys():
+                _keys.publish(st, session, request, out)
+            case ClaimDeviceKeys():
+                _keys.claim(st, session, request, out)
             case _:
                 assert_never(request)
 

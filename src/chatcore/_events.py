@@ -16,6 +16,7 @@ __all__ = [
     "ErrorEvent",
     "History",
     "Joined",
+    "KeysEvent",
     "Left",
     "Members",
     "Message",
@@ -146,6 +147,23 @@ class CallEvent:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeysEvent:
+    """The key directory's answer or notice (docs/protocol.md section 9).
+
+    ``kind`` is the frame's ``type``: ``keys_published`` (``device`` has
+    ``prekeys`` in stock), ``keys`` (``user``'s ``devices``, each a
+    ``(device, identity, prekey id, prekey)`` with the prekey None when it had
+    none left) or ``keys_low`` (``device`` of this user is down to ``prekeys``).
+    """
+
+    kind: str
+    user: str
+    device: str | None = None
+    prekeys: int = 0
+    devices: tuple[tuple[str, str, int | None, str | None], ...] = ()
+
+
 ServerEvent = (
     Welcome
     | Message
@@ -158,4 +176,5 @@ ServerEvent = (
     | History
     | ErrorEvent
     | CallEvent
+    | KeysEvent
 )

@@ -16,7 +16,8 @@ from ._commands import Appended, AppendFailed, HistoryLoaded, Publish, SendDirec
 from ._effects import Append, Effect, LoadHistory
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import Ack, Message
-from ._names import dm_room, is_valid_name, is_valid_room
+from ._keys import ENCRYPTED
+from ._names import dm_room, dm_users, is_valid_name, is_valid_room
 from ._outbox import broadcast, error, to
 from ._presence import add_member, admits, member_room
 from ._room import Room
@@ -42,10 +43,15 @@ def send(
     client_id: str | None,
     now: float,
     out: list[Effect],
+    *,
+    encrypted: bool = False,
 ) -> None:
     ref_name = client_id if client_id is not None else room_name[:64]
     room = member_room(st, session, room_name, ref_name, out)
     if room is None:
+        return
+    if encrypted != text.startswith(ENCRYPTED) or (encrypted and dm_users(room_name) is None):
+        _refuse_encrypted(st, session, encrypted, ref_name, out)
         return
     if not admits(room, session.user, Action.SEND):  # members were admitted: never, today
         error(st, session, ErrorCode.FORBIDDEN, f"not allowed in room {room_name}", ref_name, out)
@@ -115,7 +121,18 @@ def send_direct(
             and (s is session or len(s.rooms) < st.config.max_rooms_per_session)
         ):
             add_member(st, s, room, out, announce=True)
-    send(st, session, name, request.text, request.client_id, now, out)
+    send(st, session, name, request.text, request.client_id, now, out, encrypted=request.encrypted)
+
+
+def _refuse_encrypted(
+    st: EngineState, session: Session, encrypted: bool, ref_name: str, out: list[Effect]
+) -> None:
+    """Ciphertext goes to direct-message rooms only, and plain text never looks like it."""
+    if encrypted:
+        what, code = "encrypted messages only in direct-message rooms", ErrorCode.FORBIDDEN
+    else:
+        what, code = "text must not start with the encryption marker", ErrorCode.INVALID_FIELD
+    error(st, session, code, what, ref_name, out)
 
 
 def publish_for_host(st: EngineState, cmd: Publish, now: float, out: list[Effect]) -> None:
