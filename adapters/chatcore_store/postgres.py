@@ -145,11 +145,14 @@ _DIALECT = Dialect(
     array_types={"text": "text", "int": "bigint", "bool": "boolean"},
     # Each device's lowest prekey that no other claim holds right now (SKIP LOCKED:
     # a claim racing this one takes the next prekey instead of waiting for this
-    # one and finding it gone); the DELETE returns only rows it deleted itself.
-    claim_prekeys="DELETE FROM prekeys p USING devices d CROSS JOIN LATERAL ("
-    " SELECT k.key_id FROM prekeys k WHERE k.username = d.username AND k.device = d.device"
-    " ORDER BY k.key_id LIMIT 1 FOR UPDATE SKIP LOCKED) c"
-    " WHERE d.username = ? AND p.username = d.username AND p.device = d.device"
+    # one and finding it gone), chosen once (a CTE: a lateral subquery joined into
+    # the DELETE would be run again per row and take them all); the DELETE returns
+    # only rows it deleted itself.
+    claim_prekeys="WITH c AS MATERIALIZED (SELECT d.device, k.key_id FROM devices d"
+    " CROSS JOIN LATERAL (SELECT key_id FROM prekeys k"
+    "  WHERE k.username = d.username AND k.device = d.device"
+    "  ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED) k WHERE d.username = ?)"
+    " DELETE FROM prekeys p USING c WHERE p.username = ? AND p.device = c.device"
     " AND p.key_id = c.key_id RETURNING p.device, p.key_id, p.key",
 )
 
