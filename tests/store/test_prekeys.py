@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -121,7 +122,7 @@ def check_each_handed_out_once(
     assert len(taken) == devices * min(per_device, claims)
 
 
-async def race(stores: list[HistoryStore], claims_each: int) -> list[tuple[str, int]]:
+async def race(stores: Sequence[HistoryStore], claims_each: int) -> list[tuple[str, int]]:
     taken: list[tuple[str, int]] = []
 
     async def worker(store: HistoryStore) -> None:
