@@ -210,7 +210,11 @@ def _envelope(obj: dict[str, Any], ref: str | None) -> str:
             if kind is None:
                 raise FrameError(ErrorCode.INVALID_FIELD, "unknown field in a payload", ref)
             if kind is int:
-                if isinstance(value, bool) or not isinstance(value, int):
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int)
+                    or not 0 <= value <= _MAX_OFFSET
+                ):
                     raise FrameError(ErrorCode.INVALID_FIELD, "prekey_id must be an integer", ref)
                 one[key] = value
             else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatcore import Config, Mode, dm_room
 from chatcore_sim import SimClient, Simulation
@@ -279,3 +281,50 @@ def test_an_answer_for_a_session_that_ended_is_dropped_but_the_owner_still_hears
     sim.advance(2)
     assert bob.of_type("keys_low") == [{"type": "keys_low", "device": "laptop", "prekeys": 1}]
     assert sim.engine.stats()["pending_loads"] == 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+# Mostly well formed, with one thing or another wrong: the cases that reach the store.
+payload_fields = st.fixed_dictionaries(
+    {"iv": st.sampled_from(["IV"] * 4 + ["", 5]), "ct": st.sampled_from(["CT"] * 4 + ["\u00e9"])},
+    optional={
+        "prekey_id": st.sampled_from([1] * 4 + [-1, True, 2**60, "1"]),
+        "ephemeral": st.sampled_from(["E"] * 4 + [None]),
+        "other": json_values,
+    },
+)
+envelopes = st.fixed_dictionaries(
+    {
+        "v": st.sampled_from([1] * 4 + [2, "1", None]),
+        "from_device": st.sampled_from(["d"] * 4 + ["", "bad name", 3]),
+        "payloads": st.dictionaries(
+            st.sampled_from(["laptop", "phone", "x y"]), payload_fields, min_size=1, max_size=3
+        ),
+    },
+    optional={"identity": st.sampled_from(["IK", "", 7]), "extra": json_values},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(enc=envelopes | json_values)
+def test_any_envelope_is_stored_as_validated_or_refused_with_an_error(enc: Any) -> None:
+    """Invariant: whatever `enc` holds, the sender gets an ack or a documented error,
+    the connection stays open, and what the recipient reads has only known fields."""
+    sim = Simulation(seed=1)
+    alice, bob = sim.connect("alice"), sim.connect("bob")
+    alice.send_json({"type": "dm", "to": "bob", "enc": enc, "id": "x"})
+    assert alice.closed is None
+    answers = [e["type"] for e in alice.take() if e["type"] in ("ack", "error")]
+    assert answers in (["ack"], ["error"])
+    for e in alice.of_type("error"):
+        assert e["code"] in ("invalid_field", "too_large")
+    for m in bob.messages():
+        assert set(m["enc"]) <= {"v", "from_device", "identity", "payloads"}
+        for payload in m["enc"]["payloads"].values():
+            assert set(payload) <= {"prekey_id", "ephemeral", "iv", "ct"}
