@@ -17,17 +17,28 @@ the engine or of the host program: :meth:`EngineHost.feed_or_log` logs it at
 CRITICAL with its traceback and drops that command, and the host goes on.
 Ending the server instead would drop every session for one bad command, and
 turn a bug that a peer can trigger into a way to stop the server.
+
+Two optional hooks: ``record`` (a :class:`RecordFile`) writes every engine
+call as a :class:`chatcore.Recorder` line, for ``chatcore replay``; and
+``screen`` shows every client message to the host program before it is
+appended (``Config.screen_messages``): a sync or async callable that takes a
+:class:`chatcore.Screen` and returns its ``Screened`` verdict. Verdicts are
+fed back in the order the messages came, one hook call at a time; a hook
+that raises or answers something else refuses the message (fail closed),
+logged with its traceback. With neither hook, the host does no extra work.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Protocol, TypeGuard
+from typing import Protocol, TypeAlias, TypeGuard
 
 import anyio
 import anyio.abc
@@ -47,7 +58,10 @@ from chatcore import (
     Message,
     Ping,
     RandomIds,
+    Recorder,
     RoomLoaded,
+    Screen,
+    Screened,
 )
 from chatcore_store import (
     DurableStore,
@@ -59,9 +73,14 @@ from chatcore_store import (
     is_storage_effect,
 )
 
+from ._record import RecordFile
 from ._tally import HostTally
 
-__all__ = ["EngineHost", "Transport"]
+__all__ = ["EngineHost", "ScreenHook", "Transport"]
+
+ScreenHook: TypeAlias = Callable[[Screen], Screened | Awaitable[Screened]]
+"""The host program's message hook: ``screen.accept()``, ``screen.refuse(reason)``
+or ``screen.replace(text)``, returned at once or awaited."""
 
 log = logging.getLogger("chatcore_host")
 
@@ -126,11 +145,29 @@ class EngineHost:
         store: HistoryStore | None = None,
         ids: IdSource | None = None,
         retention_every: float = _RETENTION_EVERY,
+        screen: ScreenHook | None = None,
+        record: RecordFile | None = None,
     ) -> None:
         self.config = config or Config()
         self.retention_every = retention_every
         """Seconds between passes that cut the store's rooms down to their retention limits."""
-        self.engine = Engine(self.config, ids or RandomIds(secrets.token_bytes))
+        if screen is not None and not self.config.screen_messages:
+            self.config = dataclasses.replace(self.config, screen_messages=True)
+        elif screen is None and self.config.screen_messages:
+            raise ValueError("Config.screen_messages needs a screen hook")
+        ids = ids or RandomIds(secrets.token_bytes)
+        # Every call into the engine goes through _handle and _tick: the engine's own
+        # methods, or the recorder's when recording (one None check when not).
+        self._record = record
+        self._recorder: Recorder | None = None
+        if record is None:
+            self.engine = Engine(self.config, ids)
+        else:
+            self._recorder = Recorder(self.config, ids, record.write)
+            self.engine = self._recorder.engine
+        self._screen = screen
+        self._screening: deque[tuple[Screen, Screened | Awaitable[Screened]]] = deque()
+        self._screen_wake: anyio.Event | None = None
         self.store: HistoryStore = store if store is not None else MemoryStore()
         self.durable: DurableStore | None = (
             self.store if isinstance(self.store, DurableStore) else None
@@ -174,11 +211,21 @@ class EngineHost:
         An exception from the engine goes to the caller: whoever fed a
         connection's command decides what becomes of that connection.
         """
-        effects = self.engine.handle(command, time.time())
+        effects = self._handle(command, time.time())
         if effects:
             self._run(effects)
         self._transport.end_turn(nested=self._turns > 0)
         self._rearm()
+
+    def _handle(self, command: Command, now: float) -> list[Effect]:
+        if self._recorder is None:
+            return self.engine.handle(command, now)
+        return self._recorder.handle(command, now)
+
+    def _tick(self, now: float) -> list[Effect]:
+        if self._recorder is None:
+            return self.engine.tick(now)
+        return self._recorder.tick(now)
 
     def feed_or_log(self, command: Command) -> None:
         """:meth:`feed` a command that no one connection is answerable for.
@@ -198,6 +245,7 @@ class EngineHost:
     def _run(self, effects: list[Effect]) -> None:
         transport = self._transport
         storage: list[StorageEffect] = []
+        screens: list[Screen] = []
         for effect in effects:
             kind = type(effect)
             if kind is Deliver:
@@ -212,10 +260,15 @@ class EngineHost:
                 transport.ping(effect.conn)
             elif is_storage_effect(effect):
                 storage.append(effect)
+            elif kind is Screen:
+                assert isinstance(effect, Screen)
+                screens.append(effect)
             else:
                 log.error("no adapter for effect %r; dropped", effect)
         if storage:
             self._store(storage)
+        for screen in screens:  # after the step's own effects, as the store's answers
+            self._ask_screen(screen)
 
     def _store(self, storage: list[StorageEffect]) -> None:
         if self._instant is None:
@@ -227,6 +280,10 @@ class EngineHost:
         started = time.perf_counter()
         answers = self._instant.execute_now(storage)
         self.tally.store_call(time.perf_counter() - started, answers)
+        self._answer(answers)
+
+    def _answer(self, answers: Sequence[Command]) -> None:
+        """Feed answers that came at once (a store's, a sync hook's), in order."""
         self._answers.extend(answers)
         if self._answering:
             return  # the loop below, further up the stack, feeds them
@@ -235,11 +292,48 @@ class EngineHost:
         self._answering = True
         try:
             while self._answers:
-                effects = self.engine.handle(self._answers.popleft(), time.time())
+                effects = self._handle(self._answers.popleft(), time.time())
                 if effects:
                     self._run(effects)
         finally:
             self._answering = False
+
+    # -- screening ----------------------------------------------------------------------
+
+    def _ask_screen(self, screen: Screen) -> None:
+        hook = self._screen
+        if hook is None:  # screen_messages set after construction: refuse, do not hang
+            self._answer([screen.refuse("no screening hook")])
+            return
+        try:
+            verdict = hook(screen)
+        except Exception:
+            log.exception("screen hook raised; message refused")
+            verdict = screen.refuse("message could not be screened")
+        if not self._screening and not inspect.isawaitable(verdict):
+            self._answer([_checked(screen, verdict)])
+            return
+        # An async verdict (or one queued behind it): the worker feeds them in order.
+        self._screening.append((screen, verdict))
+        if (wake := self._screen_wake) is not None:
+            self._screen_wake = None
+            wake.set()
+
+    async def _screen_loop(self) -> None:
+        while True:
+            while not self._screening:
+                wake = self._screen_wake = anyio.Event()
+                await wake.wait()
+            screen, pending = self._screening[0]
+            verdict: object = pending
+            if inspect.isawaitable(pending):
+                try:
+                    verdict = await pending
+                except Exception:
+                    log.exception("screen hook raised; message refused")
+                    verdict = screen.refuse("message could not be screened")
+            self._screening.popleft()
+            self.feed_or_log(_checked(screen, verdict))
 
     # -- the timer ----------------------------------------------------------------------
 
@@ -262,7 +356,7 @@ class EngineHost:
             self._timer = None
             try:
                 with self.turn():
-                    effects = self.engine.tick(time.time())
+                    effects = self._tick(time.time())
                     if effects:
                         self._run(effects)
             except Exception:
@@ -292,6 +386,8 @@ class EngineHost:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._timer_loop)
                 tasks.start_soon(self._storage_loop)
+                if self._screen is not None:
+                    tasks.start_soon(self._screen_loop)
                 if self.durable is not None:
                     tasks.start_soon(self._retention_loop, self.durable)
                 yield
@@ -299,6 +395,8 @@ class EngineHost:
                     await self._flush_storage()
                 tasks.cancel_scope.cancel()
         finally:
+            if self._record is not None:
+                self._record.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await self.store.close()
 
@@ -385,6 +483,13 @@ class EngineHost:
         if loaded is None:
             raise StoreUnavailable("history not available")
         return loaded.messages
+
+
+def _checked(screen: Screen, verdict: object) -> Screened:
+    if isinstance(verdict, Screened) and verdict.ref == screen.ref:
+        return verdict
+    log.error("screen hook answered %r for ref %d; message refused", verdict, screen.ref)
+    return screen.refuse("message could not be screened")
 
 
 def _answers_at_once(store: HistoryStore) -> TypeGuard[InstantStore]:

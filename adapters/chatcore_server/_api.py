@@ -1,8 +1,10 @@
 """The JSON and file endpoints: ``/``, ``/static/*``, ``/config.json``, ``/healthz``,
-``/readyz``, ``/metrics``, ``/rooms``, history.
+``/readyz``, ``/metrics``, ``/rooms``, history, and the admin API (``/admin/...``).
 
-Read-only views over the engine and the history store; nothing here changes
-chat state. Errors are JSON bodies with their HTTP status (see ``_http.error``).
+Apart from the admin API, read-only views over the engine and the history
+store; nothing else here changes chat state. The admin API's logic is
+``chatcore_host``'s (shared with the ASGI app); this module only mounts it.
+Errors are JSON bodies with their HTTP status (see ``_http.error``).
 A route sees its server only as a :class:`Site` and the request only as its
 path, query and headers.
 """
@@ -19,14 +21,22 @@ from urllib.parse import parse_qsl, unquote
 from prometheus_client import CollectorRegistry
 
 from chatcore import Access, History, event_to_dict, is_valid_name, is_valid_room
-from chatcore_host import AuthError, EngineHost, Headers, authenticate, read_history
+from chatcore_host import (
+    AuthError,
+    EngineHost,
+    Headers,
+    admin_request,
+    authenticate,
+    check_admin,
+    read_history,
+)
 from chatcore_host._metrics import Page, metrics_page, readiness
 from chatcore_store import StoreUnavailable
 
 from . import _http
 from ._http import Reply, error, json_reply
 
-__all__ = ["Site", "route"]
+__all__ = ["Site", "admin_route", "route"]
 
 _ROOM_MESSAGES = re.compile(r"/rooms/([^/]+)/messages")
 _HISTORY_LIMIT = 100
@@ -45,6 +55,9 @@ class Site(Protocol):
 
     @property
     def jwt_secret(self) -> str | None: ...
+
+    @property
+    def admin_token(self) -> str | None: ...
 
     @property
     def stopping(self) -> bool: ...
@@ -123,7 +136,7 @@ async def _history(site: Site, room: str, query: str, headers: Headers) -> Reply
             return json_reply(200, event_to_dict(page))  # the shape of the WebSocket frame
         case Access.NAME_REQUIRED:
             return error(401, unnamed)
-        case Access.FORBIDDEN:
+        case Access.FORBIDDEN | Access.BANNED | Access.MUTED:  # (reads are never moderated)
             return error(403, f"not allowed in room {room}")
         case Access.ALLOWED:  # read_history answers a page instead
             return error(500, "internal error")
@@ -133,6 +146,16 @@ async def _history(site: Site, room: str, query: str, headers: Headers) -> Reply
 
 def _reply(page: Page) -> Reply:
     return Reply(page.status, page.headers, page.body)
+
+
+async def admin_route(site: Site, method: str, path: str, headers: Headers, body: bytes) -> Reply:
+    """The answer to a request under ``/admin/`` (any method; see docs/protocol.md)."""
+    refused = check_admin(headers, admin_token=site.admin_token, jwt_secret=site.jwt_secret)
+    answer = refused or await admin_request(site.engine_host, method, path, body)
+    if answer.status >= 400:
+        extra = (_BEARER,) if answer.status == 401 else ()
+        return error(answer.status, str(answer.body.get("error", "")), *extra)
+    return json_reply(answer.status, answer.body)
 
 
 def _int_param(params: list[tuple[str, str]], name: str, default: Any) -> Any:

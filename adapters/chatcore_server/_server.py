@@ -44,23 +44,33 @@ from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from chatcore import (
+    Ban,
     Config,
     CreateRoom,
+    DeleteMessage,
     Disconnected,
     Drained,
     Engine,
     HandshakeError,
     IdSource,
+    Kick,
+    Mute,
     Pong,
+    Publish,
     Receive,
+    RemoveMember,
     Shutdown,
+    Unban,
     Written,
     parse_connect,
     select_mode,
 )
 from chatcore_host import (
+    MAX_ADMIN_BODY,
     AuthError,
     EngineHost,
+    RecordFile,
+    ScreenHook,
     authenticate,
     header,
     header_tokens,
@@ -72,7 +82,7 @@ from chatcore_host._metrics import TransportTally, metrics_registry
 from chatcore_store import HistoryStore
 
 from . import _http
-from ._api import route
+from ._api import admin_route, route
 from ._frames import MessageBound, text_frame
 from ._http import Reply, error
 from ._peer import ByteTally, Peer, adopt_asyncio
@@ -130,6 +140,8 @@ class ChatServer:
     ``await server.serve()`` runs until :meth:`shutdown` (or cancellation);
     ``url = await task_group.start(server.serve)`` gives the address once the
     listener is up, which is how tests and embedding programs start it.
+    ``screen`` and ``record`` are :class:`chatcore_host.EngineHost`'s hooks:
+    a message filter, and a record of the run for ``chatcore replay``.
     """
 
     def __init__(
@@ -147,6 +159,9 @@ class ChatServer:
         ids: IdSource | None = None,
         ice_servers: Sequence[Mapping[str, Any]] = (),
         metrics_token: str | None = None,
+        admin_token: str | None = None,
+        screen: ScreenHook | None = None,
+        record: RecordFile | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.engine_host = EngineHost(
@@ -155,6 +170,8 @@ class ChatServer:
             store=store,
             ids=ids,
             retention_every=self.limits.retention_interval,
+            screen=screen,
+            record=record,
         )
         self.config = self.engine_host.config
         self.engine: Engine = self.engine_host.engine
@@ -163,6 +180,8 @@ class ChatServer:
         self.port = port
         self.ssl_context = ssl_context
         self.jwt_secret = jwt_secret
+        self.admin_token = admin_token
+        """``Authorization: Bearer`` this for ``/admin/`` (see docs/protocol.md, "Admin API")."""
         for entry in allow_origins:
             if entry != "*" and parse_origin(entry) is None:
                 raise ValueError(f"not an origin: {entry!r} (http[s]://HOST[:PORT], or *)")
@@ -271,6 +290,47 @@ class ChatServer:
     def create_room(self, room: str, *, private: bool = True, allow: Iterable[str] = ()) -> None:
         """Create or change a room; a private room admits only the users in ``allow``."""
         self.engine_host.feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
+
+    # -- the embedding API: a host program moderates and posts from its own code ------------
+    # Each method feeds one engine command, as the admin API does: the change is
+    # stored, and reaches every connection at once. Invalid names, an empty or
+    # oversized text, an offset below 1 raise chatcore.LocalProtocolError.
+
+    def post(self, room: str, text: str, *, sender: str = "system") -> None:
+        """Post ``text`` into ``room`` as ``sender`` (a bot, or the system user).
+
+        It is stored and numbered like any message and reaches every member;
+        no membership, access rule, rate limit or ack applies to the host.
+        """
+        self.engine_host.feed(Publish(room=room, sender=sender, text=text))
+
+    def remove(self, user: str, room: str | None = None, *, reason: str = "") -> None:
+        """Remove ``user`` from ``room`` (they get ``removed`` and may come back
+        unless banned), or with ``room=None`` from the server: every connection
+        of theirs gets ``removed`` and is closed with 4003, and their sessions end."""
+        if room is None:
+            self.engine_host.feed(Kick(user=user, reason=reason))
+        else:
+            self.engine_host.feed(RemoveMember(room=room, user=user, reason=reason))
+
+    def mute(self, room: str, user: str, seconds: float, *, reason: str = "") -> None:
+        """``user``'s sends in ``room`` get ``forbidden`` for ``seconds`` (0: unmute)."""
+        if not seconds >= 0:
+            raise ValueError("seconds must be 0 or more")
+        until = time.time() + seconds if seconds > 0 else None
+        self.engine_host.feed(Mute(room=room, user=user, until=until, reason=reason))
+
+    def ban(self, room: str, user: str, *, reason: str = "") -> None:
+        """``user`` may not join ``room`` (nor send there); a member is removed."""
+        self.engine_host.feed(Ban(room=room, user=user, reason=reason))
+
+    def unban(self, room: str, user: str) -> None:
+        self.engine_host.feed(Unban(room=room, user=user))
+
+    def delete_message(self, room: str, offset: int) -> None:
+        """Show the message at ``offset`` as deleted everywhere (history, replays,
+        members get ``deleted``); offsets stay gap-free."""
+        self.engine_host.feed(DeleteMessage(room=room, offset=offset))
 
     def shutdown(self) -> None:
         """Stop accepting, close every client with 1001, flush the store, return from serve."""
@@ -563,9 +623,10 @@ class ChatServer:
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_request_bytes)
         while True:
             request: h11.Request | None = None
+            body = bytearray()
             with anyio.move_on_after(self.limits.handshake_timeout):
                 try:
-                    request = await _read_request(stream, http)
+                    request = await _read_request(stream, http, body)
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
                     reply = error(
@@ -600,6 +661,11 @@ class ChatServer:
                 if not isinstance(answer, Reply):
                     return answer
                 reply = answer
+            elif path == "/admin" or path.startswith("/admin/"):
+                if len(body) > MAX_ADMIN_BODY:
+                    reply = error(413, f"an admin request body is at most {MAX_ADMIN_BODY} bytes")
+                else:
+                    reply = await admin_route(self, method, path, request.headers, bytes(body))
             elif method not in ("GET", "HEAD"):
                 reply = error(405, "method not allowed", ("allow", "GET, HEAD"))
             else:
@@ -696,8 +762,11 @@ class ChatServer:
         return peer, bytes(trailing)
 
 
-async def _read_request(stream: anyio.abc.ByteStream, http: h11.Connection) -> h11.Request | None:
-    """The next request and its (empty) body, or None at EOF."""
+async def _read_request(
+    stream: anyio.abc.ByteStream, http: h11.Connection, body: bytearray
+) -> h11.Request | None:
+    """The next request, or None at EOF. Its body goes into ``body``, up to one
+    byte past ``MAX_ADMIN_BODY`` (only the admin API takes a body; more is 413)."""
     request: h11.Request | None = None
     while True:
         event = http.next_event()
@@ -712,7 +781,9 @@ async def _read_request(stream: anyio.abc.ByteStream, http: h11.Connection) -> h
             request = event
             continue
         if isinstance(event, h11.Data):
-            continue  # a body we do not want (the route answers 405)
+            if len(body) <= MAX_ADMIN_BODY:
+                body += event.data[: MAX_ADMIN_BODY + 1 - len(body)]
+            continue  # the rest of a body too big: read and dropped
         if isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
             return request
         if isinstance(event, h11.ConnectionClosed):

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import ssl
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import anyio
 from anyio.abc import TaskStatus
 
-from chatcore import Config
-from chatcore_host import parse_origin
+from chatcore import Config, RecordError, replay
+from chatcore_host import RecordFile, parse_origin, read_record
 from chatcore_store import DEFAULT_URL, HistoryStore, open_store
 from chatcore_store.cli import add_subcommands
 
+from ._admin_cli import add_admin_subcommands, live_room_create, url_options
 from ._logjson import JsonFormatter
 from ._server import ChatServer, Limits
 
@@ -94,9 +97,118 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", default="asyncio", choices=["asyncio", "trio"], help="anyio event loop"
     )
     _add_operator_flags(serve)
+    serve.add_argument(
+        "--admin-token",
+        default=os.environ.get("CHATCORE_ADMIN_TOKEN"),
+        help="enable the admin API (/admin/...) for requests with Authorization: Bearer "
+        "this token (default: $CHATCORE_ADMIN_TOKEN; with --jwt-secret, tokens with "
+        '"admin": true are admins too)',
+    )
     serve.set_defaults(func=_serve_command)
-    add_subcommands(commands)
+    _add_record_flags(serve)
+    _add_replay_command(commands)
+    add_subcommands(
+        commands,
+        live_options=lambda p: url_options(p, required=False),
+        live_create=live_room_create,
+    )
+    add_admin_subcommands(commands)
     return parser
+
+
+# -- record and replay ----------------------------------------------------------------
+
+
+def _add_record_flags(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("recording (for 'chatcore replay')")
+    group.add_argument(
+        "--record",
+        metavar="FILE",
+        help="append every command the engine handles, with its time, the ids it drew and "
+        "a digest of its effects, to FILE as JSON lines. FILE holds message text, user "
+        "names and resume tokens: keep it private (it is created mode 0600)",
+    )
+    group.add_argument(
+        "--record-max-bytes",
+        type=int,
+        default=64 << 20,
+        metavar="N",
+        help="rotate FILE to FILE.1, FILE.2... past N bytes",
+    )
+    group.add_argument(
+        "--record-keep",
+        type=int,
+        default=3,
+        metavar="K",
+        help="rotated parts kept; a record whose first part was removed cannot be replayed",
+    )
+
+
+def _add_replay_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "replay",
+        help="run a record through a fresh engine and check it gives the same effects",
+        description="Run a record made by 'chatcore serve --record FILE' (its rotated parts "
+        "FILE.N included) through a fresh engine and compare every effect, byte for byte. "
+        "Exit 0 if identical; 1 at the first divergence (its step, command and effect are "
+        "printed); 2 if the record cannot be replayed.",
+    )
+    parser.add_argument("file", metavar="FILE")
+    parser.add_argument(
+        "--config-override",
+        action="append",
+        default=[],
+        type=_override,
+        metavar="NAME=VALUE",
+        help="replay with this Config field changed (repeatable), e.g. grace_period=1",
+    )
+    parser.set_defaults(func=_replay_command)
+
+
+def _override(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    defaults = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
+    if not sep or name not in defaults:
+        raise argparse.ArgumentTypeError(f"not NAME=VALUE with NAME a Config field: {text!r}")
+    kind = type(defaults[name])
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return name, value.lower() in ("true", "1")
+        return name, kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} needs a {kind.__name__}: {value!r}") from None
+
+
+def _record_file(args: argparse.Namespace) -> RecordFile | None:
+    if args.record is None:
+        return None
+    try:
+        return RecordFile(args.record, max_bytes=args.record_max_bytes, keep=args.record_keep)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--record: {exc}") from None
+
+
+def _replay_command(args: argparse.Namespace) -> int:
+    steps = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal steps
+        for line in read_record(args.file):
+            steps += 1
+            yield line
+
+    try:
+        divergence = replay(counted(), override=dict(args.config_override))
+    except (RecordError, OSError, ValueError) as exc:
+        print(f"chatcore replay: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    if divergence is not None:
+        print(divergence)
+        return 1
+    print(f"{args.file}: {max(steps - 1, 0)} steps replayed, every effect identical")
+    return 0
 
 
 def _add_operator_flags(serve: argparse.ArgumentParser) -> None:
@@ -368,6 +480,8 @@ def _serve_command(args: argparse.Namespace) -> int:
         ice_servers=args.ice_server,
         limits=limits,
         metrics_token=args.metrics_token,
+        admin_token=args.admin_token or None,
+        record=_record_file(args),
     )
     failed: list[BaseException] = []
     try:

@@ -13,7 +13,8 @@ import heapq
 import json
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from chatcore import (
@@ -31,6 +32,9 @@ from chatcore import (
     Ping,
     Pong,
     Receive,
+    Recorder,
+    Screen,
+    Screened,
     SeededIds,
     Shutdown,
     Written,
@@ -200,6 +204,11 @@ class Simulation:
     ``store_latency`` delays every store answer by up to that many virtual
     seconds (drawn from the seed, answers kept in order), so that tests can
     catch the engine between a send and its ack.
+
+    ``screen`` is the host's message hook (see ``Config.screen_messages``,
+    turned on when it is given): each ``Screen`` effect is answered with what
+    it returns. ``record`` gets the lines of a :class:`chatcore.Recorder`
+    record of the run, for :func:`chatcore.replay`.
     """
 
     def __init__(
@@ -210,9 +219,20 @@ class Simulation:
         store: MemoryStore | None = None,
         store_latency: float = 0.0,
         start: float = START,
+        screen: Callable[[Screen], Screened] | None = None,
+        record: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config or Config()
-        self.engine = Engine(self.config, SeededIds(seed))
+        if screen is not None and not self.config.screen_messages:
+            self.config = replace(self.config, screen_messages=True)
+        self._screen = screen
+        self.recorder = None if record is None else Recorder(self.config, SeededIds(seed), record)
+        self.engine = (
+            Engine(self.config, SeededIds(seed)) if self.recorder is None else self.recorder.engine
+        )
+        driver = self.recorder if self.recorder is not None else self.engine
+        self._handle = driver.handle
+        self._tick = driver.tick
         self.store = store or MemoryStore()
         self.now = start
         self.log: list[str] = []
@@ -295,7 +315,7 @@ class Simulation:
                 self._queue.extend(self.store.execute_now(effects))
                 self._settle()
             else:
-                self._run(self.engine.tick(self.now))
+                self._run(self._tick(self.now))
         self.now = until
 
     # -- the adapter's side ----------------------------------------------------------
@@ -334,7 +354,7 @@ class Simulation:
         self._busy = True
         try:
             while self._queue:
-                self._run(self.engine.handle(self._queue.popleft(), self.now))
+                self._run(self._handle(self._queue.popleft(), self.now))
         finally:
             self._busy = False
 
@@ -361,6 +381,10 @@ class Simulation:
                     client._unread.clear()
                     client.closed = (effect.code, effect.reason)
                     self._record(f"{client.user} closed {effect.code} {effect.reason}")
+            elif isinstance(effect, Screen):
+                if self._screen is None:
+                    raise LocalProtocolError("Config.screen_messages is on but no screen hook")
+                self._queue.append(self._screen(effect))
             elif isinstance(effect, Ping):
                 client = self._by_conn.get(effect.conn)
                 if client is not None and client.answer_pings:

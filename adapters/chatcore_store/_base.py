@@ -30,6 +30,7 @@ from chatcore import (
     ClaimedDevice,
     ClaimPrekeys,
     Command,
+    DeleteStored,
     DeviceKeysStored,
     Effect,
     HistoryFailed,
@@ -45,6 +46,8 @@ from chatcore import (
     PrekeysClaimed,
     RoomLoaded,
     RoomLoadFailed,
+    SaveBan,
+    SaveMute,
     SavePositions,
     SaveRoom,
     StoreDeviceKeys,
@@ -89,6 +92,9 @@ StorageEffect = (
     | SavePositions
     | StoreDeviceKeys
     | ClaimPrekeys
+    | SaveBan
+    | SaveMute
+    | DeleteStored
 )
 _STORAGE = (
     LoadRoom,
@@ -99,6 +105,9 @@ _STORAGE = (
     SavePositions,
     StoreDeviceKeys,
     ClaimPrekeys,
+    SaveBan,
+    SaveMute,
+    DeleteStored,
 )
 
 TOO_MANY_DEVICES = "too many devices"
@@ -351,6 +360,7 @@ def _message(row: Sequence[Any]) -> Message:
         text=row[4],
         ts=row[5],
         client_id=row[6],
+        deleted=bool(row[7]),
     )
 
 
@@ -601,6 +611,7 @@ class SQLStore:
                 recent: Rows = []
                 if effect.recent > 0:
                     recent = yield Statement(sql.recent, (effect.room, effect.recent))
+                moderation = yield Statement(sql.moderation, (effect.room,))
                 return RoomLoaded(
                     room=effect.room,
                     epoch=epoch,
@@ -608,6 +619,8 @@ class SQLStore:
                     private=private,
                     allow=allow,
                     recent=tuple(_message(r) for r in reversed(recent)),
+                    banned=frozenset(r[0] for r in moderation if r[1]),
+                    muted={r[0]: r[2] / 1000 for r in moderation if r[2] is not None},
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=(yield from self._range(effect)))
@@ -617,6 +630,18 @@ class SQLStore:
                 return InboxLoaded(ref=effect.ref, rooms=tuple(r[0] for r in rows))
             case SaveRoom():
                 yield from self._save_room(effect)
+                return None
+            case SaveBan():
+                yield Statement(sql.save_ban, (effect.room, effect.user, effect.banned))
+                yield Statement(sql.forget_moderation, (effect.room, effect.user))
+                return None
+            case SaveMute():
+                until = None if effect.until is None else int(effect.until * 1000)
+                yield Statement(sql.save_mute, (effect.room, effect.user, until))
+                yield Statement(sql.forget_moderation, (effect.room, effect.user))
+                return None
+            case DeleteStored():
+                yield Statement(sql.delete_message, (effect.room, effect.offset))
                 return None
             case SavePositions():
                 rows = [(effect.user, p.room, p.delivered, p.read) for p in effect.positions]

@@ -17,8 +17,9 @@ from typing import Any
 
 __all__ = ["COLUMNS", "Dialect", "Statement", "Statements", "allow_json"]
 
-COLUMNS = "room, msg_offset, epoch, sender, text, ts, client_id"
-"""A message's columns, in the order ``Message`` is built from a row."""
+COLUMNS = "room, msg_offset, epoch, sender, text, ts, client_id, deleted"
+"""A message's columns, in the order ``Message`` is built from a row (``deleted``
+is not inserted: a new message is not deleted, the column's default)."""
 
 Column = tuple[str, str]  # (name, "text" | "int" | "bool" | "names": a JSON array of names)
 
@@ -180,7 +181,7 @@ class Statements:
         )
         self.delete_range = q("DELETE FROM messages WHERE room = ? AND msg_offset BETWEEN ? AND ?")
         self.positions = q("SELECT room, delivered, read FROM positions WHERE username = ?")
-        # The key directory: public keys only.
+        # The key directory (schema 7): public keys only.
         self.device_identity = q("SELECT identity FROM devices WHERE username = ? AND device = ?")
         self.device_count = q("SELECT count(*) FROM devices WHERE username = ?")
         self.save_device = q(
@@ -197,6 +198,26 @@ class Statements:
         self.claim_user_marks = d.claim_prekeys.count("?")
         self.devices = q("SELECT device, identity FROM devices WHERE username = ? ORDER BY device")
         self.stock = q("SELECT device, count(*) FROM prekeys WHERE username = ? GROUP BY device")
+        # Moderation (schema 6): a row per user banned or muted in a room.
+        self.moderation = q("SELECT username, banned, muted_until FROM moderation WHERE room = ?")
+        # Each sets its own column and leaves the other as stored.
+        self.save_ban = q(
+            "INSERT INTO moderation (room, username, banned) VALUES (?, ?, ?)"
+            " ON CONFLICT (room, username) DO UPDATE SET banned = excluded.banned"
+        )
+        self.save_mute = q(
+            "INSERT INTO moderation (room, username, muted_until) VALUES (?, ?, ?)"
+            " ON CONFLICT (room, username) DO UPDATE SET muted_until = excluded.muted_until"
+        )
+        # A row that holds neither is forgotten.
+        self.forget_moderation = q(
+            "DELETE FROM moderation WHERE room = ? AND username = ?"
+            " AND NOT banned AND muted_until IS NULL"
+        )
+        # The offset stays (history keeps no gap); the text goes.
+        self.delete_message = q(
+            "UPDATE messages SET text = '', deleted = TRUE WHERE room = ? AND msg_offset = ?"
+        )
         # Run once per position: a mark only moves forward.
         self.save_positions = q(
             "INSERT INTO positions (username, room, delivered, read) VALUES (?, ?, ?, ?)"

@@ -28,12 +28,28 @@ __all__ = ["LIVE_NOTE", "add_subcommands", "format_message", "main"]
 LIVE_NOTE = (
     "note: a running server applies this when the room is next loaded, after everyone"
     " in it has left; until then its members and who may join stay as they were"
-    " (ChatServer.create_room changes a room in use at once)"
+    " (chatcore rooms create --url URL --token TOKEN changes it through the running"
+    " server at once, as ChatServer.create_room does)"
 )
 
 
-def add_subcommands(subparsers: Any) -> None:
-    """Add ``rooms`` and ``history`` to ``parser.add_subparsers()``'s result."""
+LiveCreate = Callable[[argparse.Namespace, list[str]], int]
+"""``rooms create`` through a running server: (the parsed arguments, the allow list)
+-> exit status. Given by a program that can talk to one (``chatcore``)."""
+
+
+def add_subcommands(
+    subparsers: Any,
+    *,
+    live_options: Callable[[argparse.ArgumentParser], None] | None = None,
+    live_create: LiveCreate | None = None,
+) -> None:
+    """Add ``rooms`` and ``history`` to ``parser.add_subparsers()``'s result.
+
+    With ``live_options`` (adds ``--url`` and ``--token``) and ``live_create``,
+    ``rooms create --url URL`` changes the room through that running server
+    instead of the database (members no longer allowed leave at once).
+    """
     rooms = subparsers.add_parser("rooms", help="create and list rooms")
     verbs = rooms.add_subparsers(dest="rooms_command", metavar="{create,list}", required=True)
 
@@ -42,7 +58,8 @@ def add_subcommands(subparsers: Any) -> None:
         help="create a room, or change who may enter it",
         description="Create a room, or change who may enter it, in the database. A running "
         "server applies the change when the room is next loaded (after everyone in it has "
-        "left); ChatServer.create_room changes a room in use at once.",
+        "left). With --url and --token (the chatcore program), the running server changes "
+        "it at once instead: members no longer allowed are removed and told.",
     )
     create.add_argument("name", help="room name")
     create.add_argument(
@@ -52,7 +69,9 @@ def add_subcommands(subparsers: Any) -> None:
         "--allow", default="", metavar="USERS", help="comma-separated user names, e.g. alice,bob"
     )
     _db_option(create)
-    create.set_defaults(func=_rooms_create)
+    if live_options is not None:
+        live_options(create)
+    create.set_defaults(func=_rooms_create, live_create=live_create)
 
     listing = verbs.add_parser("list", help="list every stored room")
     _db_option(listing)
@@ -115,6 +134,9 @@ def _run(args: argparse.Namespace, work: Callable[[HistoryStore, TextIO], Awaita
 
 def _rooms_create(args: argparse.Namespace) -> int:
     allow = [u.strip() for u in args.allow.split(",") if u.strip()]
+    live: LiveCreate | None = getattr(args, "live_create", None)
+    if live is not None and getattr(args, "url", None):
+        return live(args, allow)
 
     async def work(store: HistoryStore, out: TextIO) -> int:
         room = await create_room(store, args.name, private=args.private, allow=allow)

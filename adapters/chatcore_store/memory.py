@@ -8,7 +8,7 @@ with it holds against SQLite or PostgreSQL.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from chatcore import (
     Append,
@@ -16,6 +16,7 @@ from chatcore import (
     ClaimedDevice,
     ClaimPrekeys,
     Command,
+    DeleteStored,
     DeviceKeysStored,
     HistoryLoaded,
     InboxLoaded,
@@ -27,6 +28,8 @@ from chatcore import (
     Prekey,
     PrekeysClaimed,
     RoomLoaded,
+    SaveBan,
+    SaveMute,
     SavePositions,
     SaveRoom,
     StoreDeviceKeys,
@@ -58,6 +61,8 @@ class _Room:
     """The exactly-once keys (room, sender, client id) of the kept messages."""
     max_messages: int | None = None
     max_age: float | None = None
+    banned: set[str] = field(default_factory=set)
+    muted: dict[str, float] = field(default_factory=dict)
 
     def cut(self, count: int) -> int:
         """Drop the ``count`` oldest messages and their exactly-once keys."""
@@ -194,6 +199,8 @@ class MemoryStore:
                     private=room.private,
                     allow=room.allow,
                     recent=tuple(room.messages[-effect.recent :]) if effect.recent > 0 else (),
+                    banned=frozenset(room.banned),
+                    muted=dict(room.muted),
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=self._range(effect))
@@ -204,6 +211,25 @@ class MemoryStore:
                 room.private, room.allow = room_rule(
                     effect.room, private=effect.private, allow=effect.allow
                 )
+                return None
+            case SaveBan():
+                room = self._room(effect.room)
+                (room.banned.add if effect.banned else room.banned.discard)(effect.user)
+                return None
+            case SaveMute():
+                room = self._room(effect.room)
+                if effect.until is None:
+                    room.muted.pop(effect.user, None)
+                else:
+                    room.muted[effect.user] = effect.until
+                return None
+            case DeleteStored():
+                room = self._room(effect.room)
+                i = effect.offset - room.messages[0].offset if room.messages else -1
+                if 0 <= i < len(room.messages):
+                    gone = room.messages[i] = replace(room.messages[i], text="", deleted=True)
+                    if gone.client_id is not None:
+                        room.keys[gone.room, gone.sender, gone.client_id] = gone
                 return None
             case SavePositions():
                 # Keep the furthest position: a late report never moves a mark back.

@@ -84,8 +84,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " allow = ARRAY[split_part(name, ':', 2), split_part(name, ':', 3)]"
         " WHERE left(name, 3) = 'dm:'",
     ),
-    # The key directory of end-to-end encrypted direct messages: public keys only.
+    # Moderation: who is banned or muted in a room, and messages deleted in place
+    # (the offset stays, the text goes) so history shows them deleted, gap-free.
     6: (
+        "ALTER TABLE messages ADD COLUMN deleted boolean NOT NULL DEFAULT false",
+        """CREATE TABLE moderation (
+            room text NOT NULL,
+            username text NOT NULL,
+            banned boolean NOT NULL DEFAULT false,
+            muted_until bigint,
+            PRIMARY KEY (room, username)
+        )""",
+    ),
+    # The key directory of end-to-end encrypted direct messages: public keys only.
+    7: (
         """CREATE TABLE devices (
             username text NOT NULL,
             device text NOT NULL,

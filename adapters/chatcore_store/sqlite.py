@@ -84,8 +84,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"substr(name, 4, instr(substr(name, 4), ':') - 1), {_DM_SECOND})"
         " WHERE name >= 'dm:' AND name < 'dm;'",
     ),
-    # The key directory of end-to-end encrypted direct messages: public keys only.
+    # Moderation: who is banned or muted in a room (muted_until: ms since the
+    # epoch), and messages deleted in place (the offset stays, the text goes).
     6: (
+        "ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE moderation (
+            room TEXT NOT NULL,
+            username TEXT NOT NULL,
+            banned INTEGER NOT NULL DEFAULT 0,
+            muted_until INTEGER,
+            PRIMARY KEY (room, username)
+        ) WITHOUT ROWID""",
+    ),
+    # The key directory of end-to-end encrypted direct messages: public keys only.
+    7: (
         """CREATE TABLE devices (
             username TEXT NOT NULL,
             device TEXT NOT NULL,

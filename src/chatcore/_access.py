@@ -11,6 +11,10 @@ hold about a room; none of them decides on its own. The rule:
 * A public room admits every named user.
 * A name with a ``:`` that is not a canonical DM room (``dm:bob:alice``)
   admits nobody: no path creates such a room, so none may be opened.
+* A user banned from a room may not join it or send there; a user muted in
+  a room until a time later than ``now`` may not send there (joining and
+  reading are still allowed). These come after the rules above: a ban never
+  admits anyone the room would refuse anyway.
 * Nobody (``user`` None: a reader who gave no name) may join or send anywhere;
   such a reader may read a public room only. Whether a server accepts nameless
   readers at all is authentication, decided before this rule is asked: with
@@ -22,7 +26,7 @@ Pure: no I/O, no clock, and nothing kept between calls.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from ._names import dm_users
 
@@ -43,6 +47,8 @@ class Access(enum.Enum):
     ALLOWED = "allowed"
     NAME_REQUIRED = "name_required"  # a nameless reader: say who you are (HTTP 401)
     FORBIDDEN = "forbidden"  # this user is not admitted (HTTP 403, error ``forbidden``)
+    BANNED = "banned"  # banned from the room (HTTP 403, error ``forbidden``)
+    MUTED = "muted"  # may not send for now (error ``forbidden`` naming the mute)
 
 
 def room_rule(room: str, *, private: bool, allow: frozenset[str]) -> tuple[bool, frozenset[str]]:
@@ -64,13 +70,31 @@ def room_access(
     *,
     private: bool,
     allow: Collection[str],
+    banned: Collection[str] = (),
+    muted: Mapping[str, float] | None = None,
+    now: float = 0.0,
 ) -> Access:
     """May ``user`` (None: nameless) do ``action`` in ``room``?
 
     ``private`` and ``allow`` are what the caller knows of the room (from the
     engine or a store); for a direct-message room they are not consulted.
     A room nobody has created is public: pass ``private=False, allow=()``.
+    ``banned`` and ``muted`` (user -> muted until) are the room's moderation,
+    ``now`` the time a mute is compared with.
     """
+    verdict = _membership(user, action, room, private=private, allow=allow)
+    if verdict is not Access.ALLOWED or user is None or action is Action.READ:
+        return verdict
+    if user in banned:
+        return Access.BANNED
+    if action is Action.SEND and muted and muted.get(user, now) > now:
+        return Access.MUTED
+    return Access.ALLOWED
+
+
+def _membership(
+    user: str | None, action: Action, room: str, *, private: bool, allow: Collection[str]
+) -> Access:
     if ":" in room:  # only direct-message rooms have one
         pair = dm_users(room)
         if user is None:

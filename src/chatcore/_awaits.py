@@ -23,6 +23,7 @@ __all__ = [
     "PendingInbox",
     "PendingKeys",
     "PendingPage",
+    "PendingScreen",
     "PendingSend",
     "RoomWaiter",
 ]
@@ -78,7 +79,26 @@ class PendingKeys:
     ref_name: str
 
 
-Pending = PendingSend | PendingPage | PendingCatchup | PendingGap | PendingInbox | PendingKeys
+@dataclass(slots=True)
+class PendingScreen:
+    """A message shown to the host's hook (``Screen``), not yet appended."""
+
+    session: Session
+    room: str
+    client_id: str | None
+    text: str
+    ts: int
+
+
+Pending = (
+    PendingSend
+    | PendingPage
+    | PendingCatchup
+    | PendingGap
+    | PendingInbox
+    | PendingKeys
+    | PendingScreen
+)
 
 RoomWaiter = tuple[Session, ClientRequest | None]
 """A session waiting for a room to load: for its welcome (None), or to carry out a request."""
@@ -107,6 +127,9 @@ class Awaits:
     def forget_session(self, session: Session) -> None:
         """An ended session waits for nothing: its sends, inbox and rooms are dropped.
 
+        Messages being screened stay: the client sent them, and once accepted
+        they are appended like any other (only the ack has no one to go to).
+
         Pages it asked for stay: their answer finds no connection and is dropped.
         """
         refs = self.refs
@@ -125,7 +148,7 @@ class Awaits:
         """(appends, loads) in flight; gap fills are not counted."""
         sends = loads = 0
         for p in self.refs.values():
-            if type(p) is PendingSend:
+            if type(p) is PendingSend or type(p) is PendingScreen:
                 sends += 1
             elif type(p) is not PendingGap:
                 loads += 1

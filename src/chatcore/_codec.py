@@ -32,6 +32,7 @@ from ._errors import ErrorCode
 from ._events import (
     Ack,
     CallEvent,
+    Deleted,
     ErrorEvent,
     History,
     Joined,
@@ -40,6 +41,7 @@ from ._events import (
     Members,
     Message,
     ReadMark,
+    Removed,
     ServerEvent,
     Typing,
     Welcome,
@@ -166,7 +168,7 @@ def decode_request(conn: ConnId, text: str) -> ClientRequest:
     raise FrameError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:40]!r}", _room_ref(obj))
 
 
-# -- end-to-end encryption (section 9): shapes only; the contents stay opaque ---------
+# -- end-to-end encryption (section 10): shapes only; the contents stay opaque ---------
 
 ENCRYPTED = "\x01e2e:"  # _keys.ENCRYPTED (the codec imports nothing that imports it)
 _MAX_KEY = 256  # characters of one base64 key, nonce or id
@@ -349,9 +351,9 @@ def format_ts(ms: int) -> str:
 
 
 def _message_obj(m: Message) -> dict[str, Any]:
-    if m.text.startswith(ENCRYPTED):
+    if m.text.startswith(ENCRYPTED):  # a deleted message's text is blank: never this
         return _encrypted_obj(m)
-    return {
+    obj = {
         "type": "message",
         "room": m.room,
         "offset": m.offset,
@@ -361,6 +363,9 @@ def _message_obj(m: Message) -> dict[str, Any]:
         "ts": format_ts(m.ts),
         "id": m.client_id,
     }
+    if m.deleted:  # only then: every other message frame stays as it was
+        obj["deleted"] = True
+    return obj
 
 
 def _encrypted_obj(m: Message) -> dict[str, Any]:
@@ -450,6 +455,10 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
             return _call_obj(event)
         case KeysEvent():
             return _keys_obj(event)
+        case Deleted():
+            return {"type": "deleted", "room": event.room, "offset": event.offset}
+        case Removed():
+            return {"type": "removed", "room": event.room, "reason": event.reason}
         case _:
             assert_never(event)
 
@@ -477,11 +486,18 @@ def encode_members(event: Members, users: str) -> str:
     return frame.replace(_NO_USERS, f'"users":[{users}]', 1)
 
 
+def _shown(m: Message) -> str:
+    """What plain-text mode shows of a message: never an envelope's bytes."""
+    if m.deleted:
+        return "(message deleted)"
+    return "[encrypted message]" if m.text.startswith(ENCRYPTED) else m.text
+
+
 def encode_text(event: ServerEvent) -> str | None:
     """The plain-text-mode line for ``event``, or None if that mode shows nothing."""
     match event:
         case Message():
-            return f"{event.sender}: {_plain(event)}"
+            return f"{event.sender}: {_shown(event)}"
         case Joined():
             return f"{event.user} joined the room"
         case Left():
@@ -491,13 +507,14 @@ def encode_text(event: ServerEvent) -> str | None:
         case ErrorEvent():
             return f"error: {event.message}"
         case History():
-            return "\n".join(f"{m.sender}: {_plain(m)}" for m in event.messages) or None
+            lines = (f"{m.sender}: {_shown(m)}" for m in event.messages)
+            return "\n".join(lines) or None
+        case Deleted():
+            return f"a message was deleted (offset {event.offset})"
+        case Removed():
+            where = "the server" if event.room is None else f"room {event.room}"
+            return f"you were removed from {where}" + (f": {event.reason}" if event.reason else "")
         case Welcome() | Ack() | Typing() | ReadMark() | CallEvent() | KeysEvent():
             return None
         case _:
             assert_never(event)
-
-
-def _plain(m: Message) -> str:
-    """What plain-text mode shows of a message: never an envelope's bytes."""
-    return "[encrypted message]" if m.text.startswith(ENCRYPTED) else m.text

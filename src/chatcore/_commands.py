@@ -24,6 +24,7 @@ from ._events import Message
 __all__ = [
     "AppendFailed",
     "Appended",
+    "Ban",
     "CallSignal",
     "ClaimDeviceKeys",
     "ClaimedDevice",
@@ -31,6 +32,7 @@ __all__ = [
     "Command",
     "Connect",
     "CreateRoom",
+    "DeleteMessage",
     "DeviceKeysStored",
     "Disconnected",
     "Drained",
@@ -41,22 +43,29 @@ __all__ = [
     "InboxLoaded",
     "Join",
     "KeysFailed",
+    "Kick",
     "Leave",
     "MarkRead",
     "Mode",
+    "Moderation",
+    "Mute",
     "Pong",
     "Prekey",
     "PrekeysClaimed",
     "Publish",
     "PublishDeviceKeys",
     "Receive",
+    "RemoveMember",
     "RoomLoadFailed",
     "RoomLoaded",
+    "Screened",
     "Send",
     "SendDirect",
     "Shutdown",
     "SignalKind",
     "StartTyping",
+    "Unban",
+    "Verdict",
     "Written",
     "WrittenMany",
 ]
@@ -306,6 +315,9 @@ class RoomLoaded:
     private: bool = False
     allow: frozenset[str] = frozenset()
     recent: tuple[Message, ...] = ()
+    banned: frozenset[str] = frozenset()
+    muted: Mapping[str, float] = field(default_factory=dict)
+    """user -> until when (the engine's ``now``) a mute stored for the room lasts."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -427,9 +439,94 @@ class Publish:
     client_id: str | None = None
 
 
+class Verdict(enum.Enum):
+    """What the host's screening hook decided about a message (see ``Screened``)."""
+
+    ACCEPT = "accept"
+    REFUSE = "refuse"
+    REPLACE = "replace"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Screened:
+    """Host: the answer to ``Screen`` ``ref``.
+
+    ``ACCEPT`` appends the message as sent; ``REPLACE`` appends ``text``
+    instead; ``REFUSE`` appends nothing and sends the sender error
+    ``refused`` with ``reason``. An answer for a ref that is not awaited
+    (answered already) is ignored. Build it with ``Screen.accept()``,
+    ``Screen.refuse(reason)`` or ``Screen.replace(text)``.
+    """
+
+    ref: int
+    verdict: Verdict
+    text: str | None = None
+    reason: str = ""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Shutdown:
     """Close every connection with 1001, save positions, refuse new connections."""
+
+
+# -- moderation: host and admin commands (see ``_moderation``) -----------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoveMember:
+    """Take ``user`` (every session) out of ``room``; they get ``removed``. They
+    may join again unless banned."""
+
+    room: str
+    user: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Kick:
+    """Remove ``user`` from the server: every connection gets ``removed`` and is
+    closed with 4003, and their sessions end (no resume)."""
+
+    user: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mute:
+    """``user`` may not send in ``room`` until ``until`` (the engine's clock,
+    seconds); ``until=None`` lifts a mute. Stored."""
+
+    room: str
+    user: str
+    until: float | None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ban:
+    """``user`` may not join (or send in) ``room``; a member is removed. Stored."""
+
+    room: str
+    user: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unban:
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteMessage:
+    """Mark the message at ``offset`` deleted: its offset stays (no gap), its text
+    goes; history and replays show it deleted and members get ``deleted``. Stored."""
+
+    room: str
+    offset: int
+
+
+Moderation = RemoveMember | Kick | Mute | Ban | Unban | DeleteMessage
 
 
 Command = (
@@ -455,4 +552,6 @@ Command = (
     | CreateRoom
     | Publish
     | Shutdown
+    | Moderation
+    | Screened
 )

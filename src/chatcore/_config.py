@@ -72,6 +72,9 @@ class Config:
     signal_per_second: float = 20.0
     """Call frames per session: their own bucket, apart from chat messages and
     requests, so that a burst of ICE candidates neither waits for nor spends them."""
+    screen_messages: bool = False
+    """Every client message is first shown to the host as a ``Screen`` effect and
+    appended only once the host answers ``Screened`` (accept, refuse, replace)."""
 
     max_devices_per_user: int = 8
     """Devices one user may publish keys for (end-to-end encryption); more are refused."""

@@ -2,21 +2,22 @@
 
 Transport effects (``Deliver``, ``Close``, ``Ping``) act on connections;
 storage effects (``LoadRoom``, ``Append``, ``LoadHistory``, ``LoadInbox``,
-``SaveRoom``, ``SavePositions``) go to the log, whose answers come back as commands. The
-adapter carries them out in the order given.
+``SaveRoom``, ``SavePositions``, ``SaveBan``, ``SaveMute``, ``DeleteStored``) go to
+the log, whose answers come back as commands. The adapter carries them out in the order given.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._commands import ConnId, Prekey
+from ._commands import ConnId, Prekey, Screened, Verdict
 from ._events import ServerEvent
 
 __all__ = [
     "Append",
     "ClaimPrekeys",
     "Close",
+    "DeleteStored",
     "Deliver",
     "Effect",
     "LoadHistory",
@@ -24,8 +25,11 @@ __all__ = [
     "LoadRoom",
     "Ping",
     "Position",
+    "SaveBan",
+    "SaveMute",
     "SavePositions",
     "SaveRoom",
+    "Screen",
     "StoreDeviceKeys",
 ]
 
@@ -161,6 +165,58 @@ class ClaimPrekeys:
     user: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveBan:
+    """Store whether ``user`` is banned from ``room`` (a mute stays as stored). No answer."""
+
+    room: str
+    user: str
+    banned: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveMute:
+    """Store until when ``user`` is muted in ``room`` (None: not muted; a ban stays
+    as stored). No answer."""
+
+    room: str
+    user: str
+    until: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteStored:
+    """Mark the stored message at ``offset`` deleted (blank its text, keep the
+    offset) so that history pages and replays show it deleted. No answer."""
+
+    room: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Screen:
+    """Ask the host's hook about a message before it is appended (``Config.screen_messages``).
+
+    Answer with ``Screened`` (the helpers below build it); until then the
+    message waits and nothing of it is stored or delivered.
+    """
+
+    ref: int
+    room: str
+    sender: str
+    text: str
+    client_id: str | None = None
+
+    def accept(self) -> Screened:
+        return Screened(ref=self.ref, verdict=Verdict.ACCEPT)
+
+    def refuse(self, reason: str) -> Screened:
+        return Screened(ref=self.ref, verdict=Verdict.REFUSE, reason=reason)
+
+    def replace(self, text: str) -> Screened:
+        return Screened(ref=self.ref, verdict=Verdict.REPLACE, text=text)
+
+
 Effect = (
     Deliver
     | Close
@@ -173,4 +229,8 @@ Effect = (
     | SavePositions
     | StoreDeviceKeys
     | ClaimPrekeys
+    | SaveBan
+    | SaveMute
+    | DeleteStored
+    | Screen
 )

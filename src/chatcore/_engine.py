@@ -13,9 +13,9 @@ module: ``_lifecycle`` (connect, welcome, resume, grace period), ``_presence``
 (membership, typing, read marks), ``_messages`` (send, log order), ``_replay``
 (catching up), ``_history`` (history pages, loading rooms), ``_requests``
 (decoding frames, the request rate), ``_outbox`` (backpressure), ``_signals``
-(relaying call frames as ``_calls`` decides), all over the data in
-``_state``. No module below imports this one, and none imports a module that
-imports it back.
+(relaying call frames as ``_calls`` decides), ``_moderation`` (removals,
+mutes, bans, deleting messages), all over the data in ``_state``. No module
+below imports this one, and none imports a module that imports it back.
 """
 
 from __future__ import annotations
@@ -23,10 +23,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never
 
-from . import _history, _keys, _lifecycle, _messages, _presence, _replay, _requests, _signals
+from . import (
+    _history,
+    _keys,
+    _lifecycle,
+    _messages,
+    _moderation,
+    _presence,
+    _replay,
+    _requests,
+    _signals,
+)
 from ._commands import (
     Appended,
     AppendFailed,
+    Ban,
     CallSignal,
     ClaimDeviceKeys,
     ClientRequest,
@@ -34,6 +45,7 @@ from ._commands import (
     Connect,
     ConnId,
     CreateRoom,
+    DeleteMessage,
     DeviceKeysStored,
     Disconnected,
     Drained,
@@ -44,19 +56,24 @@ from ._commands import (
     InboxLoaded,
     Join,
     KeysFailed,
+    Kick,
     Leave,
     MarkRead,
+    Mute,
     Pong,
     PrekeysClaimed,
     Publish,
     PublishDeviceKeys,
     Receive,
+    RemoveMember,
     RoomLoaded,
     RoomLoadFailed,
+    Screened,
     Send,
     SendDirect,
     Shutdown,
     StartTyping,
+    Unban,
     Written,
     WrittenMany,
 )
@@ -94,6 +111,7 @@ class RoomView:
     users: tuple[str, ...]
     head: int
     epoch: str
+    allow: frozenset[str] = frozenset()
 
 
 class Engine:
@@ -181,6 +199,10 @@ class Engine:
                 _messages.publish_for_host(st, command, now, out)
             case Shutdown():
                 _lifecycle.shutdown(st, out)
+            case RemoveMember() | Kick() | Mute() | Ban() | Unban() | DeleteMessage():
+                _moderation.moderate(st, command, out)
+            case Screened():
+                _messages.screened(st, command, out)
             case _:
                 assert_never(command)
         if st.closes:
@@ -263,10 +285,22 @@ class Engine:
                 users=room.member_list(),
                 head=room.head,
                 epoch=room.epoch,
+                allow=room.allow,
             )
             for name, room in self._st.rooms.items()
             if include_private or not room.private
         }
+
+    def sessions(self, user: str | None = None) -> list[SessionInfo]:
+        """Every session (of ``user``, if given), connected or in its grace period."""
+        st = self._st
+        ids = st.by_id if user is None else st.by_user.get(user, {})
+        return [info for i in list(ids) if (info := self.session(i)) is not None]
+
+    def moderation(self, room: str) -> tuple[frozenset[str], dict[str, float]]:
+        """(banned users, muted users -> until) of a room held in memory."""
+        r = self._st.rooms.get(room)
+        return (frozenset(), {}) if r is None else (frozenset(r.banned), dict(r.muted))
 
     def members(self, room: str) -> tuple[str, ...]:
         r = self._st.rooms.get(room)
@@ -403,8 +437,10 @@ class Engine:
         st = self._st
         loaded = _history.room_loaded(st, cmd)
         if loaded is None:
+            _moderation.load_failed(st, cmd.room)  # (an answer nobody waits for)
             return
         room, waiters = loaded
+        _moderation.room_arrived(st, room)
         for session, request in waiters:
             if request is None:
                 self._run_held(_lifecycle.room_arrived(st, session, cmd.room, now, out), now, out)
@@ -414,6 +450,7 @@ class Engine:
 
     def _room_failed(self, cmd: RoomLoadFailed, now: float, out: list[Effect]) -> None:
         st = self._st
+        _moderation.load_failed(st, cmd.room)
         for session, request in st.awaits.rooms.pop(cmd.room, None) or ():
             if request is not None:
                 error(

@@ -40,6 +40,7 @@ class ErrorCode(enum.StrEnum):
     NO_CALL = "no_call"
     CALL_STATE = "call_state"
     CALL_LIMIT = "call_limit"
+    REFUSED = "refused"
 
 
 class CloseCode(enum.IntEnum):
@@ -53,3 +54,5 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
     HEARTBEAT_TIMEOUT = 4000
+    REMOVED = 4003
+    """A moderator removed the user from the server; reconnecting starts afresh."""

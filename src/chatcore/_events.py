@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "Ack",
     "CallEvent",
+    "Deleted",
     "ErrorEvent",
     "History",
     "Joined",
@@ -21,6 +22,7 @@ __all__ = [
     "Members",
     "Message",
     "ReadMark",
+    "Removed",
     "RoomPosition",
     "ServerEvent",
     "Typing",
@@ -44,6 +46,8 @@ class Message:
     text: str
     ts: int
     client_id: str | None = None
+    deleted: bool = False
+    """Deleted by a moderator: the offset stays, ``text`` is empty."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,7 +153,7 @@ class CallEvent:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeysEvent:
-    """The key directory's answer or notice (docs/protocol.md section 9).
+    """The key directory's answer or notice (docs/protocol.md section 10).
 
     ``kind`` is the frame's ``type``: ``keys_published`` (``device`` has
     ``prekeys`` in stock), ``keys`` (``user``'s ``devices``, each a
@@ -162,6 +166,23 @@ class KeysEvent:
     device: str | None = None
     prekeys: int = 0
     devices: tuple[tuple[str, str, int | None, str | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deleted:
+    """A moderator deleted the message at ``offset``: show it as deleted."""
+
+    room: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Removed:
+    """A moderator removed this user from ``room`` (None: from the server, and the
+    connection closes next with code 4003)."""
+
+    room: str | None
+    reason: str = ""
 
 
 ServerEvent = (
@@ -177,4 +198,6 @@ ServerEvent = (
     | ErrorEvent
     | CallEvent
     | KeysEvent
+    | Deleted
+    | Removed
 )

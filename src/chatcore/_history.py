@@ -103,6 +103,8 @@ def room_loaded(st: EngineState, cmd: RoomLoaded) -> tuple[Room, list[RoomWaiter
         window=st.config.history_window,
         recent=cmd.recent,
     )
+    room.banned.update(cmd.banned)
+    room.muted.update(cmd.muted)
     st.rooms[cmd.room] = room
     return room, waiters
 

@@ -10,16 +10,24 @@ here. Replaying messages to one connection is ``_replay``.
 
 from __future__ import annotations
 
-from ._access import Action
-from ._awaits import PendingGap, PendingSend
-from ._commands import Appended, AppendFailed, HistoryLoaded, Publish, SendDirect
-from ._effects import Append, Effect, LoadHistory
+from ._access import Access, Action
+from ._awaits import PendingGap, PendingScreen, PendingSend
+from ._commands import (
+    Appended,
+    AppendFailed,
+    HistoryLoaded,
+    Publish,
+    Screened,
+    SendDirect,
+    Verdict,
+)
+from ._effects import Append, Effect, LoadHistory, Screen
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import Ack, Message
 from ._keys import ENCRYPTED
 from ._names import dm_room, dm_users, is_valid_name, is_valid_room
 from ._outbox import broadcast, error, to
-from ._presence import add_member, admits, member_room
+from ._presence import add_member, member_room, refusal, verdict
 from ._room import Room
 from ._session import Connection, Session, SessionState
 from ._state import EngineState
@@ -30,6 +38,7 @@ __all__ = [
     "gap_failed",
     "gap_filled",
     "publish_for_host",
+    "screened",
     "send",
     "send_direct",
 ]
@@ -53,8 +62,15 @@ def send(
     if encrypted != text.startswith(ENCRYPTED) or (encrypted and dm_users(room_name) is None):
         _refuse_encrypted(st, session, encrypted, ref_name, out)
         return
-    if not admits(room, session.user, Action.SEND):  # members were admitted: never, today
-        error(st, session, ErrorCode.FORBIDDEN, f"not allowed in room {room_name}", ref_name, out)
+    if (refused := verdict(room, session.user, Action.SEND, now)) is not Access.ALLOWED:
+        error(
+            st,
+            session,
+            ErrorCode.FORBIDDEN,
+            refusal(room, refused, session.user, now),
+            ref_name,
+            out,
+        )
         return
     if not text:
         error(st, session, ErrorCode.INVALID_FIELD, "text must not be empty", ref_name, out)
@@ -86,6 +102,14 @@ def send(
             ref_name,
             out,
             retry_after=round(wait, 3),
+        )
+        return
+    # Ciphertext goes past the hook: it cannot read it, and a replacement
+    # would break the envelope (docs/engine.md, "Screening messages").
+    if config.screen_messages and not encrypted:
+        ref = st.awaits.expect(PendingScreen(session, room_name, client_id, text, int(now * 1000)))
+        out.append(
+            Screen(ref=ref, room=room_name, sender=session.user, text=text, client_id=client_id)
         )
         return
     awaits = st.awaits  # (Awaits.expect, inlined: this runs for every message)
@@ -133,6 +157,38 @@ def _refuse_encrypted(
     else:
         what, code = "text must not start with the encryption marker", ErrorCode.INVALID_FIELD
     error(st, session, code, what, ref_name, out)
+
+
+def screened(st: EngineState, cmd: Screened, out: list[Effect]) -> None:
+    """The host's hook answered a ``Screen``: append the message (as sent or
+    replaced), or refuse it with an error to its sender."""
+    refs = st.awaits.refs
+    pending = refs.get(cmd.ref)
+    if type(pending) is not PendingScreen:
+        return  # answered already, or not a screening's reference
+    text = pending.text
+    if cmd.verdict is Verdict.REPLACE:
+        if cmd.text is None or not cmd.text or len(cmd.text.encode()) > st.config.max_text_bytes:
+            raise LocalProtocolError("Screened text must be non-empty and within max_text_bytes")
+        text = cmd.text
+    if cmd.verdict is Verdict.REFUSE:
+        del refs[cmd.ref]
+        if pending.session.state is SessionState.LIVE:
+            ref_name = pending.client_id if pending.client_id is not None else pending.room[:64]
+            error(st, pending.session, ErrorCode.REFUSED, cmd.reason or "refused", ref_name, out)
+        return
+    # The same reference now awaits the log's answer, as if sent unscreened.
+    refs[cmd.ref] = PendingSend(pending.session, pending.room, pending.client_id)
+    out.append(
+        Append(
+            ref=cmd.ref,
+            room=pending.room,
+            sender=pending.session.user,
+            text=text,
+            ts=pending.ts,
+            client_id=pending.client_id,
+        )
+    )
 
 
 def publish_for_host(st: EngineState, cmd: Publish, now: float, out: list[Effect]) -> None:

@@ -31,16 +31,43 @@ __all__ = [
     "leave",
     "mark_read",
     "member_room",
+    "refusal",
     "remove_member",
     "typing",
     "typing_over",
+    "verdict",
 ]
 
 
-def admits(room: Room, user: str, action: Action) -> bool:
+def admits(room: Room, user: str, action: Action, now: float = 0.0) -> bool:
     """The access rule (``_access``) asked with what the engine holds of the room."""
-    verdict = room_access(user, action, room.name, private=room.private, allow=room.allow)
-    return verdict is Access.ALLOWED
+    return verdict(room, user, action, now) is Access.ALLOWED
+
+
+def verdict(room: Room, user: str, action: Action, now: float) -> Access:
+    """:func:`room_access` with everything the engine holds of the room."""
+    return room_access(
+        user,
+        action,
+        room.name,
+        private=room.private,
+        allow=room.allow,
+        banned=room.banned,
+        muted=room.muted,
+        now=now,
+    )
+
+
+def refusal(room: Room, access: Access, user: str, now: float) -> str:
+    """The ``forbidden`` error's message for a refusal: it says why."""
+    match access:
+        case Access.BANNED:
+            return f"banned from room {room.name}"
+        case Access.MUTED:
+            left = max(1, round(room.muted.get(user, now) - now))
+            return f"muted in room {room.name} for {left} more seconds"
+        case _:
+            return f"not allowed in room {room.name}"
 
 
 def check_room_name(st: EngineState, session: Session, room: str, out: list[Effect]) -> bool:
@@ -90,8 +117,15 @@ def join(st: EngineState, session: Session, name: str, out: list[Effect], *, qui
     if name in session.rooms:  # joining again: the member list again
         send_members(st, conn, room, out)
         return
-    if not admits(room, session.user, Action.JOIN):
-        error(st, session, ErrorCode.FORBIDDEN, f"not allowed in room {name}", name, out)
+    if (refused := verdict(room, session.user, Action.JOIN, st.now)) is not Access.ALLOWED:
+        error(
+            st,
+            session,
+            ErrorCode.FORBIDDEN,
+            refusal(room, refused, session.user, st.now),
+            name,
+            out,
+        )
         st.forget_if_empty(room)
         return
     limit = st.config.max_rooms_per_session

@@ -39,6 +39,8 @@ class Room:
         "reads",
         "early",
         "gap_ref",
+        "banned",
+        "muted",
     )
 
     def __init__(
@@ -80,6 +82,9 @@ class Room:
         # Messages from the log that arrived before the ones preceding them.
         self.early: dict[int, tuple[Message, PendingSend | None]] = {}
         self.gap_ref: int | None = None
+        # Moderation (``_moderation``): users banned, and muted until when.
+        self.banned: set[str] = set()
+        self.muted: dict[str, float] = {}
 
     def attach(self, conn: Connection) -> None:
         (self.conns if conn.mode is Mode.JSON else self.text_conns)[conn.id] = conn

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._awaits import Awaits
 from ._calls import Calls
-from ._commands import ClientRequest, ConnId
+from ._commands import ClientRequest, ConnId, Moderation
 from ._config import Config
 from ._effects import Effect, LoadRoom
 from ._errors import CloseCode
@@ -88,6 +88,7 @@ class EngineState:
         "now",
         "soft_frames",
         "soft_bytes",
+        "moderating",
         "calls",
         "counters",
     )
@@ -110,6 +111,9 @@ class EngineState:
         # Past these a connection is lagging (see _outbox.broadcast).
         self.soft_frames = max(1, config.outbox_frames // 2)
         self.soft_bytes = max(1, config.outbox_bytes // 2)
+        # Moderation of rooms whose load was asked before it and answered after it:
+        # applied to the room when it arrives (``_moderation.room_arrived``).
+        self.moderating: dict[str, list[Moderation]] = {}
         self.calls = Calls(config, self.ringable)  # see _signals
         self.counters = Counters()
 

@@ -1,4 +1,4 @@
-"""The key directory and encrypted direct messages, as clients see them (protocol.md section 9).
+"""The key directory and encrypted direct messages, as clients see them (protocol.md section 10).
 
 The engine is driven through the simulator and the real codec; the store is the
 memory store (the SQL stores' claims are tested in tests/store/test_prekeys.py).
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatcore import Config, Mode, dm_room
+from chatcore import Config, Mode, Screen, Screened, dm_room
 from chatcore_sim import SimClient, Simulation
 
 ROOM = dm_room("alice", "bob")
@@ -328,3 +328,20 @@ def test_any_envelope_is_stored_as_validated_or_refused_with_an_error(enc: Any) 
         assert set(m["enc"]) <= {"v", "from_device", "identity", "payloads"}
         for payload in m["enc"]["payloads"].values():
             assert set(payload) <= {"prekey_id", "ephemeral", "iv", "ct"}
+
+
+def test_a_screening_hook_never_sees_ciphertext_and_cannot_alter_it() -> None:
+    seen: list[str] = []
+
+    def hook(screen: Screen) -> Screened:  # a filter that would mangle any text it saw
+        seen.append(screen.text)
+        return screen.replace("****")
+
+    sim = Simulation(seed=1, screen=hook)
+    alice, bob = sim.connect("alice"), sim.connect("bob")
+    enc = envelope()
+    alice.send_json({"type": "dm", "to": "bob", "enc": enc, "id": "m1"})
+    alice.send_json({"type": "dm", "to": "bob", "text": "plain", "id": "m2"})
+    assert [m.get("enc") for m in bob.messages(ROOM)] == [enc, None]
+    assert [m["text"] for m in bob.messages(ROOM)] == ["", "****"]
+    assert seen == ["plain"]  # a plain direct message is still screened

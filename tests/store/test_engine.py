@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from chatcore import Ban, DeleteMessage, Mute, Unban
 from chatcore_store import create_room
 
 from .conftest import MakeStore
@@ -52,3 +53,52 @@ async def test_a_room_created_by_the_admin_call_is_private(make_store: MakeStore
     assert "staff" in driver.welcome(alice).rooms
     assert "staff" not in driver.welcome(mallory).rooms
     assert [e.code for e in driver.errors(mallory)] == ["forbidden"]
+
+
+async def test_bans_mutes_and_deleted_messages_survive_a_restart(make_store: MakeStore) -> None:
+    store = await make_store()
+    first = Driver(store, history_window=2)  # a replay past the window reads the store
+    alice = await first.connect("alice", "lobby")
+    for i in range(1, 4):
+        await first.send(alice, "lobby", f"hello {i}", client_id=f"m{i}")
+    muted_until = first.now + 3600
+    await first.feed(Ban(room="lobby", user="mallory"))
+    await first.feed(Mute(room="lobby", user="bob", until=muted_until))
+    await first.feed(Mute(room="lobby", user="carol", until=muted_until))
+    await first.feed(Mute(room="lobby", user="carol", until=None))  # lifted: forgotten
+    await first.feed(DeleteMessage(room="lobby", offset=2))
+    await first.feed(Ban(room="lobby", user="dave"))  # banned and muted: each kept,
+    await first.feed(Mute(room="lobby", user="dave", until=muted_until))
+    await first.feed(Mute(room="lobby", user="erin", until=muted_until))  # in either order
+    await first.feed(Ban(room="lobby", user="erin"))
+    await store.close()
+
+    second = Driver(await make_store(), seed=1, history_window=2)
+    mallory = await second.connect("mallory", "lobby")
+    assert "lobby" not in second.welcome(mallory).rooms
+    assert [e.message for e in second.errors(mallory)] == ["banned from room lobby"]
+    bob = await second.connect("bob", "lobby")
+    await second.send(bob, "lobby", "let me speak", client_id="b1")
+    [refused] = second.errors(bob)
+    assert refused.code == "forbidden"
+    assert "muted" in refused.message
+    carol = await second.connect("carol", "lobby")
+    await second.send(carol, "lobby", "i may", client_id="c1")
+    assert [a.offset for a in second.acks(carol)] == [4]  # no gap where 2 was deleted
+    page = await second.fetch(carol, "lobby")
+    assert [(m.offset, m.text, m.deleted) for m in page.messages] == [
+        (1, "hello 1", False),
+        (2, "", True),
+        (3, "hello 3", False),
+        (4, "i may", False),
+    ]
+    # A retry of the deleted message is answered with the deleted one, not revived.
+    await second.send(alice := await second.connect("alice", "lobby"), "lobby", "hello 2", "m2")
+    assert [a.offset for a in second.acks(alice)] == [2]
+    assert second.messages(carol) == []  # (a duplicate is not delivered again)
+    for user in ("dave", "erin"):
+        await second.feed(Unban(room="lobby", user=user))
+        conn = await second.connect(user, "lobby")
+        assert "lobby" in second.welcome(conn).rooms  # the ban is lifted...
+        await second.send(conn, "lobby", "hi", client_id="x1")
+        assert "muted" in second.errors(conn)[0].message  # ...the mute is not

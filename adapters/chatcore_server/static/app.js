@@ -31,6 +31,7 @@
     attempt: 0,
     retryTimer: null,
     stopped: false,
+    removedWhy: "", // why a moderator removed us from the server, until the close
     rooms: new Map(), // name -> room, in sidebar order
     active: null,
     pending: new Map(), // client id -> {room, to, text, at, failed}, in the order typed
@@ -162,6 +163,7 @@
       state.ws = null;
       state.welcomed = false;
       state.inflight = null; // sent again, with the same id, after the next welcome
+      if (e.code === 4003) return removedFromServer(e.reason);
       if (e.code === 1008) {
         // Policy violation (e.g. an invalid name): retrying would be refused again.
         state.stopped = true;
@@ -233,6 +235,8 @@
       case "keys": case "keys_published": case "keys_low": return onKeysEvent(ev);
       case "call": case "ringing": case "offer": case "answer": case "candidate": case "ended":
         return onCallSignal(ev);
+      case "deleted": return onDeleted(ev);
+      case "removed": return onRemoved(ev);
       default: return undefined; // a newer server: ignore what we do not know
     }
   }
@@ -319,7 +323,8 @@
     room.head = Math.max(room.head, m.offset);
     room.typing.delete(m.from);
     const had = room.messages.get(m.offset);
-    if (had && !had.local) return; // already shown: a replay or a history page
+    // Already shown (a replay or a history page): only news of its deletion counts.
+    if (had && !had.local && !(m.deleted && !had.deleted)) return;
     room.messages.set(m.offset, m);
     if (live && room.messages.size > KEEP && (room.name !== state.active || atBottom())) {
       forgetOldest(room);
@@ -452,6 +457,39 @@
       removeRoom(room.name);
     }
     toast(ev.message || ev.code);
+  }
+
+  // -- moderation: deleted messages, being removed ------------------------------------
+
+  function onDeleted(ev) {
+    const room = state.rooms.get(ev.room);
+    const m = room && room.messages.get(ev.offset);
+    if (!m) return; // not loaded here: a history page will show it deleted
+    // A copy: an encrypted message still being decrypted fills in the old one.
+    room.messages.set(ev.offset, { ...m, text: "", deleted: true, enc: undefined, locked: undefined });
+    render();
+  }
+
+  function showDeleted(li, text) {
+    li.classList.add("deleted");
+    text.textContent = "This message was deleted.";
+  }
+
+  function onRemoved(ev) {
+    const why = ev.reason ? ` (${ev.reason})` : "";
+    if (ev.room === null) {
+      state.removedWhy = why; // the close (4003) follows
+      return;
+    }
+    removeRoom(ev.room);
+    toast(`A moderator removed you from ${roomLabel(ev.room)}${why}.`);
+  }
+
+  function removedFromServer(reason) {
+    // Removed by a moderator: reconnecting would only start a fresh session, so stop.
+    state.stopped = true;
+    const why = state.removedWhy || (reason ? ` (${reason})` : "");
+    setConn("failed", `a moderator removed you from this server${why}.`);
   }
 
   // -- what the user does -----------------------------------------------------------
@@ -799,7 +837,8 @@
       const m = e.m;
       const grouped = Boolean(prev && prev.from === m.from && when - new Date(prev.ts) < GROUP_MS);
       const seen = seenBy.get(m.offset);
-      put(String(m.offset), `${grouped}|${m.ts}|${seen ? seen.join(",") : ""}|${m.locked || ""}`,
+      put(String(m.offset),
+        `${grouped}|${m.ts}|${seen ? seen.join(",") : ""}|${m.locked || ""}|${!!m.deleted}`,
         () => messageEl(m, grouped, seen));
       prev = m;
     }
@@ -936,7 +975,8 @@
     const text = document.createElement("div");
     text.className = "text";
     text.textContent = m.text;
-    e2eDecorate(li, text, m);
+    if (m.deleted) showDeleted(li, text);
+    else e2eDecorate(li, text, m);
     body.append(text);
     if (seenBy && seenBy.length) {
       const seen = document.createElement("div");
@@ -1297,7 +1337,7 @@
     } catch { /* an older server: no ICE servers, which is right on a LAN */ }
   }
 
-  // -- end-to-end encryption (docs/protocol.md section 9) ----------------------------
+  // -- end-to-end encryption (docs/protocol.md section 10) ----------------------------
   //
   // This browser profile is one device: an X25519 identity key and one-time prekeys,
   // kept in IndexedDB with their private halves non-extractable. A direct message to
