@@ -351,7 +351,7 @@ def format_ts(ms: int) -> str:
 
 
 def _message_obj(m: Message) -> dict[str, Any]:
-    if m.text.startswith(ENCRYPTED):  # a deleted message's text is blank: never this
+    if not m.deleted and m.text.startswith(ENCRYPTED):  # deleted: shown deleted, never enc
         return _encrypted_obj(m)
     obj = {
         "type": "message",

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatcore import Config, Mode, Screen, Screened, dm_room
+from chatcore import Config, DeleteMessage, Mode, Screen, Screened, dm_room
 from chatcore_sim import SimClient, Simulation
 
 ROOM = dm_room("alice", "bob")
@@ -345,3 +345,17 @@ def test_a_screening_hook_never_sees_ciphertext_and_cannot_alter_it() -> None:
     assert [m.get("enc") for m in bob.messages(ROOM)] == [enc, None]
     assert [m["text"] for m in bob.messages(ROOM)] == ["", "****"]
     assert seen == ["plain"]  # a plain direct message is still screened
+
+
+def test_a_deleted_encrypted_message_reads_as_deleted_with_no_envelope_left() -> None:
+    sim = Simulation(seed=1)
+    alice, bob = sim.connect("alice"), sim.connect("bob")
+    alice.send_json({"type": "dm", "to": "bob", "enc": envelope(), "id": "m1"})
+    sim.feed(DeleteMessage(room=ROOM, offset=1))
+    assert bob.of_type("deleted") == [{"type": "deleted", "room": ROOM, "offset": 1}]
+    later = sim.connect("bob")
+    later.history(ROOM)
+    [page] = later.of_type("history")
+    [m] = page["messages"]
+    assert (m["text"], m.get("deleted"), "enc" in m) == ("", True, False)
+    assert sim.store.messages(ROOM)[0].text == ""
