@@ -45,6 +45,16 @@ SERVERS: dict[str, ServerSpec] = {
     "websockets": ServerSpec("websockets", Flavor(PLAIN), "benchmarks.peers.websockets_server"),
     "picows": ServerSpec("picows", Flavor(PLAIN), "benchmarks.peers.picows_server"),
     "socketio": ServerSpec("socketio", Flavor(SOCKETIO), "benchmarks.peers.socketio_server"),
+    # The ASGI path: chatcore's ChatApp and python-socketio's ASGIApp under the same servers.
+    "chatcore-uvicorn": ServerSpec(
+        "chatcore-uvicorn", Flavor(CHATCORE), "benchmarks.asgi_launch", ("--server", "uvicorn")
+    ),
+    "chatcore-hypercorn": ServerSpec(
+        "chatcore-hypercorn", Flavor(CHATCORE), "benchmarks.asgi_launch", ("--server", "hypercorn")
+    ),
+    "socketio-uvicorn": ServerSpec(
+        "socketio-uvicorn", Flavor(SOCKETIO), "benchmarks.peers.socketio_asgi_server"
+    ),
 }
 
 

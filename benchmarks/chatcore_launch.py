@@ -29,6 +29,17 @@ def store_for(db: str) -> HistoryStore:
     raise SystemExit(f"unknown --db {db!r}")
 
 
+def unlimited_config() -> Config:
+    """Every per-session rate limit lifted (send rate, request rate, ...): the
+    benchmark's few senders each send hundreds of messages per second on purpose."""
+    unlimited: dict[str, Any] = {
+        f.name: (1_000_000 if f.type in (int, "int") else 1_000_000.0)
+        for f in fields(Config)
+        if f.name.endswith(("_burst", "_per_second"))
+    }
+    return Config(**unlimited)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chatcore_launch")
     parser.add_argument("--host", default="127.0.0.1")
@@ -36,14 +47,7 @@ def main() -> None:
     parser.add_argument("--db", default="memory")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    # Every per-session rate limit lifted (send rate, request rate, ...): the benchmark's
-    # few senders each send hundreds of messages per second on purpose.
-    unlimited: dict[str, Any] = {
-        f.name: (1_000_000 if f.type in (int, "int") else 1_000_000.0)
-        for f in fields(Config)
-        if f.name.endswith(("_burst", "_per_second"))
-    }
-    config = Config(**unlimited)
+    config = unlimited_config()
     server = ChatServer(config=config, store=store_for(args.db), host=args.host, port=args.port)
     print(f"listening on {args.host}:{args.port}", flush=True)
     anyio.run(server.serve, backend="asyncio")

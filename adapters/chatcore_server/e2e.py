@@ -1,4 +1,4 @@
-"""End-to-end encryption of direct messages for the Python client (protocol.md section 10).
+"""End-to-end encryption of direct messages for the Python client (protocol.md section 11).
 
 One :class:`Device` is one client installation: an X25519 identity key and a
 stock of one-time X25519 prekeys, kept in a JSON file of its own (private keys

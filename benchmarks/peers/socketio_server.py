@@ -5,6 +5,7 @@ which the load generator speaks for it."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -16,7 +17,11 @@ from ._common import parse_args, user_and_rooms
 # Long ping interval: the byte-counting clients answer pings, but a ping storm
 # in the middle of a ladder step is noise no other server has.
 sio = socketio.AsyncServer(
-    async_mode="aiohttp", transports=["websocket"], ping_interval=300, ping_timeout=60
+    # socketio_asgi_server runs these same handlers as an ASGI app.
+    async_mode=os.environ.get("BENCH_SOCKETIO_MODE", "aiohttp"),
+    transports=["websocket"],
+    ping_interval=300,
+    ping_timeout=60,
 )
 USERS: dict[str, tuple[str, list[str]]] = {}
 

@@ -168,7 +168,7 @@ def decode_request(conn: ConnId, text: str) -> ClientRequest:
     raise FrameError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:40]!r}", _room_ref(obj))
 
 
-# -- end-to-end encryption (section 10): shapes only; the contents stay opaque ---------
+# -- end-to-end encryption (section 11): shapes only; the contents stay opaque ---------
 
 ENCRYPTED = "\x01e2e:"  # _keys.ENCRYPTED (the codec imports nothing that imports it)
 _MAX_KEY = 256  # characters of one base64 key, nonce or id

@@ -153,7 +153,7 @@ class CallEvent:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeysEvent:
-    """The key directory's answer or notice (docs/protocol.md section 10).
+    """The key directory's answer or notice (docs/protocol.md section 11).
 
     ``kind`` is the frame's ``type``: ``keys_published`` (``device`` has
     ``prekeys`` in stock), ``keys`` (``user``'s ``devices``, each a

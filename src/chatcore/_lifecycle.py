@@ -161,7 +161,11 @@ def _resume(st: EngineState, session: Session, cmd: Connect, out: list[Effect]) 
             )
         )
     session.resumed = True
-    session.offsets = {r: o for r, o in cmd.offsets.items() if r in session.rooms}
+    # The client's offsets count for the rooms it is in and for those it asks to be
+    # in again (it may not have read its own leave before the link dropped): its
+    # stream in such a room goes on from what it has seen, with nothing skipped.
+    asked = set(cmd.rooms)
+    session.offsets = {r: o for r, o in cmd.offsets.items() if r in session.rooms or r in asked}
     return True
 
 

@@ -164,6 +164,9 @@ def leave(st: EngineState, session: Session, name: str, out: list[Effect]) -> No
 
 def remove_member(st: EngineState, session: Session, room: Room, out: list[Effect]) -> None:
     del session.rooms[room.name]
+    # Where the session had got to no longer says anything once it left: a rejoin
+    # (in a later welcome) starts from the room's head, not from a stale position.
+    session.delivered.pop(room.name, None)
     if session.conn is not None:
         room.detach(session.conn)
         session.conn.catchup.pop(room.name, None)

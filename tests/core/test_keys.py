@@ -1,4 +1,4 @@
-"""The key directory and encrypted direct messages, as clients see them (protocol.md section 10).
+"""The key directory and encrypted direct messages, as clients see them (protocol.md section 11).
 
 The engine is driven through the simulator and the real codec; the store is the
 memory store (the SQL stores' claims are tested in tests/store/test_prekeys.py).

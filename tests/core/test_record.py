@@ -190,3 +190,76 @@ def test_a_record_cut_mid_line_replays_up_to_the_cut() -> None:
     lines = busy_run()
     cut = [*lines[:50], lines[50][:20]]
     assert replay(cut) is None
+
+
+# -- what a broken or doctored record is told -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "hint"),
+    [
+        ({"type": "Nope"}, Connect | None),  # a union member that does not exist
+        ("x", int | None),  # no member of the union takes it
+        ("x", tuple[int, ...]),  # not a list
+        ([1, 2, 3], tuple[int, int]),  # the wrong length
+        ("x", frozenset[str]),
+        ([], Mapping[str, int]),
+        (True, int),  # a bool is not an int in a record
+        ("x", float),
+        ({"type": "Join"}, Connect),  # a dataclass of another type
+    ],
+)
+def test_data_of_the_wrong_shape_is_a_record_error(data: Any, hint: Any) -> None:
+    with pytest.raises(RecordError):
+        decode(data, hint)
+
+
+def test_plain_values_decode_as_their_hints() -> None:
+    assert isinstance(decode(3, float), float)
+    assert decode(3, float) == 3.0
+    assert decode(None, int | None) is None
+    assert decode("x", Any) == "x"
+    assert decode(["a", "b"], frozenset[str]) == frozenset({"a", "b"})
+    assert decode({"a": 1}, Mapping[str, int]) == {"a": 1}
+    assert decode([1, "a"], tuple[int, str]) == (1, "a")
+
+
+def test_a_header_that_is_not_one_is_refused() -> None:
+    lines = busy_run()
+    with pytest.raises(RecordError, match="not JSON"):
+        replay(["not json", *lines[1:]])
+    header = json.loads(lines[0])
+    header["chatcore_record"] = 999
+    with pytest.raises(RecordError, match="version"):
+        replay([json.dumps(header), *lines[1:]])
+
+
+def test_a_bad_line_before_the_end_is_a_broken_record() -> None:
+    lines = busy_run()
+    with pytest.raises(RecordError, match="not JSON"):
+        replay([*lines[:20], "{cut", *lines[20:]])
+
+
+def test_every_kind_of_divergence_is_named() -> None:
+    lines = busy_run()
+    step = next(i for i, line in enumerate(lines) if i > 0 and len(json.loads(line)["fx"]) > 1)
+    data = json.loads(lines[step])
+    fewer = dict(data, fx=data["fx"][:-1])  # the replay makes one more than recorded
+    more = dict(data, fx=[*data["fx"], "0" * 16])  # the replay makes one fewer
+    raised = dict(data, raised="ValueError")
+    del raised["fx"]
+    for doctored, reason in (
+        (fewer, "an effect more"),
+        (more, "an effect fewer"),
+        (raised, "recorded engine raised"),
+    ):
+        divergence = replay([*lines[:step], json.dumps(doctored), *lines[step + 1 :]])
+        assert divergence is not None, reason
+        assert reason in divergence.reason
+        assert "step" in str(divergence)
+    extra = next(i for i, line in enumerate(lines) if '"ids"' in line)
+    data = json.loads(lines[extra])
+    data["ids"] = [*data["ids"], data["ids"][0]]
+    divergence = replay([*lines[:extra], json.dumps(data), *lines[extra + 1 :]])
+    assert divergence is not None
+    assert "fewer ids" in divergence.reason

@@ -323,3 +323,23 @@ def test_replay_from_the_store_survives_the_window_moving_on_meanwhile() -> None
     sim.resume(bob)
     sim.advance(5)
     assert bob.texts() == [f"a{i}" for i in range(5)] + ["b0", "b1"]
+
+
+def test_a_leave_lost_with_the_link_resumes_the_room_from_what_the_client_saw() -> None:
+    # Alice leaves, but the link drops before she reads the answer: her client
+    # still counts herself in the room and resumes it. Her stream there goes on
+    # from what she had seen: nothing skipped, nothing given twice.
+    sim = Simulation(seed=7)
+    alice = sim.connect("alice", room="general")
+    bob = sim.connect("bob", room="general")
+    bob.send("one")
+    alice.stop_reading()
+    alice.leave("general")
+    bob.send("two")
+    sim.drop(alice)
+    sim.resume(alice)
+    alice.start_reading()
+    welcome = alice.of_type("welcome")[-1]
+    assert welcome["resumed"] is True
+    assert welcome["rooms"]["general"]["offset"] == 1
+    assert offsets(alice.events) == [1, 2]

@@ -131,7 +131,9 @@
         if (room.joined) q.append("offset", `${room.name}:${room.last}`);
       }
     }
-    return `${proto}//${location.host}/ws?${q}`;
+    // Relative to the page, so that a page mounted under a prefix (/chat/) finds /chat/ws.
+    const base = location.pathname.replace(/[^/]*$/, "");
+    return `${proto}//${location.host}${base}ws?${q}`;
   }
 
   function connect() {
@@ -1337,7 +1339,7 @@
     } catch { /* an older server: no ICE servers, which is right on a LAN */ }
   }
 
-  // -- end-to-end encryption (docs/protocol.md section 10) ----------------------------
+  // -- end-to-end encryption (docs/protocol.md section 11) ----------------------------
   //
   // This browser profile is one device: an X25519 identity key and one-time prekeys,
   // kept in IndexedDB with their private halves non-extractable. A direct message to

@@ -1,0 +1,1 @@
+"""ChatApp behind real ASGI servers (uvicorn, hypercorn), in the test process."""
