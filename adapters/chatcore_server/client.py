@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import secrets
 import ssl
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -48,6 +49,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError
 
+from .e2e import Device, PeerDevice, Undecryptable
+
 __all__ = ["Chat", "ChatClosed", "ChatRejected", "connect"]
 
 _FINAL = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 1010})
@@ -62,6 +65,7 @@ _PAGE_GAP = 0.05  # seconds between two gap-filling pages: well inside the reque
 _PAGE_WAIT = 30.0  # seconds a page may take before the connection is given up
 _RESEND_UNAVAILABLE = 1.0  # seconds before a send the store refused goes again
 _GAVE_UP = 4001  # our close code when we abandon a connection that still lives
+_KEYS_WAIT = 10.0  # seconds a claim_keys answer may take
 
 
 class ChatClosed(Exception):
@@ -284,6 +288,9 @@ class Chat:
         ]
         out = anyio.create_memory_object_stream[dict[str, Any]](max_queue)
         self._out, self._in = out
+        self._device: Device | None = None  # end-to-end encryption, once enabled
+        self._peers: dict[str, list[PeerDevice]] = {}  # claimed devices, per user
+        self._claims: dict[str, anyio.Event] = {}  # claim_keys awaiting their answer
 
     # -- what a program does ---------------------------------------------------------
 
@@ -304,10 +311,112 @@ class Chat:
         return cid
 
     async def dm(self, to: str, text: str, *, id: str | None = None) -> str:
-        """A direct message to user ``to``; kept and retried like :meth:`send`."""
+        """A direct message to user ``to``; kept and retried like :meth:`send`.
+
+        With :meth:`enable_e2e`, it is end-to-end encrypted when ``to`` has
+        published keys (plain otherwise: :meth:`send_dm_encrypted` refuses that)."""
+        if self._device is not None and await self._devices_of(to):
+            return await self.send_dm_encrypted(to, text, id=id)
         cid = id or secrets.token_hex(8)
         await self._submit(cid, {"type": "dm", "to": to, "text": text, "id": cid})
         return cid
+
+    # -- end-to-end encryption ------------------------------------------------------------
+
+    async def enable_e2e(self, path: str | os.PathLike[str], *, device: str | None = None) -> str:
+        """Encrypt and decrypt direct messages with this device's keys, kept in the
+        file ``path`` (created with new keys if missing; keep it private). Publishes
+        the public identity key and a stock of prekeys; returns the device id.
+
+        From then on, an encrypted ``message`` is handed on with its ``text``
+        decrypted and ``encrypted: True``; one this device cannot read (sent before
+        it existed, not addressed to it, or altered on the way) comes instead as
+        ``{"type": "undecryptable", "room", "offset", "from", "id", "reason"}``.
+        """
+        if self.me == "":
+            raise ChatClosed("enable_e2e needs the user name: connect with user= or a token")
+        self._device = Device(path, user=self.me, device=device)
+        await self._request(self._device.publish_frame(), retry=True)
+        return self._device.device
+
+    async def send_dm_encrypted(self, to: str, text: str, *, id: str | None = None) -> str:
+        """An end-to-end encrypted direct message to ``to``, sealed for each device of
+        ``to`` and each other device of ours. Raises ``ValueError`` if ``to`` has
+        published no keys. Kept and retried (the same ciphertext) like :meth:`send`."""
+        device = self._device
+        if device is None:
+            raise ValueError("call enable_e2e first")
+        peers = await self._devices_of(to)
+        if not peers:
+            raise ValueError(f"{to} has published no keys")
+        ours = [d for d in await self._devices_of(self.me) if d.device != device.device]
+        room = "dm:" + ":".join(sorted((self.me, to)))
+        enc = device.seal(room, text, peers + ours if to != self.me else ours)
+        cid = id or secrets.token_hex(8)
+        await self._submit(cid, {"type": "dm", "to": to, "enc": enc, "id": cid})
+        return cid
+
+    async def _devices_of(self, user: str, *, fresh: bool = False) -> list[PeerDevice]:
+        """``user``'s devices with a prekey each, claimed once per chat (each claim
+        takes a prekey of every device), or again when ``fresh``."""
+        if user in self._peers and not fresh:
+            return self._peers[user]
+        waiting = self._claims.get(user)
+        if waiting is None:
+            waiting = self._claims[user] = anyio.Event()
+            await self._request({"type": "claim_keys", "user": user}, retry=True)
+        with anyio.move_on_after(_KEYS_WAIT):
+            await waiting.wait()
+        return self._peers.get(user, [])
+
+    def _keys(self, obj: dict[str, Any]) -> None:
+        """A ``keys`` answer: remember the devices, wake whoever claimed them."""
+        user = str(obj["user"])
+        self._peers[user] = [
+            PeerDevice(
+                user=user,
+                device=str(d["device"]),
+                identity=str(d["identity"]),
+                prekey_id=None if d.get("prekey") is None else int(d["prekey"]["id"]),
+                prekey=None if d.get("prekey") is None else str(d["prekey"]["key"]),
+            )
+            for d in obj["devices"]
+        ]
+        waiting = self._claims.pop(user, None)
+        if waiting is not None:
+            waiting.set()
+
+    def _reveal(self, event: dict[str, Any]) -> dict[str, Any]:
+        """An encrypted message decrypted for the program, or an ``undecryptable``
+        marker in its place; anything else as it came."""
+        if self._device is None:
+            return event
+        if event.get("type") == "history":
+            messages = [self._reveal(m) for m in event["messages"]]
+            return {**event, "messages": messages}
+        if "enc" not in event:
+            return event
+        try:
+            text = self._device.open(str(event["room"]), str(event["from"]), event["enc"])
+        except Undecryptable as exc:
+            return {
+                "type": "undecryptable",
+                "room": event["room"],
+                "offset": event["offset"],
+                "from": event["from"],
+                "id": event.get("id"),
+                "reason": exc.reason,
+            }
+        shown = {k: v for k, v in event.items() if k != "enc"}
+        shown["text"] = text
+        shown["encrypted"] = True
+        return shown
+
+    async def _restock(self) -> None:
+        """Our device runs low on prekeys: publish a new batch."""
+        if self._device is not None:
+            with suppress(ChatClosed):
+                await self._request(self._device.publish_frame(), retry=True)
 
     async def join(self, room: str) -> None:
         if room not in self.rooms:
@@ -661,13 +770,22 @@ class Chat:
             if (closed := self._error(obj)) is not None:
                 await self._out.send(obj)
                 return closed
+        elif kind == "keys":
+            self._keys(obj)
+        elif (
+            kind == "keys_low"
+            and self._device is not None
+            and obj.get("device") == self._device.device
+            and self._tasks is not None
+        ):
+            self._tasks.start_soon(self._restock)
         elif kind == "members" and obj["room"] not in self.rooms:
             self.rooms.append(obj["room"])  # a new session joins it again
         elif kind == "left" and obj.get("user") == self.me and obj["room"] in self.rooms:
             self.rooms.remove(obj["room"])
         filling = len(self._ledger.fills)
         for event in self._ledger.take(obj):
-            await self._out.send(event)
+            await self._out.send(self._reveal(event))
         if len(self._ledger.fills) != filling:
             self._set_changed()  # a history request waiting for the fill may go
         return None
@@ -693,6 +811,8 @@ class Chat:
         """An ``error`` event: retry a send it refused for now, forget one it refused
         for good. A close code if the connection must be replaced."""
         ref, code = obj.get("ref"), obj.get("code")
+        if isinstance(ref, str) and (claim := self._claims.pop(ref, None)) is not None:
+            claim.set()  # a claim refused: no devices known for that user
         if isinstance(ref, str) and ref in self._unacked:
             if code in ("rate_limited", "unavailable") and self._tasks is not None:
                 delay = obj.get("retry_after")

@@ -27,23 +27,30 @@ from chatcore import (
     Append,
     Appended,
     AppendFailed,
+    ClaimedDevice,
+    ClaimPrekeys,
     Command,
     DeleteStored,
+    DeviceKeysStored,
     Effect,
     HistoryFailed,
     HistoryLoaded,
     InboxFailed,
     InboxLoaded,
+    KeysFailed,
     LoadHistory,
     LoadInbox,
     LoadRoom,
     Message,
+    Prekey,
+    PrekeysClaimed,
     RoomLoaded,
     RoomLoadFailed,
     SaveBan,
     SaveMute,
     SavePositions,
     SaveRoom,
+    StoreDeviceKeys,
     room_rule,
 )
 
@@ -83,6 +90,8 @@ StorageEffect = (
     | LoadInbox
     | SaveRoom
     | SavePositions
+    | StoreDeviceKeys
+    | ClaimPrekeys
     | SaveBan
     | SaveMute
     | DeleteStored
@@ -94,10 +103,15 @@ _STORAGE = (
     LoadInbox,
     SaveRoom,
     SavePositions,
+    StoreDeviceKeys,
+    ClaimPrekeys,
     SaveBan,
     SaveMute,
     DeleteStored,
 )
+
+TOO_MANY_DEVICES = "too many devices"
+TOO_MANY_PREKEYS = "too many prekeys in stock"
 
 
 def is_storage_effect(effect: Effect) -> TypeGuard[StorageEffect]:
@@ -289,6 +303,8 @@ def failed(effect: StorageEffect, reason: str = UNAVAILABLE) -> Command | None:
             return RoomLoadFailed(room=effect.room, reason=reason)
         case LoadInbox():
             return InboxFailed(ref=effect.ref, reason=reason)
+        case StoreDeviceKeys() | ClaimPrekeys():
+            return KeysFailed(ref=effect.ref, reason=reason)
         case _:
             return None
 
@@ -632,6 +648,55 @@ class SQLStore:
                 if rows:
                     yield Statement(sql.save_positions, rows, many=True)
                 return None
+            case StoreDeviceKeys():
+                return (yield from self._store_keys(effect))
+            case ClaimPrekeys():
+                return (yield from self._claim(effect))
+
+    # -- the key directory (end-to-end encryption) ------------------------------------
+
+    def _store_keys(self, effect: StoreDeviceKeys) -> Work[Command]:
+        """The device's identity key, and its new prekeys added, within the bounds."""
+        sql = self._sql
+        user, device = effect.user, effect.device
+        found = yield Statement(sql.device_identity, (user, device))
+        if not found:
+            count = yield Statement(sql.device_count, (user,))
+            if count[0][0] >= effect.max_devices:
+                return KeysFailed(ref=effect.ref, reason=TOO_MANY_DEVICES)
+        elif found[0][0] != effect.identity:  # a new identity: the old prekeys go with the old
+            yield Statement(sql.drop_prekeys, (user, device))
+        yield Statement(sql.save_device, (user, device, effect.identity))
+        stock = (yield Statement(sql.prekey_count, (user, device)))[0][0]
+        if stock + len(effect.prekeys) > effect.max_prekeys:
+            return KeysFailed(ref=effect.ref, reason=TOO_MANY_PREKEYS)
+        rows = [(user, device, p.id, p.key) for p in effect.prekeys]
+        if rows:
+            yield Statement(sql.save_prekeys, rows, many=True)
+        stock = (yield Statement(sql.prekey_count, (user, device)))[0][0]
+        return DeviceKeysStored(ref=effect.ref, device=device, stock=stock)
+
+    def _claim(self, effect: ClaimPrekeys) -> Work[Command]:
+        """One prekey of each device, deleted and returned by one statement: a
+        prekey two claims race for is deleted, so returned, by one of them."""
+        sql = self._sql
+        taken = yield Statement(sql.claim_prekeys, (effect.user,) * sql.claim_user_marks)
+        by_device = {device: Prekey(id=key_id, key=key) for device, key_id, key in taken}
+        devices = yield Statement(sql.devices, (effect.user,))
+        left: dict[str, int] = dict((yield Statement(sql.stock, (effect.user,))))
+        return PrekeysClaimed(
+            ref=effect.ref,
+            user=effect.user,
+            devices=tuple(
+                ClaimedDevice(
+                    device=device,
+                    identity=identity,
+                    prekey=by_device.get(device),
+                    left=left.get(device, 0),
+                )
+                for device, identity in devices
+            ),
+        )
 
     def _room_row(self, name: str) -> Work[tuple[str, int, bool, frozenset[str]]]:
         """(epoch, head, private, allow) of the room, creating it if new."""

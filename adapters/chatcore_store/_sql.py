@@ -77,6 +77,14 @@ class Dialect:
     one parameter per value, and inserted one by one (SQLite inserts those fastest)."""
     max_params: int | None = None
     """Bound parameters one statement may carry (None: no limit)."""
+    claim_prekeys: str = (
+        "DELETE FROM prekeys WHERE (username, device, key_id) IN ("
+        " SELECT username, device, min(key_id) FROM prekeys WHERE username = ?"
+        " GROUP BY username, device)"
+        " RETURNING device, key_id, key"
+    )
+    """Deletes and returns the lowest prekey of each of USER's devices (every ``?``
+    is USER). The default suits a database whose writers take turns (SQLite)."""
 
     def sql(self, text: str) -> str:
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
@@ -173,6 +181,23 @@ class Statements:
         )
         self.delete_range = q("DELETE FROM messages WHERE room = ? AND msg_offset BETWEEN ? AND ?")
         self.positions = q("SELECT room, delivered, read FROM positions WHERE username = ?")
+        # The key directory (schema 7): public keys only.
+        self.device_identity = q("SELECT identity FROM devices WHERE username = ? AND device = ?")
+        self.device_count = q("SELECT count(*) FROM devices WHERE username = ?")
+        self.save_device = q(
+            "INSERT INTO devices (username, device, identity) VALUES (?, ?, ?)"
+            " ON CONFLICT (username, device) DO UPDATE SET identity = excluded.identity"
+        )
+        self.drop_prekeys = q("DELETE FROM prekeys WHERE username = ? AND device = ?")
+        self.prekey_count = q("SELECT count(*) FROM prekeys WHERE username = ? AND device = ?")
+        self.save_prekeys = q(
+            "INSERT INTO prekeys (username, device, key_id, key) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (username, device, key_id) DO NOTHING"
+        )
+        self.claim_prekeys = q(d.claim_prekeys)
+        self.claim_user_marks = d.claim_prekeys.count("?")
+        self.devices = q("SELECT device, identity FROM devices WHERE username = ? ORDER BY device")
+        self.stock = q("SELECT device, count(*) FROM prekeys WHERE username = ? GROUP BY device")
         # Moderation (schema 6): a row per user banned or muted in a room.
         self.moderation = q("SELECT username, banned, muted_until FROM moderation WHERE room = ?")
         # Each sets its own column and leaves the other as stored.

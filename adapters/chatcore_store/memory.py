@@ -13,24 +13,39 @@ from dataclasses import dataclass, field, replace
 from chatcore import (
     Append,
     Appended,
+    ClaimedDevice,
+    ClaimPrekeys,
     Command,
     DeleteStored,
+    DeviceKeysStored,
     HistoryLoaded,
     InboxLoaded,
+    KeysFailed,
     LoadHistory,
     LoadInbox,
     LoadRoom,
     Message,
+    Prekey,
+    PrekeysClaimed,
     RoomLoaded,
     SaveBan,
     SaveMute,
     SavePositions,
     SaveRoom,
+    StoreDeviceKeys,
     dm_users,
     room_rule,
 )
 
-from ._base import RoomInfo, StorageEffect, failed, history_request, number_appends
+from ._base import (
+    TOO_MANY_DEVICES,
+    TOO_MANY_PREKEYS,
+    RoomInfo,
+    StorageEffect,
+    failed,
+    history_request,
+    number_appends,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -74,6 +89,8 @@ class MemoryStore:
         self._epochs = 0
         self.max_messages = max_messages
         self.positions_by_key: dict[tuple[str, str], tuple[int, int]] = {}
+        # The key directory: user -> device -> (identity key, prekey id -> key).
+        self.devices: dict[str, dict[str, tuple[str, dict[int, str]]]] = {}
         self.available = True
 
     # -- the async face adapters use ------------------------------------------
@@ -166,7 +183,9 @@ class MemoryStore:
 
     def _apply(self, effect: StorageEffect) -> Command | None:
         # An outage fails what would touch the database's log; rooms and marks are kept.
-        if not self.available and isinstance(effect, (Append, LoadHistory, LoadInbox)):
+        if not self.available and isinstance(
+            effect, (Append, LoadHistory, LoadInbox, StoreDeviceKeys, ClaimPrekeys)
+        ):
             return failed(effect)
         match effect:
             case Append():
@@ -219,6 +238,35 @@ class MemoryStore:
                     delivered, read = self.positions_by_key.get(key, (0, 0))
                     self.positions_by_key[key] = (max(delivered, p.delivered), max(read, p.read))
                 return None
+            case StoreDeviceKeys():
+                return self._store_keys(effect)
+            case ClaimPrekeys():
+                return self._claim(effect)
+
+    def _store_keys(self, effect: StoreDeviceKeys) -> Command:
+        devices = self.devices.setdefault(effect.user, {})
+        found = devices.get(effect.device)
+        if found is None and len(devices) >= effect.max_devices:
+            return KeysFailed(ref=effect.ref, reason=TOO_MANY_DEVICES)
+        stock = {} if found is None or found[0] != effect.identity else found[1]
+        devices[effect.device] = (effect.identity, stock)
+        new = {p.id: p.key for p in effect.prekeys if p.id not in stock}
+        if len(stock) + len(effect.prekeys) > effect.max_prekeys:
+            return KeysFailed(ref=effect.ref, reason=TOO_MANY_PREKEYS)
+        stock.update(new)
+        return DeviceKeysStored(ref=effect.ref, device=effect.device, stock=len(stock))
+
+    def _claim(self, effect: ClaimPrekeys) -> Command:
+        claimed = []
+        for device, (identity, stock) in sorted(self.devices.get(effect.user, {}).items()):
+            prekey = None
+            if stock:
+                key_id = min(stock)
+                prekey = Prekey(id=key_id, key=stock.pop(key_id))
+            claimed.append(
+                ClaimedDevice(device=device, identity=identity, prekey=prekey, left=len(stock))
+            )
+        return PrekeysClaimed(ref=effect.ref, user=effect.user, devices=tuple(claimed))
 
     def _inbox(self, effect: LoadInbox) -> tuple[str, ...]:
         found = []

@@ -96,6 +96,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (room, username)
         )""",
     ),
+    # The key directory of end-to-end encrypted direct messages: public keys only.
+    7: (
+        """CREATE TABLE devices (
+            username text NOT NULL,
+            device text NOT NULL,
+            identity text NOT NULL,
+            PRIMARY KEY (username, device)
+        )""",
+        """CREATE TABLE prekeys (
+            username text NOT NULL,
+            device text NOT NULL,
+            key_id bigint NOT NULL,
+            key text NOT NULL,
+            PRIMARY KEY (username, device, key_id)
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -139,6 +155,17 @@ _DIALECT = Dialect(
     " UNION ALL"
     " SELECT name FROM rooms WHERE left(name, 3) = 'dm:' AND split_part(name, ':', 3) = ?",
     array_types={"text": "text", "int": "bigint", "bool": "boolean"},
+    # Each device's lowest prekey that no other claim holds right now (SKIP LOCKED:
+    # a claim racing this one takes the next prekey instead of waiting for this
+    # one and finding it gone), chosen once (a CTE: a lateral subquery joined into
+    # the DELETE would be run again per row and take them all); the DELETE returns
+    # only rows it deleted itself.
+    claim_prekeys="WITH c AS MATERIALIZED (SELECT d.device, k.key_id FROM devices d"
+    " CROSS JOIN LATERAL (SELECT key_id FROM prekeys k"
+    "  WHERE k.username = d.username AND k.device = d.device"
+    "  ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED) k WHERE d.username = ?)"
+    " DELETE FROM prekeys p USING c WHERE p.username = ? AND p.device = c.device"
+    " AND p.key_id = c.key_id RETURNING p.device, p.key_id, p.key",
 )
 
 

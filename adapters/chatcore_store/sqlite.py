@@ -96,6 +96,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (room, username)
         ) WITHOUT ROWID""",
     ),
+    # The key directory of end-to-end encrypted direct messages: public keys only.
+    7: (
+        """CREATE TABLE devices (
+            username TEXT NOT NULL,
+            device TEXT NOT NULL,
+            identity TEXT NOT NULL,
+            PRIMARY KEY (username, device)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE prekeys (
+            username TEXT NOT NULL,
+            device TEXT NOT NULL,
+            key_id INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            PRIMARY KEY (username, device, key_id)
+        ) WITHOUT ROWID""",
+    ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

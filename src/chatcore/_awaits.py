@@ -21,6 +21,7 @@ __all__ = [
     "PendingCatchup",
     "PendingGap",
     "PendingInbox",
+    "PendingKeys",
     "PendingPage",
     "PendingScreen",
     "PendingSend",
@@ -70,6 +71,15 @@ class PendingInbox:
 
 
 @dataclass(slots=True)
+class PendingKeys:
+    """A key request handed to the log (``StoreDeviceKeys``, ``ClaimPrekeys``);
+    ``ref_name`` is what an error about it names."""
+
+    session: Session
+    ref_name: str
+
+
+@dataclass(slots=True)
 class PendingScreen:
     """A message shown to the host's hook (``Screen``), not yet appended."""
 
@@ -80,7 +90,15 @@ class PendingScreen:
     ts: int
 
 
-Pending = PendingSend | PendingPage | PendingCatchup | PendingGap | PendingInbox | PendingScreen
+Pending = (
+    PendingSend
+    | PendingPage
+    | PendingCatchup
+    | PendingGap
+    | PendingInbox
+    | PendingKeys
+    | PendingScreen
+)
 
 RoomWaiter = tuple[Session, ClientRequest | None]
 """A session waiting for a room to load: for its welcome (None), or to carry out a request."""

@@ -14,12 +14,15 @@ from typing import Any, assert_never
 
 from ._commands import (
     CallSignal,
+    ClaimDeviceKeys,
     ClientRequest,
     ConnId,
     FetchHistory,
     Join,
     Leave,
     MarkRead,
+    Prekey,
+    PublishDeviceKeys,
     Send,
     SendDirect,
     SignalKind,
@@ -33,6 +36,7 @@ from ._events import (
     ErrorEvent,
     History,
     Joined,
+    KeysEvent,
     Left,
     Members,
     Message,
@@ -42,6 +46,7 @@ from ._events import (
     Typing,
     Welcome,
 )
+from ._names import is_valid_name
 
 __all__ = [
     "MAX_CLIENT_ID",
@@ -120,20 +125,24 @@ def decode_request(conn: ConnId, text: str) -> ClientRequest:
     if kind == "send":
         cid = _client_id(obj)
         ref = cid if cid is not None else _room_ref(obj)
-        return Send(
-            conn=conn,
-            room=_field_str(obj, "room", ref),
-            text=_field_str(obj, "text", ref),
-            client_id=cid,
-        )
+        room = _field_str(obj, "room", ref)
+        if "enc" in obj:
+            return Send(
+                conn=conn, room=room, text=_envelope(obj, ref), client_id=cid, encrypted=True
+            )
+        return Send(conn=conn, room=room, text=_field_str(obj, "text", ref), client_id=cid)
     if kind == "dm":
         cid = _client_id(obj)
-        return SendDirect(
-            conn=conn,
-            to=_field_str(obj, "to", cid),
-            text=_field_str(obj, "text", cid),
-            client_id=cid,
-        )
+        to = _field_str(obj, "to", cid)
+        if "enc" in obj:
+            return SendDirect(
+                conn=conn, to=to, text=_envelope(obj, cid), client_id=cid, encrypted=True
+            )
+        return SendDirect(conn=conn, to=to, text=_field_str(obj, "text", cid), client_id=cid)
+    if kind == "publish_keys":
+        return _decode_publish(conn, obj)
+    if kind == "claim_keys":
+        return ClaimDeviceKeys(conn=conn, user=_field_str(obj, "user", None))
     if kind == "join":
         return Join(conn=conn, room=_field_str(obj, "room", None))
     if kind == "leave":
@@ -157,6 +166,108 @@ def decode_request(conn: ConnId, text: str) -> ClientRequest:
             ErrorCode.UNKNOWN_TYPE, "field 'type' missing or not a string", _room_ref(obj)
         )
     raise FrameError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:40]!r}", _room_ref(obj))
+
+
+# -- end-to-end encryption (section 11): shapes only; the contents stay opaque ---------
+
+ENCRYPTED = "\x01e2e:"  # _keys.ENCRYPTED (the codec imports nothing that imports it)
+_MAX_KEY = 256  # characters of one base64 key, nonce or id
+_MAX_DEVICES = 32  # payloads in one envelope
+_PAYLOAD_FIELDS = {"prekey_id": int, "ephemeral": str, "iv": str, "ct": str}
+
+
+def _short_str(value: object, what: str, ref: str | None, limit: int = _MAX_KEY) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= limit or not value.isascii():
+        raise FrameError(ErrorCode.INVALID_FIELD, f"{what} must be 1-{limit} ASCII characters", ref)
+    return value
+
+
+def _envelope(obj: dict[str, Any], ref: str | None) -> str:
+    """The ``enc`` object, checked for shape and re-encoded: the stored body."""
+    enc = obj["enc"]
+    if "text" in obj:
+        raise FrameError(ErrorCode.INVALID_FIELD, "a message has 'text' or 'enc', not both", ref)
+    if not isinstance(enc, dict) or enc.get("v") != 1:
+        raise FrameError(ErrorCode.INVALID_FIELD, "field 'enc' must be an object with v 1", ref)
+    if set(enc) - {"v", "from_device", "identity", "payloads"}:
+        raise FrameError(ErrorCode.INVALID_FIELD, "unknown field in 'enc'", ref)
+    device = enc.get("from_device")
+    if not isinstance(device, str) or not is_valid_name(device):
+        raise FrameError(ErrorCode.INVALID_FIELD, "enc.from_device must be a device name", ref)
+    payloads = enc.get("payloads")
+    if not isinstance(payloads, dict) or not 0 < len(payloads) <= _MAX_DEVICES:
+        raise FrameError(
+            ErrorCode.INVALID_FIELD, f"enc.payloads must be an object of 1-{_MAX_DEVICES}", ref
+        )
+    clean: dict[str, Any] = {"v": 1, "from_device": device}
+    if "identity" in enc:
+        clean["identity"] = _short_str(enc["identity"], "enc.identity", ref)
+    out: dict[str, dict[str, Any]] = {}
+    for name, payload in payloads.items():
+        if not is_valid_name(name) or not isinstance(payload, dict):
+            raise FrameError(ErrorCode.INVALID_FIELD, "enc.payloads: device name -> object", ref)
+        one: dict[str, Any] = {}
+        for key, value in payload.items():
+            kind = _PAYLOAD_FIELDS.get(key)
+            if kind is None:
+                raise FrameError(ErrorCode.INVALID_FIELD, "unknown field in a payload", ref)
+            if kind is int:
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int)
+                    or not 0 <= value <= _MAX_OFFSET
+                ):
+                    raise FrameError(ErrorCode.INVALID_FIELD, "prekey_id must be an integer", ref)
+                one[key] = value
+            else:
+                # A ciphertext's bound is the engine's size check on the whole body.
+                limit = 4 * 1024 * 1024 if key == "ct" else _MAX_KEY
+                one[key] = _short_str(value, f"payload {key}", ref, limit)
+        if "iv" not in one or "ct" not in one:
+            raise FrameError(ErrorCode.INVALID_FIELD, "a payload needs 'iv' and 'ct'", ref)
+        out[name] = one
+    clean["payloads"] = out
+    return ENCRYPTED + json.dumps(clean, separators=(",", ":"))
+
+
+def _decode_publish(conn: ConnId, obj: dict[str, Any]) -> PublishDeviceKeys:
+    device = _field_str(obj, "device", None)
+    if not is_valid_name(device):
+        raise FrameError(ErrorCode.INVALID_NAME, "field 'device' must be a name", device[:64])
+    identity = _short_str(obj.get("identity"), "field 'identity'", device)
+    raw = obj.get("prekeys", [])
+    if not isinstance(raw, list):
+        raise FrameError(ErrorCode.INVALID_FIELD, "field 'prekeys' must be a list", device)
+    prekeys = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise FrameError(ErrorCode.INVALID_FIELD, "a prekey is an object", device)
+        prekeys.append(
+            Prekey(
+                id=_field_int(item, "id", device),
+                key=_short_str(item.get("key"), "a prekey's key", device),
+            )
+        )
+    if len({p.id for p in prekeys}) != len(prekeys):
+        raise FrameError(ErrorCode.INVALID_FIELD, "prekey ids must differ", device)
+    return PublishDeviceKeys(conn=conn, device=device, identity=identity, prekeys=tuple(prekeys))
+
+
+def _keys_obj(event: KeysEvent) -> dict[str, Any]:
+    if event.kind == "keys":
+        return {
+            "type": "keys",
+            "user": event.user,
+            "devices": [
+                {
+                    "device": device,
+                    "identity": identity,
+                    "prekey": None if pid is None else {"id": pid, "key": key},
+                }
+                for device, identity, pid, key in event.devices
+            ],
+        }
+    return {"type": event.kind, "device": event.device, "prekeys": event.prekeys}
 
 
 def _room_ref(obj: dict[str, Any]) -> str | None:
@@ -240,6 +351,8 @@ def format_ts(ms: int) -> str:
 
 
 def _message_obj(m: Message) -> dict[str, Any]:
+    if not m.deleted and m.text.startswith(ENCRYPTED):  # deleted: shown deleted, never enc
+        return _encrypted_obj(m)
     obj = {
         "type": "message",
         "room": m.room,
@@ -252,6 +365,27 @@ def _message_obj(m: Message) -> dict[str, Any]:
     }
     if m.deleted:  # only then: every other message frame stays as it was
         obj["deleted"] = True
+    return obj
+
+
+def _encrypted_obj(m: Message) -> dict[str, Any]:
+    """An encrypted message: ``enc`` carries the envelope, ``text`` is empty."""
+    try:
+        enc = json.loads(m.text[len(ENCRYPTED) :])
+    except ValueError:  # not written by this codec: shown as it is
+        enc = None
+    obj = {
+        "type": "message",
+        "room": m.room,
+        "offset": m.offset,
+        "epoch": m.epoch,
+        "from": m.sender,
+        "text": "" if enc is not None else m.text,
+        "ts": format_ts(m.ts),
+        "id": m.client_id,
+    }
+    if enc is not None:
+        obj["enc"] = enc
     return obj
 
 
@@ -319,6 +453,8 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
             return obj
         case CallEvent():
             return _call_obj(event)
+        case KeysEvent():
+            return _keys_obj(event)
         case Deleted():
             return {"type": "deleted", "room": event.room, "offset": event.offset}
         case Removed():
@@ -351,7 +487,10 @@ def encode_members(event: Members, users: str) -> str:
 
 
 def _shown(m: Message) -> str:
-    return "(message deleted)" if m.deleted else m.text
+    """What plain-text mode shows of a message: never an envelope's bytes."""
+    if m.deleted:
+        return "(message deleted)"
+    return "[encrypted message]" if m.text.startswith(ENCRYPTED) else m.text
 
 
 def encode_text(event: ServerEvent) -> str | None:
@@ -375,7 +514,7 @@ def encode_text(event: ServerEvent) -> str | None:
         case Removed():
             where = "the server" if event.room is None else f"room {event.room}"
             return f"you were removed from {where}" + (f": {event.reason}" if event.reason else "")
-        case Welcome() | Ack() | Typing() | ReadMark() | CallEvent():
+        case Welcome() | Ack() | Typing() | ReadMark() | CallEvent() | KeysEvent():
             return None
         case _:
             assert_never(event)

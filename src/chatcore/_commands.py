@@ -26,11 +26,14 @@ __all__ = [
     "Appended",
     "Ban",
     "CallSignal",
+    "ClaimDeviceKeys",
+    "ClaimedDevice",
     "ClientRequest",
     "Command",
     "Connect",
     "CreateRoom",
     "DeleteMessage",
+    "DeviceKeysStored",
     "Disconnected",
     "Drained",
     "FetchHistory",
@@ -39,6 +42,7 @@ __all__ = [
     "InboxFailed",
     "InboxLoaded",
     "Join",
+    "KeysFailed",
     "Kick",
     "Leave",
     "MarkRead",
@@ -46,7 +50,10 @@ __all__ = [
     "Moderation",
     "Mute",
     "Pong",
+    "Prekey",
+    "PrekeysClaimed",
     "Publish",
+    "PublishDeviceKeys",
     "Receive",
     "RemoveMember",
     "RoomLoadFailed",
@@ -172,10 +179,14 @@ class Leave:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Send:
+    """``encrypted``: ``text`` is an end-to-end encrypted envelope (``_keys.ENCRYPTED``
+    and its JSON), allowed in direct-message rooms only."""
+
     conn: ConnId
     room: str
     text: str
     client_id: str | None = None
+    encrypted: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +195,7 @@ class SendDirect:
     to: str
     text: str
     client_id: str | None = None
+    encrypted: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,8 +258,43 @@ class CallSignal:
     index: int | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prekey:
+    """A one-time public prekey of a device: its id, and the key (base64, opaque)."""
+
+    id: int
+    key: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublishDeviceKeys:
+    """Publish a device's public identity key and add one-time prekeys (``_keys``)."""
+
+    conn: ConnId
+    device: str
+    identity: str
+    prekeys: tuple[Prekey, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimDeviceKeys:
+    """Ask for ``user``'s devices, taking one prekey of each (``_keys``)."""
+
+    conn: ConnId
+    user: str
+
+
 ClientRequest = (
-    Join | Leave | Send | SendDirect | StartTyping | MarkRead | FetchHistory | CallSignal
+    Join
+    | Leave
+    | Send
+    | SendDirect
+    | StartTyping
+    | MarkRead
+    | FetchHistory
+    | CallSignal
+    | PublishDeviceKeys
+    | ClaimDeviceKeys
 )
 
 
@@ -325,6 +372,45 @@ class InboxLoaded:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InboxFailed:
     """The log could not answer ``LoadInbox``: the session starts without those rooms."""
+
+    ref: int
+    reason: str = "store unavailable"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceKeysStored:
+    """Answer to ``StoreDeviceKeys``: the device's prekeys in stock now."""
+
+    ref: int
+    device: str
+    stock: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimedDevice:
+    """One device in a ``PrekeysClaimed`` answer: its identity key, the prekey
+    taken for the claimer (None when it had none left) and how many are left."""
+
+    device: str
+    identity: str
+    prekey: Prekey | None
+    left: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrekeysClaimed:
+    """Answer to ``ClaimPrekeys``: every device of ``user``, each prekey taken
+    out of the store (it is handed out this once)."""
+
+    ref: int
+    user: str
+    devices: tuple[ClaimedDevice, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeysFailed:
+    """The log could not answer ``StoreDeviceKeys`` or ``ClaimPrekeys``
+    (``reason``: why, e.g. too many devices)."""
 
     ref: int
     reason: str = "store unavailable"
@@ -460,6 +546,9 @@ Command = (
     | HistoryFailed
     | InboxLoaded
     | InboxFailed
+    | DeviceKeysStored
+    | PrekeysClaimed
+    | KeysFailed
     | CreateRoom
     | Publish
     | Shutdown

@@ -76,6 +76,13 @@ class Config:
     """Every client message is first shown to the host as a ``Screen`` effect and
     appended only once the host answers ``Screened`` (accept, refuse, replace)."""
 
+    max_devices_per_user: int = 8
+    """Devices one user may publish keys for (end-to-end encryption); more are refused."""
+    max_prekeys_per_device: int = 100
+    """One-time prekeys a device may hold in stock, and publish at once."""
+    prekeys_low: int = 10
+    """A claim that leaves a device with fewer prekeys than this sends ``keys_low``."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

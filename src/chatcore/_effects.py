@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._commands import ConnId, Screened, Verdict
+from ._commands import ConnId, Prekey, Screened, Verdict
 from ._events import ServerEvent
 
 __all__ = [
     "Append",
+    "ClaimPrekeys",
     "Close",
     "DeleteStored",
     "Deliver",
@@ -29,6 +30,7 @@ __all__ = [
     "SavePositions",
     "SaveRoom",
     "Screen",
+    "StoreDeviceKeys",
 ]
 
 
@@ -137,6 +139,33 @@ class SavePositions:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StoreDeviceKeys:
+    """Answer ``DeviceKeysStored`` (or ``KeysFailed``): record ``user``'s device
+    with its public identity key and add ``prekeys`` (ids already stored are
+    kept as they are). A device whose identity key changes starts over: its old
+    prekeys go. Refuse a new device past ``max_devices`` and prekeys past
+    ``max_prekeys`` in stock."""
+
+    ref: int
+    user: str
+    device: str
+    identity: str
+    prekeys: tuple[Prekey, ...]
+    max_devices: int
+    max_prekeys: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimPrekeys:
+    """Answer ``PrekeysClaimed`` (or ``KeysFailed``): every device of ``user``,
+    each with one of its prekeys deleted from the store and returned. Each
+    prekey must be returned by one claim only, whatever claims run at once."""
+
+    ref: int
+    user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SaveBan:
     """Store whether ``user`` is banned from ``room`` (a mute stays as stored). No answer."""
 
@@ -198,6 +227,8 @@ Effect = (
     | LoadInbox
     | SaveRoom
     | SavePositions
+    | StoreDeviceKeys
+    | ClaimPrekeys
     | SaveBan
     | SaveMute
     | DeleteStored

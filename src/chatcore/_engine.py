@@ -25,6 +25,7 @@ from typing import assert_never
 
 from . import (
     _history,
+    _keys,
     _lifecycle,
     _messages,
     _moderation,
@@ -38,12 +39,14 @@ from ._commands import (
     AppendFailed,
     Ban,
     CallSignal,
+    ClaimDeviceKeys,
     ClientRequest,
     Command,
     Connect,
     ConnId,
     CreateRoom,
     DeleteMessage,
+    DeviceKeysStored,
     Disconnected,
     Drained,
     FetchHistory,
@@ -52,12 +55,15 @@ from ._commands import (
     InboxFailed,
     InboxLoaded,
     Join,
+    KeysFailed,
     Kick,
     Leave,
     MarkRead,
     Mute,
     Pong,
+    PrekeysClaimed,
     Publish,
+    PublishDeviceKeys,
     Receive,
     RemoveMember,
     RoomLoaded,
@@ -145,6 +151,8 @@ class Engine:
                 | FetchHistory()
                 | SendDirect()
                 | CallSignal()
+                | PublishDeviceKeys()
+                | ClaimDeviceKeys()
             ):
                 if (conn := st.conns.get(command.conn)) is not None:
                     conn.last_seen = now
@@ -179,6 +187,12 @@ class Engine:
                 self._run_held(held, now, out)
             case InboxFailed():
                 self._run_held(_lifecycle.inbox_loaded(st, command.ref, (), now, out), now, out)
+            case DeviceKeysStored():
+                _keys.stored(st, command, out)
+            case PrekeysClaimed():
+                _keys.claimed(st, command, out)
+            case KeysFailed():
+                _keys.failed(st, command, out)
             case CreateRoom():
                 _presence.create_room(st, command, out)
             case Publish():
@@ -360,7 +374,16 @@ class Engine:
         st = self._st
         match request:
             case Send():
-                _messages.send(st, session, request.room, request.text, request.client_id, now, out)
+                _messages.send(
+                    st,
+                    session,
+                    request.room,
+                    request.text,
+                    request.client_id,
+                    now,
+                    out,
+                    encrypted=request.encrypted,
+                )
             case SendDirect():
                 _messages.send_direct(st, session, request, now, out)
             case Join():
@@ -375,6 +398,10 @@ class Engine:
                 _history.fetch_history(st, session, request, out)
             case CallSignal():
                 _signals.signal(st, session, request, now, out)
+            case PublishDeviceKeys():
+                _keys.publish(st, session, request, out)
+            case ClaimDeviceKeys():
+                _keys.claim(st, session, request, out)
             case _:
                 assert_never(request)
 

@@ -17,6 +17,7 @@ __all__ = [
     "ErrorEvent",
     "History",
     "Joined",
+    "KeysEvent",
     "Left",
     "Members",
     "Message",
@@ -151,6 +152,23 @@ class CallEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KeysEvent:
+    """The key directory's answer or notice (docs/protocol.md section 11).
+
+    ``kind`` is the frame's ``type``: ``keys_published`` (``device`` has
+    ``prekeys`` in stock), ``keys`` (``user``'s ``devices``, each a
+    ``(device, identity, prekey id, prekey)`` with the prekey None when it had
+    none left) or ``keys_low`` (``device`` of this user is down to ``prekeys``).
+    """
+
+    kind: str
+    user: str
+    device: str | None = None
+    prekeys: int = 0
+    devices: tuple[tuple[str, str, int | None, str | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Deleted:
     """A moderator deleted the message at ``offset``: show it as deleted."""
 
@@ -179,6 +197,7 @@ ServerEvent = (
     | History
     | ErrorEvent
     | CallEvent
+    | KeysEvent
     | Deleted
     | Removed
 )

@@ -24,7 +24,8 @@ from ._commands import (
 from ._effects import Append, Effect, LoadHistory, Screen
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import Ack, Message
-from ._names import dm_room, is_valid_name, is_valid_room
+from ._keys import ENCRYPTED
+from ._names import dm_room, dm_users, is_valid_name, is_valid_room
 from ._outbox import broadcast, error, to
 from ._presence import add_member, member_room, refusal, verdict
 from ._room import Room
@@ -51,10 +52,15 @@ def send(
     client_id: str | None,
     now: float,
     out: list[Effect],
+    *,
+    encrypted: bool = False,
 ) -> None:
     ref_name = client_id if client_id is not None else room_name[:64]
     room = member_room(st, session, room_name, ref_name, out)
     if room is None:
+        return
+    if encrypted != text.startswith(ENCRYPTED) or (encrypted and dm_users(room_name) is None):
+        _refuse_encrypted(st, session, encrypted, ref_name, out)
         return
     if (refused := verdict(room, session.user, Action.SEND, now)) is not Access.ALLOWED:
         error(
@@ -98,7 +104,9 @@ def send(
             retry_after=round(wait, 3),
         )
         return
-    if config.screen_messages:
+    # Ciphertext goes past the hook: it cannot read it, and a replacement
+    # would break the envelope (docs/engine.md, "Screening messages").
+    if config.screen_messages and not encrypted:
         ref = st.awaits.expect(PendingScreen(session, room_name, client_id, text, int(now * 1000)))
         out.append(
             Screen(ref=ref, room=room_name, sender=session.user, text=text, client_id=client_id)
@@ -137,7 +145,18 @@ def send_direct(
             and (s is session or len(s.rooms) < st.config.max_rooms_per_session)
         ):
             add_member(st, s, room, out, announce=True)
-    send(st, session, name, request.text, request.client_id, now, out)
+    send(st, session, name, request.text, request.client_id, now, out, encrypted=request.encrypted)
+
+
+def _refuse_encrypted(
+    st: EngineState, session: Session, encrypted: bool, ref_name: str, out: list[Effect]
+) -> None:
+    """Ciphertext goes to direct-message rooms only, and plain text never looks like it."""
+    if encrypted:
+        what, code = "encrypted messages only in direct-message rooms", ErrorCode.FORBIDDEN
+    else:
+        what, code = "text must not start with the encryption marker", ErrorCode.INVALID_FIELD
+    error(st, session, code, what, ref_name, out)
 
 
 def screened(st: EngineState, cmd: Screened, out: list[Effect]) -> None:

@@ -10,7 +10,15 @@ names. Which module carries a request out is the engine's routing.
 from __future__ import annotations
 
 from ._codec import FrameError, decode_line, decode_request
-from ._commands import CallSignal, ClientRequest, Mode, Send, SendDirect
+from ._commands import (
+    CallSignal,
+    ClaimDeviceKeys,
+    ClientRequest,
+    Mode,
+    PublishDeviceKeys,
+    Send,
+    SendDirect,
+)
 from ._effects import Effect
 from ._errors import ErrorCode
 from ._names import dm_room, is_valid_name
@@ -101,5 +109,9 @@ def ref_of(user: str, request: ClientRequest) -> str | None:
             return dm_room(user, request.to) if is_valid_name(request.to) else request.to[:64]
         case CallSignal():
             return request.call[:64]
+        case PublishDeviceKeys():
+            return request.device[:64]
+        case ClaimDeviceKeys():
+            return request.user[:64]
         case _:
             return request.room[:64]

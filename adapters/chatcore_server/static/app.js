@@ -226,14 +226,15 @@
     switch (ev.type) {
       case "welcome": return onWelcome(ev);
       case "members": return onMembers(ev);
-      case "message": return onMessage(ev, true);
+      case "message": return onMessage(e2eIncoming(ev), true);
       case "ack": return onAck(ev);
       case "history": return onHistory(ev);
       case "joined": return onJoined(ev);
       case "left": return onLeft(ev);
       case "typing": return onTyping(ev);
       case "read": return onRead(ev);
-      case "error": return onError(ev);
+      case "error": return e2eClaimRefused(ev) || onError(ev);
+      case "keys": case "keys_published": case "keys_low": return onKeysEvent(ev);
       case "call": case "ringing": case "offer": case "answer": case "candidate": case "ended":
         return onCallSignal(ev);
       case "deleted": return onDeleted(ev);
@@ -284,6 +285,7 @@
       state.active = Object.keys(ev.rooms)[0] || state.rooms.keys().next().value || null;
     }
     state.everWelcomed = true;
+    e2eStart();
     setConn("open");
     state.inflight = null;
     pumpSends();
@@ -354,6 +356,7 @@
         offset: ev.offset,
         from: state.user,
         text: p.text,
+        locked: p.enc ? "open" : undefined,
         ts: new Date(p.at).toISOString(),
         id: ev.id,
         local: true, // the server's copy (with its timestamp) replaces it if it comes
@@ -367,7 +370,7 @@
   function onHistory(ev) {
     const room = ensureRoom(ev.room);
     room.loading = false;
-    for (const m of ev.messages) onMessage(m, false);
+    for (const m of ev.messages) onMessage(e2eIncoming(m), false);
     const oldest = ev.messages.length ? ev.messages[0].offset : null;
     if (oldest === null || oldest <= minOffset(room)) room.more = ev.more;
     render({ history: room.name });
@@ -464,7 +467,8 @@
     const room = state.rooms.get(ev.room);
     const m = room && room.messages.get(ev.offset);
     if (!m) return; // not loaded here: a history page will show it deleted
-    room.messages.set(ev.offset, { ...m, text: "", deleted: true });
+    // A copy: an encrypted message still being decrypted fills in the old one.
+    room.messages.set(ev.offset, { ...m, text: "", deleted: true, enc: undefined, locked: undefined });
     render();
   }
 
@@ -509,6 +513,7 @@
       at: Date.now(),
       failed: null,
     });
+    e2eQueue(state.pending.get(id));
     pumpSends();
     room.scrollTop = null;
     render({ arrived: { from: state.user } });
@@ -527,6 +532,7 @@
     for (const [id, p] of state.pending) {
       const room = state.rooms.get(p.room);
       // Wait for a join still under way ("dm" opens a direct-message room itself).
+      if (p.sealing) return; // being encrypted: nothing may overtake it
       if (p.failed || !room || (!room.joined && !p.to)) continue;
       state.inflight = id;
       transmit(id, p);
@@ -536,9 +542,10 @@
 
   function transmit(id, p) {
     const room = state.rooms.get(p.room);
+    const body = p.enc ? { enc: p.enc } : { text: p.text };
     // A direct-message room the server does not know us in yet is opened by "dm".
-    if (p.to && (!room || !room.joined)) send({ type: "dm", to: p.to, text: p.text, id });
-    else send({ type: "send", room: p.room, text: p.text, id });
+    if (p.to && (!room || !room.joined)) send({ type: "dm", to: p.to, ...body, id });
+    else send({ type: "send", room: p.room, ...body, id });
   }
 
   function clearPending(id) {
@@ -832,7 +839,8 @@
       const m = e.m;
       const grouped = Boolean(prev && prev.from === m.from && when - new Date(prev.ts) < GROUP_MS);
       const seen = seenBy.get(m.offset);
-      put(String(m.offset), `${grouped}|${m.ts}|${seen ? seen.join(",") : ""}|${!!m.deleted}`,
+      put(String(m.offset),
+        `${grouped}|${m.ts}|${seen ? seen.join(",") : ""}|${m.locked || ""}|${!!m.deleted}`,
         () => messageEl(m, grouped, seen));
       prev = m;
     }
@@ -970,6 +978,7 @@
     text.className = "text";
     text.textContent = m.text;
     if (m.deleted) showDeleted(li, text);
+    else e2eDecorate(li, text, m);
     body.append(text);
     if (seenBy && seenBy.length) {
       const seen = document.createElement("div");
@@ -1330,6 +1339,258 @@
     } catch { /* an older server: no ICE servers, which is right on a LAN */ }
   }
 
+  // -- end-to-end encryption (docs/protocol.md section 11) ----------------------------
+  //
+  // This browser profile is one device: an X25519 identity key and one-time prekeys,
+  // kept in IndexedDB with their private halves non-extractable. A direct message to
+  // a user who has published keys is sealed for each of their devices (and each other
+  // device of ours, and this one, to read it back from history): a fresh ephemeral key
+  // E, secret = DH(our identity, theirs) | DH(E, theirs) | DH(E, their prekey), HKDF-SHA256
+  // to an AES-GCM key bound to the room and both users and devices. The same scheme as
+  // the Python client (adapters/chatcore_server/e2e.py): the two read each other.
+
+  const E2E_DB = "chatcore-e2e";
+  const E2E_STOCK = 50; // prekeys published at once, and topped up to
+  const E2E_WAIT_MS = 10000; // a claim_keys answer that takes longer counts as no keys
+  const e2e = {
+    ready: null, // Promise of this user's device record, once started
+    me: null, // {user, device, identity: CryptoKeyPair, prekeys: {id: CryptoKeyPair}, nextId}
+    published: false,
+    peers: new Map(), // user -> Promise of [{user, device, identity, prekey}], claimed once
+    claims: new Map(), // user -> resolve of a claim_keys awaiting its answer
+  };
+  const E2E_INFO = "chatcore e2e v1";
+  const E2E_UNDECRYPTABLE = "Cannot decrypt on this device";
+
+  function e2eSupported() {
+    return !!(window.crypto && crypto.subtle && window.indexedDB);
+  }
+
+  function b64(bytes) {
+    let s = "";
+    for (const b of new Uint8Array(bytes)) s += String.fromCharCode(b);
+    return btoa(s);
+  }
+
+  function unb64(text) {
+    if (typeof text !== "string") throw new Error("malformed envelope");
+    return Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+  }
+
+  function e2eStore(mode, fn) {
+    return new Promise((resolve, reject) => {
+      const open = indexedDB.open(E2E_DB, 1);
+      open.onupgradeneeded = () => open.result.createObjectStore("devices");
+      open.onerror = () => reject(open.error);
+      open.onsuccess = () => {
+        const db = open.result;
+        const tx = db.transaction("devices", mode);
+        const req = fn(tx.objectStore("devices"));
+        tx.oncomplete = () => { db.close(); resolve(req ? req.result : undefined); };
+        tx.onerror = () => { db.close(); reject(tx.error); };
+      };
+    });
+  }
+
+  function x25519Pair() {
+    return crypto.subtle.generateKey({ name: "X25519" }, false, ["deriveBits"]);
+  }
+
+  async function rawPublic(pair) {
+    return b64(await crypto.subtle.exportKey("raw", pair.publicKey));
+  }
+
+  function importPublic(text) {
+    const raw = unb64(text);
+    if (raw.length !== 32) throw new Error("malformed key");
+    return crypto.subtle.importKey("raw", raw, { name: "X25519" }, true, []);
+  }
+
+  async function dh(privateKey, publicKey) {
+    return new Uint8Array(
+      await crypto.subtle.deriveBits({ name: "X25519", public: publicKey }, privateKey, 256));
+  }
+
+  async function aesKey(secret, room, sender, senderDevice, to, toDevice) {
+    const enc = new TextEncoder();
+    const parts = [room, sender, senderDevice, to, toDevice].map((p) => enc.encode(p));
+    const info = [...enc.encode(E2E_INFO)];
+    parts.forEach((p, i) => { if (i) info.push(0); info.push(...p); });
+    const base = await crypto.subtle.importKey("raw", secret, "HKDF", false, ["deriveKey"]);
+    return crypto.subtle.deriveKey(
+      { name: "HKDF", hash: "SHA-256", salt: new Uint8Array(0), info: new Uint8Array(info) },
+      base, { name: "AES-GCM", length: 256 }, false, ["encrypt", "decrypt"]);
+  }
+
+  function concat(...arrays) {
+    const out = new Uint8Array(arrays.reduce((n, a) => n + a.length, 0));
+    let at = 0;
+    for (const a of arrays) { out.set(a, at); at += a.length; }
+    return out;
+  }
+
+  // Load (or make) this user's device, then publish its keys once per page.
+  function e2eStart() {
+    if (!e2eSupported() || e2e.ready) return;
+    const user = state.user;
+    e2e.ready = (async () => {
+      let me = await e2eStore("readonly", (s) => s.get(user));
+      if (!me) {
+        const rand = b64(crypto.getRandomValues(new Uint8Array(6))).replace(/[^A-Za-z0-9]/g, "x");
+        me = { user, device: `web-${rand}`, identity: await x25519Pair(), prekeys: {}, nextId: 1 };
+      }
+      e2e.me = me;
+      await e2ePublish(me.nextId === 1 ? E2E_STOCK : 0);
+      return me;
+    })().catch((err) => {
+      e2e.me = null; // no WebCrypto X25519 here: direct messages stay plain
+      console.warn("end-to-end encryption unavailable:", err);
+      return null;
+    });
+  }
+
+  async function e2ePublish(count) {
+    const me = e2e.me;
+    const prekeys = [];
+    for (let i = 0; i < count; i += 1) {
+      const pair = await x25519Pair();
+      me.prekeys[me.nextId] = pair;
+      prekeys.push({ id: me.nextId, key: await rawPublic(pair) });
+      me.nextId += 1;
+    }
+    await e2eStore("readwrite", (s) => s.put(me, me.user));
+    send({ type: "publish_keys", device: me.device, identity: await rawPublic(me.identity), prekeys });
+  }
+
+  function onKeysEvent(ev) {
+    if (ev.type === "keys") {
+      const resolve = e2e.claims.get(ev.user);
+      e2e.claims.delete(ev.user);
+      if (resolve) resolve(ev.devices.map((d) => ({ user: ev.user, ...d })));
+    } else if (ev.type === "keys_low" && e2e.me && ev.device === e2e.me.device) {
+      e2ePublish(E2E_STOCK);
+    } else if (ev.type === "keys_published") {
+      e2e.published = true;
+    }
+  }
+
+  function e2eClaimRefused(ev) {
+    const resolve = ev.ref ? e2e.claims.get(ev.ref) : null;
+    if (!resolve) return false;
+    e2e.claims.delete(ev.ref);
+    resolve([]);
+    return true;
+  }
+
+  function e2eDevicesOf(user) {
+    if (!e2e.peers.has(user)) {
+      e2e.peers.set(user, new Promise((resolve) => {
+        e2e.claims.set(user, resolve);
+        setTimeout(() => { if (e2e.claims.get(user) === resolve) resolve([]); }, E2E_WAIT_MS);
+        if (!send({ type: "claim_keys", user })) resolve([]);
+      }).then((devices) => {
+        if (!devices.length) e2e.peers.delete(user); // ask again next time
+        return devices;
+      }));
+    }
+    return e2e.peers.get(user);
+  }
+
+  // The envelope of `text` for user `to`, or null when `to` has no keys (sent plain).
+  async function e2eSeal(room, to, text) {
+    const me = e2e.ready && await e2e.ready;
+    if (!me) return null;
+    const theirs = await e2eDevicesOf(to);
+    if (!theirs.length) return null;
+    const ours = (await e2eDevicesOf(me.user)).filter((d) => d.device !== me.device);
+    const self = { user: me.user, device: me.device, identity: await rawPublic(me.identity) };
+    const plaintext = new TextEncoder().encode(text);
+    const payloads = {};
+    for (const peer of [...theirs, ...ours, self]) {
+      const eph = await x25519Pair();
+      const identity = await importPublic(peer.identity);
+      let secret = concat(await dh(me.identity.privateKey, identity),
+        await dh(eph.privateKey, identity));
+      const payload = { ephemeral: await rawPublic(eph) };
+      if (peer.prekey) {
+        secret = concat(secret, await dh(eph.privateKey, await importPublic(peer.prekey.key)));
+        payload.prekey_id = peer.prekey.id;
+      }
+      const key = await aesKey(secret, room, me.user, me.device, peer.user, peer.device);
+      const iv = crypto.getRandomValues(new Uint8Array(12));
+      payload.iv = b64(iv);
+      payload.ct = b64(await crypto.subtle.encrypt({ name: "AES-GCM", iv }, key, plaintext));
+      payloads[peer.device] = payload;
+    }
+    return { v: 1, from_device: me.device, identity: self.identity, payloads };
+  }
+
+  async function e2eOpen(m) {
+    const me = e2e.ready && await e2e.ready;
+    const enc = m.enc;
+    const payload = me && enc && enc.payloads ? enc.payloads[me.device] : null;
+    if (!payload) throw new Error(E2E_UNDECRYPTABLE);
+    const identity = await importPublic(enc.identity);
+    const eph = await importPublic(payload.ephemeral);
+    let secret = concat(await dh(me.identity.privateKey, identity),
+      await dh(me.identity.privateKey, eph));
+    if (payload.prekey_id !== undefined) {
+      const prekey = me.prekeys[payload.prekey_id];
+      if (!prekey) throw new Error(E2E_UNDECRYPTABLE);
+      secret = concat(secret, await dh(prekey.privateKey, eph));
+    }
+    const key = await aesKey(secret, m.room, m.from, enc.from_device, me.user, me.device);
+    let plain;
+    try {
+      plain = await crypto.subtle.decrypt({ name: "AES-GCM", iv: unb64(payload.iv) }, key,
+        unb64(payload.ct));
+    } catch {
+      throw new Error(`${E2E_UNDECRYPTABLE} (the message was altered)`);
+    }
+    return new TextDecoder("utf-8", { fatal: true }).decode(plain);
+  }
+
+  // An encrypted message as it arrives: shown locked until decrypted, then its text;
+  // never the envelope. What cannot be decrypted says so and shows nothing else.
+  function e2eIncoming(m) {
+    if (!m.enc) return m;
+    m.text = "";
+    m.locked = "opening";
+    e2eOpen(m).then((text) => {
+      m.text = text;
+      m.locked = "open";
+    }, (err) => {
+      m.locked = "undecryptable";
+      m.text = String(err && err.message && err.message.startsWith(E2E_UNDECRYPTABLE)
+        ? err.message : E2E_UNDECRYPTABLE);
+    }).then(() => render());
+    return m;
+  }
+
+  // Seal a queued direct message before it is sent; the queue waits for it (order).
+  function e2eQueue(p) {
+    if (!p.to || !e2e.ready) return;
+    p.sealing = true;
+    e2eSeal(p.room, p.to, p.text).then((enc) => { p.enc = enc; }, () => { p.enc = null; })
+      .then(() => { p.sealing = false; pumpSends(); render(); });
+  }
+
+  function e2eDecorate(li, textEl, m) {
+    if (!m.locked && !m.enc) return;
+    li.classList.add("encrypted");
+    const lock = document.createElement("span");
+    lock.className = "lock";
+    lock.title = "End-to-end encrypted";
+    lock.textContent = "\u{1F512}";
+    if (m.locked === "undecryptable") {
+      li.classList.add("undecryptable");
+      textEl.textContent = m.text || E2E_UNDECRYPTABLE;
+    } else if (m.locked === "opening") {
+      textEl.textContent = "Decrypting\u2026";
+    }
+    textEl.prepend(lock, " ");
+  }
+
   // -- start ------------------------------------------------------------------------
 
   function start(user, rooms) {
@@ -1451,6 +1712,7 @@
     dropConnection,
     get connected() { return state.welcomed; },
     get call() { return state.call; },
+    get e2e() { return e2e; },
   };
 
   init();
