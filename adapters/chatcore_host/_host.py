@@ -247,24 +247,20 @@ class EngineHost:
         storage: list[StorageEffect] = []
         screens: list[Screen] = []
         for effect in effects:
-            kind = type(effect)
-            if kind is Deliver:
-                assert isinstance(effect, Deliver)
-                transport.deliver(effect.to, effect.data)
-                self.tally.deliveries += len(effect.to)
-            elif kind is Close:
-                assert isinstance(effect, Close)
-                transport.close(effect.conn, effect.code, effect.reason)
-            elif kind is Ping:
-                assert isinstance(effect, Ping)
-                transport.ping(effect.conn)
-            elif is_storage_effect(effect):
-                storage.append(effect)
-            elif kind is Screen:
-                assert isinstance(effect, Screen)
-                screens.append(effect)
-            else:
-                log.error("no adapter for effect %r; dropped", effect)
+            match effect:
+                case Deliver():
+                    transport.deliver(effect.to, effect.data)
+                    self.tally.deliveries += len(effect.to)
+                case Close():
+                    transport.close(effect.conn, effect.code, effect.reason)
+                case Ping():
+                    transport.ping(effect.conn)
+                case Screen():
+                    screens.append(effect)
+                case _ if is_storage_effect(effect):
+                    storage.append(effect)
+                case _:
+                    log.error("no adapter for effect %r; dropped", effect)
         if storage:
             self._store(storage)
         for screen in screens:  # after the step's own effects, as the store's answers

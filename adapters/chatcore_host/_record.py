@@ -37,14 +37,15 @@ class RecordFile:
         self._size = 0
         self._open(fresh=True)
 
-    def _open(self, *, fresh: bool) -> None:
+    def _open(self, *, fresh: bool) -> TextIO:
         if fresh:
             # A new run: the parts of an earlier one would not replay with it.
             for part in [self.path, *(self._part(i) for i in range(1, self.keep + 1))]:
                 part.unlink(missing_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass")
+        self._file = file = os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass")
         self._size = 0
+        return file
 
     def _part(self, i: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{i}")
@@ -53,17 +54,16 @@ class RecordFile:
         """Append one line (without its newline); rotate first if it would overflow."""
         if self._file is None:
             return  # closed: the server is stopping, the rest is not recorded
+        file = self._file
         n = len(line.encode("utf-8", "surrogatepass")) + 1
         if self._size and self._size + n > self.max_bytes:
-            self._rotate()
-        assert self._file is not None
-        self._file.write(line)
-        self._file.write("\n")
+            file = self._rotate(file)
+        file.write(line)
+        file.write("\n")
         self._size += n
 
-    def _rotate(self) -> None:
-        assert self._file is not None
-        self._file.close()
+    def _rotate(self, file: TextIO) -> TextIO:
+        file.close()
         if self.keep == 0:
             self.path.unlink(missing_ok=True)
         else:
@@ -72,7 +72,7 @@ class RecordFile:
                 if self._part(i).exists():
                     self._part(i).rename(self._part(i + 1))
             self.path.rename(self._part(1))
-        self._open(fresh=False)
+        return self._open(fresh=False)
 
     def flush(self) -> None:
         if self._file is not None:
