@@ -10,6 +10,7 @@ record can no longer be replayed, and :func:`chatcore.replay` says so. Pick
 
 A record holds every message's text, user names and resume tokens: keep it
 as private as the history (the file is created readable by its owner only).
+It never holds a call's SDP or ICE candidates (the recorder writes a filler).
 """
 
 from __future__ import annotations

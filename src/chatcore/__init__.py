@@ -116,6 +116,7 @@ from ._record import (
     effect_digest,
     encode,
     read_header,
+    redact_command,
     replay,
 )
 from ._session import TRANSITIONS, SessionInput, SessionState
@@ -244,6 +245,7 @@ __all__ = [
     "is_valid_room",
     "parse_connect",
     "read_header",
+    "redact_command",
     "replay",
     "room_access",
     "room_rule",

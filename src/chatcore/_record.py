@@ -9,6 +9,11 @@ digests compared byte for byte). :class:`Recorder` makes the lines,
 :func:`replay` checks them against a fresh engine. Writing the lines to a
 file (and rotating it) is the host's business, not this module's.
 
+Call signals are never recorded: the SDP and ICE candidate of a call frame
+are written as a filler of the same sizes (:func:`redact_command`), and the
+``Deliver`` that relays one is digested as if it carried the filler
+(:func:`effect_digest`), so the record replays identically without them.
+
 The codec (:func:`encode`, :func:`decode`) is generic over the frozen
 dataclasses of commands, effects and events, so a new command needs no code
 here; ``tests/core/test_record.py`` round-trips every type of the unions.
@@ -26,11 +31,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from ._commands import Command
+from ._codec import encode_json
+from ._commands import CallSignal, Command, ConnId, Mode, Receive
 from ._config import Config
 from ._effects import Deliver, Effect
 from ._engine import Engine
-from ._events import ServerEvent
+from ._events import CallEvent, ServerEvent
 from ._ids import IdSource
 
 __all__ = [
@@ -43,10 +49,12 @@ __all__ = [
     "effect_digest",
     "encode",
     "read_header",
+    "redact_command",
     "replay",
 ]
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+"""2: call signals are redacted (version 1 recorded them)."""
 
 Json = Any
 
@@ -193,13 +201,164 @@ def effect_digest(effect: Effect) -> str:
 
     A ``Deliver`` is digested by its recipients and its frame (``data`` is the
     event, encoded): the bytes the clients get, without encoding them twice.
+    One that relays a call signal is digested with the signal's SDP or
+    candidate replaced by :func:`filler`, as the record holds it: the same
+    digest for the signal and for its filler.
     """
     if type(effect) is Deliver:
         assert isinstance(effect, Deliver)
-        raw = f"Deliver|{effect.to}|{effect.size}|{effect.data}".encode("utf-8", "surrogatepass")
+        data = effect.data
+        event = effect.event
+        if type(event) is CallEvent and (event.sdp or event.candidate):
+            data = encode_json(_redact_event(event))
+        raw = f"Deliver|{effect.to}|{effect.size}|{data}".encode("utf-8", "surrogatepass")
     else:
         raw = _dumps(encode(effect)).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+# -- call signals stay out of the record -------------------------------------------------
+
+
+_SIGNAL_TYPES = frozenset({"offer", "answer", "candidate"})
+"""The call frames that carry a payload (``sdp``, or ``candidate``)."""
+_PAYLOADS = frozenset({"sdp", "candidate"})
+_TWO_CHAR_ESCAPES = frozenset('"\\\b\f\n\r\t')
+_JSON_WHITESPACE = " \t\n\r"
+_DECODER = json.JSONDecoder()
+
+
+def _stand_in(c: str) -> str:
+    """One character of the same UTF-8 length, and as long in JSON, as ``c``."""
+    n = ord(c)
+    if c in _TWO_CHAR_ESCAPES:
+        return "\n"  # 1 byte; escaped in two characters, as '"' or a tab is
+    if n < 0x20:
+        return "\x01"  # 1 byte; escaped in six (\u0001), as every other control is
+    if n < 0x80:
+        return "x"
+    if 0xD800 <= n < 0xE000:
+        return "\ud800"  # a lone surrogate stays one: the codec refuses it the same way
+    if n < 0x800:
+        return "\u00e9"
+    if n < 0x10000:
+        return "\ufffd"
+    return "\U00010000"
+
+
+def filler(text: str) -> str:
+    """What a record holds instead of ``text`` (an SDP, an ICE candidate).
+
+    Every character becomes a fixed one of its class: the same number of
+    characters, the same UTF-8 length, the same length once encoded as JSON
+    (as the codec encodes it), and empty stays empty. So size limits, outbox
+    accounting and every decision the engine makes about the signal come out
+    the same for the filler; only the content is gone. ``filler(filler(t))``
+    is ``filler(t)``.
+    """
+    return "".join(map(_stand_in, text))
+
+
+def _redact_event(event: CallEvent) -> CallEvent:
+    return dataclasses.replace(
+        event,
+        sdp=None if event.sdp is None else filler(event.sdp),
+        candidate=None if event.candidate is None else filler(event.candidate),
+    )
+
+
+def redact_command(command: Command, mode: Mode | None = Mode.JSON) -> Command:
+    """``command`` as a record holds it: a call signal's payload replaced by its filler.
+
+    ``mode`` is the mode of the connection a ``Receive`` came on: a
+    plain-text-mode frame is a chat message, never a call frame, and is kept.
+    Everything else is returned as it is (the same object).
+    """
+    if type(command) is Receive:
+        if mode is Mode.TEXT:
+            return command
+        assert isinstance(command, Receive)
+        text = _redact_frame(command.text)
+        return command if text is command.text else dataclasses.replace(command, text=text)
+    if type(command) is CallSignal:
+        assert isinstance(command, CallSignal)
+        if command.sdp is None and command.candidate is None:
+            return command
+        return dataclasses.replace(
+            command,
+            sdp=None if command.sdp is None else filler(command.sdp),
+            candidate=None if command.candidate is None else filler(command.candidate),
+        )
+    return command
+
+
+def _redact_frame(text: str) -> str:
+    """A JSON frame with the string values of its top-level ``sdp`` and
+    ``candidate`` keys replaced in place, if it is a call frame with one.
+
+    The frame keeps its length in characters (the replacement is never
+    longer, as the codec writes the shortest JSON for each character; spaces
+    after it make up the rest) and decodes to the same object but for the
+    filler, so the engine does with it exactly what it did with the frame.
+    """
+    if "sdp" not in text and "candidate" not in text and "\\" not in text:
+        return text  # neither key can be in it, not even escaped
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return text  # refused as invalid JSON: relayed to no one
+    if not isinstance(obj, dict) or obj.get("type") not in _SIGNAL_TYPES:
+        return text
+    try:
+        spans = _payload_spans(text)
+    except (ValueError, IndexError):  # pragma: no cover - json.loads read it just now
+        return filler(text)  # the content must not be kept, even if the replay then differs
+    out: list[str] = []
+    done = 0
+    for start, end, value in spans:
+        stand_in = json.dumps(filler(value), ensure_ascii=False)
+        out += (text[done:start], stand_in, " " * (end - start - len(stand_in)))
+        done = end
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _payload_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, value) of each string value of a top-level payload key, in order.
+
+    Walks the object as ``json.loads`` reads it (its own value scanner, the
+    same whitespace), so a key given twice is found twice.
+    """
+    spans: list[tuple[int, int, str]] = []
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in _JSON_WHITESPACE:
+            i += 1
+        return i
+
+    i = skip(0)
+    if text[i] != "{":
+        raise ValueError("not an object")
+    i = skip(i + 1)
+    if text[i] == "}":
+        return spans
+    while True:
+        if text[i] != '"':
+            raise ValueError("expected a key")
+        key, i = _DECODER.raw_decode(text, i)
+        i = skip(i)
+        if text[i] != ":":
+            raise ValueError("expected ':'")
+        start = i = skip(i + 1)
+        value, i = _DECODER.raw_decode(text, i)
+        if key in _PAYLOADS and isinstance(value, str):
+            spans.append((start, i, value))
+        i = skip(i)
+        if text[i] == "}":
+            return spans
+        if text[i] != ",":
+            raise ValueError("expected ','")
+        i = skip(i + 1)
 
 
 # -- recording -------------------------------------------------------------------------
@@ -229,7 +388,8 @@ class Recorder:
     Use :attr:`engine` for reads (sessions, rooms, stats) and this object's
     :meth:`handle` and :meth:`tick` to drive it. ``write`` gets each line
     without its newline, the header first. A record holds message text,
-    user names and resume tokens: keep it as private as the history.
+    user names and resume tokens: keep it as private as the history. It
+    never holds a call's SDP or ICE candidates (see :func:`redact_command`).
     """
 
     def __init__(self, config: Config, ids: IdSource, write: Callable[[str], None]) -> None:
@@ -240,13 +400,22 @@ class Recorder:
         write(_dumps({"chatcore_record": RECORD_VERSION, "config": encode(config)}))
 
     def handle(self, command: Command, now: float) -> list[Effect]:
+        kept = command
+        if type(command) is Receive or type(command) is CallSignal:
+            assert isinstance(command, Receive | CallSignal)
+            kept = redact_command(command, self._mode(command.conn))
         try:
             effects = self.engine.handle(command, now)
         except Exception as exc:
-            self._line({"now": now, "cmd": encode(command)}, None, exc)
+            self._line({"now": now, "cmd": encode(kept)}, None, exc)
             raise
-        self._line({"now": now, "cmd": encode(command)}, effects, None)
+        self._line({"now": now, "cmd": encode(kept)}, effects, None)
         return effects
+
+    def _mode(self, conn_id: ConnId) -> Mode | None:
+        """The mode of connection ``conn_id`` (None: not open, the engine ignores it)."""
+        conn = self.engine._st.conns.get(conn_id)
+        return None if conn is None else conn.mode
 
     def tick(self, now: float) -> list[Effect]:
         try:

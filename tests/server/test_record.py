@@ -210,3 +210,51 @@ async def expire_and_come_back(ws: str) -> None:
         await recv_until(amy, lambda e: e["type"] == "left")  # the timer ran out
         async with ws_connect(f"{ws}?user=bo&room=general&resume={token}", **JSON) as bo2:
             assert (await welcome(bo2))["resumed"] is False
+
+
+SDP_OFFER = (
+    "v=0\r\no=- 7721 2 IN IP4 203.0.113.9\r\ns=-\r\na=ice-ufrag:Wq7v\r\n"
+    "a=ice-pwd:s3cr3tIcePassw0rd\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+)
+SDP_ANSWER = SDP_OFFER.replace("203.0.113.9", "198.51.100.4").replace("Wq7v", "Zk2p")
+ICE = [
+    "candidate:1 1 udp 2122260223 192.0.2.10 50001 typ host",
+    "candidate:2 1 udp 1686052607 203.0.113.77 61002 typ srflx raddr 192.0.2.10 rport 50001",
+]
+
+
+async def test_a_recorded_call_keeps_no_signal_on_disk_and_replays_identically(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "call.jsonl"
+    async with (
+        serving(record=RecordFile(path)) as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
+        ws_connect(f"{srv.ws}?user=bob&room=general", **JSON) as bob,
+    ):
+        await welcome(alice)
+        await welcome(bob)
+        await alice.send(json.dumps({"type": "call", "call": "k1", "to": "bob"}))
+        await alice.send(json.dumps({"type": "offer", "call": "k1", "sdp": SDP_OFFER}))
+        cand = {"type": "candidate", "call": "k1", "mid": "0", "index": 0}
+        await alice.send(json.dumps({**cand, "candidate": ICE[0]}))
+        got = await recv_until(bob, lambda e: e["type"] == "candidate")
+        assert [e.get("sdp") for e in got if e["type"] == "offer"] == [SDP_OFFER]
+        await bob.send(json.dumps({"type": "answer", "call": "k1", "sdp": SDP_ANSWER}))
+        await bob.send(json.dumps({**cand, "candidate": ICE[1]}))
+        got = await recv_until(alice, lambda e: e["type"] == "candidate")
+        assert got[-1]["candidate"] == ICE[1]
+        await alice.send(json.dumps({"type": "connected", "call": "k1"}))
+        await alice.send(json.dumps({"type": "hangup", "call": "k1"}))
+        await recv_until(bob, lambda e: e["type"] == "ended")
+        await alice.send(send("general", "after the call", "a1"))
+        await recv_until(alice, is_ack("a1"))
+    data = path.read_bytes()
+    assert b'"Receive"' in data
+    assert b"after the call" in data
+    secrets = ["203.0.113.9", "198.51.100.4", "s3cr3tIcePassw0rd", "Wq7v", "Zk2p", *ICE]
+    for secret in secrets:
+        assert secret.encode() not in data, secret
+    assert replay(read_record(path)) is None
+    same = run_cli("replay", str(path))
+    assert same.returncode == 0, same.stdout + same.stderr
