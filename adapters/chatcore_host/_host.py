@@ -24,8 +24,9 @@ call as a :class:`chatcore.Recorder` line, for ``chatcore replay``; and
 appended (``Config.screen_messages``): a sync or async callable that takes a
 :class:`chatcore.Screen` and returns its ``Screened`` verdict. Verdicts are
 fed back in the order the messages came, one hook call at a time; a hook
-that raises or answers something else refuses the message (fail closed),
-logged with its traceback. With neither hook, the host does no extra work.
+that raises, answers something else, or answers a replacement the engine
+refuses (empty, too long, starting with the encryption marker) refuses the
+message (fail closed), logged. With neither hook, the host does no extra work.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from chatcore import (
     IdSource,
     LoadHistory,
     LoadRoom,
+    LocalProtocolError,
     Message,
     Ping,
     RandomIds,
@@ -62,6 +64,7 @@ from chatcore import (
     RoomLoaded,
     Screen,
     Screened,
+    Verdict,
 )
 from chatcore_store import (
     DurableStore,
@@ -288,11 +291,19 @@ class EngineHost:
         self._answering = True
         try:
             while self._answers:
-                effects = self._handle(self._answers.popleft(), time.time())
+                effects = self._handle_answer(self._answers.popleft())
                 if effects:
                     self._run(effects)
         finally:
             self._answering = False
+
+    def _handle_answer(self, command: Command) -> list[Effect]:
+        if type(command) is not Screened:
+            return self._handle(command, time.time())
+        try:
+            return self._handle(command, time.time())
+        except LocalProtocolError as exc:  # nothing changed: refuse instead
+            return self._handle(_refused_instead(command, exc), time.time())
 
     # -- screening ----------------------------------------------------------------------
 
@@ -329,7 +340,11 @@ class EngineHost:
                     log.exception("screen hook raised; message refused")
                     verdict = screen.refuse("message could not be screened")
             self._screening.popleft()
-            self.feed_or_log(_checked(screen, verdict))
+            answer = _checked(screen, verdict)
+            try:
+                self.feed(answer)
+            except LocalProtocolError as exc:  # nothing changed: refuse instead
+                self.feed_or_log(_refused_instead(answer, exc))
 
     # -- the timer ----------------------------------------------------------------------
 
@@ -486,6 +501,14 @@ def _checked(screen: Screen, verdict: object) -> Screened:
         return verdict
     log.error("screen hook answered %r for ref %d; message refused", verdict, screen.ref)
     return screen.refuse("message could not be screened")
+
+
+def _refused_instead(verdict: Screened, exc: LocalProtocolError) -> Screened:
+    """A verdict the engine refused (a replacement that is empty, too long, or
+    starts with the encryption marker) refuses the message: a broken filter
+    fails closed, as one that raises does."""
+    log.error("screen hook answered %r for ref %d (%s); message refused", verdict, verdict.ref, exc)
+    return Screened(ref=verdict.ref, verdict=Verdict.REFUSE, reason="message could not be screened")
 
 
 def _answers_at_once(store: HistoryStore) -> TypeGuard[InstantStore]:

@@ -294,7 +294,8 @@ class ChatServer:
     # -- the embedding API: a host program moderates and posts from its own code ------------
     # Each method feeds one engine command, as the admin API does: the change is
     # stored, and reaches every connection at once. Invalid names, an empty or
-    # oversized text, an offset below 1 raise chatcore.LocalProtocolError.
+    # oversized text (or one starting with the encryption marker), an offset
+    # below 1 raise chatcore.LocalProtocolError.
 
     def post(self, room: str, text: str, *, sender: str = "system") -> None:
         """Post ``text`` into ``room`` as ``sender`` (a bot, or the system user).

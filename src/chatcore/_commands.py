@@ -430,7 +430,9 @@ class Publish:
     """Host: post a message to a room as ``sender`` (a bot, a system notice).
 
     It goes through the log like any message and reaches every member; no
-    membership, rate limit or ack applies.
+    membership, rate limit or ack applies. ``text`` must not be empty, be
+    over ``max_text_bytes`` or start with the encryption marker
+    (``LocalProtocolError``): only a client sends an encrypted message.
     """
 
     room: str

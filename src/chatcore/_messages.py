@@ -168,9 +168,7 @@ def screened(st: EngineState, cmd: Screened, out: list[Effect]) -> None:
         return  # answered already, or not a screening's reference
     text = pending.text
     if cmd.verdict is Verdict.REPLACE:
-        if cmd.text is None or not cmd.text or len(cmd.text.encode()) > st.config.max_text_bytes:
-            raise LocalProtocolError("Screened text must be non-empty and within max_text_bytes")
-        text = cmd.text
+        text = _host_text("Screened", cmd.text, st)
     if cmd.verdict is Verdict.REFUSE:
         del refs[cmd.ref]
         if pending.session.state is SessionState.LIVE:
@@ -194,8 +192,7 @@ def screened(st: EngineState, cmd: Screened, out: list[Effect]) -> None:
 def publish_for_host(st: EngineState, cmd: Publish, now: float, out: list[Effect]) -> None:
     if not is_valid_room(cmd.room) or not is_valid_name(cmd.sender):
         raise LocalProtocolError(f"invalid room or sender in {cmd!r}")
-    if not cmd.text or len(cmd.text.encode()) > st.config.max_text_bytes:
-        raise LocalProtocolError("Publish text must be non-empty and within max_text_bytes")
+    _host_text("Publish", cmd.text, st)
     out.append(
         Append(
             ref=st.awaits.next_ref(),
@@ -206,6 +203,26 @@ def publish_for_host(st: EngineState, cmd: Publish, now: float, out: list[Effect
             client_id=cmd.client_id,
         )
     )
+
+
+def _host_text(what: str, text: str | None, st: EngineState) -> str:
+    """Text the host appends itself: plain text, non-empty, within ``max_text_bytes``.
+
+    It must not start with the encryption marker: only a client can send an
+    encrypted message, and a host's text read as an envelope would be
+    "cannot decrypt" on every device (or could forge one).
+    """
+    if not text:
+        raise LocalProtocolError(f"{what} text must be non-empty")
+    try:
+        nbytes = len(text.encode())
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"{what} text is not valid Unicode (a lone surrogate)") from None
+    if nbytes > st.config.max_text_bytes:
+        raise LocalProtocolError(f"{what} text must be within max_text_bytes")
+    if text.startswith(ENCRYPTED):
+        raise LocalProtocolError(f"{what} text must not start with the encryption marker")
+    return text
 
 
 def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:

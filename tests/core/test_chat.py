@@ -443,12 +443,21 @@ def test_the_host_can_publish_as_a_bot_to_members_and_to_history() -> None:
     assert alice.messages()[-1]["text"] == "We are open"
     sim.feed(Publish(room="quiet", sender="helpdesk", text="nobody is here"))
     assert [m.text for m in sim.store.messages("quiet")] == ["nobody is here"]
+    stored = [m.text for m in sim.store.messages("general")]
     for bad in (
         Publish(room="no way", sender="bot", text="x"),
         Publish(room="general", sender="bot", text=""),
+        Publish(room="general", sender="bot", text="\x01e2e:{}"),  # the encryption marker
+        Publish(room="dm:alice:bob", sender="bob", text='\x01e2e:{"v":1,"device":"d"}'),
+        Publish(room="general", sender="bot", text="\ud800"),
     ):
         with pytest.raises(LocalProtocolError):
             sim.feed(bad)
+    # Nothing was appended nor delivered by the refused ones.
+    assert [m.text for m in sim.store.messages("general")] == stored
+    assert alice.messages()[-1]["text"] == "We are open"
+    sim.feed(Publish(room="general", sender="bot", text="a marker later: \x01e2e: is fine"))
+    assert alice.messages()[-1]["from"] == "bot"
 
 
 def test_every_kind_of_request_is_rate_limited_and_typing_spam_costs_no_memory() -> None:

@@ -136,7 +136,17 @@ def test_a_message_whose_sender_left_is_still_appended_once_accepted() -> None:
     assert [e.text for e in out if isinstance(e, Append)] == ["hey there"]
 
 
-@pytest.mark.parametrize("text", [None, "", "x" * (64 * 1024 + 1)])
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "x" * (64 * 1024 + 1),
+        "\x01e2e:{}",  # the encryption marker: only a client can send an encrypted message
+        '\x01e2e:{"v":1,"device":"d","payloads":{}}',
+        "\ud800",  # not valid Unicode: a mistake named, not a UnicodeEncodeError
+    ],
+)
 def test_a_replacement_out_of_bounds_is_the_host_s_mistake(text: str | None) -> None:
     engine, screen = screening_engine()
     with pytest.raises(LocalProtocolError):

@@ -12,6 +12,8 @@ import anyio
 import jwt
 import pytest
 
+from chatcore import LocalProtocolError
+
 from .conftest import GUARD, JSON, close_code, recv_until, serving, welcome, ws_connect
 
 pytestmark = pytest.mark.anyio
@@ -188,6 +190,8 @@ async def test_mute_ban_unban_post_and_delete_as_a_client_sees_them() -> None:
         ("POST", "/admin/rooms/lobby/ban", {"user": "no such name!"}, 400),
         ("POST", "/admin/rooms/lobby/ban", [1, 2], 400),
         ("POST", "/admin/rooms/lobby/messages", {"text": ""}, 400),
+        ("POST", "/admin/rooms/lobby/messages", {"text": "\x01e2e:{}"}, 400),
+        ("POST", "/admin/rooms/dm:alice:bob/messages", {"text": "\x01e2e:{}"}, 400),
         ("GET", "/admin/rooms/nowhere", None, 404),
         ("GET", "/admin/nothing", None, 404),
         ("DELETE", "/admin/rooms/lobby/messages/5", None, 404),
@@ -202,6 +206,24 @@ async def test_bad_requests_get_their_status(
         got, answer = await admin(srv.url, method, path, body)
         assert got == status, answer
         assert answer["error"]["status"] == status
+
+
+async def test_an_admin_post_cannot_pass_for_an_encrypted_message() -> None:
+    async with (
+        serving(admin_token=TOKEN) as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=lobby", **JSON) as alice,
+    ):
+        await welcome(alice)
+        forged = {"text": "\x01e2e:" + json.dumps({"v": 1, "device": "d", "payloads": {}})}
+        got, answer = await admin(srv.url, "POST", "/admin/rooms/dm:alice:bob/messages", forged)
+        assert got == 400
+        assert "encryption marker" in answer["error"]["message"]
+        got, _ = await admin(srv.url, "POST", "/admin/rooms/lobby/messages", {"text": "ok"})
+        assert got == 200
+        seen = await recv_until(alice, lambda e: e["type"] == "message")
+        assert [e["text"] for e in seen if e["type"] == "message"] == ["ok"]
+        with pytest.raises(LocalProtocolError, match="encryption marker"):
+            srv.server.post("lobby", "\x01e2e:{}", sender="bot")
 
 
 async def test_the_embedding_api_does_what_the_admin_api_does() -> None:

@@ -73,6 +73,43 @@ async def test_a_hook_that_raises_refuses_that_message_only() -> None:
         assert seen[-1]["type"] == "ack"
 
 
+def misuses_replace(screen: Screen) -> Screened:
+    """Replacements the engine refuses: the encryption marker, nothing at all."""
+    if screen.text == "forge":
+        return screen.replace("\x01e2e:" + json.dumps({"v": 1, "device": "d"}))
+    if screen.text == "blank":
+        return screen.replace("")
+    return screen.accept()
+
+
+async def async_misuses_replace(screen: Screen) -> Screened:
+    await anyio.sleep(0)
+    return misuses_replace(screen)
+
+
+@pytest.mark.parametrize("hook", [misuses_replace, async_misuses_replace])
+async def test_a_replacement_the_engine_refuses_fails_closed(hook: Any) -> None:
+    async with (
+        serving(screen=hook) as srv,
+        ws_connect(f"{srv.ws}?user=amy&room=general", **JSON) as amy,
+        ws_connect(f"{srv.ws}?user=bo&room=general", **JSON) as bo,
+    ):
+        await welcome(amy)
+        await welcome(bo)
+        await amy.send(send("forge", "1"))
+        await amy.send(send("blank", "2"))
+        await amy.send(send("fine", "3"))
+        seen = await recv_until(amy, lambda e: e.get("id") == "3")
+        replies = [(e["type"], e.get("code"), e.get("id", e.get("ref"))) for e in seen]
+        assert [r for r in replies if r[0] in ("ack", "error")] == [
+            ("error", "refused", "1"),
+            ("error", "refused", "2"),
+            ("ack", None, "3"),
+        ]
+        got = await recv_until(bo, lambda e: e.get("text") == "fine")
+        assert [e["text"] for e in got if e["type"] == "message"] == ["fine"]
+
+
 def load_example() -> Any:
     path = Path(__file__).resolve().parents[2] / "examples" / "moderation.py"
     spec = importlib.util.spec_from_file_location("moderation_example", path)
