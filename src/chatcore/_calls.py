@@ -85,6 +85,9 @@ class CallInput(enum.Enum):
     """The state's deadline passed (ringing, or connecting)."""
     NO_RINGERS = "no_ringers"
     """Every session that was ringing is gone, or there was none."""
+    UNAVAILABLE = "unavailable"
+    """The ring reached no session, but the callee is online: on sessions that
+    cannot take call frames (plain-text mode) only."""
 
 
 class CallAction(enum.Enum):
@@ -155,6 +158,7 @@ def _talking(
         (s, _I.CALLEE_GONE): _T(_A.END, _S.ENDED, "gone"),
         (s, _I.TIMEOUT): timeout,
         (s, _I.NO_RINGERS): _T(_A.IGNORE, s),  # nobody rings once answered
+        (s, _I.UNAVAILABLE): _T(_A.IGNORE, s),  # only a ring finds that out
     }
 
 
@@ -170,6 +174,7 @@ TRANSITIONS: Mapping[tuple[CallState, CallInput], Transition] = {
     (_S.IDLE, _I.CALLEE_GONE): _T(_A.IGNORE, _S.IDLE),
     (_S.IDLE, _I.TIMEOUT): _T(_A.IGNORE, _S.IDLE),
     (_S.IDLE, _I.NO_RINGERS): _T(_A.IGNORE, _S.IDLE),
+    (_S.IDLE, _I.UNAVAILABLE): _T(_A.IGNORE, _S.IDLE),
     # RINGING
     (_S.RINGING, _I.RING): _T(_A.REFUSE, _S.RINGING),  # the call id is taken
     (_S.RINGING, _I.CALLER_OFFER): _T(_A.RELAY, _S.RINGING),  # to every ringing session
@@ -190,6 +195,7 @@ TRANSITIONS: Mapping[tuple[CallState, CallInput], Transition] = {
     (_S.RINGING, _I.CALLEE_GONE): _T(_A.LEAVE_RING, _S.RINGING),
     (_S.RINGING, _I.TIMEOUT): _T(_A.END, _S.ENDED, "timeout"),
     (_S.RINGING, _I.NO_RINGERS): _T(_A.END, _S.ENDED, "offline"),
+    (_S.RINGING, _I.UNAVAILABLE): _T(_A.END, _S.ENDED, "unavailable"),
     # CONNECTING and ACTIVE
     **_talking(
         _S.CONNECTING,
@@ -260,11 +266,21 @@ _DEADLINE, _HELD = 0, 1
 class Calls:
     """Every call of one engine. See the module docstring."""
 
-    def __init__(self, config: Config, sessions_of: Callable[[str], Collection[str]]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sessions_of: Callable[[str], Collection[str]],
+        *,
+        online: Callable[[str], bool] | None = None,
+    ) -> None:
         """``sessions_of(user)``: the ids of ``user``'s sessions that a ring reaches
-        (every session not ended, those in their grace period included)."""
+        (every session not ended that takes call frames, those in their grace
+        period included). ``online(user)``: whether ``user`` has any session at
+        all; a ring that reaches none of an online user's ends as ``unavailable``,
+        not ``offline`` (without ``online``, always ``offline``)."""
         self.config = config
         self._sessions_of = sessions_of
+        self._online = online
         self._calls: dict[str, _Call] = {}
         self._by_session: dict[str, dict[str, None]] = {}  # session -> its call ids
         self._buckets: dict[str, TokenBucket] = {}
@@ -479,6 +495,8 @@ class Calls:
                             CallEvent(kind="ringing", call=call.id, user=call.callee),
                         )
                     )
+                elif self._online is not None and self._online(call.callee):
+                    self._fire(call, _I.UNAVAILABLE, None, None, now, out)
                 else:
                     self._fire(call, _I.NO_RINGERS, None, None, now, out)
             case CallAction.RELAY:

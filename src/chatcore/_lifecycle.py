@@ -99,6 +99,7 @@ def connect(st: EngineState, cmd: Connect, now: float, out: list[Effect]) -> Hel
     conn = Connection(cmd.conn, session, cmd.mode, now)
     st.conns[cmd.conn] = conn
     session.conn = conn
+    session.mode = cmd.mode
     session.backlog = []
     st.release_wanted(session)
     session.wanted = [r for r in dict.fromkeys(cmd.rooms) if r not in session.rooms]

@@ -267,6 +267,7 @@ class Session:
         "detach_gen",
         "resumed",
         "inbox",
+        "mode",
     )
 
     def __init__(
@@ -290,3 +291,6 @@ class Session:
         self.detach_gen = 0
         self.resumed = False
         self.inbox: int | None = None  # ref of the LoadInbox the welcome waits for
+        # The mode of its latest connection, kept while it is away: a call rings only
+        # sessions in JSON mode (a plain-text connection is never handed call frames).
+        self.mode = Mode.JSON

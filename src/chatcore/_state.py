@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._awaits import Awaits
 from ._calls import Calls
-from ._commands import ClientRequest, ConnId, Moderation
+from ._commands import ClientRequest, ConnId, Mode, Moderation
 from ._config import Config
 from ._effects import Effect, LoadRoom
 from ._errors import CloseCode
@@ -114,13 +114,23 @@ class EngineState:
         # Moderation of rooms whose load was asked before it and answered after it:
         # applied to the room when it arrives (``_moderation.room_arrived``).
         self.moderating: dict[str, list[Moderation]] = {}
-        self.calls = Calls(config, self.ringable)  # see _signals
+        self.calls = Calls(config, self.ringable, online=self.online)  # see _signals
         self.counters = Counters()
 
     def ringable(self, user: str) -> list[str]:
-        """The sessions a call to ``user`` rings: every one not ended, those away included."""
+        """The sessions a call to ``user`` rings: every one not ended that takes call
+        frames (JSON mode, as of its latest connection), those away included."""
         sessions = self.by_user.get(user, {})
-        return [sid for sid, s in sessions.items() if s.state is not SessionState.CLOSED]
+        return [
+            sid
+            for sid, s in sessions.items()
+            if s.state is not SessionState.CLOSED and s.mode is Mode.JSON
+        ]
+
+    def online(self, user: str) -> bool:
+        """Whether ``user`` has a session not ended, whatever its mode."""
+        sessions = self.by_user.get(user, {})
+        return any(s.state is not SessionState.CLOSED for s in sessions.values())
 
     def load_room(
         self, name: str, session: Session, request: ClientRequest | None, out: list[Effect]

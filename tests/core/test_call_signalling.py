@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatcore import Append, Command, Config
+from chatcore import Append, Command, Config, Mode
 from chatcore_sim import SimClient, Simulation
 from chatcore_store import MemoryStore, StorageEffect
 
@@ -168,6 +168,41 @@ def test_calling_someone_who_is_not_online() -> None:
     alice.signal("call", "c9", to="dave")
     assert ended(alice, "c9") == ["offline"]
     assert types(alice.calls("c9")) == ["ended"]
+
+
+def test_a_callee_online_only_in_plain_text_mode_is_unavailable_at_once() -> None:
+    sim, alice, _, _ = setup(Config(call_ring_timeout=30.0))
+    dave = sim.connect("dave", "lobby", mode=Mode.TEXT)  # websocat: no call frames
+    before = dave.lines()
+    ring(sim, alice, "dave")
+    # Told at once, not after the ringing timeout; the offer and candidate that
+    # follow the ring are refused as for any call that is over.
+    assert ended(alice) == ["unavailable"]
+    assert types(alice.calls("c1")) == ["ended"]
+    assert errors(alice) == [("no_call", "c1"), ("no_call", "c1")]
+    assert dave.lines() == before  # nothing reached the plain-text connection
+    sim.drop(dave)  # away in its grace period: still online, still no calls
+    alice.signal("call", "c2", to="dave")
+    assert ended(alice, "c2") == ["unavailable"]
+    assert sim.engine.stats()["calls"] == 0
+
+
+def test_only_the_callee_s_sessions_that_take_calls_ring() -> None:
+    sim, alice, _, _ = setup()
+    dave_tab = sim.connect("dave", "lobby")
+    dave_term = sim.connect("dave", "lobby", mode=Mode.TEXT)
+    before = dave_term.lines()
+    ring(sim, alice, "dave")
+    assert types(dave_tab.calls("c1")) == ["call", "offer", "candidate"]
+    assert types(alice.calls("c1")) == ["ringing"]
+    dave_tab.signal("answer", "c1", sdp=SDP)
+    assert types(alice.calls("c1")) == ["ringing", "answer"]
+    # The terminal never rang: once the one tab that did is gone, the caller hears at once.
+    alice.signal("call", "c2", to="dave")
+    sim.close(dave_tab)
+    assert ended(alice, "c1") == ["gone"]
+    assert ended(alice, "c2") == ["offline"]
+    assert dave_term.lines() == before
 
 
 def test_a_third_user_can_never_inject_a_signal_into_someone_elses_call() -> None:

@@ -32,7 +32,12 @@ class Rig:
             "carol": ["c1"],
         }
         self.sessions.update(sessions)
-        self.calls = Calls(config or Config(), lambda user: self.sessions.get(user, []))
+        self.plain_text: set[str] = set()  # users online on sessions that take no calls
+        self.calls = Calls(
+            config or Config(),
+            lambda user: self.sessions.get(user, []),
+            online=lambda user: bool(self.sessions.get(user)) or user in self.plain_text,
+        )
         self.now = T0
 
     def user_of(self, session: str) -> str:
@@ -125,6 +130,14 @@ def _feed(rig: Rig, state: CallState, event: CallInput) -> tuple[str, list[Notif
             return "", []  # nobody rings once answered: not reachable, and IGNORE says so
         out = rig.calls.session_ended("b1", rig.now)
         return "b2", out + rig.calls.session_ended("b2", rig.now)
+    if event is CallInput.UNAVAILABLE:
+        if state is not CallState.RINGING:
+            return "", []  # only a ring finds it out: not reachable, and IGNORE says so
+        # c-1 rang bob's tabs; now bob is online in plain-text mode only, and c-1 rings again.
+        rig.send("a1", SignalKind.HANGUP)
+        rig.sessions["bob"] = []
+        rig.plain_text.add("bob")
+        return "", rig.ring()
     sender = "a1" if name.startswith("CALLER") else "b1"
     if name.endswith("GONE"):
         return sender, rig.calls.session_ended(sender, rig.now)
@@ -284,6 +297,16 @@ def test_calling_someone_with_no_session_ends_at_once_as_offline() -> None:
     out = rig.ring(to="dave")
     assert kinds(rig.to(out, "a1")) == ["ended"]
     assert reasons(out) == {"a1": "offline"}
+
+
+def test_calling_someone_online_only_where_calls_cannot_be_taken_ends_as_unavailable() -> None:
+    rig = Rig(dave=[])
+    rig.plain_text.add("dave")
+    out = rig.ring(to="dave")
+    assert kinds(rig.to(out, "a1")) == ["ended"]
+    assert reasons(out) == {"a1": "unavailable"}
+    assert rig.calls.stats()["calls"] == 0
+    assert rig.calls.next_deadline() is None  # nothing left to ring out
 
 
 def test_refused_rings() -> None:

@@ -1092,6 +1092,7 @@
     failed: "The call could not connect",
     gone: "Call ended: the other side went away",
     offline: "is not online",
+    unavailable: "is online, but not where calls can be taken",
     answered_elsewhere: "Answered in another tab",
   };
 
