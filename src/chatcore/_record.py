@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -256,7 +257,14 @@ def filler(text: str) -> str:
     the same for the filler; only the content is gone. ``filler(filler(t))``
     is ``filler(t)``.
     """
-    return "".join(map(_stand_in, text))
+    redacted = text.translate(_ASCII_STAND_INS)
+    if redacted.isascii():
+        return redacted
+    return _NON_ASCII.sub(lambda m: _stand_in(m.group()), redacted)
+
+
+_ASCII_STAND_INS = {i: _stand_in(chr(i)) for i in range(128)}
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def _redact_event(event: CallEvent) -> CallEvent:

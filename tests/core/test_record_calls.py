@@ -134,14 +134,19 @@ def test_a_call_signal_fed_by_the_host_is_recorded_without_its_payload() -> None
 # -- the redaction itself, for any payload and any way of writing the frame -------------
 
 payloads = st.text(
-    st.characters(codec="utf-8") | st.sampled_from('"\\\r\n\t\b\f\x00\x1f\x7f/é€😀'),
+    st.characters(codec="utf-8") | st.sampled_from('"\\\r\n\t\b\f\x00\x1f\x7f/é€😀\udc00'),
     max_size=40,
 )
 
 
 def sizes(value: str) -> tuple[int, int, int]:
     """Characters, UTF-8 bytes, and the length the codec encodes it to."""
-    return len(value), len(value.encode()), len(json.dumps(value, ensure_ascii=False).encode())
+    utf8 = "utf-8", "surrogatepass"  # a lone surrogate (refused by the codec) counts too
+    return (
+        len(value),
+        len(value.encode(*utf8)),
+        len(json.dumps(value, ensure_ascii=False).encode(*utf8)),
+    )
 
 
 @settings(max_examples=300, deadline=None)
