@@ -282,22 +282,18 @@ def redact_command(command: Command, mode: Mode | None = Mode.JSON) -> Command:
     plain-text-mode frame is a chat message, never a call frame, and is kept.
     Everything else is returned as it is (the same object).
     """
-    if type(command) is Receive:
-        if mode is Mode.TEXT:
+    match command:
+        case Receive() if mode is not Mode.TEXT:
+            text = _redact_frame(command.text)
+            return command if text is command.text else dataclasses.replace(command, text=text)
+        case CallSignal() if command.sdp is not None or command.candidate is not None:
+            return dataclasses.replace(
+                command,
+                sdp=None if command.sdp is None else filler(command.sdp),
+                candidate=None if command.candidate is None else filler(command.candidate),
+            )
+        case _:
             return command
-        assert isinstance(command, Receive)
-        text = _redact_frame(command.text)
-        return command if text is command.text else dataclasses.replace(command, text=text)
-    if type(command) is CallSignal:
-        assert isinstance(command, CallSignal)
-        if command.sdp is None and command.candidate is None:
-            return command
-        return dataclasses.replace(
-            command,
-            sdp=None if command.sdp is None else filler(command.sdp),
-            candidate=None if command.candidate is None else filler(command.candidate),
-        )
-    return command
 
 
 def _redact_frame(text: str) -> str:
@@ -315,7 +311,8 @@ def _redact_frame(text: str) -> str:
         obj = json.loads(text)
     except (ValueError, RecursionError):
         return text  # refused as invalid JSON: relayed to no one
-    if not isinstance(obj, dict) or obj.get("type") not in _SIGNAL_TYPES:
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    if not isinstance(kind, str) or kind not in _SIGNAL_TYPES:
         return text
     try:
         spans = _payload_spans(text)
@@ -409,8 +406,7 @@ class Recorder:
 
     def handle(self, command: Command, now: float) -> list[Effect]:
         kept = command
-        if type(command) is Receive or type(command) is CallSignal:
-            assert isinstance(command, Receive | CallSignal)
+        if isinstance(command, Receive | CallSignal):
             kept = redact_command(command, self._mode(command.conn))
         try:
             effects = self.engine.handle(command, now)

@@ -183,3 +183,38 @@ def test_a_redacted_frame_is_the_same_frame_but_for_its_payload(
     assert set(filler) <= set("x\n\x01\ud800\u00e9\ufffd\U00010000")
     assert redact_command(redacted) == redacted
     assert redact_command(frame, Mode.TEXT) is frame  # a chat line, not a call frame
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | payloads,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(payloads, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(["type", "call", "sdp", "candidate", "mid", "index"]) | payloads,
+        json_values | st.sampled_from(["offer", "answer", "candidate", "c1"]),
+        max_size=6,
+    ),
+    junk=st.sampled_from(["", "}", "{", " [", "\\"]),
+)
+def test_any_frame_is_recorded_at_its_length_and_never_breaks_the_recorder(
+    fields: dict[str, Any], junk: str
+) -> None:
+    # Invariant: whatever a client sends (valid JSON of any shape, or not JSON),
+    # the recorder neither raises nor changes the frame's length, and the frame
+    # decodes as before but for string payloads of a call frame.
+    text = json.dumps(fields, ensure_ascii=False) + junk
+    redacted = redact_command(Receive(conn=1, text=text))
+    assert isinstance(redacted, Receive)
+    assert len(redacted.text) == len(text)
+    if redacted.text != text:
+        before, after = json.loads(text), json.loads(redacted.text)
+        assert before["type"] in ("offer", "answer", "candidate")
+        for key in ("sdp", "candidate"):
+            if isinstance(before.get(key), str):
+                assert sizes(after.pop(key)) == sizes(before.pop(key))
+        assert after == before
