@@ -105,6 +105,8 @@ class Options:
     """Require an HS256 token whose ``sub`` names the user (None: authentication off)."""
     private_rooms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Private rooms created before the server starts: name -> users on its allow list."""
+    admin_token: str | None = None
+    """Bearer token of the admin API (None: the API answers 403 but to JWT admins)."""
 
 
 class Launcher:
@@ -134,6 +136,8 @@ class ChatcoreServe(Launcher):
             argv += ["--grace", str(options.grace)]
         if options.jwt_secret is not None:
             argv += ["--jwt-secret", options.jwt_secret]
+        if options.admin_token is not None:
+            argv += ["--admin-token", options.admin_token]
         return argv
 
 
@@ -144,6 +148,8 @@ def _asgi_environment(db: str, options: Options) -> dict[str, str]:
         env["CHATCORE_GRACE"] = str(options.grace)
     if options.jwt_secret is not None:
         env["CHATCORE_JWT_SECRET"] = options.jwt_secret
+    if options.admin_token is not None:
+        env["CHATCORE_ADMIN_TOKEN"] = options.admin_token
     return env
 
 
