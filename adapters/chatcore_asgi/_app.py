@@ -414,7 +414,7 @@ class ChatApp:
     # -- reports back to the engine -------------------------------------------------------
 
     def _report(self, link: Link, frames: int, nbytes: int, drained: bool) -> None:
-        self._bytes_written += nbytes  # counted when the engine needs them (not drained)
+        self._bytes_written += nbytes  # the text handed to send (the server adds frame headers)
         if drained:
             self._drained.append(link.conn)
         else:
