@@ -90,7 +90,7 @@ _SEND_STUCK = 5.0
 
 
 class ChatApp:
-    """chatcore as an ASGI 3 application: ``/ws``, the page, ``/healthz``, ``/rooms``, history.
+    """chatcore as an ASGI 3 application: ``/ws`` and every HTTP route of ``chatcore serve``.
 
     Standalone (``uvicorn module:app``) it starts and stops the engine from
     the server's lifespan events. Mounted in another app (Starlette and
