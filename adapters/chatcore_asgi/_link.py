@@ -96,26 +96,27 @@ class Link:
 
         ``written(link, frames, nbytes, drained)`` follows each batch: what
         ``send`` took (frames, and the UTF-8 bytes of their text), and whether
-        the queue was empty then. A close that comes
-        while a send waits gives up the queue; otherwise the queue goes first.
+        the queue was empty then. A close that comes while a send waits gives
+        up the queue; otherwise the queue goes first.
         Either way the close frame must be taken within ``close_timeout``, or
         the connection ends without it (the server then drops the client).
         """
         queue = self.queue
-        while True:
-            while not queue and self.close_with is None:
-                wake = self._wake = anyio.Event()
-                await wake.wait()
-            if self.close_with is not None:
-                with anyio.CancelScope(deadline=self._deadline):
+        # One scope for the link's whole life until the close (not one per batch: a
+        # scope costs more than the sends of a small batch); ``close`` cancels it.
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            while self.close_with is None:
+                if queue:
                     await self._write_all(written)
-                    await self._send_close()
-                self.closed = True
-                return
-            with anyio.CancelScope() as scope:
-                self._scope = scope
-                await self._write_all(written)
-            self._scope = None
+                else:
+                    wake = self._wake = anyio.Event()
+                    await wake.wait()
+        self._scope = None
+        with anyio.CancelScope(deadline=self._deadline):
+            await self._write_all(written)
+            await self._send_close()
+        self.closed = True
 
     async def _write_all(self, written: Callable[[Link, int, int, bool], None]) -> None:
         queue = self.queue
