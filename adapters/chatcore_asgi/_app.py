@@ -14,9 +14,10 @@
 * lifespan: standalone it runs the engine from the ``lifespan`` events; mounted
   inside another app, that app enters :meth:`ChatApp.running`.
 
-The HTTP routes (page, static files, ``/healthz``, ``/rooms``, history) are the
-standalone server's own (``chatcore_server._api.route``); request policy is
-``chatcore_host``'s. Chat rules live in the engine, not here.
+The HTTP routes (page, static files, ``/healthz``, ``/readyz``, ``/metrics``,
+``/rooms``, history, the admin API) are the standalone server's own,
+``chatcore_host._routes.answer``; request policy is ``chatcore_host``'s. Chat
+rules live in the engine, not here. Nothing here imports h11 or wsproto.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from chatcore import (
     select_mode,
 )
 from chatcore_host import (
+    MAX_ADMIN_BODY,
     AuthError,
     EngineHost,
     authenticate,
@@ -59,8 +61,8 @@ from chatcore_host import (
     repeated_header,
 )
 from chatcore_host._metrics import TransportTally, metrics_registry
-from chatcore_server._api import route
-from chatcore_server._http import STATIC_DIR, Reply, error
+from chatcore_host._reply import STATIC_DIR, Reply, error
+from chatcore_host._routes import answer
 from chatcore_store import HistoryStore
 
 from ._link import Link, Message, Send, send_close
@@ -88,7 +90,7 @@ _SEND_STUCK = 5.0
 
 
 class ChatApp:
-    """chatcore as an ASGI 3 application: ``/ws``, the page, ``/healthz``, ``/rooms``, history.
+    """chatcore as an ASGI 3 application: ``/ws`` and every HTTP route of ``chatcore serve``.
 
     Standalone (``uvicorn module:app``) it starts and stops the engine from
     the server's lifespan events. Mounted in another app (Starlette and
@@ -130,7 +132,7 @@ class ChatApp:
         self.close_timeout = close_timeout
         self.shutdown_timeout = shutdown_timeout
         self.admin_token = admin_token
-        """Bearer token of the admin API (``/admin/...``, GET here); None: JWT admins only."""
+        """Bearer token of the admin API (``/admin/...``); None: JWT admins only."""
         self.metrics_token = metrics_token
         """Bearer token ``/metrics`` requires; None: served to anyone who can reach it."""
         self.ice_servers: tuple[dict[str, Any], ...] = ()
@@ -226,17 +228,15 @@ class ChatApp:
         if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "http":
-            await self._http(scope, send)
+            await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
-    async def _http(self, scope: Scope, send: Send) -> None:
+    async def _http(self, scope: Scope, receive: ASGIReceive, send: Send) -> None:
         method = scope["method"]
         path = _route_path(scope)
         query = bytes(scope.get("query_string", b"")).decode("latin-1")
-        if method not in ("GET", "HEAD"):
-            reply = error(405, "method not allowed", ("allow", "GET, HEAD"))
-        elif path == "/ws":
+        if path == "/ws":
             reply = error(
                 426,
                 "this endpoint speaks WebSocket only",
@@ -244,12 +244,13 @@ class ChatApp:
                 ("sec-websocket-version", "13"),
             )
         else:
+            body = await _read_body(receive)
             if self.identify is not None and path.startswith("/rooms/"):
                 query = await self._identified_query(scope, query)
-            reply = await route(self, path or "/", query, scope["headers"])
-        head, body = _response(reply)
+            reply = await answer(self, method, path, query, scope["headers"], body)
+        head, content = _response(reply)
         await send({"type": "http.response.start", "status": reply.status, "headers": head})
-        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else content})
 
     # -- the WebSocket handshake --------------------------------------------------------
 
@@ -413,7 +414,7 @@ class ChatApp:
     # -- reports back to the engine -------------------------------------------------------
 
     def _report(self, link: Link, frames: int, nbytes: int, drained: bool) -> None:
-        self._bytes_written += nbytes  # counted when the engine needs them (not drained)
+        self._bytes_written += nbytes  # the text handed to send (the server adds frame headers)
         if drained:
             self._drained.append(link.conn)
         else:
@@ -495,6 +496,22 @@ def _client_code(message: Message) -> int | None:
     if code == 1005 and "reason" not in message:
         return None
     return int(code)
+
+
+async def _read_body(receive: ASGIReceive) -> bytes:
+    """The request's body, up to one byte past ``MAX_ADMIN_BODY`` (the rest is dropped).
+
+    Only the admin API takes a body; one over the bound is answered 413.
+    """
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return bytes(body)  # http.disconnect: answered anyway, to nobody
+        if len(body) <= MAX_ADMIN_BODY:
+            body += message.get("body", b"")[: MAX_ADMIN_BODY + 1 - len(body)]
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def _route_path(scope: Scope) -> str:

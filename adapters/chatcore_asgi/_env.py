@@ -8,6 +8,7 @@ variables stand in for ``chatcore serve``'s flags:
 ``CHATCORE_GRACE``        seconds of the resume grace period (``--grace``)
 ``CHATCORE_JWT_SECRET``   require an HS256 token (``--jwt-secret``)
 ``CHATCORE_ALLOW_ORIGIN`` comma-separated extra browser origins (``--allow-origin``)
+``CHATCORE_ADMIN_TOKEN``  bearer token of the admin API (``--admin-token``)
 ``CHATCORE_LOG_LEVEL``    ``chatcore*`` loggers' threshold (``--log-level``; default: the server's)
 ========================  ===================================================
 """
@@ -42,4 +43,5 @@ def app_from_env(environ: Mapping[str, str] | None = None) -> ChatApp:
         store=open_store(env.get("CHATCORE_DB", "memory")),
         jwt_secret=env.get("CHATCORE_JWT_SECRET") or None,
         allow_origins=origins,
+        admin_token=env.get("CHATCORE_ADMIN_TOKEN") or None,
     )

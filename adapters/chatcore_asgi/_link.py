@@ -95,26 +95,28 @@ class Link:
         """Send what is queued, report it, and the close frame last.
 
         ``written(link, frames, nbytes, drained)`` follows each batch: what
-        ``send`` took, and whether the queue was empty then. A close that comes
-        while a send waits gives up the queue; otherwise the queue goes first.
+        ``send`` took (frames, and the UTF-8 bytes of their text), and whether
+        the queue was empty then. A close that comes while a send waits gives
+        up the queue; otherwise the queue goes first.
         Either way the close frame must be taken within ``close_timeout``, or
         the connection ends without it (the server then drops the client).
         """
         queue = self.queue
-        while True:
-            while not queue and self.close_with is None:
-                wake = self._wake = anyio.Event()
-                await wake.wait()
-            if self.close_with is not None:
-                with anyio.CancelScope(deadline=self._deadline):
+        # One scope for the link's whole life until the close (not one per batch: a
+        # scope costs more than the sends of a small batch); ``close`` cancels it.
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            while self.close_with is None:
+                if queue:
                     await self._write_all(written)
-                    await self._send_close()
-                self.closed = True
-                return
-            with anyio.CancelScope() as scope:
-                self._scope = scope
-                await self._write_all(written)
-            self._scope = None
+                else:
+                    wake = self._wake = anyio.Event()
+                    await wake.wait()
+        self._scope = None
+        with anyio.CancelScope(deadline=self._deadline):
+            await self._write_all(written)
+            await self._send_close()
+        self.closed = True
 
     async def _write_all(self, written: Callable[[Link, int, int, bool], None]) -> None:
         queue = self.queue
@@ -122,7 +124,7 @@ class Link:
         while queue:
             # Take the batch there is now; report it once, so that a busy
             # connection costs one engine call per batch, not per frame.
-            sent: list[str] = []
+            frames = nbytes = 0
             count = len(queue)
             self.sending_since = time.monotonic()
             try:
@@ -130,14 +132,13 @@ class Link:
                     text = queue[0]
                     await send({"type": "websocket.send", "text": text})
                     queue.popleft()
-                    sent.append(text)
+                    frames += 1
+                    # Its UTF-8 size; isascii() is O(1), and chat frames mostly are.
+                    nbytes += len(text) if text.isascii() else len(text.encode())
             finally:
                 self.sending_since = None
-                if sent:
-                    # Bytes are counted only when the engine needs them (not drained).
-                    drained = not queue
-                    nbytes = 0 if drained else sum(len(t.encode()) for t in sent)
-                    written(self, len(sent), nbytes, drained)
+                if frames:
+                    written(self, frames, nbytes, not queue)
 
     async def _send_close(self) -> None:
         """The close frame, once the server takes it (the caller bounds the wait)."""

@@ -5,8 +5,10 @@ effects to a :class:`Transport` the server implements, storage effects to a
 :class:`chatcore_store.HistoryStore`), keeps its one timer and runs the store.
 The request policy every server needs (tokens, the page's origin, who may
 read a room's history) takes plain headers and query values, and so does the
-admin API (``check_admin``, ``admin_request``). Needs anyio;
-no HTTP or WebSocket library.
+admin API (``check_admin``, ``admin_request``). The HTTP routes every server
+serves (``_routes.answer``: method, path, query, headers and body in; status,
+headers and body out) live here too, imported on their own since they need
+prometheus-client. Needs anyio; no HTTP or WebSocket library.
 """
 
 from ._admin import MAX_ADMIN_BODY, AdminReply, admin_request, check_admin

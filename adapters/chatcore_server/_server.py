@@ -79,10 +79,10 @@ from chatcore_host import (
     repeated_header,
 )
 from chatcore_host._metrics import TransportTally, metrics_registry
+from chatcore_host._routes import answer
 from chatcore_store import HistoryStore
 
 from . import _http
-from ._api import admin_route, route
 from ._frames import MessageBound, text_frame
 from ._http import Reply, error
 from ._peer import ByteTally, Peer, adopt_asyncio
@@ -658,19 +658,12 @@ class ChatServer:
                 await _send_reply(stream, http, reply, head=head, close=True)
                 return None
             if path == "/ws":
-                answer = await self._websocket(stream, http, request, parts.query)
-                if not isinstance(answer, Reply):
-                    return answer
-                reply = answer
-            elif path == "/admin" or path.startswith("/admin/"):
-                if len(body) > MAX_ADMIN_BODY:
-                    reply = error(413, f"an admin request body is at most {MAX_ADMIN_BODY} bytes")
-                else:
-                    reply = await admin_route(self, method, path, request.headers, bytes(body))
-            elif method not in ("GET", "HEAD"):
-                reply = error(405, "method not allowed", ("allow", "GET, HEAD"))
+                upgraded = await self._websocket(stream, http, request, parts.query)
+                if not isinstance(upgraded, Reply):
+                    return upgraded
+                reply = upgraded
             else:
-                reply = await route(self, path, parts.query, request.headers)
+                reply = await answer(self, method, path, parts.query, request.headers, bytes(body))
             close = http.their_state is not h11.DONE or reply.status >= 500 or self._stopping
             if not await _send_reply(stream, http, reply, head=head, close=close):
                 return None

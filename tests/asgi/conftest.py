@@ -31,10 +31,31 @@ def free_port() -> int:
         return port
 
 
+def listening_socket(send_buffer: int) -> socket.socket:
+    """A loopback socket listening on a free port; its connections inherit ``SO_SNDBUF``.
+
+    Set before ``listen``, the buffer is fixed (Linux keeps twice the value) instead of
+    autotuned to megabytes on loopback: what ``uvicorn --fd`` and ``hypercorn --bind
+    fd://`` serve from, and what ``chatcore serve`` asks of each socket (64 KiB).
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
 @asynccontextmanager
-async def serve(kind: str, app: Any, **options: Any) -> AsyncIterator[str]:
-    """``app`` served by ``kind`` (``uvicorn`` or ``hypercorn``) on a free loopback port."""
-    port = free_port()
+async def serve(
+    kind: str, app: Any, *, send_buffer: int | None = None, **options: Any
+) -> AsyncIterator[str]:
+    """``app`` served by ``kind`` (``uvicorn`` or ``hypercorn``) on a free loopback port.
+
+    With ``send_buffer``, the server listens on a socket made here with that
+    ``SO_SNDBUF`` (see :func:`listening_socket`).
+    """
+    listener = None if send_buffer is None else listening_socket(send_buffer)
+    port = free_port() if listener is None else listener.getsockname()[1]
     async with anyio.create_task_group() as tasks:
         if kind == "uvicorn":
             import uvicorn
@@ -50,7 +71,8 @@ async def serve(kind: str, app: Any, **options: Any) -> AsyncIterator[str]:
             )
             server = uvicorn.Server(config)
             server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-            tasks.start_soon(server.serve)
+            sockets = None if listener is None else [listener]
+            tasks.start_soon(lambda: server.serve(sockets=sockets))
             with anyio.fail_after(10):
                 while not server.started:
                     await anyio.sleep(0.02)
@@ -63,7 +85,8 @@ async def serve(kind: str, app: Any, **options: Any) -> AsyncIterator[str]:
             from hypercorn.config import Config
 
             config = Config()
-            config.bind = [f"127.0.0.1:{port}"]
+            # hypercorn owns a socket it is given by number: it closes it when done.
+            config.bind = [f"127.0.0.1:{port}" if listener is None else f"fd://{listener.detach()}"]
             config.loglevel = "WARNING"
             for key, value in options.items():
                 setattr(config, key, value)

@@ -1,12 +1,16 @@
-"""The JSON and file endpoints: ``/``, ``/static/*``, ``/config.json``, ``/healthz``,
-``/readyz``, ``/metrics``, ``/rooms``, history, and the admin API (``/admin/...``).
+"""The HTTP endpoints every server shares: ``/``, ``/static/*``, ``/config.json``,
+``/healthz``, ``/readyz``, ``/metrics``, ``/rooms``, history, and the admin API (``/admin/...``).
+
+Transport-neutral: a request comes in as its method, path, query, headers
+and body, and leaves as a :class:`~chatcore_host._reply.Reply` (status,
+headers, body) that the server writes its own way (h11 in
+``chatcore_server``, ASGI messages in ``chatcore_asgi``). :func:`answer` is
+the one entry point; ``/ws`` is each server's own and never comes here.
 
 Apart from the admin API, read-only views over the engine and the history
-store; nothing else here changes chat state. The admin API's logic is
-``chatcore_host``'s (shared with the ASGI app); this module only mounts it.
-Errors are JSON bodies with their HTTP status (see ``_http.error``).
-A route sees its server only as a :class:`Site` and the request only as its
-path, query and headers.
+store; nothing else here changes chat state. Errors are JSON bodies with
+their HTTP status (see ``_reply.error``). A route sees its server only as a
+:class:`Site`. Needs prometheus-client (``/metrics``); no HTTP library.
 """
 
 from __future__ import annotations
@@ -21,22 +25,15 @@ from urllib.parse import parse_qsl, unquote
 from prometheus_client import CollectorRegistry
 
 from chatcore import Access, History, event_to_dict, is_valid_name, is_valid_room
-from chatcore_host import (
-    AuthError,
-    EngineHost,
-    Headers,
-    admin_request,
-    authenticate,
-    check_admin,
-    read_history,
-)
-from chatcore_host._metrics import Page, metrics_page, readiness
 from chatcore_store import StoreUnavailable
 
-from . import _http
-from ._http import Reply, error, json_reply
+from ._admin import MAX_ADMIN_BODY, admin_request, check_admin
+from ._host import EngineHost
+from ._metrics import Page, metrics_page, readiness
+from ._policy import AuthError, Headers, authenticate, read_history
+from ._reply import Reply, error, json_reply, static_file
 
-__all__ = ["Site", "admin_route", "route"]
+__all__ = ["Site", "admin_route", "answer", "route"]
 
 _ROOM_MESSAGES = re.compile(r"/rooms/([^/]+)/messages")
 _HISTORY_LIMIT = 100
@@ -77,14 +74,31 @@ class Site(Protocol):
     def metrics_token(self) -> str | None: ...
 
 
+async def answer(
+    site: Site, method: str, path: str, query: str, headers: Headers, body: bytes
+) -> Reply:
+    """The answer to any request but one for ``/ws``.
+
+    ``body`` is what the server read of the request's body: at most one byte
+    past ``MAX_ADMIN_BODY`` (only the admin API takes a body; more is 413).
+    """
+    if path == "/admin" or path.startswith("/admin/"):
+        if len(body) > MAX_ADMIN_BODY:
+            return error(413, f"an admin request body is at most {MAX_ADMIN_BODY} bytes")
+        return await admin_route(site, method, path, headers, body)
+    if method not in ("GET", "HEAD"):
+        return error(405, "method not allowed", ("allow", "GET, HEAD"))
+    return await route(site, path, query, headers)
+
+
 async def route(site: Site, path: str, query: str, headers: Headers) -> Reply:
-    """The answer to a GET or HEAD of ``path`` (anything but ``/ws``)."""
+    """The answer to a GET or HEAD of ``path`` (anything but ``/ws`` and ``/admin/``)."""
     if path in ("/", "/index.html"):
-        return _http.static_file("index.html", site.static_dir) or error(
+        return static_file("index.html", site.static_dir) or error(
             404, "the browser client is not installed"
         )
     if path.startswith("/static/"):
-        found = _http.static_file(unquote(path[len("/static/") :]), site.static_dir)
+        found = static_file(unquote(path[len("/static/") :]), site.static_dir)
         return found or error(404, "no such file")
     if path == "/config.json":  # what the browser page needs to know of this server
         return json_reply(200, {"iceServers": list(site.ice_servers)})
