@@ -59,6 +59,7 @@ from chatcore_host import (
     repeated_header,
 )
 from chatcore_host._metrics import TransportTally, metrics_registry
+from chatcore_host._tally import RefusalTally
 from chatcore_server._api import route
 from chatcore_server._http import STATIC_DIR, Reply, error
 from chatcore_store import HistoryStore
@@ -137,6 +138,7 @@ class ChatApp:
         self.metrics = metrics_registry(self.engine_host, self._tally)
         self._opened = 0
         self._bytes_written = 0
+        self._refused = RefusalTally()
         self._links: dict[int, Link] = {}
         self._open = 0  # accepted WebSocket connections whose app call is still running
         self._next_id = 0
@@ -163,8 +165,16 @@ class ChatApp:
 
     def _tally(self) -> TransportTally:
         return TransportTally(
-            open=len(self._links), opened=self._opened, bytes_written=self._bytes_written
+            open=len(self._links),
+            opened=self._opened,
+            bytes_written=self._bytes_written,
+            refused=self._refused.counts,
         )
+
+    def _refused_as(self, reason: str, reply: Reply) -> Reply:
+        """``reply`` refuses a connection before the engine sees it: counted by ``reason``."""
+        self._refused.count(reason)
+        return reply
 
     def create_room(self, room: str, *, private: bool = True, allow: Sequence[str] = ()) -> None:
         """Create or change a room; a private room admits only the users in ``allow``."""
@@ -237,11 +247,14 @@ class ChatApp:
         if method not in ("GET", "HEAD"):
             reply = error(405, "method not allowed", ("allow", "GET, HEAD"))
         elif path == "/ws":
-            reply = error(
-                426,
-                "this endpoint speaks WebSocket only",
-                ("upgrade", "websocket"),
-                ("sec-websocket-version", "13"),
+            reply = self._refused_as(
+                "bad_handshake",
+                error(
+                    426,
+                    "this endpoint speaks WebSocket only",
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-version", "13"),
+                ),
             )
         else:
             if self.identify is not None and path.startswith("/rooms/"):
@@ -290,30 +303,31 @@ class ChatApp:
         """The registered connection's ``Connect`` and subprotocol, or the refusal."""
         headers = scope["headers"]
         query = bytes(scope.get("query_string", b"")).decode("latin-1")
+        refused = self._refused_as
         if self.stopping:
-            return error(503, "shutting down", ("retry-after", "5"))
+            return refused("shutting_down", error(503, "shutting down", ("retry-after", "5")))
         if len(self._links) >= self.max_connections:
-            return error(503, "too many connections", ("retry-after", "5"))
+            return refused("server_full", error(503, "too many connections", ("retry-after", "5")))
         if len(headers) > _MAX_HEADERS or _request_size(scope) > _MAX_REQUEST_BYTES:
-            return error(431, "request header fields too large")
+            return refused("request_too_large", error(431, "request header fields too large"))
         repeated = repeated_header(headers, _SINGLE_HEADERS)
         if repeated is not None:
-            return error(400, f"more than one {repeated.decode()} header")
+            return refused("bad_handshake", error(400, f"more than one {repeated.decode()} header"))
         scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
         if not origin_allowed(
             header(headers, b"origin"), header(headers, b"host"), scheme, self.allow_origins
         ):
-            return error(403, "origin not allowed")
+            return refused("origin_not_allowed", error(403, "origin not allowed"))
         try:
             user = await self._identify(scope, headers, query)
         except AuthError as exc:
-            return error(401, str(exc), ("www-authenticate", "Bearer"))
+            return refused("unauthorized", error(401, str(exc), ("www-authenticate", "Bearer")))
         mode, subprotocol = select_mode(list(scope.get("subprotocols") or ()))
         self._next_id += 1
         try:
             connect = parse_connect(self._next_id, query, mode, user=user)
         except HandshakeError as exc:
-            return error(exc.status, exc.reason)
+            return refused("bad_query", error(exc.status, exc.reason))
         return connect, subprotocol
 
     async def _identify(self, scope: Scope, headers: Any, query: str) -> str | None:

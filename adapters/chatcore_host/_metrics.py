@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -59,6 +59,9 @@ class TransportTally:
     """WebSocket connections accepted since start."""
     bytes_written: int
     """Bytes written to WebSocket sockets since start (frames and their headers)."""
+    refused: Mapping[str, int] = field(default_factory=dict)
+    """Connections refused before the engine saw them, by reason
+    (:data:`~chatcore_host._tally.TRANSPORT_REFUSALS`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +148,14 @@ class ChatCollector(Collector):
         refusals = CounterMetricFamily(
             "chatcore_refusals",
             "Requests refused with an error event, by its code, and connections "
-            "refused at connect, by reason",
+            "refused at connect, by reason (the engine's, and the server's before the "
+            "engine saw them)",
             labels=["reason"],
         )
-        for reason, count in sorted(counters.refusals.items()):
+        reasons = dict(counters.refusals)
+        for reason, count in wire.refused.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        for reason, count in sorted(reasons.items()):
             refusals.add_metric([reason], count)
         yield refusals
         resumes = CounterMetricFamily(

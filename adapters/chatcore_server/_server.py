@@ -79,6 +79,7 @@ from chatcore_host import (
     repeated_header,
 )
 from chatcore_host._metrics import TransportTally, metrics_registry
+from chatcore_host._tally import RefusalTally
 from chatcore_store import HistoryStore
 
 from . import _http
@@ -218,6 +219,7 @@ class ChatServer:
         # Metrics: read at scrape time from the engine, the host and these two.
         self._opened = 0
         self._bytes = ByteTally()
+        self._refused = RefusalTally()
         self.metrics = metrics_registry(self.engine_host, self.transport_tally)
         """The registry ``/metrics`` shows (this server's own, not prometheus-client's global)."""
         self.metrics_token = metrics_token
@@ -233,8 +235,16 @@ class ChatServer:
     def transport_tally(self) -> TransportTally:
         """What the sockets did, for metrics."""
         return TransportTally(
-            open=len(self._peers), opened=self._opened, bytes_written=self._bytes.written
+            open=len(self._peers),
+            opened=self._opened,
+            bytes_written=self._bytes.written,
+            refused=self._refused.counts,
         )
+
+    def _refuse(self, reason: str, reply: Reply) -> Reply:
+        """``reply`` refuses a connection before the engine sees it: counted by ``reason``."""
+        self._refused.count(reason)
+        return reply
 
     @property
     def stopping(self) -> bool:
@@ -629,11 +639,14 @@ class ChatServer:
                     request = await _read_request(stream, http, body)
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
-                    reply = error(
-                        status,
-                        "request header fields too large"
+                    reply = (
+                        self._refuse(
+                            "request_too_large", error(431, "request header fields too large")
+                        )
                         if status == 431
-                        else "malformed HTTP request",
+                        else self._refuse(
+                            "malformed_request", error(status, "malformed HTTP request")
+                        )
                     )
                     await _send_reply(stream, http, reply, head=False, close=True)
                     return None
@@ -645,7 +658,9 @@ class ChatServer:
             ):
                 # h11 bounds only what arrives in pieces; one big read is bounded here,
                 # and so is the number of header fields, however small.
-                reply = error(431, "request header fields too large")
+                reply = self._refuse(
+                    "request_too_large", error(431, "request header fields too large")
+                )
                 await _send_reply(stream, http, reply, head=False, close=True)
                 return None
             method = request.method.decode("ascii", "replace")
@@ -653,7 +668,9 @@ class ChatServer:
             path = parts.path
             head = method == "HEAD"
             if self._tcp > self.limits.max_connections:
-                reply = error(503, "too many connections", ("retry-after", "5"))
+                reply = self._refuse(
+                    "server_full", error(503, "too many connections", ("retry-after", "5"))
+                )
                 await _send_reply(stream, http, reply, head=head, close=True)
                 return None
             if path == "/ws":
@@ -690,42 +707,54 @@ class ChatServer:
         upgrade = [t.lower() for t in header_tokens(headers, b"upgrade")]
         connection = [t.lower() for t in header_tokens(headers, b"connection")]
         if "websocket" not in upgrade or "upgrade" not in connection:
-            return error(
-                426,
-                "this endpoint speaks WebSocket only",
-                ("upgrade", "websocket"),
-                ("sec-websocket-version", "13"),
+            return self._refuse(
+                "bad_handshake",
+                error(
+                    426,
+                    "this endpoint speaks WebSocket only",
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-version", "13"),
+                ),
             )
         if request.method != b"GET":
-            return error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
+            return self._refuse(
+                "bad_handshake", error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
+            )
         if self._stopping:
-            return error(503, "shutting down", ("retry-after", "5"))
+            return self._refuse("shutting_down", error(503, "shutting down", ("retry-after", "5")))
         repeated = repeated_header(headers, _SINGLE_HEADERS)
         if repeated is not None:
-            return error(400, f"more than one {repeated.decode()} header")
+            return self._refuse(
+                "bad_handshake", error(400, f"more than one {repeated.decode()} header")
+            )
         scheme = "https" if self.ssl_context is not None else "http"
         if not origin_allowed(
             header(headers, b"origin"), header(headers, b"host"), scheme, self.allow_origins
         ):
-            return error(403, "origin not allowed")
+            return self._refuse("origin_not_allowed", error(403, "origin not allowed"))
         if header(headers, b"sec-websocket-version") != "13":
-            return error(426, "WebSocket version 13 only", ("sec-websocket-version", "13"))
+            return self._refuse(
+                "bad_handshake",
+                error(426, "WebSocket version 13 only", ("sec-websocket-version", "13")),
+            )
         key = header(headers, b"sec-websocket-key")
         if key is None or not _valid_key(key):
-            return error(400, "missing or invalid Sec-WebSocket-Key")
+            return self._refuse("bad_handshake", error(400, "missing or invalid Sec-WebSocket-Key"))
         user: str | None = None
         if self.jwt_secret is not None:
             try:
                 user = authenticate(headers, parse_qsl(query), self.jwt_secret)
             except AuthError as exc:
-                return error(401, str(exc), ("www-authenticate", "Bearer"))
+                return self._refuse(
+                    "unauthorized", error(401, str(exc), ("www-authenticate", "Bearer"))
+                )
         mode, subprotocol = select_mode(header_tokens(headers, b"sec-websocket-protocol"))
         self._next_id += 1
         conn = self._next_id
         try:
             connect = parse_connect(conn, query, mode, user=user)
         except HandshakeError as exc:
-            return error(exc.status, exc.reason)
+            return self._refuse("bad_query", error(exc.status, exc.reason))
         trailing, _ = http.trailing_data
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         if raw is not None and self.limits.send_buffer is not None:
