@@ -117,8 +117,19 @@ class ChatApp:
         close_timeout: float = 3.0,
         shutdown_timeout: float = 10.0,
         ids: IdSource | None = None,
+        retention_interval: float = 60.0,
+        retain_messages: int | None = None,
+        retain_age: float | None = None,
     ) -> None:
-        self.engine_host = EngineHost(self, config=config, store=store, ids=ids)
+        self.engine_host = EngineHost(
+            self,
+            config=config,
+            store=store,
+            ids=ids,
+            retention_every=retention_interval,
+            retain_messages=retain_messages,
+            retain_age=retain_age,
+        )
         self.config = self.engine_host.config
         self.jwt_secret = jwt_secret
         self.identify = identify

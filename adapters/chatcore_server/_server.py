@@ -133,6 +133,12 @@ class Limits:
     """Seconds a graceful shutdown may take in all."""
     retention_interval: float = 60.0
     """Seconds between passes that cut stored rooms down to their retention limits."""
+    retain_messages: int | None = None
+    """The newest messages a stored room keeps when it has no count limit of its own
+    (``chatcore rooms retention``); None keeps them all."""
+    retain_age: float | None = None
+    """Seconds a stored message is kept when its room has no age limit of its own;
+    None keeps it for ever."""
 
 
 class ChatServer:
@@ -171,6 +177,8 @@ class ChatServer:
             store=store,
             ids=ids,
             retention_every=self.limits.retention_interval,
+            retain_messages=self.limits.retain_messages,
+            retain_age=self.limits.retain_age,
             screen=screen,
             record=record,
         )

@@ -299,6 +299,22 @@ def _add_operator_flags(serve: argparse.ArgumentParser) -> None:
         default=limits.retention_interval,
         help="seconds between passes that cut stored rooms down to their retention limits",
     )
+    group.add_argument(
+        "--retain-messages",
+        metavar="N",
+        type=int,
+        default=limits.retain_messages,
+        help="the newest messages a stored room keeps, for rooms without a count limit of "
+        "their own (None: keep them all)",
+    )
+    group.add_argument(
+        "--retain-days",
+        metavar="DAYS",
+        type=float,
+        default=None if limits.retain_age is None else limits.retain_age / 86_400,
+        help="days a stored message is kept, for rooms without an age limit of their own "
+        "(None: for ever)",
+    )
     group = serve.add_argument_group("observability")
     group.add_argument(
         "--metrics-token",
@@ -463,12 +479,19 @@ def _serve_command(args: argparse.Namespace) -> int:
             max_frame_bytes=max(Config().max_frame_bytes, args.max_text_bytes + 16 * 1024),
         )
         limits = Limits(
-            max_connections=args.max_connections, retention_interval=args.retention_interval
+            max_connections=args.max_connections,
+            retention_interval=args.retention_interval,
+            retain_messages=args.retain_messages,
+            retain_age=None if args.retain_days is None else args.retain_days * 86_400,
         )
     except ValueError as exc:
         raise SystemExit(f"chatcore serve: {_flag_names(str(exc))}") from None
     if limits.max_connections < 1 or limits.retention_interval <= 0:
         raise SystemExit("chatcore serve: --max-connections and --retention-interval must be > 0")
+    if args.retain_messages is not None and args.retain_messages < 0:
+        raise SystemExit("chatcore serve: --retain-messages must be 0 or more")
+    if args.retain_days is not None and not args.retain_days > 0:
+        raise SystemExit("chatcore serve: --retain-days must be more than 0")
     server = ChatServer(
         config=config,
         store=_store(args.db),

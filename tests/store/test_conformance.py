@@ -291,6 +291,38 @@ async def test_retention_by_age(make_store: MakeStore) -> None:
     assert (info.stored, info.head, info.max_age) == (4, 10, 3 * 86_400)
 
 
+async def test_server_default_retention_applies_to_rooms_without_their_own(
+    make_store: MakeStore,
+) -> None:
+    store = durable(await make_store())
+    day = 86_400_000
+    for room in ("lobby", "kept", "young"):
+        await load(store, room)
+        await appended(store, *(append(i, room, ts=T0 - (10 - i) * day) for i in range(1, 11)))
+    await store.set_retention("kept", max_messages=8)  # its own count replaces the default
+    await store.set_retention("young", max_age=2 * 86_400)  # its own age, the default count
+    # No default: only the rooms' own limits (kept: 2 over 8; young: 7 older than 2 days).
+    assert await store.apply_retention(T0 / 1000) == 2 + 7
+    assert await page(store, "young") == [8, 9, 10]
+    assert await page(store, "lobby") == list(range(1, 11))
+    cut = await store.apply_retention(T0 / 1000, default_messages=5, default_age=4 * 86_400)
+    # lobby: the newest 5 (6..10), all younger than 4 days but 6 (4 days old: kept).
+    # kept: its own 8 (3..10), then 4 days of age by default: 6..10.
+    # young: its own 2 days (8..10) is within the default count.
+    assert await page(store, "lobby") == [6, 7, 8, 9, 10]
+    assert await page(store, "kept") == [6, 7, 8, 9, 10]
+    assert await page(store, "young") == [8, 9, 10]
+    assert cut == 5 + 3
+    # The defaults are not written into the rooms.
+    assert [(r.max_messages, r.max_age) for r in await store.rooms()] == [
+        (8, None),
+        (None, None),
+        (None, 2 * 86_400),
+    ]
+    with pytest.raises(ValueError, match="negative"):
+        await store.apply_retention(T0 / 1000, default_messages=-1)
+
+
 async def test_appends_go_on_while_retention_runs(make_store: MakeStore) -> None:
     store = durable(await make_store())
     if isinstance(store, MemoryStore):
