@@ -116,6 +116,11 @@ class ChatCollector(Collector):
             "Storage requests the engine waits for the store to answer",
             value=stats["pending_appends"] + stats["pending_loads"],
         )
+        yield GaugeMetricFamily(
+            "chatcore_screening_pending",
+            "Messages awaiting the screen hook's verdict",
+            value=stats["pending_screens"],
+        )
         yield CounterMetricFamily(
             "chatcore_messages_appended",
             "Messages the log numbered and the engine published to their room",
@@ -139,10 +144,11 @@ class ChatCollector(Collector):
         limited = CounterMetricFamily(
             "chatcore_rate_limited",
             "Requests refused with rate_limited, by limit: messages (chat rate), "
-            "requests (request rate), pending (frames before the welcome)",
+            "requests (request rate), pending (frames before the welcome), screening "
+            "(too many messages awaiting the screen hook's verdict)",
             labels=["limit"],
         )
-        for which in ("messages", "requests", "pending"):
+        for which in ("messages", "requests", "pending", "screening"):
             limited.add_metric([which], counters.rate_limited.get(which, 0))
         yield limited
         refusals = CounterMetricFamily(
