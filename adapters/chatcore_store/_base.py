@@ -622,6 +622,7 @@ class SQLStore:
                 if effect.recent > 0:
                     recent = yield Statement(sql.recent, (effect.room, effect.recent))
                 moderation = yield Statement(sql.moderation, (effect.room,))
+                reads = yield Statement(sql.room_reads, (effect.room,))
                 return RoomLoaded(
                     room=effect.room,
                     epoch=epoch,
@@ -631,6 +632,7 @@ class SQLStore:
                     recent=tuple(_message(r) for r in reversed(recent)),
                     banned=frozenset(r[0] for r in moderation if r[1]),
                     muted={r[0]: r[2] / 1000 for r in moderation if r[2] is not None},
+                    reads={r[0]: r[1] for r in reads},
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=(yield from self._range(effect)))

@@ -183,6 +183,7 @@ class Statements:
         )
         self.delete_range = q("DELETE FROM messages WHERE room = ? AND msg_offset BETWEEN ? AND ?")
         self.positions = q("SELECT room, delivered, read FROM positions WHERE username = ?")
+        self.room_reads = q("SELECT username, read FROM positions WHERE room = ? AND read > 0")
         # The key directory (schema 7): public keys only.
         self.device_identity = q("SELECT identity FROM devices WHERE username = ? AND device = ?")
         self.device_count = q("SELECT count(*) FROM devices WHERE username = ?")

@@ -208,6 +208,11 @@ class MemoryStore:
                     recent=tuple(room.messages[-effect.recent :]) if effect.recent > 0 else (),
                     banned=frozenset(room.banned),
                     muted=dict(room.muted),
+                    reads={
+                        user: read
+                        for (user, name), (_, read) in self.positions_by_key.items()
+                        if name == effect.room and read > 0
+                    },
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=self._range(effect))

@@ -257,6 +257,24 @@ async def test_positions_are_saved_per_user_and_room(make_store: MakeStore) -> N
     assert await positions(store, "carol") == {}
 
 
+async def test_a_room_loads_with_the_read_marks_stored_for_it(make_store: MakeStore) -> None:
+    store = await make_store()
+    await load(store)
+    await appended(store, *(append(i) for i in range(1, 6)))
+    await store.execute(
+        [
+            SavePositions(user="alice", positions=(Position(room="lobby", delivered=5, read=4),)),
+            SavePositions(user="bob", positions=(Position(room="lobby", delivered=5, read=0),)),
+            SavePositions(user="carol", positions=(Position(room="other", delivered=1, read=1),)),
+            SavePositions(user="alice", positions=(Position(room="lobby", delivered=5, read=2),)),
+        ]
+    )
+    assert (await load(store)).reads == {"alice": 4}  # marks only rise; no mark, no entry
+    again = await make_store()  # a restart
+    assert (await load(again)).reads == {"alice": 4}
+    assert (await load(again, "fresh")).reads == {}
+
+
 async def test_retention_by_count_cuts_the_oldest_and_keeps_numbering(
     make_store: MakeStore,
 ) -> None:
