@@ -37,7 +37,6 @@ import anyio.abc
 from chatcore import (
     Config,
     Connect,
-    CreateRoom,
     Disconnected,
     Drained,
     HandshakeError,
@@ -52,12 +51,15 @@ from chatcore import (
 from chatcore_host import (
     AuthError,
     EngineHost,
+    RecordFile,
+    ScreenHook,
     authenticate,
     header,
     origin_allowed,
     parse_origin,
     repeated_header,
 )
+from chatcore_host._controls import ChatControls
 from chatcore_host._metrics import TransportTally, metrics_registry
 from chatcore_host._tally import RefusalTally
 from chatcore_server._api import route
@@ -88,7 +90,7 @@ _SEND_STUCK = 5.0
 """Seconds a ``send`` may stay pending before the link no longer counts as alive."""
 
 
-class ChatApp:
+class ChatApp(ChatControls):
     """chatcore as an ASGI 3 application: ``/ws``, the page, ``/healthz``, ``/rooms``, history.
 
     Standalone (``uvicorn module:app``) it starts and stops the engine from
@@ -100,6 +102,12 @@ class ChatApp:
     request (a cookie, a header, a session); without it an HS256 token is
     required when ``jwt_secret`` is set, and the ``user`` parameter is
     trusted otherwise.
+
+    ``screen`` and ``record`` are :class:`chatcore_host.EngineHost`'s hooks
+    (a message filter; a record for ``chatcore replay``), and the embedding
+    API (``post``, ``create_room``, ``remove``, ``mute``, ``ban``, ``unban``,
+    ``delete_message``) is :class:`chatcore_host.ChatControls`', as on
+    ``ChatServer``.
     """
 
     def __init__(
@@ -120,6 +128,8 @@ class ChatApp:
         retention_interval: float = 60.0,
         retain_messages: int | None = None,
         retain_age: float | None = None,
+        screen: ScreenHook | None = None,
+        record: RecordFile | None = None,
     ) -> None:
         self.engine_host = EngineHost(
             self,
@@ -129,6 +139,8 @@ class ChatApp:
             retention_every=retention_interval,
             retain_messages=retain_messages,
             retain_age=retain_age,
+            screen=screen,
+            record=record,
         )
         self.config = self.engine_host.config
         self.jwt_secret = jwt_secret
@@ -186,10 +198,6 @@ class ChatApp:
         """``reply`` refuses a connection before the engine sees it: counted by ``reason``."""
         self._refused.count(reason)
         return reply
-
-    def create_room(self, room: str, *, private: bool = True, allow: Sequence[str] = ()) -> None:
-        """Create or change a room; a private room admits only the users in ``allow``."""
-        self.engine_host.feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
 
     # -- running ----------------------------------------------------------------------
 

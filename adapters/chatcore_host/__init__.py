@@ -10,6 +10,7 @@ no HTTP or WebSocket library.
 """
 
 from ._admin import MAX_ADMIN_BODY, AdminReply, admin_request, check_admin
+from ._controls import ChatControls
 from ._host import EngineHost, ScreenHook, Transport
 from ._policy import (
     AuthError,
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_ADMIN_BODY",
     "AdminReply",
     "AuthError",
+    "ChatControls",
     "EngineHost",
     "Headers",
     "RecordFile",

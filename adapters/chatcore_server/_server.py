@@ -27,7 +27,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,23 +44,15 @@ from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from chatcore import (
-    Ban,
     Config,
-    CreateRoom,
-    DeleteMessage,
     Disconnected,
     Drained,
     Engine,
     HandshakeError,
     IdSource,
-    Kick,
-    Mute,
     Pong,
-    Publish,
     Receive,
-    RemoveMember,
     Shutdown,
-    Unban,
     Written,
     parse_connect,
     select_mode,
@@ -78,6 +70,7 @@ from chatcore_host import (
     parse_origin,
     repeated_header,
 )
+from chatcore_host._controls import ChatControls
 from chatcore_host._metrics import TransportTally, metrics_registry
 from chatcore_host._tally import RefusalTally
 from chatcore_store import HistoryStore
@@ -141,14 +134,16 @@ class Limits:
     None keeps it for ever."""
 
 
-class ChatServer:
+class ChatServer(ChatControls):
     """A WebSocket chat server around one engine and one history store.
 
     ``await server.serve()`` runs until :meth:`shutdown` (or cancellation);
     ``url = await task_group.start(server.serve)`` gives the address once the
     listener is up, which is how tests and embedding programs start it.
     ``screen`` and ``record`` are :class:`chatcore_host.EngineHost`'s hooks:
-    a message filter, and a record of the run for ``chatcore replay``.
+    a message filter, and a record of the run for ``chatcore replay``. The
+    embedding API (``post``, ``create_room``, ``remove``, ``mute``, ``ban``,
+    ``unban``, ``delete_message``) is :class:`chatcore_host.ChatControls`'.
     """
 
     def __init__(
@@ -304,51 +299,6 @@ class ChatServer:
             for peer in list(self._adopted):  # cancelled rather than shut down
                 peer.abort()
             log.info("chatcore stopped")
-
-    def create_room(self, room: str, *, private: bool = True, allow: Iterable[str] = ()) -> None:
-        """Create or change a room; a private room admits only the users in ``allow``."""
-        self.engine_host.feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
-
-    # -- the embedding API: a host program moderates and posts from its own code ------------
-    # Each method feeds one engine command, as the admin API does: the change is
-    # stored, and reaches every connection at once. Invalid names, an empty or
-    # oversized text, an offset below 1 raise chatcore.LocalProtocolError.
-
-    def post(self, room: str, text: str, *, sender: str = "system") -> None:
-        """Post ``text`` into ``room`` as ``sender`` (a bot, or the system user).
-
-        It is stored and numbered like any message and reaches every member;
-        no membership, access rule, rate limit or ack applies to the host.
-        """
-        self.engine_host.feed(Publish(room=room, sender=sender, text=text))
-
-    def remove(self, user: str, room: str | None = None, *, reason: str = "") -> None:
-        """Remove ``user`` from ``room`` (they get ``removed`` and may come back
-        unless banned), or with ``room=None`` from the server: every connection
-        of theirs gets ``removed`` and is closed with 4003, and their sessions end."""
-        if room is None:
-            self.engine_host.feed(Kick(user=user, reason=reason))
-        else:
-            self.engine_host.feed(RemoveMember(room=room, user=user, reason=reason))
-
-    def mute(self, room: str, user: str, seconds: float, *, reason: str = "") -> None:
-        """``user``'s sends in ``room`` get ``forbidden`` for ``seconds`` (0: unmute)."""
-        if not seconds >= 0:
-            raise ValueError("seconds must be 0 or more")
-        until = time.time() + seconds if seconds > 0 else None
-        self.engine_host.feed(Mute(room=room, user=user, until=until, reason=reason))
-
-    def ban(self, room: str, user: str, *, reason: str = "") -> None:
-        """``user`` may not join ``room`` (nor send there); a member is removed."""
-        self.engine_host.feed(Ban(room=room, user=user, reason=reason))
-
-    def unban(self, room: str, user: str) -> None:
-        self.engine_host.feed(Unban(room=room, user=user))
-
-    def delete_message(self, room: str, offset: int) -> None:
-        """Show the message at ``offset`` as deleted everywhere (history, replays,
-        members get ``deleted``); offsets stay gap-free."""
-        self.engine_host.feed(DeleteMessage(room=room, offset=offset))
 
     def shutdown(self) -> None:
         """Stop accepting, close every client with 1001, flush the store, return from serve."""
