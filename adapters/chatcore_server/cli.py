@@ -99,10 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_operator_flags(serve)
     serve.add_argument(
         "--admin-token",
-        default=os.environ.get("CHATCORE_ADMIN_TOKEN"),
+        default=None,
         help="enable the admin API (/admin/...) for requests with Authorization: Bearer "
-        "this token (default: $CHATCORE_ADMIN_TOKEN; with --jwt-secret, tokens with "
-        '"admin": true are admins too)',
+        "this token; without the flag, $CHATCORE_ADMIN_TOKEN if set (never shown here). "
+        'With --jwt-secret, tokens with "admin": true are admins too',
     )
     serve.set_defaults(func=_serve_command)
     _add_record_flags(serve)
@@ -503,7 +503,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         ice_servers=args.ice_server,
         limits=limits,
         metrics_token=args.metrics_token,
-        admin_token=args.admin_token or None,
+        admin_token=args.admin_token or os.environ.get("CHATCORE_ADMIN_TOKEN") or None,
         record=_record_file(args),
     )
     failed: list[BaseException] = []

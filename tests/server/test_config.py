@@ -203,3 +203,21 @@ def test_json_log_lines_carry_the_traceback_on_one_line() -> None:
     assert parsed["logger"] == "chatcore_host"
     assert parsed["exc_info"].startswith("Traceback")
     assert "RuntimeError: boom" in parsed["exc_info"]
+
+
+async def test_the_admin_token_comes_from_the_environment_and_help_never_shows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHATCORE_ADMIN_TOKEN", "env-s3cret")
+    done = subprocess.run(
+        [sys.executable, "-m", "chatcore_server", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "env-s3cret" not in done.stdout
+    async with chatcore_serve("--db", "memory") as (_, url):
+        status, _, _ = await http_get(url + "admin/rooms", {"Authorization": "Bearer env-s3cret"})
+        assert status == 200
+        status, _, _ = await http_get(url + "admin/rooms", {"Authorization": "Bearer other"})
+        assert status == 403
