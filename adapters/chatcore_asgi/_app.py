@@ -38,7 +38,6 @@ import anyio.abc
 from chatcore import (
     Config,
     Connect,
-    CreateRoom,
     Disconnected,
     Drained,
     HandshakeError,
@@ -54,15 +53,19 @@ from chatcore_host import (
     MAX_ADMIN_BODY,
     AuthError,
     EngineHost,
+    RecordFile,
+    ScreenHook,
     authenticate,
     header,
     origin_allowed,
     parse_origin,
     repeated_header,
 )
+from chatcore_host._controls import ChatControls
 from chatcore_host._metrics import TransportTally, metrics_registry
 from chatcore_host._reply import STATIC_DIR, Reply, error
 from chatcore_host._routes import answer
+from chatcore_host._tally import RefusalTally
 from chatcore_store import HistoryStore
 
 from ._link import Link, Message, Send, send_close
@@ -89,7 +92,7 @@ _SEND_STUCK = 5.0
 """Seconds a ``send`` may stay pending before the link no longer counts as alive."""
 
 
-class ChatApp:
+class ChatApp(ChatControls):
     """chatcore as an ASGI 3 application: ``/ws`` and every HTTP route of ``chatcore serve``.
 
     Standalone (``uvicorn module:app``) it starts and stops the engine from
@@ -101,6 +104,12 @@ class ChatApp:
     request (a cookie, a header, a session); without it an HS256 token is
     required when ``jwt_secret`` is set, and the ``user`` parameter is
     trusted otherwise.
+
+    ``screen`` and ``record`` are :class:`chatcore_host.EngineHost`'s hooks
+    (a message filter; a record for ``chatcore replay``), and the embedding
+    API (``post``, ``create_room``, ``remove``, ``mute``, ``ban``, ``unban``,
+    ``delete_message``) is :class:`chatcore_host.ChatControls`', as on
+    ``ChatServer``.
     """
 
     def __init__(
@@ -118,8 +127,23 @@ class ChatApp:
         close_timeout: float = 3.0,
         shutdown_timeout: float = 10.0,
         ids: IdSource | None = None,
+        retention_interval: float = 60.0,
+        retain_messages: int | None = None,
+        retain_age: float | None = None,
+        screen: ScreenHook | None = None,
+        record: RecordFile | None = None,
     ) -> None:
-        self.engine_host = EngineHost(self, config=config, store=store, ids=ids)
+        self.engine_host = EngineHost(
+            self,
+            config=config,
+            store=store,
+            ids=ids,
+            retention_every=retention_interval,
+            retain_messages=retain_messages,
+            retain_age=retain_age,
+            screen=screen,
+            record=record,
+        )
         self.config = self.engine_host.config
         self.jwt_secret = jwt_secret
         self.identify = identify
@@ -139,6 +163,7 @@ class ChatApp:
         self.metrics = metrics_registry(self.engine_host, self._tally)
         self._opened = 0
         self._bytes_written = 0
+        self._refused = RefusalTally()
         self._links: dict[int, Link] = {}
         self._open = 0  # accepted WebSocket connections whose app call is still running
         self._next_id = 0
@@ -165,12 +190,16 @@ class ChatApp:
 
     def _tally(self) -> TransportTally:
         return TransportTally(
-            open=len(self._links), opened=self._opened, bytes_written=self._bytes_written
+            open=len(self._links),
+            opened=self._opened,
+            bytes_written=self._bytes_written,
+            refused=self._refused.counts,
         )
 
-    def create_room(self, room: str, *, private: bool = True, allow: Sequence[str] = ()) -> None:
-        """Create or change a room; a private room admits only the users in ``allow``."""
-        self.engine_host.feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
+    def _refused_as(self, reason: str, reply: Reply) -> Reply:
+        """``reply`` refuses a connection before the engine sees it: counted by ``reason``."""
+        self._refused.count(reason)
+        return reply
 
     # -- running ----------------------------------------------------------------------
 
@@ -237,11 +266,14 @@ class ChatApp:
         path = _route_path(scope)
         query = bytes(scope.get("query_string", b"")).decode("latin-1")
         if path == "/ws":
-            reply = error(
-                426,
-                "this endpoint speaks WebSocket only",
-                ("upgrade", "websocket"),
-                ("sec-websocket-version", "13"),
+            reply = self._refused_as(
+                "bad_handshake",
+                error(
+                    426,
+                    "this endpoint speaks WebSocket only",
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-version", "13"),
+                ),
             )
         else:
             body = await _read_body(receive)
@@ -291,30 +323,31 @@ class ChatApp:
         """The registered connection's ``Connect`` and subprotocol, or the refusal."""
         headers = scope["headers"]
         query = bytes(scope.get("query_string", b"")).decode("latin-1")
+        refused = self._refused_as
         if self.stopping:
-            return error(503, "shutting down", ("retry-after", "5"))
+            return refused("shutting_down", error(503, "shutting down", ("retry-after", "5")))
         if len(self._links) >= self.max_connections:
-            return error(503, "too many connections", ("retry-after", "5"))
+            return refused("server_full", error(503, "too many connections", ("retry-after", "5")))
         if len(headers) > _MAX_HEADERS or _request_size(scope) > _MAX_REQUEST_BYTES:
-            return error(431, "request header fields too large")
+            return refused("request_too_large", error(431, "request header fields too large"))
         repeated = repeated_header(headers, _SINGLE_HEADERS)
         if repeated is not None:
-            return error(400, f"more than one {repeated.decode()} header")
+            return refused("bad_handshake", error(400, f"more than one {repeated.decode()} header"))
         scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
         if not origin_allowed(
             header(headers, b"origin"), header(headers, b"host"), scheme, self.allow_origins
         ):
-            return error(403, "origin not allowed")
+            return refused("origin_not_allowed", error(403, "origin not allowed"))
         try:
             user = await self._identify(scope, headers, query)
         except AuthError as exc:
-            return error(401, str(exc), ("www-authenticate", "Bearer"))
+            return refused("unauthorized", error(401, str(exc), ("www-authenticate", "Bearer")))
         mode, subprotocol = select_mode(list(scope.get("subprotocols") or ()))
         self._next_id += 1
         try:
             connect = parse_connect(self._next_id, query, mode, user=user)
         except HandshakeError as exc:
-            return error(exc.status, exc.reason)
+            return refused("bad_query", error(exc.status, exc.reason))
         return connect, subprotocol
 
     async def _identify(self, scope: Scope, headers: Any, query: str) -> str | None:

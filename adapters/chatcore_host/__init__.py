@@ -12,6 +12,7 @@ prometheus-client. Needs anyio; no HTTP or WebSocket library.
 """
 
 from ._admin import MAX_ADMIN_BODY, AdminReply, admin_request, check_admin
+from ._controls import ChatControls
 from ._host import EngineHost, ScreenHook, Transport
 from ._policy import (
     AuthError,
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_ADMIN_BODY",
     "AdminReply",
     "AuthError",
+    "ChatControls",
     "EngineHost",
     "Headers",
     "RecordFile",

@@ -148,12 +148,24 @@ class EngineHost:
         store: HistoryStore | None = None,
         ids: IdSource | None = None,
         retention_every: float = _RETENTION_EVERY,
+        retain_messages: int | None = None,
+        retain_age: float | None = None,
         screen: ScreenHook | None = None,
         record: RecordFile | None = None,
     ) -> None:
         self.config = config or Config()
         self.retention_every = retention_every
         """Seconds between passes that cut the store's rooms down to their retention limits."""
+        if retain_messages is not None and retain_messages < 0:
+            raise ValueError("retain_messages must not be negative")
+        if retain_age is not None and not retain_age > 0:
+            raise ValueError("retain_age must be more than 0 seconds")
+        self.retain_messages = retain_messages
+        """The newest messages a stored room keeps when it has no count limit of its own
+        (None: all)."""
+        self.retain_age = retain_age
+        """Seconds a stored message is kept when its room has no age limit of its own
+        (None: for ever)."""
         if screen is not None and not self.config.screen_messages:
             self.config = dataclasses.replace(self.config, screen_messages=True)
         elif screen is None and self.config.screen_messages:
@@ -457,7 +469,14 @@ class EngineHost:
             await anyio.sleep(self.retention_every)
             try:
                 # No store lock: the store serializes itself and lets batches in between chunks.
-                await store.apply_retention(time.time())
+                if self.retain_messages is None and self.retain_age is None:
+                    await store.apply_retention(time.time())  # a store without the defaults
+                else:
+                    await store.apply_retention(
+                        time.time(),
+                        default_messages=self.retain_messages,
+                        default_age=self.retain_age,
+                    )
             except StoreUnavailable as exc:
                 log.warning("retention skipped: %s", exc.reason)
             except Exception:

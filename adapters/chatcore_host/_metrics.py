@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -61,6 +61,9 @@ class TransportTally:
     """Bytes written to WebSocket connections since start: ``chatcore serve`` counts
     frames and their headers; an ASGI app, the UTF-8 text it handed to ``send``
     (the ASGI server adds each frame's 2 to 10 header bytes)."""
+    refused: Mapping[str, int] = field(default_factory=dict)
+    """Connections refused before the engine saw them, by reason
+    (:data:`~chatcore_host._tally.TRANSPORT_REFUSALS`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,11 @@ class ChatCollector(Collector):
             "Storage requests the engine waits for the store to answer",
             value=stats["pending_appends"] + stats["pending_loads"],
         )
+        yield GaugeMetricFamily(
+            "chatcore_screening_pending",
+            "Messages awaiting the screen hook's verdict",
+            value=stats["pending_screens"],
+        )
         yield CounterMetricFamily(
             "chatcore_messages_appended",
             "Messages the log numbered and the engine published to their room",
@@ -138,19 +146,24 @@ class ChatCollector(Collector):
         limited = CounterMetricFamily(
             "chatcore_rate_limited",
             "Requests refused with rate_limited, by limit: messages (chat rate), "
-            "requests (request rate), pending (frames before the welcome)",
+            "requests (request rate), pending (frames before the welcome), screening "
+            "(too many messages awaiting the screen hook's verdict)",
             labels=["limit"],
         )
-        for which in ("messages", "requests", "pending"):
+        for which in ("messages", "requests", "pending", "screening"):
             limited.add_metric([which], counters.rate_limited.get(which, 0))
         yield limited
         refusals = CounterMetricFamily(
             "chatcore_refusals",
             "Requests refused with an error event, by its code, and connections "
-            "refused at connect, by reason",
+            "refused at connect, by reason (the engine's, and the server's before the "
+            "engine saw them)",
             labels=["reason"],
         )
-        for reason, count in sorted(counters.refusals.items()):
+        reasons = dict(counters.refusals)
+        for reason, count in wire.refused.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        for reason, count in sorted(reasons.items()):
             refusals.add_metric([reason], count)
         yield refusals
         resumes = CounterMetricFamily(

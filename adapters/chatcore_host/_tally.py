@@ -1,4 +1,5 @@
-"""What the host counts for metrics: deliveries, and the store's latency and failures.
+"""What the host counts for metrics: deliveries, the store's latency and failures,
+and (for the servers) the connections refused before the engine saw them.
 
 Plain integers and a fixed-bucket histogram, no metrics library: the host runs
 without one, and ``chatcore_host._metrics`` turns these into Prometheus
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 from chatcore import AppendFailed, Command, HistoryFailed, InboxFailed, RoomLoadFailed
 
-__all__ = ["LATENCY_BUCKETS", "HostTally"]
+__all__ = ["LATENCY_BUCKETS", "TRANSPORT_REFUSALS", "HostTally", "RefusalTally"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Upper bounds in seconds of the store latency histogram's buckets (``+Inf`` implied)."""
@@ -41,3 +42,39 @@ class HostTally:
         for answer in answers:
             if isinstance(answer, _FAILURES):
                 self.store_failures += 1
+
+
+TRANSPORT_REFUSALS = (
+    "server_full",
+    "shutting_down",
+    "origin_not_allowed",
+    "unauthorized",
+    "bad_handshake",
+    "bad_query",
+    "request_too_large",
+    "malformed_request",
+)
+"""Reasons a server refuses a WebSocket connection before the engine sees it.
+
+``server_full`` (503: at ``max_connections``), ``shutting_down`` (503),
+``origin_not_allowed`` (403), ``unauthorized`` (401: token or ``identify``),
+``bad_handshake`` (400/405/426: a repeated or invalid upgrade header, another
+WebSocket version, a plain GET of ``/ws``), ``bad_query`` (400/414: the
+connect query), ``request_too_large`` (431) and ``malformed_request`` (400:
+not HTTP; ``chatcore serve`` only, an ASGI server answers those itself).
+They join the engine's reasons in ``chatcore_refusals_total{reason}``.
+"""
+
+
+class RefusalTally:
+    """Connections a server refused before the engine saw them, by reason."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = dict.fromkeys(TRANSPORT_REFUSALS, 0)
+
+    def count(self, reason: str) -> None:
+        if reason not in self.counts:
+            raise ValueError(f"not a transport refusal reason: {reason!r}")
+        self.counts[reason] += 1

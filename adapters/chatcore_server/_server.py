@@ -27,7 +27,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,23 +44,15 @@ from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from chatcore import (
-    Ban,
     Config,
-    CreateRoom,
-    DeleteMessage,
     Disconnected,
     Drained,
     Engine,
     HandshakeError,
     IdSource,
-    Kick,
-    Mute,
     Pong,
-    Publish,
     Receive,
-    RemoveMember,
     Shutdown,
-    Unban,
     Written,
     parse_connect,
     select_mode,
@@ -78,8 +70,10 @@ from chatcore_host import (
     parse_origin,
     repeated_header,
 )
+from chatcore_host._controls import ChatControls
 from chatcore_host._metrics import TransportTally, metrics_registry
 from chatcore_host._routes import answer
+from chatcore_host._tally import RefusalTally
 from chatcore_store import HistoryStore
 
 from . import _http
@@ -132,16 +126,24 @@ class Limits:
     """Seconds a graceful shutdown may take in all."""
     retention_interval: float = 60.0
     """Seconds between passes that cut stored rooms down to their retention limits."""
+    retain_messages: int | None = None
+    """The newest messages a stored room keeps when it has no count limit of its own
+    (``chatcore rooms retention``); None keeps them all."""
+    retain_age: float | None = None
+    """Seconds a stored message is kept when its room has no age limit of its own;
+    None keeps it for ever."""
 
 
-class ChatServer:
+class ChatServer(ChatControls):
     """A WebSocket chat server around one engine and one history store.
 
     ``await server.serve()`` runs until :meth:`shutdown` (or cancellation);
     ``url = await task_group.start(server.serve)`` gives the address once the
     listener is up, which is how tests and embedding programs start it.
     ``screen`` and ``record`` are :class:`chatcore_host.EngineHost`'s hooks:
-    a message filter, and a record of the run for ``chatcore replay``.
+    a message filter, and a record of the run for ``chatcore replay``. The
+    embedding API (``post``, ``create_room``, ``remove``, ``mute``, ``ban``,
+    ``unban``, ``delete_message``) is :class:`chatcore_host.ChatControls`'.
     """
 
     def __init__(
@@ -170,6 +172,8 @@ class ChatServer:
             store=store,
             ids=ids,
             retention_every=self.limits.retention_interval,
+            retain_messages=self.limits.retain_messages,
+            retain_age=self.limits.retain_age,
             screen=screen,
             record=record,
         )
@@ -218,6 +222,7 @@ class ChatServer:
         # Metrics: read at scrape time from the engine, the host and these two.
         self._opened = 0
         self._bytes = ByteTally()
+        self._refused = RefusalTally()
         self.metrics = metrics_registry(self.engine_host, self.transport_tally)
         """The registry ``/metrics`` shows (this server's own, not prometheus-client's global)."""
         self.metrics_token = metrics_token
@@ -233,8 +238,16 @@ class ChatServer:
     def transport_tally(self) -> TransportTally:
         """What the sockets did, for metrics."""
         return TransportTally(
-            open=len(self._peers), opened=self._opened, bytes_written=self._bytes.written
+            open=len(self._peers),
+            opened=self._opened,
+            bytes_written=self._bytes.written,
+            refused=self._refused.counts,
         )
+
+    def _refuse(self, reason: str, reply: Reply) -> Reply:
+        """``reply`` refuses a connection before the engine sees it: counted by ``reason``."""
+        self._refused.count(reason)
+        return reply
 
     @property
     def stopping(self) -> bool:
@@ -286,52 +299,6 @@ class ChatServer:
             for peer in list(self._adopted):  # cancelled rather than shut down
                 peer.abort()
             log.info("chatcore stopped")
-
-    def create_room(self, room: str, *, private: bool = True, allow: Iterable[str] = ()) -> None:
-        """Create or change a room; a private room admits only the users in ``allow``."""
-        self.engine_host.feed(CreateRoom(room=room, private=private, allow=frozenset(allow)))
-
-    # -- the embedding API: a host program moderates and posts from its own code ------------
-    # Each method feeds one engine command, as the admin API does: the change is
-    # stored, and reaches every connection at once. Invalid names, an empty or
-    # oversized text (or one starting with the encryption marker), an offset
-    # below 1 raise chatcore.LocalProtocolError.
-
-    def post(self, room: str, text: str, *, sender: str = "system") -> None:
-        """Post ``text`` into ``room`` as ``sender`` (a bot, or the system user).
-
-        It is stored and numbered like any message and reaches every member;
-        no membership, access rule, rate limit or ack applies to the host.
-        """
-        self.engine_host.feed(Publish(room=room, sender=sender, text=text))
-
-    def remove(self, user: str, room: str | None = None, *, reason: str = "") -> None:
-        """Remove ``user`` from ``room`` (they get ``removed`` and may come back
-        unless banned), or with ``room=None`` from the server: every connection
-        of theirs gets ``removed`` and is closed with 4003, and their sessions end."""
-        if room is None:
-            self.engine_host.feed(Kick(user=user, reason=reason))
-        else:
-            self.engine_host.feed(RemoveMember(room=room, user=user, reason=reason))
-
-    def mute(self, room: str, user: str, seconds: float, *, reason: str = "") -> None:
-        """``user``'s sends in ``room`` get ``forbidden`` for ``seconds`` (0: unmute)."""
-        if not seconds >= 0:
-            raise ValueError("seconds must be 0 or more")
-        until = time.time() + seconds if seconds > 0 else None
-        self.engine_host.feed(Mute(room=room, user=user, until=until, reason=reason))
-
-    def ban(self, room: str, user: str, *, reason: str = "") -> None:
-        """``user`` may not join ``room`` (nor send there); a member is removed."""
-        self.engine_host.feed(Ban(room=room, user=user, reason=reason))
-
-    def unban(self, room: str, user: str) -> None:
-        self.engine_host.feed(Unban(room=room, user=user))
-
-    def delete_message(self, room: str, offset: int) -> None:
-        """Show the message at ``offset`` as deleted everywhere (history, replays,
-        members get ``deleted``); offsets stay gap-free."""
-        self.engine_host.feed(DeleteMessage(room=room, offset=offset))
 
     def shutdown(self) -> None:
         """Stop accepting, close every client with 1001, flush the store, return from serve."""
@@ -630,11 +597,14 @@ class ChatServer:
                     request = await _read_request(stream, http, body)
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
-                    reply = error(
-                        status,
-                        "request header fields too large"
+                    reply = (
+                        self._refuse(
+                            "request_too_large", error(431, "request header fields too large")
+                        )
                         if status == 431
-                        else "malformed HTTP request",
+                        else self._refuse(
+                            "malformed_request", error(status, "malformed HTTP request")
+                        )
                     )
                     await _send_reply(stream, http, reply, head=False, close=True)
                     return None
@@ -646,7 +616,9 @@ class ChatServer:
             ):
                 # h11 bounds only what arrives in pieces; one big read is bounded here,
                 # and so is the number of header fields, however small.
-                reply = error(431, "request header fields too large")
+                reply = self._refuse(
+                    "request_too_large", error(431, "request header fields too large")
+                )
                 await _send_reply(stream, http, reply, head=False, close=True)
                 return None
             method = request.method.decode("ascii", "replace")
@@ -654,7 +626,9 @@ class ChatServer:
             path = parts.path
             head = method == "HEAD"
             if self._tcp > self.limits.max_connections:
-                reply = error(503, "too many connections", ("retry-after", "5"))
+                reply = self._refuse(
+                    "server_full", error(503, "too many connections", ("retry-after", "5"))
+                )
                 await _send_reply(stream, http, reply, head=head, close=True)
                 return None
             if path == "/ws":
@@ -684,42 +658,54 @@ class ChatServer:
         upgrade = [t.lower() for t in header_tokens(headers, b"upgrade")]
         connection = [t.lower() for t in header_tokens(headers, b"connection")]
         if "websocket" not in upgrade or "upgrade" not in connection:
-            return error(
-                426,
-                "this endpoint speaks WebSocket only",
-                ("upgrade", "websocket"),
-                ("sec-websocket-version", "13"),
+            return self._refuse(
+                "bad_handshake",
+                error(
+                    426,
+                    "this endpoint speaks WebSocket only",
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-version", "13"),
+                ),
             )
         if request.method != b"GET":
-            return error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
+            return self._refuse(
+                "bad_handshake", error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
+            )
         if self._stopping:
-            return error(503, "shutting down", ("retry-after", "5"))
+            return self._refuse("shutting_down", error(503, "shutting down", ("retry-after", "5")))
         repeated = repeated_header(headers, _SINGLE_HEADERS)
         if repeated is not None:
-            return error(400, f"more than one {repeated.decode()} header")
+            return self._refuse(
+                "bad_handshake", error(400, f"more than one {repeated.decode()} header")
+            )
         scheme = "https" if self.ssl_context is not None else "http"
         if not origin_allowed(
             header(headers, b"origin"), header(headers, b"host"), scheme, self.allow_origins
         ):
-            return error(403, "origin not allowed")
+            return self._refuse("origin_not_allowed", error(403, "origin not allowed"))
         if header(headers, b"sec-websocket-version") != "13":
-            return error(426, "WebSocket version 13 only", ("sec-websocket-version", "13"))
+            return self._refuse(
+                "bad_handshake",
+                error(426, "WebSocket version 13 only", ("sec-websocket-version", "13")),
+            )
         key = header(headers, b"sec-websocket-key")
         if key is None or not _valid_key(key):
-            return error(400, "missing or invalid Sec-WebSocket-Key")
+            return self._refuse("bad_handshake", error(400, "missing or invalid Sec-WebSocket-Key"))
         user: str | None = None
         if self.jwt_secret is not None:
             try:
                 user = authenticate(headers, parse_qsl(query), self.jwt_secret)
             except AuthError as exc:
-                return error(401, str(exc), ("www-authenticate", "Bearer"))
+                return self._refuse(
+                    "unauthorized", error(401, str(exc), ("www-authenticate", "Bearer"))
+                )
         mode, subprotocol = select_mode(header_tokens(headers, b"sec-websocket-protocol"))
         self._next_id += 1
         conn = self._next_id
         try:
             connect = parse_connect(conn, query, mode, user=user)
         except HandshakeError as exc:
-            return error(exc.status, exc.reason)
+            return self._refuse("bad_query", error(exc.status, exc.reason))
         trailing, _ = http.trailing_data
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         if raw is not None and self.limits.send_buffer is not None:

@@ -99,10 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_operator_flags(serve)
     serve.add_argument(
         "--admin-token",
-        default=os.environ.get("CHATCORE_ADMIN_TOKEN"),
+        default=None,
         help="enable the admin API (/admin/...) for requests with Authorization: Bearer "
-        "this token (default: $CHATCORE_ADMIN_TOKEN; with --jwt-secret, tokens with "
-        '"admin": true are admins too)',
+        "this token; without the flag, $CHATCORE_ADMIN_TOKEN if set (never shown here). "
+        'With --jwt-secret, tokens with "admin": true are admins too',
     )
     serve.set_defaults(func=_serve_command)
     _add_record_flags(serve)
@@ -299,6 +299,22 @@ def _add_operator_flags(serve: argparse.ArgumentParser) -> None:
         default=limits.retention_interval,
         help="seconds between passes that cut stored rooms down to their retention limits",
     )
+    group.add_argument(
+        "--retain-messages",
+        metavar="N",
+        type=int,
+        default=limits.retain_messages,
+        help="the newest messages a stored room keeps, for rooms without a count limit of "
+        "their own (None: keep them all)",
+    )
+    group.add_argument(
+        "--retain-days",
+        metavar="DAYS",
+        type=float,
+        default=None if limits.retain_age is None else limits.retain_age / 86_400,
+        help="days a stored message is kept, for rooms without an age limit of their own "
+        "(None: for ever)",
+    )
     group = serve.add_argument_group("observability")
     group.add_argument(
         "--metrics-token",
@@ -463,12 +479,19 @@ def _serve_command(args: argparse.Namespace) -> int:
             max_frame_bytes=max(Config().max_frame_bytes, args.max_text_bytes + 16 * 1024),
         )
         limits = Limits(
-            max_connections=args.max_connections, retention_interval=args.retention_interval
+            max_connections=args.max_connections,
+            retention_interval=args.retention_interval,
+            retain_messages=args.retain_messages,
+            retain_age=None if args.retain_days is None else args.retain_days * 86_400,
         )
     except ValueError as exc:
         raise SystemExit(f"chatcore serve: {_flag_names(str(exc))}") from None
     if limits.max_connections < 1 or limits.retention_interval <= 0:
         raise SystemExit("chatcore serve: --max-connections and --retention-interval must be > 0")
+    if args.retain_messages is not None and args.retain_messages < 0:
+        raise SystemExit("chatcore serve: --retain-messages must be 0 or more")
+    if args.retain_days is not None and not args.retain_days > 0:
+        raise SystemExit("chatcore serve: --retain-days must be more than 0")
     server = ChatServer(
         config=config,
         store=_store(args.db),
@@ -480,7 +503,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         ice_servers=args.ice_server,
         limits=limits,
         metrics_token=args.metrics_token,
-        admin_token=args.admin_token or None,
+        admin_token=args.admin_token or os.environ.get("CHATCORE_ADMIN_TOKEN") or None,
         record=_record_file(args),
     )
     failed: list[BaseException] = []

@@ -207,7 +207,8 @@ class Simulation:
 
     ``screen`` is the host's message hook (see ``Config.screen_messages``,
     turned on when it is given): each ``Screen`` effect is answered with what
-    it returns. ``record`` gets the lines of a :class:`chatcore.Recorder`
+    it returns; None answers nothing (a hook that is behind: the test may
+    ``feed`` the verdict later, or never). ``record`` gets the lines of a :class:`chatcore.Recorder`
     record of the run, for :func:`chatcore.replay`.
     """
 
@@ -219,7 +220,7 @@ class Simulation:
         store: MemoryStore | None = None,
         store_latency: float = 0.0,
         start: float = START,
-        screen: Callable[[Screen], Screened] | None = None,
+        screen: Callable[[Screen], Screened | None] | None = None,
         record: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config or Config()
@@ -384,7 +385,8 @@ class Simulation:
             elif isinstance(effect, Screen):
                 if self._screen is None:
                     raise LocalProtocolError("Config.screen_messages is on but no screen hook")
-                self._queue.append(self._screen(effect))
+                if (answer := self._screen(effect)) is not None:
+                    self._queue.append(answer)
             elif isinstance(effect, Ping):
                 client = self._by_conn.get(effect.conn)
                 if client is not None and client.answer_pings:

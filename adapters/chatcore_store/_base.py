@@ -266,10 +266,16 @@ class DurableStore(HistoryStore, Protocol):
         """Per-room limits (None: keep everything); applied by ``apply_retention``."""
         ...
 
-    async def apply_retention(self, now: float) -> int:
+    async def apply_retention(
+        self, now: float, *, default_messages: int | None = None, default_age: float | None = None
+    ) -> int:
         """Delete what the limits no longer keep; returns how many messages went.
 
-        Works in small transactions, so appends to the same rooms go on meanwhile."""
+        ``default_messages`` and ``default_age`` (seconds) are the server's
+        limits for a room that has none of its own: a room's own
+        ``max_messages`` replaces ``default_messages`` for it, its own
+        ``max_age`` replaces ``default_age``. Works in small transactions, so
+        appends to the same rooms go on meanwhile."""
         ...
 
     async def history(
@@ -552,10 +558,7 @@ class SQLStore:
     async def set_retention(
         self, name: str, *, max_messages: int | None = None, max_age: float | None = None
     ) -> None:
-        if max_messages is not None and max_messages < 0:
-            raise ValueError("max_messages must not be negative")
-        if max_age is not None and max_age < 0:
-            raise ValueError("max_age must not be negative")
+        _check_limits(max_messages, max_age)
         age_ms = None if max_age is None else round(max_age * 1000)
 
         def work() -> Work[None]:
@@ -564,11 +567,18 @@ class SQLStore:
 
         await self._guarded(work())
 
-    async def apply_retention(self, now: float) -> int:
-        """Cut every room down to its limits, ``retention_chunk`` messages per
-        transaction; the database is released between chunks, so batches interleave."""
+    async def apply_retention(
+        self, now: float, *, default_messages: int | None = None, default_age: float | None = None
+    ) -> int:
+        """Cut every room down to its limits (or the defaults), ``retention_chunk``
+        messages per transaction; the database is released between chunks, so
+        batches interleave."""
+        _check_limits(default_messages, default_age)
+        age_ms = None if default_age is None else round(default_age * 1000)
+        now_ms = round(now * 1000)
+        params = (default_messages, age_ms, now_ms, age_ms, default_messages, age_ms)
         cuts = await self._guarded(
-            _each([Statement(self._sql.retention_cuts, (round(now * 1000),))]), write=False
+            _each([Statement(self._sql.retention_cuts, params)]), write=False
         )
         deleted = 0
         for room, first, last in cuts:
@@ -612,6 +622,7 @@ class SQLStore:
                 if effect.recent > 0:
                     recent = yield Statement(sql.recent, (effect.room, effect.recent))
                 moderation = yield Statement(sql.moderation, (effect.room,))
+                reads = yield Statement(sql.room_reads, (effect.room,))
                 return RoomLoaded(
                     room=effect.room,
                     epoch=epoch,
@@ -621,6 +632,7 @@ class SQLStore:
                     recent=tuple(_message(r) for r in reversed(recent)),
                     banned=frozenset(r[0] for r in moderation if r[1]),
                     muted={r[0]: r[2] / 1000 for r in moderation if r[2] is not None},
+                    reads={r[0]: r[1] for r in reads},
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=(yield from self._range(effect)))
@@ -776,3 +788,10 @@ class SQLStore:
             )
             for r in rows
         ]
+
+
+def _check_limits(max_messages: int | None, max_age: float | None) -> None:
+    if max_messages is not None and max_messages < 0:
+        raise ValueError("max_messages must not be negative")
+    if max_age is not None and max_age < 0:
+        raise ValueError("max_age must not be negative")

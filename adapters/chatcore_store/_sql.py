@@ -168,19 +168,22 @@ class Statements:
         self.rooms = q(f"{rooms} ORDER BY r.name")
         self.one_room = q(f"{rooms} WHERE r.name = ?")
         # (room, first stored offset, last offset the limits cut) of every room with
-        # a limit. Too old: everything before the oldest message young enough to keep;
+        # a limit, its own or the server's default (the parameters after ``now``).
+        # Too old: everything before the oldest message young enough to keep;
         # the scan walks only the messages it will delete, so ts needs no index.
         self.retention_cuts = q(
             "SELECT r.name, (SELECT min(msg_offset) FROM messages m WHERE m.room = r.name),"
-            f" {d.greatest}(coalesce(r.head - r.max_messages, 0),"
-            "  CASE WHEN r.max_age_ms IS NULL THEN 0 ELSE"
+            f" {d.greatest}(coalesce(r.head - coalesce(r.max_messages, ?), 0),"
+            "  CASE WHEN coalesce(r.max_age_ms, ?) IS NULL THEN 0 ELSE"
             "   coalesce((SELECT m.msg_offset - 1 FROM messages m"
-            "    WHERE m.room = r.name AND m.ts >= ? - r.max_age_ms"
+            "    WHERE m.room = r.name AND m.ts >= ? - coalesce(r.max_age_ms, ?)"
             "    ORDER BY m.msg_offset LIMIT 1), r.head) END)"
-            " FROM rooms r WHERE r.max_messages IS NOT NULL OR r.max_age_ms IS NOT NULL"
+            " FROM rooms r WHERE coalesce(r.max_messages, ?) IS NOT NULL"
+            " OR coalesce(r.max_age_ms, ?) IS NOT NULL"
         )
         self.delete_range = q("DELETE FROM messages WHERE room = ? AND msg_offset BETWEEN ? AND ?")
         self.positions = q("SELECT room, delivered, read FROM positions WHERE username = ?")
+        self.room_reads = q("SELECT username, read FROM positions WHERE room = ? AND read > 0")
         # The key directory (schema 7): public keys only.
         self.device_identity = q("SELECT identity FROM devices WHERE username = ? AND device = ?")
         self.device_count = q("SELECT count(*) FROM devices WHERE username = ?")

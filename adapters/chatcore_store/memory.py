@@ -135,13 +135,20 @@ class MemoryStore:
         room = self._room(name)
         room.max_messages, room.max_age = max_messages, max_age
 
-    async def apply_retention(self, now: float) -> int:
+    async def apply_retention(
+        self, now: float, *, default_messages: int | None = None, default_age: float | None = None
+    ) -> int:
+        for limit in (default_messages, default_age):
+            if limit is not None and limit < 0:
+                raise ValueError("retention limits must not be negative")
         removed = 0
         for room in self._rooms.values():
-            if room.max_messages is not None and len(room.messages) > room.max_messages:
-                removed += room.cut(len(room.messages) - room.max_messages)
-            if room.max_age is not None:
-                oldest_kept = (now - room.max_age) * 1000
+            keep = default_messages if room.max_messages is None else room.max_messages
+            if keep is not None and len(room.messages) > keep:
+                removed += room.cut(len(room.messages) - keep)
+            max_age = default_age if room.max_age is None else room.max_age
+            if max_age is not None:
+                oldest_kept = (now - max_age) * 1000
                 stale = 0
                 while stale < len(room.messages) and room.messages[stale].ts < oldest_kept:
                     stale += 1
@@ -201,6 +208,11 @@ class MemoryStore:
                     recent=tuple(room.messages[-effect.recent :]) if effect.recent > 0 else (),
                     banned=frozenset(room.banned),
                     muted=dict(room.muted),
+                    reads={
+                        user: read
+                        for (user, name), (_, read) in self.positions_by_key.items()
+                        if name == effect.room and read > 0
+                    },
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=self._range(effect))

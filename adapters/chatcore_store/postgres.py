@@ -112,6 +112,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (username, device, key_id)
         )""",
     ),
+    # A room's load brings its read marks (RoomLoaded.reads): found by room.
+    8: ("CREATE INDEX positions_room ON positions (room)",),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

@@ -105,11 +105,15 @@ RoomWaiter = tuple[Session, ClientRequest | None]
 
 
 class Awaits:
-    __slots__ = ("refs", "rooms", "ref")
+    __slots__ = ("refs", "rooms", "ref", "screens", "screens_by_session")
 
     def __init__(self) -> None:
         self.refs: dict[int, Pending] = {}
         self.rooms: dict[str, list[RoomWaiter]] = {}  # LoadRoom in flight, by room
+        # Messages awaiting the host's verdict (PendingScreen), in all and per live
+        # session (by session id), bounded by Config.max_screening(_per_session).
+        self.screens = 0
+        self.screens_by_session: dict[str, int] = {}
         # One numbering for every reference the engine hands out (requests to the
         # log, typing indicators), so that effects are the same run after run.
         self.ref = 0
@@ -124,11 +128,37 @@ class Awaits:
         self.refs[self.ref] = pending
         return self.ref
 
+    def expect_screen(self, pending: PendingScreen) -> int:
+        """Record a message shown to the host's hook; return its reference."""
+        self.screens += 1
+        by_session = self.screens_by_session
+        sid = pending.session.id
+        by_session[sid] = by_session.get(sid, 0) + 1
+        return self.expect(pending)
+
+    def screen_answered(self, ref: int, pending: PendingScreen) -> None:
+        """The verdict on ``ref`` came: it no longer counts against the bounds."""
+        del self.refs[ref]
+        self.screens -= 1
+        by_session = self.screens_by_session
+        sid = pending.session.id
+        left = by_session.get(sid, 0) - 1  # (none left to count if the session ended)
+        if left > 0:
+            by_session[sid] = left
+        else:
+            by_session.pop(sid, None)
+
+    def screening(self, session: Session) -> int:
+        """Messages of ``session`` awaiting the host's verdict."""
+        return self.screens_by_session.get(session.id, 0)
+
     def forget_session(self, session: Session) -> None:
         """An ended session waits for nothing: its sends, inbox and rooms are dropped.
 
         Messages being screened stay: the client sent them, and once accepted
         they are appended like any other (only the ack has no one to go to).
+        They still count against ``Config.max_screening`` until answered, so a
+        host that never answers holds a bounded number of them.
 
         Pages it asked for stay: their answer finds no connection and is dropped.
         """
@@ -139,17 +169,18 @@ class Awaits:
             if (type(p) is PendingSend or type(p) is PendingInbox) and p.session is session
         ]:
             del refs[ref]
+        self.screens_by_session.pop(session.id, None)
         for name in session.waiting:
             waiters = self.rooms.get(name)
             if waiters is not None:
                 waiters[:] = [w for w in waiters if not (w[0] is session and w[1] is None)]
 
     def count(self) -> tuple[int, int]:
-        """(appends, loads) in flight; gap fills are not counted."""
+        """(appends, loads) in flight; gap fills and screenings are not counted."""
         sends = loads = 0
         for p in self.refs.values():
-            if type(p) is PendingSend or type(p) is PendingScreen:
+            if type(p) is PendingSend:
                 sends += 1
-            elif type(p) is not PendingGap:
+            elif type(p) is not PendingGap and type(p) is not PendingScreen:
                 loads += 1
         return sends, loads + len(self.rooms)

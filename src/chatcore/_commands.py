@@ -318,6 +318,9 @@ class RoomLoaded:
     banned: frozenset[str] = frozenset()
     muted: Mapping[str, float] = field(default_factory=dict)
     """user -> until when (the engine's ``now``) a mute stored for the room lasts."""
+    reads: Mapping[str, int] = field(default_factory=dict)
+    """user -> the read mark stored for the room (users without one left out), so a
+    room loaded again after it emptied shows everyone the marks they had."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

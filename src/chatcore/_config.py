@@ -75,6 +75,13 @@ class Config:
     screen_messages: bool = False
     """Every client message is first shown to the host as a ``Screen`` effect and
     appended only once the host answers ``Screened`` (accept, refuse, replace)."""
+    max_screening_per_session: int = 32
+    """Messages of one session that may await the host's verdict at once; a send
+    beyond this gets ``rate_limited`` (``retry_after`` 1 s), and so does one beyond
+    ``max_screening``."""
+    max_screening: int = 10_000
+    """Messages that may await the host's verdict at once in the whole engine, those
+    of sessions that ended meanwhile included (they are still appended if accepted)."""
 
     max_devices_per_user: int = 8
     """Devices one user may publish keys for (end-to-end encryption); more are refused."""

@@ -321,6 +321,7 @@ class Engine:
         """Sizes of everything the engine holds, for metrics and memory checks."""
         st = self._st
         appends, loads = st.awaits.count()
+        screens = st.awaits.screens
         return {
             "connections": len(st.conns),
             "sessions": len(st.by_id),
@@ -328,6 +329,7 @@ class Engine:
             "timers": st.timers.size(),
             "pending_appends": appends,
             "pending_loads": loads,
+            "pending_screens": screens,
             "messages_in_memory": sum(len(r.window) for r in st.rooms.values()),
             **st.calls.stats(),  # calls, and what they hold per session
             "sessions_detached": sum(

@@ -105,6 +105,8 @@ def room_loaded(st: EngineState, cmd: RoomLoaded) -> tuple[Room, list[RoomWaiter
     )
     room.banned.update(cmd.banned)
     room.muted.update(cmd.muted)
+    # A mark past the head (a log that lost messages) counts as read to the head.
+    room.reads.update((user, min(mark, room.head)) for user, mark in cmd.reads.items() if mark > 0)
     st.rooms[cmd.room] = room
     return room, waiters
 

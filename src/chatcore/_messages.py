@@ -43,6 +43,9 @@ __all__ = [
     "send_direct",
 ]
 
+SCREEN_RETRY = 1.0
+"""``retry_after`` (seconds) of a message refused because too many await the host's verdict."""
+
 
 def send(
     st: EngineState,
@@ -91,6 +94,23 @@ def send(
             out,
         )
         return
+    screening = config.screen_messages and not encrypted
+    if screening and (
+        st.awaits.screens >= config.max_screening
+        or st.awaits.screening(session) >= config.max_screening_per_session
+    ):
+        # The host's hook is behind (or stuck): what waits for it stays bounded.
+        st.counters.limit("screening")
+        error(
+            st,
+            session,
+            ErrorCode.RATE_LIMITED,
+            "too many messages awaiting moderation",
+            ref_name,
+            out,
+            retry_after=SCREEN_RETRY,
+        )
+        return
     wait = session.bucket.take(now, config.rate_burst, config.rate_per_second)
     if wait:
         st.counters.limit("messages")
@@ -106,8 +126,9 @@ def send(
         return
     # Ciphertext goes past the hook: it cannot read it, and a replacement
     # would break the envelope (docs/engine.md, "Screening messages").
-    if config.screen_messages and not encrypted:
-        ref = st.awaits.expect(PendingScreen(session, room_name, client_id, text, int(now * 1000)))
+    if screening:
+        pending = PendingScreen(session, room_name, client_id, text, int(now * 1000))
+        ref = st.awaits.expect_screen(pending)
         out.append(
             Screen(ref=ref, room=room_name, sender=session.user, text=text, client_id=client_id)
         )
@@ -169,8 +190,8 @@ def screened(st: EngineState, cmd: Screened, out: list[Effect]) -> None:
     text = pending.text
     if cmd.verdict is Verdict.REPLACE:
         text = _host_text("Screened", cmd.text, st)
+    st.awaits.screen_answered(cmd.ref, pending)
     if cmd.verdict is Verdict.REFUSE:
-        del refs[cmd.ref]
         if pending.session.state is SessionState.LIVE:
             ref_name = pending.client_id if pending.client_id is not None else pending.room[:64]
             error(st, pending.session, ErrorCode.REFUSED, cmd.reason or "refused", ref_name, out)

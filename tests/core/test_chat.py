@@ -325,6 +325,29 @@ def test_read_marks_are_kept_and_shown_to_the_room() -> None:
     assert other_tab.of_type("welcome")[0]["rooms"]["general"]["read"] == 2
 
 
+def test_read_marks_survive_the_room_emptying_and_loading_again() -> None:
+    sim = Simulation(seed=1)
+    alice = sim.connect("alice", room="general")
+    bob = sim.connect("bob", room="general")
+    for text in ("a", "b", "c"):
+        alice.send(text)
+    bob.read(2)
+    alice.read(3)
+    sim.close(alice)
+    sim.close(bob)
+    assert sim.engine.stats()["rooms"] == 0  # nobody left: the room is dropped from memory
+    bob = sim.connect("bob", room="general")
+    assert bob.of_type("welcome")[0]["rooms"]["general"]["read"] == 2
+    bob.read(1)  # still behind the stored mark: ignored, nobody is told
+    alice = sim.connect("alice", room="general")
+    assert alice.of_type("welcome")[0]["rooms"]["general"]["read"] == 3
+    assert alice.of_type("read") == []
+    bob.read(3)
+    assert alice.of_type("read") == [
+        {"type": "read", "room": "general", "user": "bob", "offset": 3}
+    ]
+
+
 def test_history_pages_backwards_from_memory() -> None:
     sim = Simulation(seed=1)
     alice = sim.connect("alice", room="general")

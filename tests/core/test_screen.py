@@ -120,8 +120,10 @@ def screening_engine() -> tuple[Engine, Screen]:
 
 def test_a_message_waits_for_its_verdict_and_keeps_its_time() -> None:
     engine, screen = screening_engine()
-    assert engine.stats()["pending_appends"] == 1
+    assert engine.stats()["pending_screens"] == 1
+    assert engine.stats()["pending_appends"] == 0  # not the store's to answer yet
     out = engine.handle(screen.accept(), 9.0)
+    assert (engine.stats()["pending_screens"], engine.stats()["pending_appends"]) == (0, 1)
     (append,) = [e for e in out if isinstance(e, Append)]
     assert (append.ref, append.text, append.ts, append.client_id) == (screen.ref, "hey", 2000, "c9")
     assert engine.handle(screen.accept(), 9.0) == []  # answered already: ignored
@@ -166,3 +168,63 @@ def test_screened_runs_replay_identically() -> None:
     alice.send("!op", id="2")
     alice.send("ok", id="3")
     assert replay(lines) is None
+
+
+def test_a_hook_that_never_answers_holds_a_bounded_number_of_messages() -> None:
+    """Invariant: however many messages are sent, and however many senders come
+    and go, the engine holds at most ``max_screening`` awaiting a verdict (at most
+    ``max_screening_per_session`` per live session); the rest are refused with
+    ``rate_limited`` and nothing is lost that was not refused."""
+    held: list[Screen] = []
+
+    def behind(screen: Screen) -> None:
+        held.append(screen)  # the verdict never comes (until the test gives it)
+
+    config = Config(max_screening_per_session=3, max_screening=5, rate_burst=100)
+    sim = Simulation(config, seed=1, screen=behind)
+    alice = sim.connect("alice", room="general")
+    bob = sim.connect("bob", room="general")
+    for i in range(6):
+        alice.send(f"a{i}", id=f"a{i}")
+    assert len(held) == 3
+    assert [(e["code"], e["ref"], e["retry_after"]) for e in alice.of_type("error")] == [
+        ("rate_limited", f"a{i}", 1.0) for i in range(3, 6)
+    ]
+    assert sim.engine.stats()["pending_screens"] == 3
+    assert sim.engine.counters().rate_limited == {"screening": 3}
+
+    # The senders leave; what they sent still awaits its verdict and still counts.
+    sim.close(alice)
+    for round_ in range(4):
+        carol = sim.connect("carol", room="general")
+        for i in range(4):
+            carol.send(f"c{round_}.{i}")
+        sim.close(carol)
+    assert len(held) == 5  # the engine-wide bound: 3 of alice's, 2 of carol's first session
+    assert sim.engine.stats()["pending_screens"] == 5
+    assert sim.engine.stats()["sessions"] == 1  # bob: the ended sessions are gone
+
+    # The host catches up: every held message is appended, its sender gone or not.
+    for screen in held:
+        sim.feed(screen.accept())
+    assert sim.engine.stats()["pending_screens"] == 0
+    assert bob.texts() == ["a0", "a1", "a2", "c0.0", "c0.1"]
+    held.clear()
+    bob.send("room again")
+    assert [s.text for s in held] == ["room again"]
+
+
+def test_the_bound_frees_a_slot_for_each_verdict_refusals_included() -> None:
+    held: list[Screen] = []
+    sim = Simulation(
+        Config(max_screening_per_session=2, rate_burst=100), seed=1, screen=held.append
+    )
+    alice = sim.connect("alice", room="general")
+    alice.send("one", id="1")
+    alice.send("two", id="2")
+    alice.send("three", id="3")
+    assert [e["ref"] for e in alice.of_type("error")] == ["3"]
+    sim.feed(held[0].refuse("no"))
+    alice.send("three", id="3")  # the retry takes the freed slot
+    assert [s.client_id for s in held] == ["1", "2", "3"]
+    assert sim.engine.stats()["pending_screens"] == 2

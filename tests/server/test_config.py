@@ -15,6 +15,7 @@ import pytest
 from anyio.streams.text import TextReceiveStream
 
 from chatcore_server._logjson import JsonFormatter
+from chatcore_store import DurableStore, open_store
 
 from .conftest import GUARD, JSON, http_get, kill, recv_until, welcome, ws_connect
 from .test_metrics import Samples, scrape, value
@@ -36,6 +37,8 @@ OPERATOR_FLAGS = (
     "--max-sessions-per-user",
     "--max-text-bytes",
     "--retention-interval",
+    "--retain-messages",
+    "--retain-days",
     "--log-format",
 )
 
@@ -103,6 +106,32 @@ async def test_a_config_file_sets_the_same_and_the_command_line_wins(tmp_path: P
         await _grace_and_window_apply(url, 7)
 
 
+async def test_retain_messages_from_a_config_file_cuts_the_stored_rooms(tmp_path: Path) -> None:
+    db = tmp_path / "chat.db"
+    config = tmp_path / "chatcore.toml"
+    config.write_text(
+        f'db = "sqlite:///{db}"\nretain-messages = 2\nretention-interval = 0.05\nretain-days = 30\n'
+    )
+    async with chatcore_serve("--config", str(config)) as (_, url):
+        ws = url.replace("http", "ws", 1) + "ws"
+        async with ws_connect(f"{ws}?user=alice&room=general", **JSON) as alice:
+            await welcome(alice)
+            for i in range(5):
+                await alice.send(json.dumps({"type": "send", "room": "general", "text": f"m{i}"}))
+            await recv_until(alice, lambda e: e.get("type") == "ack" and e["offset"] == 5)
+        store = open_store(f"sqlite:///{db}")
+        assert isinstance(store, DurableStore)
+        await store.open()
+        try:
+            with anyio.fail_after(GUARD):
+                while [m.offset for m in await store.history("general")] != [4, 5]:
+                    await anyio.sleep(0.05)
+        finally:
+            await store.close()
+    assert described("--retain-messages").endswith("(default: None)")
+    assert "for rooms without an age limit of their own" in described("--retain-days")
+
+
 @pytest.mark.parametrize(
     ("content", "complaint"),
     [
@@ -112,6 +141,8 @@ async def test_a_config_file_sets_the_same_and_the_command_line_wins(tmp_path: P
         ('log-format = "xml"\n', "log-format"),
         ("history-window = 0\n", "--history-window must be a positive number"),
         ("grace = [\n", "--config"),
+        ("retain-messages = -1\n", "--retain-messages must be 0 or more"),
+        ("retain-days = 0\n", "--retain-days must be more than 0"),
     ],
 )
 def test_a_bad_config_file_is_refused_with_its_reason(
@@ -172,3 +203,21 @@ def test_json_log_lines_carry_the_traceback_on_one_line() -> None:
     assert parsed["logger"] == "chatcore_host"
     assert parsed["exc_info"].startswith("Traceback")
     assert "RuntimeError: boom" in parsed["exc_info"]
+
+
+async def test_the_admin_token_comes_from_the_environment_and_help_never_shows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHATCORE_ADMIN_TOKEN", "env-s3cret")
+    done = subprocess.run(
+        [sys.executable, "-m", "chatcore_server", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "env-s3cret" not in done.stdout
+    async with chatcore_serve("--db", "memory") as (_, url):
+        status, _, _ = await http_get(url + "admin/rooms", {"Authorization": "Bearer env-s3cret"})
+        assert status == 200
+        status, _, _ = await http_get(url + "admin/rooms", {"Authorization": "Bearer other"})
+        assert status == 403

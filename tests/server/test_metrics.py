@@ -232,3 +232,66 @@ async def test_two_servers_in_one_process_keep_their_own_counts() -> None:
         assert value(first, "chatcore_connections_opened_total") == 1
         assert value(second, "chatcore_messages_appended_total") == 0
         assert value(second, "chatcore_connections_opened_total") == 0
+
+
+def _upgrade(query: str, *headers: str) -> bytes:
+    lines = [
+        f"GET /ws?{query} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *headers,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_connections_refused_before_the_engine_are_counted_by_reason() -> None:
+    from .conftest import raw_exchange
+    from .test_tls_auth import SECRET, token
+
+    bearer = f"Authorization: Bearer {token('alice')}"
+    async with serving(jwt_secret=SECRET, limits=Limits(max_connections=1)) as srv:
+        port = int(srv.url.rsplit(":", 1)[1].strip("/"))
+        before = await scrape(srv.url)
+        for reason in ("server_full", "origin_not_allowed", "unauthorized", "bad_query"):
+            assert value(before, "chatcore_refusals_total", reason=reason) == 0
+        cases = [
+            (_upgrade("user=alice", "Origin: http://evil.example"), b" 403 "),
+            (_upgrade("user=alice"), b" 401 "),  # no token
+            (_upgrade("user=alice", "Authorization: Bearer forged"), b" 401 "),
+            (_upgrade("room=bad%20name", bearer), b" 400 "),
+            (_upgrade("user=alice", "Origin: http://a", "Origin: http://b"), b" 400 "),
+            (b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b" 426 "),
+            (b"\x16\x03\x01 not http\r\n\r\n", b" 400 "),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", b" 431 "),
+        ]
+        for request, status in cases:
+            answer = await raw_exchange(port, request)
+            assert status in answer.split(b"\r\n", 1)[0], (request[:60], answer[:80])
+        # The one connection the server takes is held open: the next request is refused.
+        async with await anyio.connect_tcp("127.0.0.1", port):
+            with anyio.fail_after(GUARD):
+                while srv.server._tcp < 1:
+                    await anyio.sleep(0.01)
+            answer = await raw_exchange(port, _upgrade("user=alice"))
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:80]
+        with anyio.fail_after(GUARD):
+            while srv.server._tcp:
+                await anyio.sleep(0.01)
+        after = await scrape(srv.url)
+
+    def refused(reason: str) -> float:
+        return value(after, "chatcore_refusals_total", reason=reason)
+
+    assert refused("origin_not_allowed") == 1
+    assert refused("unauthorized") == 2
+    assert refused("bad_handshake") == 2
+    assert refused("malformed_request") == 1
+    assert refused("request_too_large") == 1
+    assert refused("bad_query") == 1
+    assert refused("server_full") == 1
+    assert refused("shutting_down") == 0
+    # The engine never saw any of them.
+    assert value(after, "chatcore_connections_opened_total") == 0

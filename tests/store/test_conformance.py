@@ -257,6 +257,24 @@ async def test_positions_are_saved_per_user_and_room(make_store: MakeStore) -> N
     assert await positions(store, "carol") == {}
 
 
+async def test_a_room_loads_with_the_read_marks_stored_for_it(make_store: MakeStore) -> None:
+    store = await make_store()
+    await load(store)
+    await appended(store, *(append(i) for i in range(1, 6)))
+    await store.execute(
+        [
+            SavePositions(user="alice", positions=(Position(room="lobby", delivered=5, read=4),)),
+            SavePositions(user="bob", positions=(Position(room="lobby", delivered=5, read=0),)),
+            SavePositions(user="carol", positions=(Position(room="other", delivered=1, read=1),)),
+            SavePositions(user="alice", positions=(Position(room="lobby", delivered=5, read=2),)),
+        ]
+    )
+    assert (await load(store)).reads == {"alice": 4}  # marks only rise; no mark, no entry
+    again = await make_store()  # a restart
+    assert (await load(again)).reads == {"alice": 4}
+    assert (await load(again, "fresh")).reads == {}
+
+
 async def test_retention_by_count_cuts_the_oldest_and_keeps_numbering(
     make_store: MakeStore,
 ) -> None:
@@ -289,6 +307,38 @@ async def test_retention_by_age(make_store: MakeStore) -> None:
     info = await store.room("lobby")
     assert info is not None
     assert (info.stored, info.head, info.max_age) == (4, 10, 3 * 86_400)
+
+
+async def test_server_default_retention_applies_to_rooms_without_their_own(
+    make_store: MakeStore,
+) -> None:
+    store = durable(await make_store())
+    day = 86_400_000
+    for room in ("lobby", "kept", "young"):
+        await load(store, room)
+        await appended(store, *(append(i, room, ts=T0 - (10 - i) * day) for i in range(1, 11)))
+    await store.set_retention("kept", max_messages=8)  # its own count replaces the default
+    await store.set_retention("young", max_age=2 * 86_400)  # its own age, the default count
+    # No default: only the rooms' own limits (kept: 2 over 8; young: 7 older than 2 days).
+    assert await store.apply_retention(T0 / 1000) == 2 + 7
+    assert await page(store, "young") == [8, 9, 10]
+    assert await page(store, "lobby") == list(range(1, 11))
+    cut = await store.apply_retention(T0 / 1000, default_messages=3, default_age=4 * 86_400)
+    # lobby: the newest 3 by the default count (the default age alone would keep 6..10).
+    # kept: its own 8 (3..10), then 4 days of age by default: 6..10.
+    # young: its own 2 days (8..10) is within the default count.
+    assert await page(store, "lobby") == [8, 9, 10]
+    assert await page(store, "kept") == [6, 7, 8, 9, 10]
+    assert await page(store, "young") == [8, 9, 10]
+    assert cut == 7 + 3
+    # The defaults are not written into the rooms.
+    assert [(r.max_messages, r.max_age) for r in await store.rooms()] == [
+        (8, None),
+        (None, None),
+        (None, 2 * 86_400),
+    ]
+    with pytest.raises(ValueError, match="negative"):
+        await store.apply_retention(T0 / 1000, default_messages=-1)
 
 
 async def test_appends_go_on_while_retention_runs(make_store: MakeStore) -> None:
