@@ -1,0 +1,83 @@
+"""The server's write rule, decided by value: when does a write wait, and for how long.
+
+The rule (benchmarks/README.md): write at the end of the loop iteration that
+queued the frames; only while the process used at least 95% of a core over
+the last whole 50 ms window does a write wait, as long as the previous write
+took, at most 5 ms. No clock is read here: the clocks are arguments.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chatcore_server._saturation import MAX_DELAY, SATURATED, WINDOW, CoreUse, flush_delay
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 0.67, 0.88, 0.9, SATURATED - 0.001])
+@pytest.mark.parametrize("last_flush", [0.0, 0.0002, 0.003, 0.010, 1.0])
+def test_below_saturation_a_write_never_waits(share: float, last_flush: float) -> None:
+    # However costly the last flush was (1,000 peers: several ms), a server with
+    # spare CPU writes at the end of the iteration: no added latency.
+    assert flush_delay(share, last_flush) == 0.0
+
+
+@pytest.mark.parametrize("share", [SATURATED, 0.99, 1.0])
+def test_a_saturated_server_waits_as_long_as_the_last_flush_took(share: float) -> None:
+    assert flush_delay(share, 0.002) == 0.002
+    assert flush_delay(share, 0.0003) == 0.0003
+
+
+def test_the_wait_is_bounded() -> None:
+    assert flush_delay(1.0, 0.2) == MAX_DELAY
+    assert MAX_DELAY <= 0.005
+
+
+def test_no_wait_without_a_flush_to_measure() -> None:
+    assert flush_delay(1.0, 0.0) == 0.0
+
+
+def busy(core: CoreUse, start: float, seconds: float, share: float, step: float = 0.001) -> float:
+    """Observe ``seconds`` of wall time in ``step`` s turns, using ``share`` of the core."""
+    wall, cpu = start, start * share
+    verdict = 0.0
+    for _ in range(round(seconds / step)):
+        wall += step
+        cpu += step * share
+        verdict = core.observe(wall, cpu)
+    return verdict
+
+
+def test_share_is_measured_over_whole_windows() -> None:
+    core = CoreUse(wall=0.0, cpu=0.0)
+    # Inside the first window nothing is judged yet, however busy the turns are.
+    assert core.observe(WINDOW / 2, WINDOW / 2) == 0.0
+    # The window closes at the first observation at least WINDOW after it opened.
+    assert core.observe(WINDOW, WINDOW) == pytest.approx(1.0)
+    # And its verdict stands until the next window closes.
+    assert core.observe(WINDOW * 1.5, WINDOW) == pytest.approx(1.0)
+    assert core.observe(WINDOW * 2, WINDOW * 1.5) == pytest.approx(0.5)
+
+
+def test_a_server_using_88_percent_of_its_core_is_not_saturated() -> None:
+    # The reported case: p50 went to 6-15 ms at 67-88% CPU. Such a server never waits.
+    core = CoreUse()
+    share = busy(core, 0.0, 2.0, 0.88)
+    assert share == pytest.approx(0.88)
+    assert flush_delay(share, 0.004) == 0.0
+
+
+def test_a_saturated_server_waits_and_stops_waiting_once_load_falls() -> None:
+    core = CoreUse()
+    share = busy(core, 0.0, 1.0, 1.0)
+    assert flush_delay(share, 0.004) == 0.004
+    share = busy(core, 1.0, 1.0, 0.6)
+    assert flush_delay(share, 0.004) == 0.0
+
+
+def test_an_idle_gap_ends_saturation() -> None:
+    # Saturated, then nothing to do for a second: the first write after the gap
+    # is judged by a window that holds the gap, not by the busy past.
+    core = CoreUse()
+    busy(core, 0.0, 1.0, 1.0)
+    assert core.observe(2.0, 1.0 + 0.0005) < 0.1
+    assert flush_delay(core.share, 0.004) == 0.0
