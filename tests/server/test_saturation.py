@@ -81,3 +81,49 @@ def test_an_idle_gap_ends_saturation() -> None:
     busy(core, 0.0, 1.0, 1.0)
     assert core.observe(2.0, 1.0 + 0.0005) < 0.1
     assert flush_delay(core.share, 0.004) == 0.0
+
+
+class Loop:
+    """Stands in for the asyncio loop: records how the server asked to be called back."""
+
+    def __init__(self) -> None:
+        self.soon: list[object] = []
+        self.later: list[float] = []
+
+    def call_soon(self, callback: object) -> None:
+        self.soon.append(callback)
+
+    def call_later(self, delay: float, callback: object) -> None:
+        self.later.append(delay)
+
+
+class Gauge:
+    """A CoreUse that reports a fixed share."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+
+    def observe(self, wall: float, cpu: float) -> float:
+        return self.share
+
+
+@pytest.mark.parametrize(
+    ("share", "soon", "later"),
+    [(0.0, 1, []), (0.88, 1, []), (0.97, 0, [0.003])],
+)
+def test_the_server_schedules_its_flush_by_the_rule(
+    share: float, soon: int, later: list[float]
+) -> None:
+    # The server carries the decision out: at the end of the iteration (call_soon)
+    # unless saturated, then after the last flush's cost.
+    from chatcore_server import ChatServer
+
+    server = ChatServer()
+    loop = Loop()
+    server._loop = loop  # type: ignore[assignment]
+    server._core = Gauge(share)  # type: ignore[assignment]
+    server._flush_cost = 0.003
+    server.dirty.append(object())  # type: ignore[arg-type]
+    server._schedule_flush()
+    server._schedule_flush()  # one flush per iteration, however many turns end in it
+    assert (len(loop.soon), loop.later) == (soon, later)
