@@ -87,7 +87,7 @@ from ._api import admin_route, route
 from ._frames import MessageBound, text_frame
 from ._http import Reply, error
 from ._peer import ByteTally, Peer, adopt_asyncio
-from ._saturation import CoreUse, flush_delay
+from ._saturation import CoreUse, flush_delay, schedstat_busy
 
 __all__ = ["ChatServer", "Limits"]
 
@@ -210,7 +210,7 @@ class ChatServer:
         # How long the last flush took, and the process's use of its core: a write
         # waits only when that use says the server is saturated (see _saturation).
         self._flush_cost = 0.0
-        self._core = CoreUse(time.monotonic(), time.process_time())
+        self._core = CoreUse(time.monotonic(), _loop_busy())
         self._flush_delay_next = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writers: anyio.abc.TaskGroup | None = None
@@ -406,8 +406,10 @@ class ChatServer:
         if self._flush_pending or not self.dirty:
             return
         self._flush_pending = True
-        share = self._core.observe(time.monotonic(), time.process_time())
-        delay = flush_delay(share, self._flush_cost)
+        core, now = self._core, time.monotonic()
+        if core.due(now):
+            core.close(now, _loop_busy())
+        delay = flush_delay(core.share, self._flush_cost)
         if self._loop is not None:
             if delay:
                 self._loop.call_later(delay, self._scheduled_flush)
@@ -780,6 +782,19 @@ async def _send_reply(
     except _CLOSE_ERRORS:
         return False
     return True
+
+
+def _loop_busy() -> float:
+    """Seconds the calling thread has run or waited for a CPU (Linux ``schedstat``).
+
+    Waiting counts: a loop that wanted the core and did not get it (other work
+    on a shared core) was not idle. Elsewhere, this thread's CPU time.
+    """
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return schedstat_busy(f.read())
+    except (OSError, ValueError):
+        return time.thread_time()
 
 
 def _request_size(request: h11.Request) -> int:
