@@ -409,7 +409,7 @@ class ChatServer:
         core, now = self._core, time.monotonic()
         if core.due(now):
             core.close(now, _loop_busy())
-        delay = flush_delay(core.share, self._flush_cost)
+        delay = flush_delay(core.saturated(now), self._flush_cost)
         if self._loop is not None:
             if delay:
                 self._loop.call_later(delay, self._scheduled_flush)
