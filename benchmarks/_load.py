@@ -44,6 +44,8 @@ class Step:
     delivered_in_window: int = 0
     achieved_frac: float = 0.0  # probe messages received in the window / offered to probes
     latencies_ns: list[int] = field(default_factory=list)
+    received_ns: list[int] = field(default_factory=list)  # when each latency was taken
+    t0_ns: int = 0  # the sending window's start, for latency over time
     lag_p99_ms: float = 0.0
     lag_max_ms: float = 0.0
     backpressure_s: float = 0.0  # time some sender had bytes the server would not take
@@ -60,6 +62,24 @@ def pct(values: list[int], q: float) -> float:
         return float("nan")
     s = sorted(values)
     return float(s[min(len(s) - 1, int(q * len(s)))])
+
+
+def timeline(st: Step, bucket_s: float = 1.0) -> list[dict[str, float]]:
+    """Latency over time within a step: p50 / p99 per ``bucket_s`` of receive time,
+    counted from the start of the sending window (the drain after it included)."""
+    buckets: dict[int, list[int]] = {}
+    width = int(bucket_s * 1e9)
+    for at, lat in zip(st.received_ns, st.latencies_ns, strict=True):
+        buckets.setdefault((at - st.t0_ns) // width, []).append(lat)
+    return [
+        {
+            "t_s": round(k * bucket_s, 3),
+            "n": len(v),
+            "p50_ms": round(pct(v, 0.50) / 1e6, 3),
+            "p99_ms": round(pct(v, 0.99) / 1e6, 3),
+        }
+        for k, v in sorted(buckets.items())
+    ]
 
 
 class Load:
@@ -133,6 +153,8 @@ class Load:
         last_progress = time.monotonic_ns()
         last_seen = 0
         latencies = st.latencies_ns
+        received = st.received_ns
+        st.t0_ns = t0
         nsend = len(senders)
         expected = sum(fanout[i % nsend] for i in range(total))
         busy0 = counters.load()
@@ -225,12 +247,13 @@ class Load:
                         if at >= 0:
                             sent_ns = int(payload[at + 2 : payload.index(b";", at)])
                             latencies.append(t_recv - sent_ns)
+                            received.append(t_recv)
                             probe_msgs += 1
                             if t0 <= t_recv <= t_end:
                                 probe_window += 1
                         elif payload == b"2" and flavor.kind == "socketio":
                             p.out += SIO_PONG
-                        elif b'"error"' in payload:
+                        elif b'"error"' in payload or payload.startswith(b"error:"):
                             st.errors += 1
                             if len(st.error_samples) < 3:
                                 st.error_samples.append(payload[:200].decode(errors="replace"))

@@ -29,18 +29,19 @@ from ._counters import Counters, raise_nofile
 from ._proc import machine
 from ._scenarios import (
     CPU_RATE,
+    GENERATOR_CORE,
     LATENCY_RATE,
     SCENARIOS,
+    STEAL_MAX,
     churn_run,
     ladder_run,
     slow_consumer_run,
 )
-from ._servers import PRIORITY, ROOT, SERVERS, ServerSpec
+from ._servers import PRIORITY, ROOT, SERVERS, ServerSpec, add_baseline
 
 FULL_LADDER = [20_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000, 500_000]
 SHORT_LADDER = [20_000, 100_000, 200_000]
 PEERS = ["websockets", "picows", "socketio"]
-GENERATOR_CORE = 1
 
 
 def log(text: str) -> None:
@@ -76,6 +77,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--max-minutes", type=float, help="hard time budget (default 30; --short: 5)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine-only benchmark")
+    p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print each step's latency over time (p50/p99 per second); always in the JSON",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a chatcore checkout (or `git archive` of one) to run as chatcore-baseline "
+        "and chatcore-plain-baseline, next to this one in the same run",
+    )
     p.add_argument(
         "--min-ratio",
         type=float,
@@ -277,6 +289,8 @@ def run_engine_bench(timeout: float = 180.0) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     short = args.short
+    if args.baseline is not None:
+        add_baseline(args.baseline)
     servers = (args.servers or "chatcore,websockets,picows,socketio").split(",")
     if not args.servers and not short and "chatcore-sqlite" in SERVERS:
         servers.insert(1, "chatcore-sqlite")
@@ -338,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             "server_core": 0,
             "generator_core": GENERATOR_CORE if pin else None,
             "pass": "delivered >= 99.9%, p99 <= 50 ms, achieved >= 97% of offered",
+            "steal_max": STEAL_MAX,
+            "baseline": str(args.baseline) if args.baseline is not None else None,
             "cpu_rate": CPU_RATE,
             "latency_rate": LATENCY_RATE,
         },
@@ -410,6 +426,7 @@ def _one(
                 log,
                 quiet_timeout=quiet,
                 tries=2,
+                show_timeline=args.timeline,
             ),
             name,
             sc,

@@ -43,6 +43,22 @@ def busy_seconds() -> float:
     return (user + nice + system) / TICK
 
 
+def steal_ticks() -> dict[int, int]:
+    """Ticks the hypervisor has stolen from each core since boot (``/proc/stat``, steal)."""
+    out: dict[int, int] = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if not line.startswith("cpu"):
+                    break
+                name, *parts = line.split()
+                if name != "cpu" and len(parts) >= 8:
+                    out[int(name[3:])] = int(parts[7])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 class CpuWatch:
     """CPU used between two marks: by each watched process, and by everything else."""
 
@@ -50,15 +66,19 @@ class CpuWatch:
         self.pids = pids
         self.start_t = time.monotonic()
         self.start_busy = busy_seconds()
+        self.start_steal = steal_ticks()
         self.start = {name: proc_cpu(pid) for name, pid in pids.items()}
 
     def stop(self) -> dict[str, float]:
-        """Seconds of CPU per watched process, ``others``, and ``wall``."""
+        """Seconds of CPU per watched process, ``others``, ``wall``, and ``steal<N>``:
+        seconds the hypervisor stole from core N (not counted in ``others``)."""
         wall = time.monotonic() - self.start_t
         busy = busy_seconds() - self.start_busy
         used = {name: proc_cpu(pid) - self.start[name] for name, pid in self.pids.items()}
         used["others"] = max(0.0, busy - sum(used.values()))
         used["wall"] = wall
+        for core, ticks in steal_ticks().items():
+            used[f"steal{core}"] = (ticks - self.start_steal.get(core, ticks)) / TICK
         return used
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._counters import Counters
-from ._load import TEXT_BYTES, Load, Step, pct
+from ._load import TEXT_BYTES, Load, Step, pct, timeline
 from ._proc import CpuWatch, proc_cpu, rss_kib, wait_quiet
 from ._servers import RunningServer, ServerSpec
 from ._wire import CLOSE_FRAME, SOCKETIO, open_many
@@ -31,6 +31,9 @@ ACHIEVED_MIN = 0.97
 OTHERS_MAX = 0.15
 LAG_MAX_MS = 5.0
 STALE_MAX_MS = 250.0
+STEAL_MAX = 0.03  # share of a core the hypervisor may steal before a step is not trusted
+SERVER_CORE = 0
+GENERATOR_CORE = 1
 CPU_RATE = 100_000
 LATENCY_RATE = 20_000
 SLOW_TEXT_BYTES = 4000
@@ -82,7 +85,7 @@ class Session:
         self.sc = sc
         self.counters = counters
         self.notes: list[str] = []
-        self.server = RunningServer(spec, core=0)
+        self.server = RunningServer(spec, core=SERVER_CORE)
         flavor = spec.flavor
         self.load = Load(self.server.port, flavor)
         per_room = sc.clients // sc.rooms
@@ -176,7 +179,14 @@ def summarize(st: Step) -> dict[str, Any]:
     p99 = pct(st.latencies_ns, 0.99) / 1e6
     others = cpu.get("others", 0.0) / wall
     gen = cpu.get("generator", 0.0) / wall
+    steal_server = cpu.get(f"steal{SERVER_CORE}", 0.0) / wall
+    steal_generator = cpu.get(f"steal{GENERATOR_CORE}", 0.0) / wall
     problems = []
+    if max(steal_server, steal_generator) > STEAL_MAX:
+        problems.append(
+            f"hypervisor stole {steal_server:.0%} of the server's core, "
+            f"{steal_generator:.0%} of the generator's"
+        )
     if others > OTHERS_MAX:
         problems.append(f"other processes used {others:.0%} of a core")
     if gen > 0.9:
@@ -215,6 +225,8 @@ def summarize(st: Step) -> dict[str, Any]:
         "generator_share": round(gen, 3),
         "counter_busy": round(st.counter_busy, 3),
         "others_share": round(others, 3),
+        "steal_server_core": round(steal_server, 3),
+        "steal_generator_core": round(steal_generator, 3),
         "lag_p99_ms": round(st.lag_p99_ms, 3),
         "counter_stale_ms": round(st.counter_stale_ms, 1),
         "lag_max_ms": round(st.lag_max_ms, 3),
@@ -225,6 +237,7 @@ def summarize(st: Step) -> dict[str, Any]:
         "passed": passed,
         "valid": not problems,
         "problems": problems,
+        "per_second": timeline(st),
     }
 
 
@@ -238,6 +251,7 @@ def ladder_run(
     *,
     quiet_timeout: float,
     tries: int = 3,
+    show_timeline: bool = False,
 ) -> dict[str, Any]:
     """Climb the ladder of offered delivery rates; the figures of one run."""
     out: dict[str, Any] = {"server": spec.name, "scenario": sc.key, "steps": [], "notes": []}
@@ -255,7 +269,7 @@ def ladder_run(
         stop_reason = "top of the ladder"
         for rate in ladder:
             seconds = max(step_s, 3.0) if rate == CPU_RATE else step_s
-            verdict = _measure(session, rate, seconds, log, tries=tries)
+            verdict = _measure(session, rate, seconds, log, tries=tries, show=show_timeline)
             out["steps"].append(verdict)
             done_cpu = done_cpu or rate == CPU_RATE
             if verdict["passed"]:
@@ -286,7 +300,7 @@ def ladder_run(
 
 
 def _measure(
-    session: Session, rate: int, seconds: float, log: Log, tries: int = 3
+    session: Session, rate: int, seconds: float, log: Log, tries: int = 3, show: bool = False
 ) -> dict[str, Any]:
     """One ladder step, run again if the measurement was unsound or it just failed once."""
     verdict: dict[str, Any] = {}
@@ -303,10 +317,13 @@ def _measure(
             f"got {verdict['achieved_per_s']:>8,}/s delivered {verdict['delivered_frac']:.4f} "
             f"p50 {verdict['p50_ms']:6.2f} p99 {verdict['p99_ms']:7.2f} ms "
             f"cpu {verdict['server_cpu_share']:.0%} "
+            f"steal {verdict['steal_server_core']:.0%}/{verdict['steal_generator_core']:.0%} "
             f"{'PASS' if verdict['passed'] else 'fail'}"
             f"{' closed ' + str(verdict['closed']) if verdict['closed'] else ''}"
             f"{'' if verdict['valid'] else ' INVALID: ' + '; '.join(verdict['problems'])}"
         )
+        if show:
+            log(timeline_text(verdict))
         if verdict["passed"]:
             return verdict  # noise only ever hurts a server: a pass under noise stands
         if verdict["valid"]:
@@ -315,6 +332,15 @@ def _measure(
             failed_once = True
         time.sleep(1.0)  # let queues drain before trying again
     return verdict
+
+
+def timeline_text(verdict: dict[str, Any]) -> str:
+    """A step's latency over time, one line per second: where in the step a tail sits."""
+    return "\n".join(
+        f"        t+{b['t_s']:4.1f}s  n {b['n']:>6,}  "
+        f"p50 {b['p50_ms']:7.2f}  p99 {b['p99_ms']:7.2f} ms"
+        for b in verdict.get("per_second", [])
+    )
 
 
 def slow_consumer_run(

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._wire import CHATCORE, PLAIN, SOCKETIO, Flavor
+from ._wire import CHATCORE, CHATCORE_PLAIN, PLAIN, SOCKETIO, Flavor
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where allowed (root or CAP_SYS_NICE), the server and the generator run at nice -10,
@@ -28,6 +28,7 @@ class ServerSpec:
     flavor: Flavor
     module: str
     extra: tuple[str, ...] = ()
+    pythonpath: tuple[str, ...] = ()  # before this checkout's (a baseline's src, adapters)
 
     def argv(self, port: int, workdir: Path) -> list[str]:
         extra = [a.replace("{workdir}", str(workdir)) for a in self.extra]
@@ -36,6 +37,10 @@ class ServerSpec:
 
 SERVERS: dict[str, ServerSpec] = {
     "chatcore": ServerSpec("chatcore", Flavor(CHATCORE), "benchmarks.chatcore_launch"),
+    # The same server, spoken to in plain-text mode (no subprotocol: a frame is a message).
+    "chatcore-plain": ServerSpec(
+        "chatcore-plain", Flavor(CHATCORE_PLAIN), "benchmarks.chatcore_launch"
+    ),
     "chatcore-sqlite": ServerSpec(
         "chatcore-sqlite",
         Flavor(CHATCORE),
@@ -44,6 +49,8 @@ SERVERS: dict[str, ServerSpec] = {
     ),
     "websockets": ServerSpec("websockets", Flavor(PLAIN), "benchmarks.peers.websockets_server"),
     "picows": ServerSpec("picows", Flavor(PLAIN), "benchmarks.peers.picows_server"),
+    # The ceiling: fan-out and nothing else, on wsproto (see peers/wsproto_server.py).
+    "wsproto-min": ServerSpec("wsproto-min", Flavor(PLAIN), "benchmarks.peers.wsproto_server"),
     "socketio": ServerSpec("socketio", Flavor(SOCKETIO), "benchmarks.peers.socketio_server"),
     # The ASGI path: chatcore's ChatApp and python-socketio's ASGIApp under the same servers.
     "chatcore-uvicorn": ServerSpec(
@@ -56,6 +63,21 @@ SERVERS: dict[str, ServerSpec] = {
         "socketio-uvicorn", Flavor(SOCKETIO), "benchmarks.peers.socketio_asgi_server"
     ),
 }
+
+
+def add_baseline(checkout: Path) -> list[str]:
+    """Register ``chatcore-baseline`` and ``chatcore-plain-baseline``: the same launcher
+    with another checkout's ``src`` and ``adapters`` first on the path (before/after
+    in one run). Returns their names."""
+    path = tuple(str(checkout.resolve() / d) for d in ("src", "adapters"))
+    if not (checkout / "src" / "chatcore").is_dir():
+        raise SystemExit(f"--baseline {checkout}: no src/chatcore there")
+    names = []
+    for base, kind in (("chatcore", CHATCORE), ("chatcore-plain", CHATCORE_PLAIN)):
+        name = f"{base}-baseline"
+        SERVERS[name] = ServerSpec(name, Flavor(kind), "benchmarks.chatcore_launch", (), path)
+        names.append(name)
+    return names
 
 
 def free_port() -> int:
@@ -77,9 +99,8 @@ class RunningServer:
             argv = ["taskset", "-c", str(core), *argv]
         if PRIORITY and shutil.which("nice"):
             argv = ["nice", "-n", str(PRIORITY), *argv]
-        env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-        )
+        path = [str(ROOT), *spec.pythonpath, os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 CHATCORE = "chatcore"  # JSON protocol chatcore.v1 at /ws
+CHATCORE_PLAIN = "chatcore-plain"  # chatcore's plain-text mode at /ws: a frame is a message
 PLAIN = "plain"  # the peers' same-shaped JSON at /ws
 SOCKETIO = "socketio"  # Engine.IO v4 / Socket.IO packets at /socket.io/
 
@@ -38,6 +39,8 @@ class Flavor:
         return "chatcore.v1" if self.kind == CHATCORE else None
 
     def send_payload(self, room: str, text: str) -> bytes:
+        if self.kind == CHATCORE_PLAIN:
+            return text.encode()  # to the connect URL's (only) room
         if self.kind == SOCKETIO:
             return f'42["send",{{"room":"{room}","text":"{text}"}}]'.encode()
         return f'{{"type":"send","room":"{room}","text":"{text}"}}'.encode()

@@ -11,7 +11,8 @@ is specific to sockets:
 * fan-out (:meth:`ChatServer.deliver`) builds each frame once and appends
   the same bytes to every recipient's queue; once per event-loop iteration
   every peer with queued bytes gets one write, and the engine hears of all
-  of them in one ``Drained`` (see ``_peer``);
+  of them in one ``Drained`` (see ``_peer``); only a saturated process
+  holds that write back a little (see ``_saturation``);
 * a failure while writing to one peer ends that peer alone (reset, logged
   with its traceback); the other peers of the same flush are written.
 
@@ -80,6 +81,7 @@ from . import _http
 from ._frames import MessageBound, text_frame
 from ._http import Reply, error
 from ._peer import ByteTally, Peer, adopt_asyncio
+from ._saturation import CoreUse, flush_delay, schedstat_busy
 
 __all__ = ["ChatServer", "Limits"]
 
@@ -209,12 +211,10 @@ class ChatServer(ChatControls):
         self._pressure = False
         self._flush_pending = False
         self._flush_wake: anyio.Event | None = None
-        # How long the last flush took and when it ended (time.monotonic), for batching.
+        # How long the last flush took, and the process's use of its core: a write
+        # waits only when that use says the server is saturated (see _saturation).
         self._flush_cost = 0.0
-        self._flush_end = 0.0
-        self._flush_busy = 0.0  # moving average of the share of time spent flushing
-        self._flush_cpu = 0.0  # process CPU time at the end of the last flush
-        self._cpu_busy = 0.0  # moving average of CPU time over wall time between flushes
+        self._core = CoreUse(time.monotonic(), _loop_busy())
         self._flush_delay_next = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writers: anyio.abc.TaskGroup | None = None
@@ -368,13 +368,16 @@ class ChatServer(ChatControls):
     def _schedule_flush(self) -> None:
         """Flush once, after everything else ready in this loop iteration has run.
 
-        Under load the flush waits a little (:meth:`_flush_delay`), so that each
-        peer's one write carries several messages.
+        Only a saturated process waits a little longer (``_saturation.flush_delay``),
+        so that each peer's one write carries several iterations' messages.
         """
         if self._flush_pending or not self.dirty:
             return
         self._flush_pending = True
-        delay = self._flush_delay()
+        core, now = self._core, time.monotonic()
+        if core.due(now):
+            core.close(now, _loop_busy())
+        delay = flush_delay(core.saturated(now), self._flush_cost)
         if self._loop is not None:
             if delay:
                 self._loop.call_later(delay, self._scheduled_flush)
@@ -385,24 +388,6 @@ class ChatServer(ChatControls):
             if (wake := self._flush_wake) is not None:
                 self._flush_wake = None
                 wake.set()
-
-    def _flush_delay(self) -> float:
-        """How long the next flush should wait: 0 unless the server is busy.
-
-        The cost of fan-out is one socket write per peer per flush, whatever it
-        carries. When flushing has taken most of the recent time, or the process
-        has used 85% of a core or more between flushes (many rooms, connection
-        churn: the rest of the time goes to reading and handshakes), flushing at
-        once would spend the core on writes of one message each; waiting about
-        as long as a flush takes (at most 10 ms) lets every write carry the
-        messages that arrive meanwhile. A server that is not busy never waits,
-        so its latency stays that of an immediate write.
-        """
-        if self._flush_cost < 0.0002:
-            return 0.0
-        if (self._flush_busy < 0.5 or self._flush_cost < 0.0005) and self._cpu_busy < 0.85:
-            return 0.0
-        return min(self._flush_cost, 0.010)
 
     def _scheduled_flush(self) -> None:
         self._flush_pending = False
@@ -455,13 +440,7 @@ class ChatServer(ChatControls):
                     self._drop(peer)
         finally:
             self._flushing = False
-            ended = time.monotonic()
-            cost = ended - started
-            wall = max(ended - self._flush_end, 1e-9)
-            self._flush_busy = 0.75 * self._flush_busy + 0.25 * cost / wall
-            cpu = time.process_time()
-            self._cpu_busy = 0.75 * self._cpu_busy + 0.25 * min(1.0, (cpu - self._flush_cpu) / wall)
-            self._flush_cost, self._flush_end, self._flush_cpu = cost, ended, cpu
+            self._flush_cost = time.monotonic() - started
 
     def _drop(self, peer: Peer) -> None:
         """A peer lost while flushing: the engine hears of it, its socket is reset."""
@@ -783,6 +762,19 @@ async def _send_reply(
     except _CLOSE_ERRORS:
         return False
     return True
+
+
+def _loop_busy() -> float:
+    """Seconds the calling thread has run or waited for a CPU (Linux ``schedstat``).
+
+    Waiting counts: a loop that wanted the core and did not get it (other work
+    on a shared core) was not idle. Elsewhere, this thread's CPU time.
+    """
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return schedstat_busy(f.read())
+    except (OSError, ValueError):
+        return time.thread_time()
 
 
 def _request_size(request: h11.Request) -> int:
