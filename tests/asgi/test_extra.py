@@ -4,7 +4,8 @@ The ASGI server speaks HTTP and WebSocket; ChatApp shares ``chatcore serve``'s
 routes through ``chatcore_host``, never through ``chatcore_server`` (whose
 import needs both). A fresh interpreter with a finder that refuses h11 and
 wsproto imports ChatApp and drives it through ASGI calls: lifespan, the page,
-``/healthz``, ``/metrics``, an admin POST, a WebSocket session.
+``/healthz``, ``/metrics``, admin requests (their bodies in chunks), a
+WebSocket session.
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ _SCRIPT = textwrap.dedent(
         task = asyncio.create_task(app(scope, receive, send))
         return task, inbox, out
 
-    def http(method, path, body=b"", headers=()):
+    def http(method, path, body=b"", headers=(), chunk=1000):
+        # The body in chunks, as a server passes a large one on.
+        pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
         return {
             "type": "http", "method": method, "path": path, "root_path": "",
             "query_string": b"", "headers": [(b"host", b"x"), *headers],
-        }, [{"type": "http.request", "body": body, "more_body": False}]
+        }, [
+            {"type": "http.request", "body": p, "more_body": n < len(pieces) - 1}
+            for n, p in enumerate(pieces)
+        ]
 
     async def request(app, method, path, body=b"", headers=()):
         scope, incoming = http(method, path, body, headers)
@@ -72,8 +78,11 @@ _SCRIPT = textwrap.dedent(
         assert status == 200 and b"static/app.js" in page, status
         assert (await request(app, "GET", "/healthz"))[0] == 200
         auth = [(b"authorization", b"Bearer t0ken")]
-        room = json.dumps({"room": "staff", "private": False}).encode()
+        room = json.dumps({"room": "staff", "private": False, "pad": "x" * 2500}).encode()
         assert (await request(app, "POST", "/admin/rooms", room, auth))[0] == 200
+        big = json.dumps({"room": "big", "pad": "x" * 20_000}).encode()
+        assert (await request(app, "POST", "/admin/rooms", big, auth))[0] == 413
+        assert (await request(app, "PUT", "/admin/rooms", room, auth))[0] == 405
 
         ws = {
             "type": "websocket", "path": "/ws", "root_path": "",
