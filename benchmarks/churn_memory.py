@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import os
 import select
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._proc import rss_kib
-from benchmarks._wire import CHATCORE, CLOSE_FRAME, Flavor, open_many
+from benchmarks._wire import CHATCORE, CLOSE_FRAME, Flavor, FrameCounter, open_many
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAVOR = Flavor(CHATCORE)
@@ -58,11 +57,16 @@ def start_server(db: str) -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(url.rstrip("/").rsplit(":", 1)[1])
 
 
-def drain(socks: list[socket.socket]) -> None:
-    for sock in socks:
+def drain(readers: list[FrameCounter]) -> None:
+    """Read what the members were sent, and answer the server's pings (a run is
+    longer than its heartbeat)."""
+    for reader in readers:
         with contextlib.suppress(BlockingIOError, InterruptedError):
-            while sock.recv(1 << 20):
-                pass
+            while data := reader.sock.recv(1 << 20):
+                reader.feed(data)
+        if reader.reply:
+            reader.sock.sendall(reader.reply)
+            reader.reply = b""
 
 
 def cycle_batch(port: int, first: int) -> tuple[int, int]:
@@ -112,7 +116,7 @@ def main() -> None:
     proc, port = start_server(db)
     try:
         members = [
-            s
+            FrameCounter(s, False)
             for s, _ in open_many(
                 port,
                 [FLAVOR.target(f"member{i}", ["room0"]) for i in range(args.members)],
@@ -152,8 +156,8 @@ def main() -> None:
             f"({(end - start) / 1024:+.2f} MiB, {(end - start) * 1024 / max(cycles, 1):+.0f} B "
             f"per departed user); goal: within 1 MiB"
         )
-        for sock in members:
-            sock.close()
+        for reader in members:
+            reader.sock.close()
     finally:
         proc.terminate()
         try:
