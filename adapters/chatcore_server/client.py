@@ -118,6 +118,8 @@ class _Ledger:
         self.me = ""
         self.fills: dict[str, _Fill] = {}
         self.asked: str | None = None  # the room whose history page is awaited
+        # Who is in each room, as the server told it (protocol.md, "presence").
+        self.members: dict[str, set[str]] = {}
 
     def welcome(self, event: dict[str, Any]) -> None:
         """A new connection. ``resumed: false`` after an earlier session: each room
@@ -163,9 +165,25 @@ class _Ledger:
         if kind == "members":
             self.offsets.setdefault(event["room"], int(event["offset"]))
             self.epochs.setdefault(event["room"], str(event["epoch"]))
+            self.members[event["room"]] = set(event["users"])
         elif kind == "left" and event["user"] == self.me:
             self.forget(event["room"])
+        elif kind in ("joined", "left", "presence"):
+            self._presence(event)
         return [event]
+
+    def _presence(self, event: dict[str, Any]) -> None:
+        """Set operations, in the order received: each name is where that user is now."""
+        users = self.members.get(event["room"])
+        if users is None:
+            return
+        if event["type"] == "joined":
+            users.add(event["user"])
+        elif event["type"] == "left":
+            users.discard(event["user"])
+        else:
+            users.update(event["joins"])
+            users.difference_update(event["leaves"])
 
     def next_page(self) -> dict[str, Any] | None:
         """The history request to send now (one at a time), or None."""
@@ -179,6 +197,7 @@ class _Ledger:
 
     def forget(self, room: str) -> None:
         self.offsets.pop(room, None)
+        self.members.pop(room, None)
         self.epochs.pop(room, None)
         self.fills.pop(room, None)
         if self.asked == room:
@@ -293,6 +312,13 @@ class Chat:
         self._claims: dict[str, anyio.Event] = {}  # claim_keys awaiting their answer
 
     # -- what a program does ---------------------------------------------------------
+
+    def members(self, room: str) -> frozenset[str]:
+        """Who is in ``room`` as far as the server has said (empty if not a member).
+
+        Kept from ``members``, ``joined``, ``left`` and a crowded room's
+        ``presence`` frames, applied as set operations (protocol.md section 3)."""
+        return frozenset(self._ledger.members.get(room, ()))
 
     @property
     def unacked(self) -> tuple[str, ...]:

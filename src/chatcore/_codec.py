@@ -40,6 +40,7 @@ from ._events import (
     Left,
     Members,
     Message,
+    Presence,
     ReadMark,
     Removed,
     ServerEvent,
@@ -417,6 +418,13 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
             return {"type": "joined", "room": event.room, "user": event.user}
         case Left():
             return {"type": "left", "room": event.room, "user": event.user}
+        case Presence():
+            return {
+                "type": "presence",
+                "room": event.room,
+                "joins": list(event.joins),
+                "leaves": list(event.leaves),
+            }
         case Members():
             return {
                 "type": "members",
@@ -486,6 +494,16 @@ def encode_members(event: Members, users: str) -> str:
     return frame.replace(_NO_USERS, f'"users":[{users}]', 1)
 
 
+_NAMES_SHOWN = 5
+
+
+def _some(users: tuple[str, ...]) -> str:
+    """Users named on one plain-text line: a crowd's are counted, not listed."""
+    if len(users) <= _NAMES_SHOWN:
+        return ", ".join(users)
+    return f"{', '.join(users[:_NAMES_SHOWN])} and {len(users) - _NAMES_SHOWN} more"
+
+
 def _shown(m: Message) -> str:
     """What plain-text mode shows of a message: never an envelope's bytes."""
     if m.deleted:
@@ -502,6 +520,11 @@ def encode_text(event: ServerEvent) -> str | None:
             return f"{event.user} joined the room"
         case Left():
             return f"{event.user} left the room"
+        case Presence():
+            said = [f"{_some(event.joins)} joined the room"] if event.joins else []
+            if event.leaves:
+                said.append(f"{_some(event.leaves)} left the room")
+            return "\n".join(said) or None
         case Members():
             return "In the room: " + ", ".join(event.users)
         case ErrorEvent():

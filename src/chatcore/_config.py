@@ -50,6 +50,12 @@ class Config:
     """Rooms with more users than this send no ``joined``/``left`` events (a
     crowd's comings and goings would drown its messages); ``members`` on join
     still lists everyone."""
+    presence_batch_above: int = 50
+    """Rooms with more users than this announce comings and goings together: one
+    ``presence`` frame per ``presence_interval`` instead of a ``joined`` or ``left``
+    per user (N joins in a row would otherwise be N*N/2 frames)."""
+    presence_interval: float = 0.5
+    """How long a crowded room collects comings and goings before it tells them."""
     max_sessions_per_user: int = 16
     """Sessions one user may hold, counting those in their grace period."""
     ping_interval: float = 25.0

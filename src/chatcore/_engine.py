@@ -84,7 +84,7 @@ from ._ids import IdSource
 from ._outbox import error
 from ._session import Session, SessionAction, SessionInput, SessionState, fire
 from ._state import Counters, EngineState
-from ._timers import GraceOver, PingDue, PongDue, Timer, TypingOver
+from ._timers import GraceOver, PingDue, PongDue, PresenceDue, Timer, TypingOver
 
 __all__ = ["Engine", "RoomView", "SessionInfo"]
 
@@ -207,6 +207,8 @@ class Engine:
                 assert_never(command)
         if st.closes:
             _lifecycle.close_deferred(st, out)
+        if st.timers.stale:
+            st.timers.compact(self._timer_live)
         return out
 
     def next_deadline(self) -> float | None:
@@ -216,7 +218,7 @@ class Engine:
         while (entry := timers.peek()) is not None:
             if self._timer_live(entry[2]):
                 return entry[0] if calls is None else min(entry[0], calls)
-            timers.pop()
+            timers.discard()
         return calls
 
     def tick(self, now: float) -> list[Effect]:
@@ -226,24 +228,29 @@ class Engine:
         st.now = now
         timers = st.timers
         while (entry := timers.peek()) is not None and entry[0] <= now:
-            timers.pop()
             timer = entry[2]
             if not self._timer_live(timer):
+                timers.discard()
                 continue
+            timers.pop()
             match timer:
                 case PingDue():
                     _lifecycle.ping(st, timer, now, out)
                 case PongDue():
                     _lifecycle.pong_due(st, timer, out)
                 case GraceOver():
-                    _lifecycle.expire(st, timer.session, out)
+                    _lifecycle.expire(st, timer.session, out, timer_due=True)
                 case TypingOver():
                     _presence.typing_over(st, timer, now, out)
+                case PresenceDue():
+                    _presence.presence_due(st, timer, out)
                 case _:
                     assert_never(timer)
         _signals.tick(st, now, out)
         if st.closes:
             _lifecycle.close_deferred(st, out)
+        if st.timers.stale:
+            st.timers.compact(self._timer_live)
         return out
 
     def _timer_live(self, timer: Timer) -> bool:
@@ -255,6 +262,8 @@ class Engine:
                 return _lifecycle.grace_live(timer)
             case TypingOver():
                 return _presence.typing_live(self._st, timer)
+            case PresenceDue():
+                return _presence.presence_live(self._st, timer)
             case _:
                 assert_never(timer)
 

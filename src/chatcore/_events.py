@@ -21,6 +21,7 @@ __all__ = [
     "Left",
     "Members",
     "Message",
+    "Presence",
     "ReadMark",
     "Removed",
     "RoomPosition",
@@ -86,6 +87,19 @@ class Joined:
 class Left:
     room: str
     user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Presence:
+    """Who came and went in a crowded room since its last ``presence`` frame.
+
+    Each user listed is named with where they are now: ``joins`` are in the
+    room, ``leaves`` are not (a user who came and went in between is a leave).
+    """
+
+    room: str
+    joins: tuple[str, ...]
+    leaves: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +205,7 @@ ServerEvent = (
     | Ack
     | Joined
     | Left
+    | Presence
     | Members
     | Typing
     | ReadMark

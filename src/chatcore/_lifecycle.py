@@ -274,10 +274,7 @@ def _welcome(st: EngineState, session: Session, out: list[Effect]) -> Held | Non
 def disconnected(st: EngineState, cmd: Disconnected, out: list[Effect]) -> None:
     gone = st.conns.get(cmd.conn)
     if gone is not None:  # None: the engine closed it already
-        session = gone.session
-        drop(st, gone, out)
-        if cmd.code in _GOODBYE and takes(session, _In.EXPIRE):
-            expire(st, session, out)  # closed on purpose: no grace
+        drop(st, gone, out, goodbye=cmd.code in _GOODBYE)
 
 
 def close_deferred(st: EngineState, out: list[Effect]) -> None:
@@ -314,6 +311,7 @@ def _detach_conn(st: EngineState, conn: Connection) -> None:
     session = conn.session
     if st.conns.get(conn.id) is conn:  # (one closed during the step has left already)
         del st.conns[conn.id]
+    st.timers.went_stale()  # its ping (or pong) timer
     session.conn = None
     for name in session.rooms:
         room = st.rooms[name]
@@ -323,8 +321,12 @@ def _detach_conn(st: EngineState, conn: Connection) -> None:
     conn.catchup.clear()
 
 
-def drop(st: EngineState, conn: Connection, out: list[Effect]) -> None:
-    """The connection is gone: the session waits out the grace period, or ends."""
+def drop(st: EngineState, conn: Connection, out: list[Effect], *, goodbye: bool = False) -> None:
+    """The connection is gone: the session waits out the grace period, or ends.
+
+    ``goodbye``: the client closed on purpose, so there is no grace period (and
+    no timer for one, which would hold the ended session until it came due).
+    """
     session = conn.session
     _detach_conn(st, conn)
     st.release_wanted(session)
@@ -332,12 +334,21 @@ def drop(st: EngineState, conn: Connection, out: list[Effect]) -> None:
     if action is _Do.END:
         _end(st, session, out)
     elif action is _Do.WAIT:
+        if goodbye and takes(session, _In.EXPIRE):
+            expire(st, session, out, timer_due=True)
+            return
         session.detach_gen += 1
         st.timers.push(st.now + st.config.grace_period, GraceOver(session, session.detach_gen))
 
 
-def expire(st: EngineState, session: Session, out: list[Effect]) -> None:
+def expire(
+    st: EngineState, session: Session, out: list[Effect], *, timer_due: bool = False
+) -> None:
+    """End a session in its grace period. ``timer_due``: no grace timer is left
+    for it (its own came due, or none was armed); else that timer went stale."""
     if fire(session, _In.EXPIRE) is _Do.END:
+        if not timer_due:
+            st.timers.went_stale()
         _end(st, session, out)
 
 

@@ -1,7 +1,8 @@
 """Membership and presence: who is in which room, and what the room hears of it.
 
 Owns joining and leaving (with the access rule, ``_access``), ``joined`` and
-``left`` events, the member list a joiner gets, typing indicators and their
+``left`` events and a crowded room's ``presence`` frames (all from
+:func:`came_or_went`), the member list a joiner gets, typing indicators and their
 timers, read marks, and changes to a room's privacy by the host. It does not
 decide when a session joins the rooms it asked for at connect (that is the
 welcome, ``_lifecycle``) and never changes a session's state.
@@ -13,17 +14,18 @@ from ._access import Access, Action, room_access
 from ._commands import CreateRoom, Join
 from ._effects import Effect, Position, SavePositions, SaveRoom
 from ._errors import ErrorCode, LocalProtocolError
-from ._events import Joined, Left, ReadMark, Typing
+from ._events import Joined, Left, Presence, ReadMark, Typing
 from ._names import is_valid_name, is_valid_room
 from ._outbox import broadcast, error, send_members, to
 from ._room import Room
 from ._session import Session, SessionState
 from ._state import EngineState
-from ._timers import TypingOver
+from ._timers import PresenceDue, TypingOver
 
 __all__ = [
     "add_member",
     "admits",
+    "came_or_went",
     "check_room_name",
     "create_room",
     "join",
@@ -31,6 +33,8 @@ __all__ = [
     "leave",
     "mark_read",
     "member_room",
+    "presence_due",
+    "presence_live",
     "refusal",
     "remove_member",
     "typing",
@@ -142,8 +146,8 @@ def add_member(
     session.rooms[room.name] = None
     if session.text_room is None:
         session.text_room = room.name
-    if room.add_user(session.user) and len(room.users) <= st.config.presence_limit:
-        broadcast(st, room, Joined(room=room.name, user=session.user), None, out, ephemeral=True)
+    if room.add_user(session.user):
+        came_or_went(st, room, session.user, out)
     conn = session.conn
     if conn is not None and session.state is SessionState.LIVE:
         room.attach(conn)
@@ -171,12 +175,56 @@ def remove_member(st: EngineState, session: Session, room: Room, out: list[Effec
         room.detach(session.conn)
         session.conn.catchup.pop(room.name, None)
     if room.remove_user(session.user):
-        room.typing.pop(session.user, None)
-        if len(room.users) < st.config.presence_limit:
-            broadcast(st, room, Left(room=room.name, user=session.user), None, out, ephemeral=True)
+        if room.typing.pop(session.user, None) is not None:
+            st.timers.went_stale()
+        came_or_went(st, room, session.user, out)
     if session.conn is not None and session.state is SessionState.LIVE:
         to(st, session.conn, Left(room=room.name, user=session.user), out)
     st.forget_if_empty(room)
+
+
+def came_or_went(st: EngineState, room: Room, user: str, out: list[Effect]) -> None:
+    """Tell the room that ``user`` came (is in ``room.users`` now) or went.
+
+    The one place that emits presence. A small room hears each change at once
+    (``joined``/``left``); a crowded one (more than ``presence_batch_above``
+    users, or changes already waiting) collects them and hears them together in
+    one ``presence`` frame when its timer comes due (:func:`presence_due`).
+    Rooms of more than ``presence_limit`` users hear nothing.
+    """
+    config = st.config
+    present = user in room.users
+    crowd = len(room.users) if present else len(room.users) + 1
+    if crowd > config.presence_limit:
+        return
+    changed = room.changed
+    if changed is None:
+        if crowd <= config.presence_batch_above:
+            event: Joined | Left = (
+                Joined(room=room.name, user=user) if present else Left(room=room.name, user=user)
+            )
+            broadcast(st, room, event, None, out, ephemeral=True)
+            return
+        room.changed = changed = {}
+        st.timers.push(st.now + config.presence_interval, PresenceDue(room))
+    changed[user] = None
+
+
+def presence_due(st: EngineState, timer: PresenceDue, out: list[Effect]) -> None:
+    """A crowded room's changes are due: one frame, encoded once, to every member."""
+    room = timer.room
+    changed, room.changed = room.changed or {}, None
+    users = room.users
+    joins = tuple(sorted(u for u in changed if u in users))
+    leaves = tuple(sorted(u for u in changed if u not in users))
+    broadcast(
+        st, room, Presence(room=room.name, joins=joins, leaves=leaves), None, out, ephemeral=True
+    )
+
+
+def presence_live(st: EngineState, timer: PresenceDue) -> bool:
+    room = timer.room
+    return room.changed is not None and st.rooms.get(room.name) is room
 
 
 def typing(st: EngineState, session: Session, name: str, now: float, out: list[Effect]) -> None:

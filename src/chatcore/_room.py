@@ -36,6 +36,7 @@ class Room:
         "_roster",
         "_members_json",
         "typing",
+        "changed",
         "reads",
         "early",
         "gap_ref",
@@ -78,6 +79,9 @@ class Room:
         self._members_json: tuple[int, str, str] | None = None
         # user -> (when the indicator expires, id of its one live timer)
         self.typing: dict[str, tuple[float, int]] = {}
+        # A crowded room's comings and goings since its last ``presence`` frame, in
+        # order (``_presence.came_or_went``); None when none are waiting.
+        self.changed: dict[str, None] | None = None
         self.reads: dict[str, int] = {}
         # Messages from the log that arrived before the ones preceding them.
         self.early: dict[int, tuple[Message, PendingSend | None]] = {}

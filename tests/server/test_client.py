@@ -132,3 +132,23 @@ async def test_a_quiet_chat_stays_connected_and_a_frozen_link_is_replaced() -> N
         assert bob.reconnects == 1
         assert resumed is True  # the server still held the session: nothing was lost
         assert texts == ["while frozen"]
+
+
+async def test_the_client_keeps_a_crowded_rooms_members_from_presence_frames() -> None:
+    config = Config(presence_batch_above=2, presence_interval=0.05)
+    async with (
+        serving(config=config) as srv,
+        connect(srv.ws, user="bob", rooms=["hall"]) as bob,
+        ws_connect(f"{srv.ws}?user=alice&room=hall", **JSON) as alice,
+        ws_connect(f"{srv.ws}?user=carol&room=hall", **JSON) as carol,
+    ):
+        for ws in (alice, carol):
+            await welcome(ws)
+        async with ws_connect(f"{srv.ws}?user=dave&room=hall", **JSON) as dave:
+            await welcome(dave)
+        # dave closed: the room is a crowd (4 > 2), so his coming and going is batched
+        with anyio.fail_after(GUARD):
+            async for event in bob:
+                if event["type"] == "presence" and "dave" in event["leaves"]:
+                    break
+        assert bob.members("hall") == {"alice", "bob", "carol"}

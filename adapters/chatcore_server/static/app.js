@@ -231,6 +231,7 @@
       case "history": return onHistory(ev);
       case "joined": return onJoined(ev);
       case "left": return onLeft(ev);
+      case "presence": return onPresence(ev);
       case "typing": return onTyping(ev);
       case "read": return onRead(ev);
       case "error": return e2eClaimRefused(ev) || onError(ev);
@@ -402,6 +403,23 @@
     room.members = room.members.filter((u) => u !== ev.user);
     room.typing.delete(ev.user);
     addLine(room, `${ev.user} left`);
+    render();
+  }
+
+  // A crowded room's comings and goings, together (protocol.md, "presence"): each
+  // name is where that user is now, so they are applied as set operations.
+  function onPresence(ev) {
+    const room = state.rooms.get(ev.room);
+    if (!room) return;
+    const members = new Set(room.members);
+    for (const u of ev.joins) members.add(u);
+    for (const u of ev.leaves) { members.delete(u); room.typing.delete(u); }
+    room.members = [...members].sort(byName);
+    const joins = ev.joins.filter((u) => u !== state.user);
+    const some = (users) => users.length <= 3
+      ? users.join(", ") : `${users.slice(0, 3).join(", ")} and ${users.length - 3} more`;
+    if (joins.length) addLine(room, `${some(joins)} joined`);
+    if (ev.leaves.length) addLine(room, `${some(ev.leaves)} left`);
     render();
   }
 
