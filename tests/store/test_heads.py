@@ -60,4 +60,5 @@ def test_a_lost_room_starts_a_new_life() -> None:
     [answer] = store.execute_now([LoadHeads(ref=1, rooms=("a",))])
     assert isinstance(answer, HeadsLoaded)
     head, epoch = answer.heads["a"]
-    assert head == 0 and epoch != loaded.epoch
+    assert head == 0
+    assert epoch != loaded.epoch
