@@ -117,10 +117,18 @@ def flush(st: EngineState, out: list[Effect]) -> None:
     peers = st.peers
     touched = list(dict.fromkeys(peers.touched_rooms))
     peers.touched_rooms.clear()
+    loading = st.awaits.rooms
     for name in touched:
-        if name in st.rooms and name not in peers.rooms:
+        if name not in st.rooms:  # what was known of the others' members went with it
+            peers.asked.discard(name)
+            peers.remote.pop(name, None)
+        if name not in peers.rooms and (name in st.rooms or name in loading):
+            # Subscribed from the start of the load: a message published while the
+            # room loads is held and merged by offset, never missed between the two.
             peers.rooms.add(name)
             out.append(RoomHeld(room=name))
+        if name in st.rooms and name not in peers.asked:
+            peers.asked.add(name)
             out.append(Share(room=name, fact=MembersAsked()))
     flips = list(peers.flips)
     peers.flips.clear()  # (in place: rooms hold this list)
@@ -128,9 +136,8 @@ def flush(st: EngineState, out: list[Effect]) -> None:
         fact = MemberArrived(user=user) if arrived else MemberDeparted(user=user)
         out.append(Share(room=name, fact=fact))
     for name in touched:
-        if name not in st.rooms and name in peers.rooms:
+        if name in peers.rooms and name not in st.rooms and name not in loading:
             peers.rooms.discard(name)
-            peers.remote.pop(name, None)
             out.append(RoomReleased(room=name))
     for user in dict.fromkeys(peers.touched_users):
         if user in st.by_user and user not in peers.users:

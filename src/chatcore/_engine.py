@@ -516,6 +516,7 @@ class Engine:
     def _room_failed(self, cmd: RoomLoadFailed, now: float, out: list[Effect]) -> None:
         st = self._st
         _moderation.load_failed(st, cmd.room)
+        st.peers.touch_room(cmd.room)
         for session, request in st.awaits.rooms.pop(cmd.room, None) or ():
             if request is not None:
                 error(

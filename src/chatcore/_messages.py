@@ -247,9 +247,7 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
             _drain_early(st, room, out)
             return
         if room.gap_ref is None:
-            ref = st.awaits.expect(PendingGap(room.name))
-            room.gap_ref = ref
-            out.append(LoadHistory(ref=ref, room=room.name, after=head, before=message.offset))
+            _fetch_gap(st, room, message.offset, out)
         return
     _publish(st, room, message, pending, out)
     _drain_early(st, room, out)
@@ -267,6 +265,7 @@ def _unheld(st: EngineState, message: Message, out: list[Effect]) -> None:
             return  # not ours to hold: nobody here is in it
         peers.adopt.add(name)
         st.awaits.rooms[name] = []
+        peers.touch_room(name)
         out.append(LoadRoom(room=name, recent=st.config.history_window))
     held = peers.loading.setdefault(name, {})
     if len(held) < st.config.history_window:
@@ -316,9 +315,13 @@ def behind(st: EngineState, room: Room, head: int, epoch: str, out: list[Effect]
 
 def _fetch_known(st: EngineState, room: Room, out: list[Effect]) -> None:
     if room.known > room.head and room.gap_ref is None:
-        ref = st.awaits.expect(PendingGap(room.name))
-        room.gap_ref = ref
-        out.append(LoadHistory(ref=ref, room=room.name, after=room.head, before=room.known + 1))
+        _fetch_gap(st, room, room.known + 1, out)
+
+
+def _fetch_gap(st: EngineState, room: Room, before: int, out: list[Effect]) -> None:
+    ref = st.awaits.expect(PendingGap(room.name, before))
+    room.gap_ref = ref
+    out.append(LoadHistory(ref=ref, room=room.name, after=room.head, before=before))
 
 
 def _new_life(room: Room, epoch: str, head: int) -> None:
@@ -349,15 +352,27 @@ def gap_filled(st: EngineState, gap: PendingGap, cmd: HistoryLoaded, out: list[E
     room = st.rooms.get(gap.room)
     if room is not None and room.gap_ref == cmd.ref:
         room.gap_ref = None
+        early = room.early
         for m in cmd.messages:
             # (Past a hole: what the log does not have is lost for good.)
             if m.offset > room.head and m.epoch == room.epoch:
-                _publish(st, room, m, None, out)
+                held = early.pop(m.offset, None) if early else None
+                _publish(st, room, m, None if held is None else held[1], out)
+        for offset in [o for o in early if o <= room.head]:
+            # Held back and delivered from the log since: only its ack is left to give.
+            pending = early.pop(offset)[1]
+            if pending is not None:
+                _ack(st, pending, offset, out)
         _drain_early(st, room, out)
-        if room.early:
-            # What the log does not have is lost for good: move past it.
-            room.head = min(room.early) - 1
-            _drain_early(st, room, out)
+        if early:
+            first = min(early)
+            if first <= gap.before:
+                # What the log does not have is lost for good: move past it.
+                room.head = first - 1
+                _drain_early(st, room, out)
+            else:  # more went missing since this gap was asked for
+                _fetch_gap(st, room, first, out)
+                return
         _fetch_known(st, room, out)
 
 

@@ -19,6 +19,7 @@ class Peers:
     __slots__ = (
         "on",
         "rooms",
+        "asked",
         "users",
         "touched_rooms",
         "touched_users",
@@ -40,6 +41,7 @@ class Peers:
         self.on = on
         # Rooms and users the adapter was told about (RoomHeld, UserHeld).
         self.rooms: set[str] = set()
+        self.asked: set[str] = set()  # loaded rooms whose members were asked (MembersAsked)
         self.users: set[str] = set()
         # Changes noted during the step, for ``_cluster.flush``.
         self.touched_rooms: list[str] = []

@@ -138,6 +138,7 @@ class EngineState:
         waiters = self.awaits.rooms.get(name)
         if waiters is None:
             self.awaits.rooms[name] = [(session, request)]
+            self.peers.touch_room(name)  # held from now: what comes meanwhile is merged
             out.append(LoadRoom(room=name, recent=self.config.history_window))
         else:
             waiters.append((session, request))
