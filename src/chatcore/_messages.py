@@ -28,11 +28,13 @@ from ._keys import ENCRYPTED
 from ._names import dm_room, dm_users, is_valid_name, is_valid_room
 from ._outbox import broadcast, error, to
 from ._presence import add_member, member_room, refusal, verdict
+from ._replay import pump
 from ._room import Room
 from ._session import Connection, Session, SessionState
 from ._state import EngineState
 
 __all__ = [
+    "ahead_of_room",
     "append_failed",
     "appended",
     "behind",
@@ -231,8 +233,13 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
     if cmd.ref is None:
         room.heard = st.now  # the bus is alive for this room: no head probe needed
     if message.epoch != room.epoch:
-        # The log's history was lost and restarted: follow the new numbering.
-        _new_life(room, message.epoch, message.offset - 1)
+        if message.epoch in room.past:  # from a life the room has left: stale
+            if pending is not None:
+                _ack(st, pending, message.offset, out)
+            return
+        # The log's history was lost and restarted: follow the new numbering, from
+        # its start (within a window): what came before this one is fetched as a gap.
+        _new_life(room, message.epoch, max(0, message.offset - 1 - st.config.history_window))
     head = room.head
     if message.offset <= head:  # already delivered (a replayed answer)
         if pending is not None:
@@ -303,9 +310,18 @@ def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
         appended(st, Appended(message=held[offset]), out)
 
 
+def ahead_of_room(st: EngineState, room: Room, offset: int, out: list[Effect]) -> None:
+    """A client resumed having seen ``offset``, past what this process has heard
+    of the room: the log has it (another process delivered it), so fetch it."""
+    room.known = max(room.known, offset)
+    _fetch_known(st, room, out)
+
+
 def behind(st: EngineState, room: Room, head: int, epoch: str, out: list[Effect]) -> None:
     """The log says the room's head is ``head`` in ``epoch``: fetch what this
     engine has not delivered (a message the bus lost, or a new life of the room)."""
+    if epoch in room.past:
+        return  # read before the room's history restarted: stale
     if epoch != room.epoch:
         # A new life: its newest messages, at most a window of them, as a gap.
         _new_life(room, epoch, max(0, head - st.config.history_window))
@@ -325,6 +341,9 @@ def _fetch_gap(st: EngineState, room: Room, before: int, out: list[Effect]) -> N
 
 
 def _new_life(room: Room, epoch: str, head: int) -> None:
+    if len(room.past) >= 16:  # (bounded: a room's history rarely restarts)
+        room.past.clear()
+    room.past.add(room.epoch)
     room.epoch = epoch
     room.head = head
     room.known = 0
@@ -373,6 +392,12 @@ def gap_filled(st: EngineState, gap: PendingGap, cmd: HistoryLoaded, out: list[E
             else:  # more went missing since this gap was asked for
                 _fetch_gap(st, room, first, out)
                 return
+        if room.known > room.head and gap.before > room.known:
+            # Asked up to what the log (or a client that resumed) said, and the log
+            # has no more: there is no more.
+            room.known = room.head
+            if room.ahead:
+                _caught_up(st, room, out, give_up=True)
         _fetch_known(st, room, out)
 
 
@@ -403,6 +428,21 @@ def _publish(
     if room.typing:
         room.typing.pop(message.sender, None)
     broadcast(st, room, message, None if st.config.echo else sender_conn, out, ephemeral=False)
+    if room.ahead:
+        _caught_up(st, room, out)
+
+
+def _caught_up(st: EngineState, room: Room, out: list[Effect], *, give_up: bool = False) -> None:
+    """Connections waiting for the room to reach what they had seen go on
+    (``give_up``: the log has no more, so they go on from where the room is)."""
+    for conn in list(room.ahead.values()):
+        catchup = conn.catchup.get(room.name)
+        if catchup is None:
+            del room.ahead[conn.id]
+        elif catchup.next <= room.head + 1 or give_up:
+            del room.ahead[conn.id]
+            catchup.next = min(catchup.next, room.head + 1)
+            pump(st, conn, out)
 
 
 def _ack(
