@@ -112,7 +112,7 @@ class ClusterModel(RuleBasedStateMachine):
     @invariant()
     def streams_in_order_without_repeats(self) -> None:
         for client in getattr(self, "clients", []):
-            positions(client)
+            positions(client, lost=frozenset(self.cluster.lost))
 
     def teardown(self) -> None:
         if hasattr(self, "cluster"):
