@@ -119,6 +119,7 @@ class Node(Simulation):
         self.cluster = cluster
         self.name = name
         self.alive = True
+        self.execute_early = True
         self.channels: set[str] = set()
 
     def _answers(self, commands: list[Command]) -> list[Command]:

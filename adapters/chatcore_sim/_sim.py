@@ -249,7 +249,11 @@ class Simulation:
         self._rng = random.Random(seed)
         self._latency = store_latency
         self._queue: deque[Command] = deque()
-        self._later: list[tuple[float, int, Sequence[StorageEffect]]] = []
+        self._later: list[tuple[float, int, Sequence[StorageEffect] | list[Command]]] = []
+        # Carry storage effects out when they are emitted and only answer late (a
+        # cluster node: a load reads the log at once, so messages committed while
+        # its answer travels are newer than it), instead of carrying them out late.
+        self.execute_early = False
         self._last_answer = start
         self._seq = 0
         self._next_conn = 0
@@ -321,7 +325,10 @@ class Simulation:
             self.now = max(self.now, min(due))
             if self._later and self._later[0][0] <= self.now:
                 _, _, effects = heapq.heappop(self._later)
-                self._queue.extend(self._answers(self.store.execute_now(effects)))
+                if self.execute_early:
+                    self._queue.extend(effects)  # type: ignore[arg-type]
+                else:
+                    self._queue.extend(self._answers(self.store.execute_now(effects)))  # type: ignore[arg-type]
                 self._settle()
             else:
                 self._run(self._tick(self.now))
@@ -409,7 +416,10 @@ class Simulation:
                 when = max(self._last_answer, self.now + self._rng.uniform(0, self._latency))
                 self._last_answer = when
                 self._seq += 1
-                heapq.heappush(self._later, (when, self._seq, storage))
+                later: Sequence[StorageEffect] | list[Command] = storage
+                if self.execute_early:
+                    later = self._answers(self.store.execute_now(storage))
+                heapq.heappush(self._later, (when, self._seq, later))
         self._drain(touched.values())
         self._settle()
 

@@ -51,6 +51,7 @@ from ._facts import (
 )
 from ._messages import behind, held_back
 from ._outbox import broadcast
+from ._peers import Peers
 from ._room import Room
 from ._session import Session, SessionInput, SessionState, TokenBucket, fire
 from ._state import EngineState
@@ -79,11 +80,13 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
         case HeadsLoaded():
             if cmd.ref in peers.probes:
                 peers.probes.discard(cmd.ref)
+                _answered(peers, cmd.ref)
                 for name, (head, epoch) in cmd.heads.items():
                     if (room := st.rooms.get(name)) is not None:
                         behind(st, room, head, epoch, out)
         case HeadsFailed():
             peers.probes.discard(cmd.ref)  # the rooms stay idle: probed next time
+            _answered(peers, cmd.ref)
         case BusResumed():
             _load_heads(st, tuple(st.rooms), out)
         case Shared():
@@ -97,6 +100,12 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
                         _remote_left(st, room, user, out)
         case _:
             assert_never(cmd)
+
+
+def _answered(peers: Peers, ref: int) -> None:
+    if peers.asking:
+        for name in [n for n, r in peers.asking.items() if r == ref]:
+            del peers.asking[name]
 
 
 # -- holding rooms and users ---------------------------------------------------------

@@ -21,7 +21,7 @@ from ._commands import (
     SendDirect,
     Verdict,
 )
-from ._effects import Append, Effect, LoadHistory, LoadRoom, Screen
+from ._effects import Append, Effect, LoadHeads, LoadHistory, LoadRoom, Screen
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import Ack, Message
 from ._keys import ENCRYPTED
@@ -247,9 +247,15 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
     if cmd.ref is None:
         room.heard = st.now  # the bus is alive for this room: no head probe needed
     if message.epoch != room.epoch:
-        if message.epoch in room.past:  # from a life the room has left: stale
+        bus = cmd.ref is None and st.peers.on
+        if bus or message.epoch in room.past:
+            # From a life the room has left (stale), or from the bus, which may
+            # bring an old life's message late: only the log says which life is
+            # the room's now, so ask it (the answer fetches this one if it is new).
             if pending is not None:
                 _ack(st, pending, message.offset, out)
+            if bus and message.epoch not in room.past:
+                _ask_head(st, room, out)
             return
         # The log's history was lost and restarted: follow the new numbering, from
         # its start (within a window): what came before this one is fetched as a gap.
@@ -341,6 +347,15 @@ def behind(st: EngineState, room: Room, head: int, epoch: str, out: list[Effect]
         _new_life(st, room, epoch, max(0, head - st.config.history_window))
     room.known = max(room.known, head)
     _fetch_known(st, room, out)
+
+
+def _ask_head(st: EngineState, room: Room, out: list[Effect]) -> None:
+    peers = st.peers
+    if room.name not in peers.asking:
+        ref = st.awaits.next_ref()
+        peers.probes.add(ref)
+        peers.asking[room.name] = ref
+        out.append(LoadHeads(ref=ref, rooms=(room.name,)))
 
 
 def _fetch_known(st: EngineState, room: Room, out: list[Effect]) -> None:

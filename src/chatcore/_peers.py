@@ -28,6 +28,7 @@ class Peers:
         "loading",
         "adopt",
         "probes",
+        "asking",
         "probe_gen",
         "last_tick",
         "parked",
@@ -54,6 +55,7 @@ class Peers:
         # Direct-message rooms loading because the bus brought one of their messages.
         self.adopt: set[str] = set()
         self.probes: set[int] = set()  # LoadHeads refs in flight
+        self.asking: dict[str, int] = {}  # room -> LoadHeads ref asked for its epoch
         self.probe_gen = 0  # of the one live HeadProbe timer (0: none armed)
         self.last_tick = 0.0  # when it last ran: rooms heard of since are not idle
         self.parked: set[str] = set()  # tokens of sessions recorded as parked

@@ -190,10 +190,21 @@ def test_head_answers_nobody_waits_for_and_failures_change_nothing() -> None:
 def test_a_head_of_an_old_life_is_stale() -> None:
     one = One()
     one.open(1, "ann")
-    one.do(Appended(message=message(1, epoch="e2")))  # the room's history restarted
+    # A message of another life from the bus: the log is asked which life is now.
+    [ask] = [
+        e for e in one.do(Appended(message=message(1, epoch="e2"))) if isinstance(e, LoadHeads)
+    ]
+    assert one.do(Appended(message=message(2, epoch="e2"))) == []  # (asked once)
+    out = one.do(HeadsLoaded(ref=ask.ref, heads={"general": (2, "e2")}))
+    assert [e.after for e in out if type(e).__name__ == "LoadHistory"] == [0]
+    assert one.engine.rooms()["general"].epoch == "e2"
     [probe] = [e for e in one.do(BusResumed()) if isinstance(e, LoadHeads)]
     assert one.do(HeadsLoaded(ref=probe.ref, heads={"general": (9, "e1")})) == []
     assert one.do(Appended(message=message(7, epoch="e1"))) == []  # late, from the old life
+    [ask] = [
+        e for e in one.do(Appended(message=message(1, epoch="e3"))) if isinstance(e, LoadHeads)
+    ]
+    one.do(HeadsFailed(ref=ask.ref))
 
 
 def test_facts_for_rooms_not_held_and_unknown_members_are_ignored() -> None:
@@ -359,7 +370,7 @@ def test_an_early_message_the_log_skipped_over_still_gets_its_ack() -> None:
 def test_an_answer_from_a_life_the_room_left_is_only_acked() -> None:
     from chatcore import Send
 
-    one = One()
+    one = One(Config())
     one.open(1, "ann")
     [send] = _appends(one.do(Send(conn=1, room="general", text="hi", client_id="c1")))
     one.do(Appended(message=message(1, epoch="e2")))
@@ -369,7 +380,7 @@ def test_an_answer_from_a_life_the_room_left_is_only_acked() -> None:
 
 
 def test_many_new_lives_keep_a_bounded_past() -> None:
-    one = One()
+    one = One(Config())
     one.open(1, "ann")
     for life in range(2, 20):
         one.do(Appended(message=message(1, epoch=f"e{life}")))
@@ -379,7 +390,7 @@ def test_many_new_lives_keep_a_bounded_past() -> None:
 
 
 def test_a_reader_replaying_when_the_room_starts_a_new_life_starts_over_with_it() -> None:
-    one = One(Config(cluster=True, outbox_frames=8))
+    one = One(Config(outbox_frames=8))
     one.open(1, "ann")
     for offset in range(1, 10):  # nothing is reported written: ann falls behind
         one.do(Appended(message=message(offset)))
