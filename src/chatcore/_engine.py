@@ -517,6 +517,8 @@ class Engine:
         st = self._st
         _moderation.load_failed(st, cmd.room)
         st.peers.touch_room(cmd.room)
+        st.peers.loading.pop(cmd.room, None)  # what came meanwhile: the next load has it
+        st.peers.adopt.discard(cmd.room)
         for session, request in st.awaits.rooms.pop(cmd.room, None) or ():
             if request is not None:
                 error(

@@ -416,3 +416,14 @@ def test_a_resume_ahead_of_a_process_that_the_log_cannot_serve_stops_asking() ->
     out = one.do(Appended(message=message(1)))
     assert not [e for e in out if type(e).__name__ == "LoadHistory"]  # it stopped asking
     assert not [e for e in out if type(e).__name__ == "Deliver"]  # ann saw up to 5
+
+
+def test_a_load_that_fails_forgets_what_came_for_the_room() -> None:
+    from chatcore import RoomLoadFailed
+
+    one = One()
+    one.do(Connect(conn=1, user="ann", rooms=("general",)))
+    one.do(Appended(message=message(1)))
+    out = one.do(RoomLoadFailed(room="general"))
+    assert RoomReleased(room="general") in out
+    assert one.engine._st.peers.loading == {}
