@@ -577,6 +577,8 @@ class Chat:
         if resume and self.resume_token is not None:
             query.append(("resume", self.resume_token))
             query.extend(("offset", f"{r}:{n}") for r, n in self.offsets.items())
+            epochs = self._ledger.epochs  # so that another life of a room is not replayed
+            query.extend(("epoch", f"{r}:{epochs[r]}") for r in self.offsets if r in epochs)
         own = urlencode(query)
         path = self._parts.path or "/ws"
         both = "&".join(q for q in (self._parts.query, own) if q)

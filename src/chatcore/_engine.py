@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import assert_never
 
 from . import (
+    _cluster,
     _history,
     _keys,
     _lifecycle,
@@ -38,8 +39,10 @@ from ._commands import (
     Appended,
     AppendFailed,
     Ban,
+    BusResumed,
     CallSignal,
     ClaimDeviceKeys,
+    ClaimRefused,
     ClientRequest,
     Command,
     Connect,
@@ -50,6 +53,8 @@ from ._commands import (
     Disconnected,
     Drained,
     FetchHistory,
+    HeadsFailed,
+    HeadsLoaded,
     HistoryFailed,
     HistoryLoaded,
     InboxFailed,
@@ -62,6 +67,7 @@ from ._commands import (
     Mute,
     Pong,
     PrekeysClaimed,
+    ProcessGone,
     Publish,
     PublishDeviceKeys,
     Receive,
@@ -71,6 +77,9 @@ from ._commands import (
     Screened,
     Send,
     SendDirect,
+    SessionClaimed,
+    SessionTaken,
+    Shared,
     Shutdown,
     StartTyping,
     Unban,
@@ -78,13 +87,13 @@ from ._commands import (
     WrittenMany,
 )
 from ._config import Config
-from ._effects import Effect
-from ._errors import ErrorCode, LocalProtocolError
+from ._effects import Close, Effect
+from ._errors import CloseCode, ErrorCode, LocalProtocolError
 from ._ids import IdSource
 from ._outbox import error
 from ._session import Session, SessionAction, SessionInput, SessionState, fire
 from ._state import Counters, EngineState
-from ._timers import GraceOver, PingDue, PongDue, PresenceDue, Timer, TypingOver
+from ._timers import GraceOver, HeadProbe, PingDue, PongDue, PresenceDue, Timer, TypingOver
 
 __all__ = ["Engine", "RoomView", "SessionInfo"]
 
@@ -142,6 +151,12 @@ class Engine:
                     request = _requests.decode(st, conn, command.text, now, out)
                     if request is not None:
                         self._request(conn.session, request, now, out)
+                elif (claiming := st.peers.claiming.get(command.conn)) is not None and len(
+                    claiming[1]
+                ) < self.config.max_pending_frames:
+                    # Its session is being claimed from another process: the frame
+                    # waits, as a frame before the welcome does (and within its bound).
+                    claiming[1].append(command.text)
             case (
                 Send()
                 | Join()
@@ -168,6 +183,7 @@ class Engine:
             case Connect():
                 self._run_held(_lifecycle.connect(st, command, now, out), now, out)
             case Disconnected():
+                st.peers.claiming.pop(command.conn, None)
                 _lifecycle.disconnected(st, command, out)
             case Pong():
                 if (conn := st.conns.get(command.conn)) is not None:
@@ -203,12 +219,20 @@ class Engine:
                 _moderation.moderate(st, command, out)
             case Screened():
                 _messages.screened(st, command, out)
+            case HeadsLoaded() | HeadsFailed() | BusResumed() | Shared() | ProcessGone():
+                _cluster.handle(st, command, out)
+            case SessionClaimed() | ClaimRefused():
+                self._claim_answered(command, now, out)
+            case SessionTaken():
+                self._session_taken(command, out)
             case _:
                 assert_never(command)
         if st.closes:
             _lifecycle.close_deferred(st, out)
         if st.timers.stale:
             st.timers.compact(self._timer_live)
+        if st.peers.dirty:
+            _cluster.flush(st, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -244,6 +268,8 @@ class Engine:
                     _presence.typing_over(st, timer, now, out)
                 case PresenceDue():
                     _presence.presence_due(st, timer, out)
+                case HeadProbe():
+                    _cluster.probe(st, timer, now, out)
                 case _:
                     assert_never(timer)
         _signals.tick(st, now, out)
@@ -251,6 +277,8 @@ class Engine:
             _lifecycle.close_deferred(st, out)
         if st.timers.stale:
             st.timers.compact(self._timer_live)
+        if st.peers.dirty:
+            _cluster.flush(st, out)
         return out
 
     def _timer_live(self, timer: Timer) -> bool:
@@ -264,6 +292,8 @@ class Engine:
                 return _presence.typing_live(self._st, timer)
             case PresenceDue():
                 return _presence.presence_live(self._st, timer)
+            case HeadProbe():
+                return _cluster.probe_live(self._st, timer)
             case _:
                 assert_never(timer)
 
@@ -452,6 +482,7 @@ class Engine:
             return
         room, waiters = loaded
         _moderation.room_arrived(st, room)
+        _cluster.room_arrived(st, room, out)
         for session, request in waiters:
             if request is None:
                 self._run_held(_lifecycle.room_arrived(st, session, cmd.room, now, out), now, out)
@@ -459,9 +490,46 @@ class Engine:
                 self._dispatch(session, request, now, out)  # its token was taken already
         st.forget_if_empty(room)
 
+    # -- several processes: a session claimed from another, or taken by another ------------
+
+    def _claim_answered(
+        self, cmd: SessionClaimed | ClaimRefused, now: float, out: list[Effect]
+    ) -> None:
+        st = self._st
+        again = _cluster.claim_answered(st, cmd, now, out)
+        if again is None:
+            return
+        connect, frames = again
+        self._run_held(_lifecycle.connect(st, connect, now, out), now, out)
+        for text in frames:
+            if (conn := st.conns.get(connect.conn)) is None:
+                break
+            request = _requests.decode(st, conn, text, now, out)
+            if request is not None:
+                self._request(conn.session, request, now, out)
+
+    def _session_taken(self, cmd: SessionTaken, out: list[Effect]) -> None:
+        st = self._st
+        session = st.sessions.get(cmd.token)
+        if session is None:
+            return
+        st.peers.taken.add(cmd.token)
+        _cluster.stays_with(st, session, cmd.by)
+        if session.conn is not None:
+            conn = session.conn
+            out.append(
+                Close(conn=conn.id, code=CloseCode.NORMAL, reason="session resumed elsewhere")
+            )
+            _lifecycle.drop(st, conn, out)
+        _lifecycle.expire(st, session, out)
+        st.peers.taken.discard(cmd.token)
+
     def _room_failed(self, cmd: RoomLoadFailed, now: float, out: list[Effect]) -> None:
         st = self._st
         _moderation.load_failed(st, cmd.room)
+        st.peers.touch_room(cmd.room)
+        st.peers.loading.pop(cmd.room, None)  # what came meanwhile: the next load has it
+        st.peers.adopt.discard(cmd.room)
         for session, request in st.awaits.rooms.pop(cmd.room, None) or ():
             if request is not None:
                 error(

@@ -15,6 +15,7 @@ from ._commands import CreateRoom, Join
 from ._effects import Effect, Position, SavePositions, SaveRoom
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import Joined, Left, Presence, ReadMark, Typing
+from ._facts import ReadMarked, TypingChanged
 from ._names import is_valid_name, is_valid_room
 from ._outbox import broadcast, error, send_members, to
 from ._room import Room
@@ -193,8 +194,8 @@ def came_or_went(st: EngineState, room: Room, user: str, out: list[Effect]) -> N
     Rooms of more than ``presence_limit`` users hear nothing.
     """
     config = st.config
-    present = user in room.users
-    crowd = len(room.users) if present else len(room.users) + 1
+    present = room.present(user)
+    crowd = room.crowd() if present else room.crowd() + 1
     if crowd > config.presence_limit:
         return
     changed = room.changed
@@ -214,9 +215,8 @@ def presence_due(st: EngineState, timer: PresenceDue, out: list[Effect]) -> None
     """A crowded room's changes are due: one frame, encoded once, to every member."""
     room = timer.room
     changed, room.changed = room.changed or {}, None
-    users = room.users
-    joins = tuple(sorted(u for u in changed if u in users))
-    leaves = tuple(sorted(u for u in changed if u not in users))
+    joins = tuple(sorted(u for u in changed if room.present(u)))
+    leaves = tuple(sorted(u for u in changed if not room.present(u)))
     broadcast(
         st, room, Presence(room=room.name, joins=joins, leaves=leaves), None, out, ephemeral=True
     )
@@ -242,6 +242,7 @@ def typing(st: EngineState, session: Session, name: str, now: float, out: list[E
         room.typing[session.user] = (until, previous[1])
     # A refresh within half the lifetime extends the indicator silently.
     if previous is None or previous[0] - now < ttl / 2:
+        st.share(name, TypingChanged(user=session.user), out)
         broadcast(
             st,
             room,
@@ -261,6 +262,7 @@ def typing_over(st: EngineState, timer: TypingOver, now: float, out: list[Effect
         st.timers.push(until, timer)
         return
     del room.typing[user]
+    st.share(room.name, TypingChanged(user=user, active=False), out)
     broadcast(
         st,
         room,
@@ -286,6 +288,7 @@ def mark_read(st: EngineState, session: Session, name: str, offset: int, out: li
     if offset <= room.reads.get(session.user, 0):
         return
     room.reads[session.user] = offset
+    st.share(name, ReadMarked(user=session.user, offset=offset), out)
     broadcast(
         st,
         room,

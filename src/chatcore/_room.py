@@ -42,6 +42,12 @@ class Room:
         "gap_ref",
         "banned",
         "muted",
+        "remote",
+        "flips",
+        "heard",
+        "known",
+        "ahead",
+        "past",
     )
 
     def __init__(
@@ -89,6 +95,19 @@ class Room:
         # Moderation (``_moderation``): users banned, and muted until when.
         self.banned: set[str] = set()
         self.muted: dict[str, float] = {}
+        # Several processes (``_cluster``): users with sessions in the room on other
+        # processes (how many processes each), listed with the local ones; where
+        # local members' first and last sessions are noted; when the bus or the log
+        # last said something of the room; the head the log last reported.
+        self.remote: dict[str, int] = {}
+        self.flips: list[tuple[str, str, bool]] | None = None
+        self.heard = 0.0
+        self.known = 0
+        # Connections that resumed having seen more than this process has heard
+        # of yet: they go live once the room has caught up with them.
+        self.ahead: dict[int, Connection] = {}
+        # Epochs the room's history has left (a bus message of one, late, is stale).
+        self.past: set[str] = set()
 
     def attach(self, conn: Connection) -> None:
         (self.conns if conn.mode is Mode.JSON else self.text_conns)[conn.id] = conn
@@ -99,6 +118,8 @@ class Room:
         (self.conns if conn.mode is Mode.JSON else self.text_conns).pop(conn.id, None)
         if self.behind:
             self.behind.pop(conn.id, None)
+        if self.ahead:
+            self.ahead.pop(conn.id, None)
 
     def window_start(self) -> int:
         """The lowest offset held in memory (head + 1 when none is)."""
@@ -118,29 +139,74 @@ class Room:
         return [self.window[i] for i in range(lo, hi + 1)]
 
     def add_user(self, user: str) -> bool:
-        """Count one more session of ``user`` in the room; True if the user is new."""
+        """Count one more session of ``user`` in the room; True if the user is new
+        (to the room, on any process)."""
         count = self.users.get(user, 0)
         self.users[user] = count + 1
         if count:
             return False
+        if self.flips is not None:
+            self.flips.append((self.name, user, True))
+            if user in self.remote:
+                return False
+        self._insert(user)
+        return True
+
+    def add_remote(self, user: str) -> bool:
+        """One more process has ``user`` in the room; True if the user is new."""
+        count = self.remote.get(user, 0)
+        self.remote[user] = count + 1
+        if count or user in self.users:
+            return False
+        self._insert(user)
+        return True
+
+    def remove_remote(self, user: str) -> bool:
+        """One process less has ``user`` in the room; True if that was the user's last."""
+        count = self.remote[user] - 1
+        if count:
+            self.remote[user] = count
+            return False
+        del self.remote[user]
+        if user in self.users:
+            return False
+        self._remove(user)
+        return True
+
+    def _insert(self, user: str) -> None:
         i = bisect_left(self._sorted, user)
         self._sorted.insert(i, user)
         self._encoded.insert(i, encode_string(user))
         self._roster = self._members_json = None
-        return True
 
     def remove_user(self, user: str) -> bool:
-        """Count one session of ``user`` less; True if that was the user's last."""
+        """Count one session of ``user`` less; True if that was the user's last
+        (in the room, on any process)."""
         count = self.users[user] - 1
         if count:
             self.users[user] = count
             return False
         del self.users[user]
+        if self.flips is not None:
+            self.flips.append((self.name, user, False))
+            if user in self.remote:
+                return False
+        self._remove(user)
+        return True
+
+    def _remove(self, user: str) -> None:
         i = bisect_left(self._sorted, user)
         del self._sorted[i]
         del self._encoded[i]
         self._roster = self._members_json = None
-        return True
+
+    def present(self, user: str) -> bool:
+        """Whether ``user`` is a member, here or (``_cluster``) on another process."""
+        return user in self.users or user in self.remote
+
+    def crowd(self) -> int:
+        """How many users are members, on every process."""
+        return len(self._sorted)
 
     def member_list(self) -> tuple[str, ...]:
         """The users, sorted."""

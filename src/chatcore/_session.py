@@ -27,6 +27,7 @@ from ._events import Ack, Message
 
 NO_ROOMS: frozenset[str] = frozenset()
 NO_OFFSETS: Mapping[str, int] = MappingProxyType({})
+NO_EPOCHS: Mapping[str, str] = MappingProxyType({})
 
 __all__ = [
     "TABLE",
@@ -268,6 +269,7 @@ class Session:
         "resumed",
         "inbox",
         "mode",
+        "epochs",
     )
 
     def __init__(
@@ -294,3 +296,4 @@ class Session:
         # The mode of its latest connection, kept while it is away: a call rings only
         # sessions in JSON mode (a plain-text connection is never handed call frames).
         self.mode = Mode.JSON
+        self.epochs: Mapping[str, str] = NO_EPOCHS  # the epoch of each offset asked at resume

@@ -20,7 +20,16 @@ from typing import NamedTuple
 from ._room import Room
 from ._session import Connection, Session
 
-__all__ = ["GraceOver", "PingDue", "PongDue", "PresenceDue", "Timer", "Timers", "TypingOver"]
+__all__ = [
+    "GraceOver",
+    "HeadProbe",
+    "PingDue",
+    "PongDue",
+    "PresenceDue",
+    "Timer",
+    "Timers",
+    "TypingOver",
+]
 
 
 class PingDue(NamedTuple):
@@ -57,7 +66,14 @@ class PresenceDue(NamedTuple):
     room: Room
 
 
-Timer = PingDue | PongDue | GraceOver | TypingOver | PresenceDue
+class HeadProbe(NamedTuple):
+    """Time to ask the log for the heads of idle held rooms (``_cluster``);
+    ``gen`` is the probe's arming, stale once re-armed or disarmed."""
+
+    gen: int
+
+
+Timer = PingDue | PongDue | GraceOver | TypingOver | PresenceDue | HeadProbe
 
 Entry = tuple[float, int, Timer]
 
