@@ -335,3 +335,24 @@ def test_lossy_bus_with_every_fault_still_delivers_everything(seed: int) -> None
         a.send(f"m{i}")
     cluster.settle()
     check_cluster(cluster)
+
+
+def test_a_crowded_room_batches_members_of_other_processes_too() -> None:
+    """Presence in a crowded room is one frame per interval, whichever process
+    a user came through; it names each user as they are when it is sent."""
+    config = Config(cluster=True, presence_batch_above=2, presence_interval=0.5)
+    cluster = Cluster(2, config=config)
+    watcher = cluster.connect(0, "wanda", "hall")
+    others = [cluster.connect(1, name, "hall") for name in ("xena", "yuri", "zoe")]
+    cluster.advance(1.0)
+    first = [e for e in watcher.take() if e["type"] == "presence"]
+    assert first == [{"type": "presence", "room": "hall", "joins": ["yuri", "zoe"], "leaves": []}]
+    cluster.nodes[1].close(others[0])
+    late = cluster.connect(1, "abel", "hall")
+    cluster.advance(0.1)
+    assert not [e for e in watcher.take() if e["type"] in ("joined", "left", "presence")]
+    cluster.advance(1.0)
+    frames = [e for e in watcher.take() if e["type"] in ("joined", "left", "presence")]
+    assert frames == [{"type": "presence", "room": "hall", "joins": ["abel"], "leaves": ["xena"]}]
+    assert cluster.nodes[0].engine.members("hall") == ("abel", "wanda", "yuri", "zoe")
+    assert late.of_type("members")[-1]["users"] == ["abel", "wanda", "yuri", "zoe"]
