@@ -51,6 +51,7 @@ from chatcore import (
 )
 from chatcore_host import (
     AuthError,
+    Bus,
     EngineHost,
     authenticate,
     header,
@@ -99,6 +100,9 @@ class ChatApp:
     request (a cookie, a header, a session); without it an HS256 token is
     required when ``jwt_secret`` is set, and the ``user`` parameter is
     trusted otherwise.
+
+    ``bus`` (a :class:`chatcore_host.RedisBus`) joins this app to other
+    processes sharing its PostgreSQL log (see the README's "Several processes").
     """
 
     def __init__(
@@ -116,8 +120,9 @@ class ChatApp:
         close_timeout: float = 3.0,
         shutdown_timeout: float = 10.0,
         ids: IdSource | None = None,
+        bus: Bus | None = None,
     ) -> None:
-        self.engine_host = EngineHost(self, config=config, store=store, ids=ids)
+        self.engine_host = EngineHost(self, config=config, store=store, ids=ids, bus=bus)
         self.config = self.engine_host.config
         self.jwt_secret = jwt_secret
         self.identify = identify

@@ -9,8 +9,10 @@ admin API (``check_admin``, ``admin_request``). Needs anyio;
 no HTTP or WebSocket library.
 """
 
+from typing import TYPE_CHECKING
+
 from ._admin import MAX_ADMIN_BODY, AdminReply, admin_request, check_admin
-from ._host import EngineHost, ScreenHook, Transport
+from ._host import Bus, EngineHost, ScreenHook, Transport
 from ._policy import (
     AuthError,
     Headers,
@@ -24,14 +26,21 @@ from ._policy import (
     repeated_header,
 )
 from ._record import RecordFile, read_record
+from ._tally import BusTally
+
+if TYPE_CHECKING:
+    from ._bus import RedisBus
 
 __all__ = [
     "MAX_ADMIN_BODY",
     "AdminReply",
     "AuthError",
+    "Bus",
+    "BusTally",
     "EngineHost",
     "Headers",
     "RecordFile",
+    "RedisBus",
     "ScreenHook",
     "Transport",
     "admin_request",
@@ -46,3 +55,12 @@ __all__ = [
     "read_record",
     "repeated_header",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # RedisBus needs redis-py (the ``redis`` extra): imported on first use only.
+    if name == "RedisBus":
+        from ._bus import RedisBus
+
+        return RedisBus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,7 +36,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Protocol, TypeAlias, TypeGuard
 
@@ -45,6 +45,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from chatcore import (
+    Appended,
     Close,
     Command,
     Config,
@@ -74,9 +75,9 @@ from chatcore_store import (
 )
 
 from ._record import RecordFile
-from ._tally import HostTally
+from ._tally import BusTally, HostTally
 
-__all__ = ["EngineHost", "ScreenHook", "Transport"]
+__all__ = ["Bus", "EngineHost", "ScreenHook", "Transport"]
 
 ScreenHook: TypeAlias = Callable[[Screen], Screened | Awaitable[Screened]]
 """The host program's message hook: ``screen.accept()``, ``screen.refuse(reason)``
@@ -123,6 +124,32 @@ class Transport(Protocol):
         ...
 
 
+class Bus(Protocol):
+    """What the host needs of a bus between processes sharing one log
+    (:class:`chatcore_host.RedisBus` is one).
+
+    :meth:`publish` is called once per message this process appended, after the
+    log stored it; it must not block (queue it). :meth:`run` runs for as long
+    as the host does and feeds what other processes appended back through the
+    host's :meth:`EngineHost.bus_messages`, and :meth:`EngineHost.bus_resumed`
+    each time its subscription is (again) in place.
+    """
+
+    tally: BusTally
+
+    def publish(self, message: Message) -> None: ...
+
+    def hold(self, rooms: Iterable[str]) -> None: ...
+
+    def release(self, rooms: Iterable[str]) -> None: ...
+
+    async def run(self, sink: EngineHost) -> None: ...
+
+    async def ping(self) -> str | None:
+        """None if the bus works, else why not (for ``/readyz``)."""
+        ...
+
+
 class EngineHost:
     """Runs one engine for a transport: commands in, effects out, timer, store.
 
@@ -147,8 +174,11 @@ class EngineHost:
         retention_every: float = _RETENTION_EVERY,
         screen: ScreenHook | None = None,
         record: RecordFile | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.config = config or Config()
+        self.bus = bus
+        """Where this process's messages go to other processes sharing the log, if any."""
         self.retention_every = retention_every
         """Seconds between passes that cut the store's rooms down to their retention limits."""
         if screen is not None and not self.config.screen_messages:
@@ -276,6 +306,8 @@ class EngineHost:
         started = time.perf_counter()
         answers = self._instant.execute_now(storage)
         self.tally.store_call(time.perf_counter() - started, answers)
+        if self.bus is not None:
+            self._publish(self.bus, answers)
         self._answer(answers)
 
     def _answer(self, answers: Sequence[Command]) -> None:
@@ -293,6 +325,28 @@ class EngineHost:
                     self._run(effects)
         finally:
             self._answering = False
+
+    # -- the bus -----------------------------------------------------------------------
+
+    @staticmethod
+    def _publish(bus: Bus, answers: Sequence[Command]) -> None:
+        """Hand the bus every message the log just stored for this process (once each:
+        a duplicate was published when it was first stored)."""
+        for answer in answers:
+            if type(answer) is Appended and answer.ref is not None and not answer.duplicate:
+                bus.publish(answer.message)
+            elif type(answer) is RoomLoaded:
+                bus.hold((answer.room,))
+
+    def bus_messages(self, messages: Sequence[Message]) -> None:
+        """Messages other processes appended, from the bus: fed as the log's own
+        ``Appended`` without a ref, in one turn (their writes coalesce)."""
+        with self.turn():
+            for message in messages:
+                self.feed_or_log(Appended(message=message))
+
+    def bus_resumed(self) -> None:
+        """The bus listens again: whatever was published meanwhile is in the log."""
 
     # -- screening ----------------------------------------------------------------------
 
@@ -384,6 +438,8 @@ class EngineHost:
                 tasks.start_soon(self._storage_loop)
                 if self._screen is not None:
                     tasks.start_soon(self._screen_loop)
+                if self.bus is not None:
+                    tasks.start_soon(self.bus.run, self)
                 if self.durable is not None:
                     tasks.start_soon(self._retention_loop, self.durable)
                 yield
@@ -410,6 +466,8 @@ class EngineHost:
             self._storage_busy = True
             async with self._store_lock:
                 answers = await self._execute(batch)
+            if self.bus is not None:
+                self._publish(self.bus, answers)
             with self.turn():
                 for answer in answers:
                     self.feed_or_log(answer)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from chatcore import AppendFailed, Command, HistoryFailed, InboxFailed, RoomLoadFailed
 
-__all__ = ["LATENCY_BUCKETS", "HostTally"]
+__all__ = ["LATENCY_BUCKETS", "BusTally", "HostTally"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Upper bounds in seconds of the store latency histogram's buckets (``+Inf`` implied)."""
@@ -41,3 +42,19 @@ class HostTally:
         for answer in answers:
             if isinstance(answer, _FAILURES):
                 self.store_failures += 1
+
+
+@dataclass(slots=True)
+class BusTally:
+    """What a bus between processes counts, for metrics; read, never reset."""
+
+    publishes: int = 0
+    """Messages published (each once, to its room's channel)."""
+    publish_failures: int = 0
+    """Messages not published: the bus refused, timed out, or its queue overflowed."""
+    received: int = 0
+    """Messages from other processes fed to the engine."""
+    resyncs: int = 0
+    """Times the subscription came back after it was lost (each a resync of every room)."""
+    deaf: int = 0
+    """Times the liveness probe found the subscription deaf and opened it again."""

@@ -68,6 +68,7 @@ from chatcore import (
 from chatcore_host import (
     MAX_ADMIN_BODY,
     AuthError,
+    Bus,
     EngineHost,
     RecordFile,
     ScreenHook,
@@ -142,6 +143,8 @@ class ChatServer:
     listener is up, which is how tests and embedding programs start it.
     ``screen`` and ``record`` are :class:`chatcore_host.EngineHost`'s hooks:
     a message filter, and a record of the run for ``chatcore replay``.
+    ``bus`` (a :class:`chatcore_host.RedisBus`) joins this server to others
+    that share its PostgreSQL log: see the README's "Several processes".
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class ChatServer:
         admin_token: str | None = None,
         screen: ScreenHook | None = None,
         record: RecordFile | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.engine_host = EngineHost(
@@ -172,6 +176,7 @@ class ChatServer:
             retention_every=self.limits.retention_interval,
             screen=screen,
             record=record,
+            bus=bus,
         )
         self.config = self.engine_host.config
         self.engine: Engine = self.engine_host.engine
