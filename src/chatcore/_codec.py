@@ -402,7 +402,11 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
                 "user": event.user,
                 "resumed": event.resumed,
                 "rooms": {
-                    r: {"offset": p.offset, "epoch": p.epoch, "read": p.read}
+                    r: (
+                        {"offset": p.offset, "epoch": p.epoch, "read": p.read, "reset": True}
+                        if p.reset
+                        else {"offset": p.offset, "epoch": p.epoch, "read": p.read}
+                    )
                     for r, p in event.rooms.items()
                 },
             }

@@ -9,8 +9,11 @@ Three families, all frozen values passed to :meth:`Engine.handle`:
   them directly;
 * log answers, the results of storage effects fed back in
   (``RoomLoaded``, ``Appended``, ``AppendFailed``, ``HistoryLoaded``,
-  ``HistoryFailed``, ``InboxLoaded``, ``InboxFailed``), and host commands
-  (``CreateRoom``, ``Shutdown``).
+  ``HistoryFailed``, ``InboxLoaded``, ``InboxFailed``, ``HeadsLoaded``,
+  ``HeadsFailed``), and host commands (``CreateRoom``, ``Shutdown``);
+* bus commands, from the adapter that links several processes sharing one
+  log (``BusResumed``, ``Shared``, ``ProcessGone``, ``SessionClaimed``,
+  ``ClaimRefused``, ``SessionTaken``): docs/engine.md "Several processes".
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ._events import Message
+from ._facts import Fact
 
 __all__ = [
     "AppendFailed",
     "Appended",
     "Ban",
+    "BusResumed",
     "CallSignal",
     "ClaimDeviceKeys",
+    "ClaimRefused",
     "ClaimedDevice",
     "ClientRequest",
     "Command",
@@ -37,6 +43,8 @@ __all__ = [
     "Disconnected",
     "Drained",
     "FetchHistory",
+    "HeadsFailed",
+    "HeadsLoaded",
     "HistoryFailed",
     "HistoryLoaded",
     "InboxFailed",
@@ -49,9 +57,11 @@ __all__ = [
     "Mode",
     "Moderation",
     "Mute",
+    "ParkedRoom",
     "Pong",
     "Prekey",
     "PrekeysClaimed",
+    "ProcessGone",
     "Publish",
     "PublishDeviceKeys",
     "Receive",
@@ -61,6 +71,9 @@ __all__ = [
     "Screened",
     "Send",
     "SendDirect",
+    "SessionClaimed",
+    "SessionTaken",
+    "Shared",
     "Shutdown",
     "SignalKind",
     "StartTyping",
@@ -88,8 +101,11 @@ class Connect:
     """A transport opened for ``user``.
 
     ``resume`` is the token from an earlier ``welcome``; ``offsets`` is the last
-    offset the client saw per room. ``rooms`` are joined on a fresh session
-    (and on a resumed one, in addition to the rooms it had).
+    offset the client saw per room, and ``epochs`` the epoch (the life of the
+    room's history) each of those offsets belongs to, where the client knows it.
+    A room whose history began a new life since (another epoch) is not replayed
+    from that offset: the welcome marks it ``reset``. ``rooms`` are joined on a
+    fresh session (and on a resumed one, in addition to the rooms it had).
     """
 
     conn: ConnId
@@ -97,6 +113,7 @@ class Connect:
     rooms: tuple[str, ...] = ()
     resume: str | None = None
     offsets: Mapping[str, int] = field(default_factory=dict)
+    epochs: Mapping[str, str] = field(default_factory=dict)
     mode: Mode = Mode.JSON
 
 
@@ -417,6 +434,92 @@ class KeysFailed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HeadsLoaded:
+    """Answer to ``LoadHeads``: room -> (head offset, epoch) as the log has them
+    now. A room the log does not know is left out."""
+
+    ref: int
+    heads: Mapping[str, tuple[int, str]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeadsFailed:
+    """The log could not answer ``LoadHeads``: the rooms are probed again at the
+    next interval."""
+
+    ref: int
+    reason: str = "store unavailable"
+
+
+# -- the bus: several processes sharing one log (docs/engine.md "Several processes") --
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BusResumed:
+    """The bus (re)connected and every subscription is back: whatever was
+    published meanwhile may be lost, so every held room asks the log for its
+    head (one ``LoadHeads``). Also what an adapter feeds after a liveness probe
+    of the bus that found a subscription silently dead."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shared:
+    """A fact process ``origin`` shared about ``room`` (its ``Share`` effect)."""
+
+    origin: str
+    room: str
+    fact: Fact
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessGone:
+    """Process ``origin`` is gone (its heartbeat expired and its grace period
+    passed): every member it had in any room leaves, here, once."""
+
+    origin: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParkedRoom:
+    """One room of a parked session: where its stream stood (``offset`` in
+    ``epoch``) and the user's read mark there."""
+
+    room: str
+    offset: int
+    epoch: str
+    read: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionClaimed:
+    """Answer to ``ClaimSession``: the parked session (``SessionParked``) is
+    now this process's. ``id`` and ``token`` stay what the client knows."""
+
+    ref: int
+    id: str
+    token: str
+    user: str
+    rooms: tuple[ParkedRoom, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimRefused:
+    """Answer to ``ClaimSession``: no parked session has that token for that
+    user (never was, expired, or claimed already): the client gets a fresh session."""
+
+    ref: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionTaken:
+    """Another process claimed the session with ``token``: this process forgets
+    its copy (no ``left`` for its rooms: the user is still there, elsewhere) and
+    closes its connection, if it still has one, with 1000."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CreateRoom:
     """Host/admin: create or update a room; private rooms admit only ``allow``."""
 
@@ -554,4 +657,12 @@ Command = (
     | Shutdown
     | Moderation
     | Screened
+    | HeadsLoaded
+    | HeadsFailed
+    | BusResumed
+    | Shared
+    | ProcessGone
+    | SessionClaimed
+    | ClaimRefused
+    | SessionTaken
 )

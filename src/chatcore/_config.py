@@ -83,6 +83,17 @@ class Config:
     prekeys_low: int = 10
     """A claim that leaves a device with fewer prekeys than this sends ``keys_low``."""
 
+    cluster: bool = False
+    """Several processes share the log: the engine emits the bus effects
+    (``RoomHeld``, ``Share``, ``SessionParked``...) and probes the heads of the
+    rooms it holds (docs/engine.md "Several processes"). Off, it emits none."""
+    head_probe_interval: float = 5.0
+    """With ``cluster``: how often the heads of held rooms are read from the log
+    (one ``LoadHeads``), so that a message the bus lost is fetched within it."""
+    max_remote_members: int = 10_000
+    """With ``cluster``: users per room known to be members on other processes;
+    past it more are not listed (they still receive messages on their process)."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

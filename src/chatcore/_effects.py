@@ -2,35 +2,50 @@
 
 Transport effects (``Deliver``, ``Close``, ``Ping``) act on connections;
 storage effects (``LoadRoom``, ``Append``, ``LoadHistory``, ``LoadInbox``,
-``SaveRoom``, ``SavePositions``, ``SaveBan``, ``SaveMute``, ``DeleteStored``) go to
-the log, whose answers come back as commands. The adapter carries them out in the order given.
+``SaveRoom``, ``SavePositions``, ``SaveBan``, ``SaveMute``, ``DeleteStored``,
+``LoadHeads``) go to the log, whose answers come back as commands. Bus effects
+(``RoomHeld``, ``RoomReleased``, ``UserHeld``, ``UserReleased``, ``Share``,
+``SessionParked``, ``SessionGone``, ``ClaimSession``) go to the adapter that
+links processes sharing one log; the engine emits them only with
+``Config(cluster=True)`` (docs/engine.md "Several processes"). The adapter
+carries them out in the order given.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._commands import ConnId, Prekey, Screened, Verdict
+from ._commands import ConnId, ParkedRoom, Prekey, Screened, Verdict
 from ._events import ServerEvent
+from ._facts import Fact
 
 __all__ = [
     "Append",
     "ClaimPrekeys",
+    "ClaimSession",
     "Close",
     "DeleteStored",
     "Deliver",
     "Effect",
+    "LoadHeads",
     "LoadHistory",
     "LoadInbox",
     "LoadRoom",
     "Ping",
     "Position",
+    "RoomHeld",
+    "RoomReleased",
     "SaveBan",
     "SaveMute",
     "SavePositions",
     "SaveRoom",
     "Screen",
+    "SessionGone",
+    "SessionParked",
+    "Share",
     "StoreDeviceKeys",
+    "UserHeld",
+    "UserReleased",
 ]
 
 
@@ -217,6 +232,96 @@ class Screen:
         return Screened(ref=self.ref, verdict=Verdict.REPLACE, text=text)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadHeads:
+    """Answer ``HeadsLoaded``: the head offset and epoch of each room, as stored.
+
+    One effect for many rooms (a periodic probe, or every held room after the
+    bus came back): a store reads them in one query."""
+
+    ref: int
+    rooms: tuple[str, ...]
+
+
+# -- the bus (only with ``Config(cluster=True)``) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoomHeld:
+    """The engine holds ``room`` in memory from now on: subscribe to its
+    messages and facts (for a direct-message room, the parties' user channels
+    carry them: see ``chatcore.bus_channels``). Emitted once per hold; a
+    ``RoomReleased`` ends it."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoomReleased:
+    """The engine no longer holds ``room``: unsubscribe."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserHeld:
+    """``user`` has a session on this process (connected or in its grace
+    period): subscribe to the user's channel, which carries the direct
+    messages of rooms this process may not hold yet."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserReleased:
+    """``user``'s last session here ended: unsubscribe from the user's channel."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Share:
+    """Tell every other process holding ``room`` this fact (``chatcore.bus_fact``
+    encodes it with this process's name); they learn it as ``Shared``."""
+
+    room: str
+    fact: Fact
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionParked:
+    """A session lost its connection and waits out its grace period until
+    ``until`` (the engine's clock): record it where any process can claim it
+    (``ClaimSession``), with this process as its owner. A later ``SessionParked``
+    for the same token replaces the record."""
+
+    token: str
+    id: str
+    user: str
+    rooms: tuple[ParkedRoom, ...]
+    until: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionGone:
+    """The session with ``token`` resumed here or ended: delete its record so
+    that no process claims it."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimSession:
+    """A connection presented resume token ``token`` that this process does not
+    know: take the parked record atomically, and only if it is ``user``'s.
+    Answer ``SessionClaimed`` (and tell the record's owner ``SessionTaken``) or
+    ``ClaimRefused``. The connection waits for the answer before its welcome."""
+
+    ref: int
+    token: str
+    user: str
+
+
 Effect = (
     Deliver
     | Close
@@ -233,4 +338,13 @@ Effect = (
     | SaveMute
     | DeleteStored
     | Screen
+    | LoadHeads
+    | RoomHeld
+    | RoomReleased
+    | UserHeld
+    | UserReleased
+    | Share
+    | SessionParked
+    | SessionGone
+    | ClaimSession
 )

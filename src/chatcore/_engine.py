@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import assert_never
 
 from . import (
+    _cluster,
     _history,
     _keys,
     _lifecycle,
@@ -38,8 +39,10 @@ from ._commands import (
     Appended,
     AppendFailed,
     Ban,
+    BusResumed,
     CallSignal,
     ClaimDeviceKeys,
+    ClaimRefused,
     ClientRequest,
     Command,
     Connect,
@@ -50,6 +53,8 @@ from ._commands import (
     Disconnected,
     Drained,
     FetchHistory,
+    HeadsFailed,
+    HeadsLoaded,
     HistoryFailed,
     HistoryLoaded,
     InboxFailed,
@@ -62,6 +67,7 @@ from ._commands import (
     Mute,
     Pong,
     PrekeysClaimed,
+    ProcessGone,
     Publish,
     PublishDeviceKeys,
     Receive,
@@ -71,6 +77,9 @@ from ._commands import (
     Screened,
     Send,
     SendDirect,
+    SessionClaimed,
+    SessionTaken,
+    Shared,
     Shutdown,
     StartTyping,
     Unban,
@@ -203,6 +212,17 @@ class Engine:
                 _moderation.moderate(st, command, out)
             case Screened():
                 _messages.screened(st, command, out)
+            case (
+                HeadsLoaded()
+                | HeadsFailed()
+                | BusResumed()
+                | Shared()
+                | ProcessGone()
+                | SessionClaimed()
+                | ClaimRefused()
+                | SessionTaken()
+            ):
+                _cluster.handle(st, command, now, out)
             case _:
                 assert_never(command)
         if st.closes:

@@ -53,11 +53,14 @@ class Message:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoomPosition:
     """A room in ``welcome``: every message after ``offset`` will be delivered on
-    this connection (replayed first when resuming); ``read`` is the user's read mark."""
+    this connection (replayed first when resuming); ``read`` is the user's read mark.
+    ``reset``: the client resumed with an offset of another epoch (the room's
+    history began a new life since); the stream starts at ``offset`` of the new one."""
 
     offset: int
     epoch: str
     read: int = 0
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
