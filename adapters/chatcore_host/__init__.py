@@ -12,7 +12,7 @@ no HTTP or WebSocket library.
 from typing import TYPE_CHECKING
 
 from ._admin import MAX_ADMIN_BODY, AdminReply, admin_request, check_admin
-from ._host import Bus, EngineHost, ScreenHook, Transport
+from ._host import Bus, BusEffect, EngineHost, ScreenHook, Transport
 from ._policy import (
     AuthError,
     Headers,
@@ -36,6 +36,7 @@ __all__ = [
     "AdminReply",
     "AuthError",
     "Bus",
+    "BusEffect",
     "BusTally",
     "EngineHost",
     "Headers",

@@ -36,7 +36,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Protocol, TypeAlias, TypeGuard
 
@@ -46,6 +46,7 @@ import anyio.lowlevel
 
 from chatcore import (
     Appended,
+    ClaimSession,
     Close,
     Command,
     Config,
@@ -60,9 +61,16 @@ from chatcore import (
     Ping,
     RandomIds,
     Recorder,
+    RoomHeld,
     RoomLoaded,
+    RoomReleased,
     Screen,
     Screened,
+    SessionGone,
+    SessionParked,
+    Share,
+    UserHeld,
+    UserReleased,
 )
 from chatcore_store import (
     DurableStore,
@@ -77,7 +85,7 @@ from chatcore_store import (
 from ._record import RecordFile
 from ._tally import BusTally, HostTally
 
-__all__ = ["Bus", "EngineHost", "ScreenHook", "Transport"]
+__all__ = ["Bus", "BusEffect", "EngineHost", "ScreenHook", "Transport"]
 
 ScreenHook: TypeAlias = Callable[[Screen], Screened | Awaitable[Screened]]
 """The host program's message hook: ``screen.accept()``, ``screen.refuse(reason)``
@@ -124,24 +132,35 @@ class Transport(Protocol):
         ...
 
 
+BusEffect: TypeAlias = (
+    RoomHeld
+    | RoomReleased
+    | UserHeld
+    | UserReleased
+    | Share
+    | SessionParked
+    | SessionGone
+    | ClaimSession
+)
+"""The engine's effects a :class:`Bus` carries out (only with ``Config(cluster=True)``)."""
+
+
 class Bus(Protocol):
     """What the host needs of a bus between processes sharing one log
-    (:class:`chatcore_host.RedisBus` is one).
+    (:class:`chatcore_host.RedisBus` is one; docs/engine.md "Several processes").
 
     :meth:`publish` is called once per message this process appended, after the
-    log stored it; it must not block (queue it). :meth:`run` runs for as long
-    as the host does and feeds what other processes appended back through the
-    host's :meth:`EngineHost.bus_messages`, and :meth:`EngineHost.bus_resumed`
-    each time its subscription is (again) in place.
+    log stored it; :meth:`carry` for each of the engine's bus effects
+    (``RoomHeld``, ``Share``, ``ClaimSession``...), in order. Neither may block
+    (queue). :meth:`run` runs for as long as the host does and feeds what the
+    other processes say through :meth:`EngineHost.bus_feed`.
     """
 
     tally: BusTally
 
     def publish(self, message: Message) -> None: ...
 
-    def hold(self, rooms: Iterable[str]) -> None: ...
-
-    def release(self, rooms: Iterable[str]) -> None: ...
+    def carry(self, effect: BusEffect) -> None: ...
 
     async def run(self, sink: EngineHost) -> None: ...
 
@@ -179,6 +198,11 @@ class EngineHost:
         self.config = config or Config()
         self.bus = bus
         """Where this process's messages go to other processes sharing the log, if any."""
+        if bus is not None and not self.config.cluster:
+            self.config = dataclasses.replace(self.config, cluster=True)
+        elif bus is None and self.config.cluster:
+            raise ValueError("Config.cluster needs a bus")
+        self._engine_holds = False  # interim: until the engine emits RoomHeld (c12core)
         self.retention_every = retention_every
         """Seconds between passes that cut the store's rooms down to their retention limits."""
         if screen is not None and not self.config.screen_messages:
@@ -287,6 +311,19 @@ class EngineHost:
                     transport.ping(effect.conn)
                 case Screen():
                     screens.append(effect)
+                case (
+                    RoomHeld()
+                    | RoomReleased()
+                    | UserHeld()
+                    | UserReleased()
+                    | Share()
+                    | SessionParked()
+                    | SessionGone()
+                    | ClaimSession()
+                ):
+                    if self.bus is not None:  # Config.cluster: there is one
+                        self._engine_holds = True
+                        self.bus.carry(effect)
                 case _ if is_storage_effect(effect):
                     storage.append(effect)
                 case _:
@@ -328,25 +365,23 @@ class EngineHost:
 
     # -- the bus -----------------------------------------------------------------------
 
-    @staticmethod
-    def _publish(bus: Bus, answers: Sequence[Command]) -> None:
+    def _publish(self, bus: Bus, answers: Sequence[Command]) -> None:
         """Hand the bus every message the log just stored for this process (once each:
         a duplicate was published when it was first stored)."""
         for answer in answers:
             if type(answer) is Appended and answer.ref is not None and not answer.duplicate:
                 bus.publish(answer.message)
-            elif type(answer) is RoomLoaded:
-                bus.hold((answer.room,))
+            elif type(answer) is RoomLoaded and not self._engine_holds:
+                # Interim, until the engine says RoomHeld itself: a loaded room is held.
+                bus.carry(RoomHeld(room=answer.room))
 
-    def bus_messages(self, messages: Sequence[Message]) -> None:
-        """Messages other processes appended, from the bus: fed as the log's own
-        ``Appended`` without a ref, in one turn (their writes coalesce)."""
+    def bus_feed(self, commands: Sequence[Command]) -> None:
+        """What other processes said, from the bus (their messages as ``Appended``
+        without a ref, facts, claims, ``BusResumed``...): fed in order, in one turn,
+        so their writes coalesce."""
         with self.turn():
-            for message in messages:
-                self.feed_or_log(Appended(message=message))
-
-    def bus_resumed(self) -> None:
-        """The bus listens again: whatever was published meanwhile is in the log."""
+            for command in commands:
+                self.feed_or_log(command)
 
     # -- screening ----------------------------------------------------------------------
 

@@ -49,11 +49,22 @@ class BusTally:
     """What a bus between processes counts, for metrics; read, never reset."""
 
     publishes: int = 0
-    """Messages published (each once, to its room's channel)."""
+    """Messages published: one per message and channel (a room's one channel; the two
+    users' channels of a direct message), never per member."""
     publish_failures: int = 0
-    """Messages not published: the bus refused, timed out, or its queue overflowed."""
+    """Message publishes that failed: the bus refused, timed out, or its queue overflowed."""
     received: int = 0
     """Messages from other processes fed to the engine."""
+    facts: int = 0
+    """Facts (presence, typing, read marks) published."""
+    facts_received: int = 0
+    """Facts from other processes fed to the engine."""
+    claims: int = 0
+    """Sessions parked by another process (or this one) and claimed here."""
+    claims_refused: int = 0
+    """Claims with no record for that token and user (or Redis did not answer)."""
+    processes_gone: int = 0
+    """Other processes whose heartbeat expired (fed to the engine as ``ProcessGone``)."""
     resyncs: int = 0
     """Times the subscription came back after it was lost (each a resync of every room)."""
     deaf: int = 0

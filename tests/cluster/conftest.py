@@ -253,3 +253,104 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "redis_outage: stops and restarts a Redis server (one of its own, never the shared one)",
     )
+
+
+class PrivateRedis:
+    """A ``redis-server`` of the test's own on a free port: stopped and started at will,
+    so an outage test never touches the machine's shared Redis."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.process: anyio.abc.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            _unavailable("redis-server is not installed (the outage tests run one of their own)")
+            return
+        self.process = await anyio.open_process(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+                "--logfile",
+                str(self.tmp / f"redis-{self.port}.log"),
+            ]
+        )
+        with anyio.fail_after(GUARD):
+            while redis_problem(self.url) is not None:
+                await anyio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
+            with anyio.fail_after(GUARD):
+                await self.process.wait()
+            await self.process.aclose()
+            self.process = None
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    made = PrivateRedis(tmp_path)
+    await made.start()
+    try:
+        yield made
+    finally:
+        await made.stop()
+
+
+class Blackhole:
+    """A TCP proxy in front of Redis that can go silent: the connections open at that
+    moment stop passing bytes either way (a half-open link, a deaf subscriber), while
+    new ones work."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._generation = 0
+        self._listener: anyio.abc.SocketListener | None = None
+
+    def silence(self) -> None:
+        self._generation += 1
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            task_status.started()
+            await listener.serve(self._relay)
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        born = self._generation
+        async with client, await anyio.connect_tcp("127.0.0.1", self.target_port) as upstream:
+
+            async def pump(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream) -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    async for chunk in src:
+                        if self._generation != born:
+                            await anyio.sleep_forever()
+                        await dst.send(chunk)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump, client, upstream)
+                tg.start_soon(pump, upstream, client)
