@@ -123,11 +123,13 @@ class Cluster:
     tmp: Path
     redis_url: str = REDIS_URL
     servers: list[Server] = field(default_factory=list)
-    extra: Sequence[str] = ()
+    _started: int = 0
+    # Streams in these tests send faster than a person: no rate limit in the way.
+    extra: Sequence[str] = ("--rate-burst", "1000", "--rate-per-second", "1000")
 
     async def start(self, port: int = 0, *args: str) -> Server:
-        n = len(self.servers)
-        log_path = self.tmp / f"server{n}.log"
+        self._started += 1
+        log_path = self.tmp / f"server{self._started}.log"
         log = log_path.open("ab")  # read it when a test fails
         process = await anyio.open_process(
             [
@@ -160,6 +162,14 @@ class Cluster:
         server = Server(process, int(match.group(1)), log_path)
         self.servers.append(server)
         return server
+
+    async def start_many(self, count: int) -> list[Server]:
+        """``count`` servers: the first alone (it creates the schema), the rest at once."""
+        first = [await self.start()] if not self.servers else []
+        async with anyio.create_task_group() as tg:
+            for _ in range(count - len(first)):
+                tg.start_soon(self.start)
+        return [*first, *self.servers[len(self.servers) - count + len(first) :]]
 
     def logs(self) -> str:
         return "\n".join(

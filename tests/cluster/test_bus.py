@@ -28,6 +28,7 @@ from chatcore import (
     ClaimSession,
     Command,
     Config,
+    MemberArrived,
     Message,
     ParkedRoom,
     ProcessGone,
@@ -41,7 +42,6 @@ from chatcore import (
     Shared,
     UserHeld,
 )
-from chatcore._facts import MemberArrived
 from chatcore_host import RedisBus
 
 from .conftest import REDIS_URL, Blackhole, PrivateRedis
