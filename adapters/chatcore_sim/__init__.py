@@ -8,6 +8,7 @@
 ['hi']
 """
 
+from ._cluster import Bus, Cluster, Faults, Node
 from ._sim import START, SimClient, Simulation
 
-__all__ = ["START", "SimClient", "Simulation"]
+__all__ = ["START", "Bus", "Cluster", "Faults", "Node", "SimClient", "Simulation"]

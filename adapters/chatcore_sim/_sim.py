@@ -67,6 +67,7 @@ class SimClient:
         self.token: str | None = None
         self.session: str | None = None
         self.offsets: dict[str, int] = {}  # last offset seen per room
+        self.epochs: dict[str, str] = {}  # the epoch each of those offsets is in
         self.events: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
         self.reading = True
@@ -193,8 +194,16 @@ class SimClient:
         return frames, nbytes
 
     def _observe(self, event: dict[str, Any]) -> None:
-        if event["type"] == "welcome":
+        kind = event["type"]
+        if kind == "welcome":
             self.token, self.session = event["resume"], event["session"]
+            for room, position in event["rooms"].items():
+                self.epochs[room] = position["epoch"]
+        elif kind in ("message", "members") and self.epochs.get(event["room"]) != event["epoch"]:
+            # A new life of the room's history: its offsets start again.
+            self.epochs[event["room"]] = event["epoch"]
+            if kind == "message":
+                self.offsets[event["room"]] = event["offset"]
         follow_offsets(self.offsets, self.user, event)
 
 
@@ -312,7 +321,7 @@ class Simulation:
             self.now = max(self.now, min(due))
             if self._later and self._later[0][0] <= self.now:
                 _, _, effects = heapq.heappop(self._later)
-                self._queue.extend(self.store.execute_now(effects))
+                self._queue.extend(self._answers(self.store.execute_now(effects)))
                 self._settle()
             else:
                 self._run(self._tick(self.now))
@@ -328,6 +337,7 @@ class Simulation:
         self._by_conn[conn] = client
         self._record(f"{client.user} connects" + (" (resume)" if resume else ""))
         offsets = dict(client.offsets) if resume else {}
+        epochs = {r: e for r, e in client.epochs.items() if r in offsets} if resume else {}
         self.feed(
             Connect(
                 conn=conn,
@@ -335,6 +345,7 @@ class Simulation:
                 rooms=client.rooms,
                 resume=client.token if resume else None,
                 offsets=offsets,
+                epochs=epochs,
                 mode=client.mode,
             )
         )
@@ -389,9 +400,11 @@ class Simulation:
                 client = self._by_conn.get(effect.conn)
                 if client is not None and client.answer_pings:
                     self._queue.append(Pong(conn=effect.conn))
+            else:
+                self._effect(effect)
         if storage:
             if self._latency <= 0:
-                self._queue.extend(self.store.execute_now(storage))
+                self._queue.extend(self._answers(self.store.execute_now(storage)))
             else:
                 when = max(self._last_answer, self.now + self._rng.uniform(0, self._latency))
                 self._last_answer = when
@@ -399,6 +412,14 @@ class Simulation:
                 heapq.heappush(self._later, (when, self._seq, storage))
         self._drain(touched.values())
         self._settle()
+
+    def _answers(self, commands: list[Command]) -> list[Command]:
+        """The store's answers, before the engine gets them (a cluster node
+        publishes its appends here)."""
+        return commands
+
+    def _effect(self, effect: Effect) -> None:
+        """An effect for the bus (``Config.cluster``): a lone process has none."""
 
     def _drain(self, clients: Iterable[SimClient]) -> None:
         for client in clients:

@@ -33,11 +33,14 @@ from chatcore import (
     DeleteStored,
     DeviceKeysStored,
     Effect,
+    HeadsFailed,
+    HeadsLoaded,
     HistoryFailed,
     HistoryLoaded,
     InboxFailed,
     InboxLoaded,
     KeysFailed,
+    LoadHeads,
     LoadHistory,
     LoadInbox,
     LoadRoom,
@@ -95,6 +98,7 @@ StorageEffect = (
     | SaveBan
     | SaveMute
     | DeleteStored
+    | LoadHeads
 )
 _STORAGE = (
     LoadRoom,
@@ -108,6 +112,7 @@ _STORAGE = (
     SaveBan,
     SaveMute,
     DeleteStored,
+    LoadHeads,
 )
 
 TOO_MANY_DEVICES = "too many devices"
@@ -303,6 +308,8 @@ def failed(effect: StorageEffect, reason: str = UNAVAILABLE) -> Command | None:
             return RoomLoadFailed(room=effect.room, reason=reason)
         case LoadInbox():
             return InboxFailed(ref=effect.ref, reason=reason)
+        case LoadHeads():
+            return HeadsFailed(ref=effect.ref, reason=reason)
         case StoreDeviceKeys() | ClaimPrekeys():
             return KeysFailed(ref=effect.ref, reason=reason)
         case _:
@@ -505,7 +512,7 @@ class SQLStore:
                     try:
                         answer = await self._driver.run(
                             self._apply(effect),
-                            write=not isinstance(effect, (LoadHistory, LoadInbox)),
+                            write=not isinstance(effect, (LoadHistory, LoadInbox, LoadHeads)),
                         )
                     except self._driver.errors as exc:
                         await self._broken(exc)
@@ -652,6 +659,11 @@ class SQLStore:
                 return (yield from self._store_keys(effect))
             case ClaimPrekeys():
                 return (yield from self._claim(effect))
+            case LoadHeads():
+                rows = yield from _each(sql.read_heads(effect.rooms))
+                return HeadsLoaded(
+                    ref=effect.ref, heads={name: (head, epoch) for name, epoch, head in rows}
+                )
 
     # -- the key directory (end-to-end encryption) ------------------------------------
 

@@ -243,6 +243,14 @@ class Statements:
             f" ORDER BY name{self.dialect.lock_rooms}",
         )
 
+    def read_heads(self, names: Sequence[str]) -> Iterator[Statement]:
+        """(name, epoch, head) of those rooms that exist, read without a lock."""
+        return self._bulk(
+            _NAME,
+            [(n,) for n in dict.fromkeys(names)],
+            "SELECT name, epoch, head FROM rooms WHERE name IN (SELECT name FROM v)",
+        )
+
     def create_rooms(self, rows: Sequence[tuple[str, str, bool, str]]) -> Statement:
         """Rows of (name, epoch, private, allow as JSON); a room that exists stays."""
         return self.dialect.insert("rooms", _NEW_ROOM, rows, " ON CONFLICT DO NOTHING")

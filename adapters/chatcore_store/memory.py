@@ -18,9 +18,11 @@ from chatcore import (
     Command,
     DeleteStored,
     DeviceKeysStored,
+    HeadsLoaded,
     HistoryLoaded,
     InboxLoaded,
     KeysFailed,
+    LoadHeads,
     LoadHistory,
     LoadInbox,
     LoadRoom,
@@ -166,6 +168,16 @@ class MemoryStore:
                 answers.append(answer)
         return answers
 
+    def lose(self, room: str) -> None:
+        """The log lost ``room``'s data (a failover without its latest writes):
+        the room starts a new life, with a new epoch and no messages."""
+        self._epochs += 1
+        old = self._rooms.get(room)
+        fresh = _Room(epoch=f"{self._epoch_prefix}{self._epochs}")
+        if old is not None:
+            fresh.private, fresh.allow = old.private, old.allow
+        self._rooms[room] = fresh
+
     def messages(self, room: str) -> list[Message]:
         """Every stored message of ``room``, ascending (a copy)."""
         r = self._rooms.get(room)
@@ -184,7 +196,7 @@ class MemoryStore:
     def _apply(self, effect: StorageEffect) -> Command | None:
         # An outage fails what would touch the database's log; rooms and marks are kept.
         if not self.available and isinstance(
-            effect, (Append, LoadHistory, LoadInbox, StoreDeviceKeys, ClaimPrekeys)
+            effect, (Append, LoadHistory, LoadInbox, LoadHeads, StoreDeviceKeys, ClaimPrekeys)
         ):
             return failed(effect)
         match effect:
@@ -242,6 +254,12 @@ class MemoryStore:
                 return self._store_keys(effect)
             case ClaimPrekeys():
                 return self._claim(effect)
+            case LoadHeads():
+                heads = {}
+                for name in effect.rooms:
+                    if (found := self._rooms.get(name)) is not None:
+                        heads[name] = (found.head, found.epoch)
+                return HeadsLoaded(ref=effect.ref, heads=heads)
 
     def _store_keys(self, effect: StoreDeviceKeys) -> Command:
         devices = self.devices.setdefault(effect.user, {})

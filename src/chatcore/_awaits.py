@@ -58,9 +58,11 @@ class PendingCatchup:
 
 @dataclass(slots=True)
 class PendingGap:
-    """Messages the log numbered before one it published early (``LoadHistory``)."""
+    """Messages the log numbered before one it published early, or before the
+    head it reported (``LoadHistory``): every offset below ``before`` was asked."""
 
     room: str
+    before: int = 0
 
 
 @dataclass(slots=True)

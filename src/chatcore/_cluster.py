@@ -1,42 +1,379 @@
 """Several processes, one chat: what this engine tells the others and learns from them.
 
 Owns which rooms and users the bus must carry to this process (``RoomHeld``,
-``UserHeld``), probing room heads in the log (``LoadHeads``), presence facts
-shared with other processes (``Share`` / ``Shared``) and the members they
-hold, processes that are gone, and sessions parked for any process to claim.
-Everything here is inert unless ``Config.cluster`` is on. It never decides
-the order of messages (the log does) and never delivers one itself: a message
-learnt from the bus goes through ``_messages`` like any other.
+``UserHeld``), probing room heads in the log (``LoadHeads``, on a timer and
+after ``BusResumed``), presence facts shared with other processes (``Share``
+/ ``Shared``) and the members they hold, processes that are gone, and
+sessions parked for any process to claim (``SessionParked``,
+``ClaimSession``, ``SessionClaimed``). Everything here is inert unless
+``Config.cluster`` is on. It never decides the order of messages (the log
+does) and never delivers one itself: a message learnt from the bus or from a
+probe goes through ``_messages`` like any other. What it knows of the others
+is in ``_peers``.
 """
 
 from __future__ import annotations
 
+from typing import assert_never
+
 from ._commands import (
     BusResumed,
     ClaimRefused,
+    Connect,
     HeadsFailed,
     HeadsLoaded,
+    ParkedRoom,
     ProcessGone,
     SessionClaimed,
-    SessionTaken,
     Shared,
 )
-from ._effects import Effect
-from ._state import EngineState
-
-__all__ = ["BusCommand", "handle"]
-
-BusCommand = (
-    HeadsLoaded
-    | HeadsFailed
-    | BusResumed
-    | Shared
-    | ProcessGone
-    | SessionClaimed
-    | ClaimRefused
-    | SessionTaken
+from ._effects import (
+    ClaimSession,
+    Effect,
+    LoadHeads,
+    RoomHeld,
+    RoomReleased,
+    SessionGone,
+    SessionParked,
+    Share,
+    UserHeld,
+    UserReleased,
 )
+from ._errors import LocalProtocolError
+from ._events import Joined, Left, ReadMark, Typing
+from ._facts import (
+    MemberArrived,
+    MemberDeparted,
+    MembersAsked,
+    MembersTold,
+    ReadMarked,
+    TypingChanged,
+)
+from ._messages import behind, held_back
+from ._outbox import broadcast
+from ._room import Room
+from ._session import Session, SessionInput, SessionState, TokenBucket, fire
+from ._state import EngineState
+from ._timers import HeadProbe
+
+__all__ = [
+    "BusCommand",
+    "claim",
+    "claim_answered",
+    "flush",
+    "handle",
+    "park",
+    "probe",
+    "probe_live",
+    "room_arrived",
+    "unpark",
+]
+
+BusCommand = HeadsLoaded | HeadsFailed | BusResumed | Shared | ProcessGone
 
 
-def handle(st: EngineState, cmd: BusCommand, now: float, out: list[Effect]) -> None:
-    """Apply one bus command (a later commit fills these in)."""
+def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
+    """Apply one bus command (claims are the engine's: they open connections)."""
+    peers = st.peers
+    match cmd:
+        case HeadsLoaded():
+            if cmd.ref in peers.probes:
+                peers.probes.discard(cmd.ref)
+                for name, (head, epoch) in cmd.heads.items():
+                    if (room := st.rooms.get(name)) is not None:
+                        behind(st, room, head, epoch, out)
+        case HeadsFailed():
+            peers.probes.discard(cmd.ref)  # the rooms stay idle: probed next time
+        case BusResumed():
+            _load_heads(st, tuple(st.rooms), out)
+        case Shared():
+            if (room := st.rooms.get(cmd.room)) is not None:
+                _shared(st, room, cmd, out)
+        case ProcessGone():
+            for name, origins in list(peers.remote.items()):
+                users = origins.pop(cmd.origin, None)
+                if users and (room := st.rooms.get(name)) is not None:
+                    for user in sorted(users):
+                        _remote_left(st, room, user, out)
+        case _:
+            assert_never(cmd)
+
+
+# -- holding rooms and users ---------------------------------------------------------
+
+
+def room_arrived(st: EngineState, room: Room, out: list[Effect]) -> None:
+    """A room was loaded into memory: note it, and deliver what came meanwhile."""
+    if st.peers.on:
+        room.flips = st.peers.flips
+        room.heard = st.now
+        st.peers.touch_room(room.name)
+    held_back(st, room, out)
+
+
+def flush(st: EngineState, out: list[Effect]) -> None:
+    """End of a step: tell the adapter what the step changed, in an order it can
+    follow (subscribe, then share; share, then unsubscribe)."""
+    peers = st.peers
+    touched = list(dict.fromkeys(peers.touched_rooms))
+    peers.touched_rooms.clear()
+    loading = st.awaits.rooms
+    for name in touched:
+        if name not in st.rooms:  # what was known of the others' members went with it
+            peers.asked.discard(name)
+            peers.remote.pop(name, None)
+        if name not in peers.rooms and (name in st.rooms or name in loading):
+            # Subscribed from the start of the load: a message published while the
+            # room loads is held and merged by offset, never missed between the two.
+            peers.rooms.add(name)
+            out.append(RoomHeld(room=name))
+        if name in st.rooms and name not in peers.asked:
+            peers.asked.add(name)
+            out.append(Share(room=name, fact=MembersAsked()))
+    flips = list(peers.flips)
+    peers.flips.clear()  # (in place: rooms hold this list)
+    for name, user, arrived in flips:
+        fact = MemberArrived(user=user) if arrived else MemberDeparted(user=user)
+        out.append(Share(room=name, fact=fact))
+    for name in touched:
+        if name in peers.rooms and name not in st.rooms and name not in loading:
+            peers.rooms.discard(name)
+            out.append(RoomReleased(room=name))
+    for user in dict.fromkeys(peers.touched_users):
+        if user in st.by_user and user not in peers.users:
+            peers.users.add(user)
+            out.append(UserHeld(user=user))
+        elif user not in st.by_user and user in peers.users:
+            peers.users.discard(user)
+            out.append(UserReleased(user=user))
+    peers.touched_users.clear()
+    if st.rooms and not peers.probe_gen:
+        peers.probe_gen = st.awaits.next_ref()
+        peers.last_tick = st.now
+        st.timers.push(st.now + st.config.head_probe_interval / 2, HeadProbe(peers.probe_gen))
+
+
+# -- head probes -----------------------------------------------------------------------
+
+
+def probe_live(st: EngineState, timer: HeadProbe) -> bool:
+    return timer.gen == st.peers.probe_gen
+
+
+def probe(st: EngineState, timer: HeadProbe, now: float, out: list[Effect]) -> None:
+    """Ask the log for the heads of rooms the bus said nothing of since the last
+    tick. Ticks come every half interval, so a message the bus lost is fetched
+    within one interval (plus the log's answer)."""
+    peers = st.peers
+    if not st.rooms:
+        peers.probe_gen = 0
+        return
+    idle = tuple(name for name, room in st.rooms.items() if room.heard <= peers.last_tick)
+    peers.last_tick = now
+    if idle and not peers.probes:
+        _load_heads(st, idle, out)
+    st.timers.push(now + st.config.head_probe_interval / 2, timer)
+
+
+def _load_heads(st: EngineState, rooms: tuple[str, ...], out: list[Effect]) -> None:
+    if rooms:
+        ref = st.awaits.next_ref()
+        st.peers.probes.add(ref)
+        out.append(LoadHeads(ref=ref, rooms=rooms))
+
+
+# -- presence across processes ----------------------------------------------------------
+
+
+def _shared(st: EngineState, room: Room, cmd: Shared, out: list[Effect]) -> None:
+    fact = cmd.fact
+    match fact:
+        case MemberArrived():
+            _told(st, room, cmd.origin, {fact.user}, out, replace=False)
+        case MemberDeparted():
+            known = st.peers.remote.get(room.name, {}).get(cmd.origin)
+            if known is not None and fact.user in known:
+                known.discard(fact.user)
+                _remote_left(st, room, fact.user, out)
+        case MembersTold():
+            _told(st, room, cmd.origin, set(fact.users), out, replace=True)
+        case MembersAsked():
+            if room.users:
+                st.share(room.name, MembersTold(users=tuple(sorted(room.users))), out)
+        case TypingChanged():
+            typing = Typing(room=room.name, user=fact.user, active=fact.active)
+            broadcast(st, room, typing, None, out, ephemeral=True, skip_user=fact.user)
+        case ReadMarked():
+            offset = min(fact.offset, room.head)
+            if offset > room.reads.get(fact.user, 0):
+                room.reads[fact.user] = offset
+                mark = ReadMark(room=room.name, user=fact.user, offset=offset)
+                broadcast(st, room, mark, None, out, ephemeral=True)
+        case _:
+            assert_never(fact)
+
+
+def _told(
+    st: EngineState, room: Room, origin: str, users: set[str], out: list[Effect], *, replace: bool
+) -> None:
+    """Process ``origin`` has ``users`` in the room (all of them, if ``replace``)."""
+    known = st.peers.remote.setdefault(room.name, {}).setdefault(origin, set())
+    if replace:
+        for user in sorted(known - users):
+            known.discard(user)
+            _remote_left(st, room, user, out)
+    limit = st.config.max_remote_members
+    for user in sorted(users - known):
+        if user not in room.remote and len(room.remote) >= limit:
+            break  # bounded: more are not listed here
+        known.add(user)
+        if room.add_remote(user) and len(room.member_list()) <= st.config.presence_limit:
+            broadcast(st, room, Joined(room=room.name, user=user), None, out, ephemeral=True)
+
+
+def _remote_left(st: EngineState, room: Room, user: str, out: list[Effect]) -> None:
+    if room.remove_remote(user) and len(room.member_list()) < st.config.presence_limit:
+        broadcast(st, room, Left(room=room.name, user=user), None, out, ephemeral=True)
+
+
+def stays_with(st: EngineState, session: Session, by: str) -> None:
+    """The session moves to process ``by``: count its user there in each of its
+    rooms, so that taking it away here says no ``left``."""
+    for name in session.rooms:
+        room = st.rooms[name]
+        known = st.peers.remote.setdefault(name, {}).setdefault(by, set())
+        if session.user not in known:
+            known.add(session.user)
+            room.add_remote(session.user)
+
+
+# -- sessions any process can claim -----------------------------------------------------
+
+
+def park(st: EngineState, session: Session, out: list[Effect]) -> None:
+    """The session lost its connection: record it for any process to claim."""
+    peers = st.peers
+    if not peers.on or session.token in peers.taken:
+        return
+    peers.parked.add(session.token)
+    rooms = []
+    for name in session.rooms:
+        room = st.rooms[name]
+        rooms.append(
+            ParkedRoom(
+                room=name,
+                offset=session.delivered.get(name, room.head),
+                epoch=room.epoch,
+                read=room.reads.get(session.user, 0),
+            )
+        )
+    out.append(
+        SessionParked(
+            token=session.token,
+            id=session.id,
+            user=session.user,
+            rooms=tuple(rooms),
+            until=st.now + st.config.grace_period,
+        )
+    )
+
+
+def unpark(st: EngineState, session: Session, out: list[Effect]) -> None:
+    """The session resumed here or ended: its record goes (unless another process
+    took it, whose record it is now)."""
+    peers = st.peers
+    if session.token in peers.parked:
+        peers.parked.discard(session.token)
+        if session.token not in peers.taken:
+            out.append(SessionGone(token=session.token))
+
+
+def claim(st: EngineState, cmd: Connect, out: list[Effect]) -> bool:
+    """A resume token this process does not know: ask for the parked session.
+    True if the connection now waits for the answer."""
+    peers = st.peers
+    if peers.answered is cmd:
+        peers.answered = None
+        return False
+    if not peers.on or cmd.resume is None:
+        return False
+    if cmd.conn in peers.claiming:
+        raise LocalProtocolError(f"connection {cmd.conn!r} is already open")
+    ref = st.awaits.next_ref()
+    peers.claims[ref] = cmd
+    peers.claiming[cmd.conn] = (ref, [])
+    out.append(ClaimSession(ref=ref, token=cmd.resume, user=cmd.user))
+    return True
+
+
+def claim_answered(
+    st: EngineState, cmd: SessionClaimed | ClaimRefused, now: float, out: list[Effect]
+) -> tuple[Connect, list[str]] | None:
+    """The claim is answered: the connect to run again (finding the session now,
+    or starting a fresh one) and the frames its client sent meanwhile; None if
+    the connection went away (a claimed session is then parked again, as it was)."""
+    peers = st.peers
+    connect = peers.claims.pop(cmd.ref, None)
+    if connect is None:
+        return None  # an answer nobody waits for
+    waiting = peers.claiming.pop(connect.conn, None)
+    claimed = (
+        cmd
+        if isinstance(cmd, SessionClaimed)
+        and cmd.user == connect.user
+        and cmd.token == connect.resume
+        and cmd.token not in st.sessions
+        else None
+    )
+    if claimed is not None and waiting is None:
+        out.append(
+            SessionParked(
+                token=claimed.token,
+                id=claimed.id,
+                user=claimed.user,
+                rooms=claimed.rooms,
+                until=now + st.config.grace_period,
+            )
+        )
+        return None
+    if claimed is not None:
+        _adopt(st, claimed, now)
+        offsets = {p.room: p.offset for p in claimed.rooms}
+        offsets.update(connect.offsets)
+        epochs = {p.room: p.epoch for p in claimed.rooms}
+        epochs.update(connect.epochs)
+        rooms = tuple(dict.fromkeys((*(p.room for p in claimed.rooms), *connect.rooms)))
+        connect = Connect(
+            conn=connect.conn,
+            user=connect.user,
+            rooms=rooms,
+            resume=connect.resume,
+            offsets=offsets,
+            epochs=epochs,
+            mode=connect.mode,
+        )
+    if waiting is None:
+        return None
+    peers.answered = connect
+    return connect, waiting[1]
+
+
+def _adopt(st: EngineState, claimed: SessionClaimed, now: float) -> Session:
+    config = st.config
+    session = Session(
+        claimed.id,
+        claimed.token,
+        claimed.user,
+        TokenBucket(config.rate_burst, now),
+        TokenBucket(config.request_burst, now),
+    )
+    # It was live on another process and lost its connection: it comes in as any
+    # dropped session, waiting to be resumed.
+    fire(session, SessionInput.READY)
+    fire(session, SessionInput.DROP)
+    st.sessions[session.token] = session
+    st.by_id[session.id] = session
+    st.by_user.setdefault(session.user, {})[session.id] = session
+    st.peers.touch_user(session.user)
+    assert session.state is SessionState.DETACHED
+    return session

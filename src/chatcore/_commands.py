@@ -512,11 +512,12 @@ class ClaimRefused:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionTaken:
-    """Another process claimed the session with ``token``: this process forgets
-    its copy (no ``left`` for its rooms: the user is still there, elsewhere) and
-    closes its connection, if it still has one, with 1000."""
+    """Process ``by`` claimed the session with ``token``: this process forgets
+    its copy and closes its connection, if it still has one, with 1000. Its
+    rooms see no ``left``: the user is counted as a member on ``by`` instead."""
 
     token: str
+    by: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

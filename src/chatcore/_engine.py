@@ -87,13 +87,13 @@ from ._commands import (
     WrittenMany,
 )
 from ._config import Config
-from ._effects import Effect
-from ._errors import ErrorCode, LocalProtocolError
+from ._effects import Close, Effect
+from ._errors import CloseCode, ErrorCode, LocalProtocolError
 from ._ids import IdSource
 from ._outbox import error
 from ._session import Session, SessionAction, SessionInput, SessionState, fire
 from ._state import Counters, EngineState
-from ._timers import GraceOver, PingDue, PongDue, Timer, TypingOver
+from ._timers import GraceOver, HeadProbe, PingDue, PongDue, Timer, TypingOver
 
 __all__ = ["Engine", "RoomView", "SessionInfo"]
 
@@ -151,6 +151,12 @@ class Engine:
                     request = _requests.decode(st, conn, command.text, now, out)
                     if request is not None:
                         self._request(conn.session, request, now, out)
+                elif (claiming := st.peers.claiming.get(command.conn)) is not None and len(
+                    claiming[1]
+                ) < self.config.max_pending_frames:
+                    # Its session is being claimed from another process: the frame
+                    # waits, as a frame before the welcome does (and within its bound).
+                    claiming[1].append(command.text)
             case (
                 Send()
                 | Join()
@@ -177,6 +183,7 @@ class Engine:
             case Connect():
                 self._run_held(_lifecycle.connect(st, command, now, out), now, out)
             case Disconnected():
+                st.peers.claiming.pop(command.conn, None)
                 _lifecycle.disconnected(st, command, out)
             case Pong():
                 if (conn := st.conns.get(command.conn)) is not None:
@@ -212,21 +219,18 @@ class Engine:
                 _moderation.moderate(st, command, out)
             case Screened():
                 _messages.screened(st, command, out)
-            case (
-                HeadsLoaded()
-                | HeadsFailed()
-                | BusResumed()
-                | Shared()
-                | ProcessGone()
-                | SessionClaimed()
-                | ClaimRefused()
-                | SessionTaken()
-            ):
-                _cluster.handle(st, command, now, out)
+            case HeadsLoaded() | HeadsFailed() | BusResumed() | Shared() | ProcessGone():
+                _cluster.handle(st, command, out)
+            case SessionClaimed() | ClaimRefused():
+                self._claim_answered(command, now, out)
+            case SessionTaken():
+                self._session_taken(command, out)
             case _:
                 assert_never(command)
         if st.closes:
             _lifecycle.close_deferred(st, out)
+        if st.peers.dirty:
+            _cluster.flush(st, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -259,11 +263,15 @@ class Engine:
                     _lifecycle.expire(st, timer.session, out)
                 case TypingOver():
                     _presence.typing_over(st, timer, now, out)
+                case HeadProbe():
+                    _cluster.probe(st, timer, now, out)
                 case _:
                     assert_never(timer)
         _signals.tick(st, now, out)
         if st.closes:
             _lifecycle.close_deferred(st, out)
+        if st.peers.dirty:
+            _cluster.flush(st, out)
         return out
 
     def _timer_live(self, timer: Timer) -> bool:
@@ -275,6 +283,8 @@ class Engine:
                 return _lifecycle.grace_live(timer)
             case TypingOver():
                 return _presence.typing_live(self._st, timer)
+            case HeadProbe():
+                return _cluster.probe_live(self._st, timer)
             case _:
                 assert_never(timer)
 
@@ -461,6 +471,7 @@ class Engine:
             return
         room, waiters = loaded
         _moderation.room_arrived(st, room)
+        _cluster.room_arrived(st, room, out)
         for session, request in waiters:
             if request is None:
                 self._run_held(_lifecycle.room_arrived(st, session, cmd.room, now, out), now, out)
@@ -468,9 +479,44 @@ class Engine:
                 self._dispatch(session, request, now, out)  # its token was taken already
         st.forget_if_empty(room)
 
+    # -- several processes: a session claimed from another, or taken by another ------------
+
+    def _claim_answered(
+        self, cmd: SessionClaimed | ClaimRefused, now: float, out: list[Effect]
+    ) -> None:
+        st = self._st
+        again = _cluster.claim_answered(st, cmd, now, out)
+        if again is None:
+            return
+        connect, frames = again
+        self._run_held(_lifecycle.connect(st, connect, now, out), now, out)
+        for text in frames:
+            if (conn := st.conns.get(connect.conn)) is None:
+                break
+            request = _requests.decode(st, conn, text, now, out)
+            if request is not None:
+                self._request(conn.session, request, now, out)
+
+    def _session_taken(self, cmd: SessionTaken, out: list[Effect]) -> None:
+        st = self._st
+        session = st.sessions.get(cmd.token)
+        if session is None:
+            return
+        st.peers.taken.add(cmd.token)
+        _cluster.stays_with(st, session, cmd.by)
+        if session.conn is not None:
+            conn = session.conn
+            out.append(
+                Close(conn=conn.id, code=CloseCode.NORMAL, reason="session resumed elsewhere")
+            )
+            _lifecycle.drop(st, conn, out)
+        _lifecycle.expire(st, session, out)
+        st.peers.taken.discard(cmd.token)
+
     def _room_failed(self, cmd: RoomLoadFailed, now: float, out: list[Effect]) -> None:
         st = self._st
         _moderation.load_failed(st, cmd.room)
+        st.peers.touch_room(cmd.room)
         for session, request in st.awaits.rooms.pop(cmd.room, None) or ():
             if request is not None:
                 error(

@@ -47,6 +47,7 @@ def parse_connect(conn: ConnId, query: str, mode: Mode, *, user: str | None = No
         raise HandshakeError(414, "query string too long")
     rooms: list[str] = []
     offsets: dict[str, int] = {}
+    epochs: dict[str, str] = {}
     resume: str | None = None
     given_user: str | None = None
     for key, value in parse_qsl(query, keep_blank_values=True):
@@ -63,6 +64,11 @@ def parse_connect(conn: ConnId, query: str, mode: Mode, *, user: str | None = No
             if not sep or not is_valid_room(room) or not number.isdigit() or len(number) > 15:
                 raise HandshakeError(400, "offset must be ROOM:N")
             offsets[room] = int(number)
+        elif key == "epoch":
+            room, sep, epoch = value.rpartition(":")
+            if not sep or not is_valid_room(room) or not 0 < len(epoch) <= 64:
+                raise HandshakeError(400, "epoch must be ROOM:EPOCH")
+            epochs[room] = epoch
     if len(rooms) > _MAX_ROOMS:
         raise HandshakeError(400, f"at most {_MAX_ROOMS} rooms in a connect URL")
     name = user if user is not None else given_user
@@ -71,5 +77,11 @@ def parse_connect(conn: ConnId, query: str, mode: Mode, *, user: str | None = No
     if not is_valid_name(name):
         raise HandshakeError(400, "user names are 1-64 characters of A-Z a-z 0-9 _ - .")
     return Connect(
-        conn=conn, user=name, rooms=tuple(rooms), resume=resume, offsets=offsets, mode=mode
+        conn=conn,
+        user=name,
+        rooms=tuple(rooms),
+        resume=resume,
+        offsets=offsets,
+        epochs=epochs,
+        mode=mode,
     )

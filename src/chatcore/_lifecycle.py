@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ._awaits import PendingInbox
+from ._cluster import claim, park, unpark
 from ._commands import ClientRequest, Connect, Disconnected
 from ._effects import Close, Effect, LoadInbox, Ping, Position, SavePositions
 from ._errors import CloseCode, LocalProtocolError
@@ -24,6 +25,7 @@ from ._outbox import send_members, to
 from ._presence import join, remove_member
 from ._replay import pump
 from ._session import (
+    NO_EPOCHS,
     NO_OFFSETS,
     NO_ROOMS,
     Catchup,
@@ -88,6 +90,8 @@ def connect(st: EngineState, cmd: Connect, now: float, out: list[Effect]) -> Hel
         return None
     config = st.config
     session = st.sessions.get(cmd.resume) if cmd.resume else None
+    if session is None and claim(st, cmd, out):
+        return None  # the session may be parked on another process: asked for
     if session is not None and session.user == cmd.user and _resume(st, session, cmd, out):
         st.counters.resumes += 1
     else:
@@ -143,6 +147,7 @@ def _new_session(st: EngineState, cmd: Connect, now: float, out: list[Effect]) -
     st.sessions[session.token] = session
     st.by_id[session.id] = session
     st.by_user.setdefault(cmd.user, {})[session.id] = session
+    st.peers.touch_user(cmd.user)
     return session
 
 
@@ -161,6 +166,8 @@ def _resume(st: EngineState, session: Session, cmd: Connect, out: list[Effect]) 
             )
         )
     session.resumed = True
+    unpark(st, session, out)
+    session.epochs = cmd.epochs
     # The client's offsets count for the rooms it is in and for those it asks to be
     # in again (it may not have read its own leave before the link dropped): its
     # stream in such a room goes on from what it has seen, with nothing skipped.
@@ -224,18 +231,26 @@ def _welcome(st: EngineState, session: Session, out: list[Effect]) -> Held | Non
     st.release_wanted(session)
     # Where this connection's stream starts per room: everything after it follows.
     starts = {}
+    reset: set[str] = set()
     for name in session.rooms:
-        head = st.rooms[name].head
+        room = st.rooms[name]
+        head = room.head
         start = head
         if session.resumed:
-            start = session.offsets.get(name, session.delivered.get(name, head))
-            start = min(max(start, 0), head)
+            if session.epochs.get(name, room.epoch) != room.epoch:
+                # The offset the client has is of another life of the room's history:
+                # replaying from it would start in the middle of this one.
+                reset.add(name)
+            else:
+                start = session.offsets.get(name, session.delivered.get(name, head))
+                start = min(max(start, 0), head)
         starts[name] = start
     rooms = {
         name: RoomPosition(
             offset=start,
             epoch=st.rooms[name].epoch,
             read=st.rooms[name].reads.get(session.user, 0),
+            reset=name in reset,
         )
         for name, start in starts.items()
     }
@@ -261,6 +276,7 @@ def _welcome(st: EngineState, session: Session, out: list[Effect]) -> Held | Non
         else:
             room.attach(conn)
     session.offsets = NO_OFFSETS
+    session.epochs = NO_EPOCHS
     if conn.catchup:
         pump(st, conn, out)
     backlog, session.backlog = session.backlog, []
@@ -333,6 +349,7 @@ def drop(st: EngineState, conn: Connection, out: list[Effect]) -> None:
     elif action is _Do.WAIT:
         session.detach_gen += 1
         st.timers.push(st.now + st.config.grace_period, GraceOver(session, session.detach_gen))
+        park(st, session, out)
 
 
 def expire(st: EngineState, session: Session, out: list[Effect]) -> None:
@@ -343,6 +360,7 @@ def expire(st: EngineState, session: Session, out: list[Effect]) -> None:
 def _end(st: EngineState, session: Session, out: list[Effect]) -> None:
     """A session is over: save where it stood, leave its rooms, end its calls."""
     session_ended(st, session, out)
+    unpark(st, session, out)
     st.release_wanted(session)
     session.inbox = None
     st.awaits.forget_session(session)
@@ -366,6 +384,7 @@ def _end(st: EngineState, session: Session, out: list[Effect]) -> None:
     del sessions[session.id]
     if not sessions:
         del st.by_user[session.user]
+        st.peers.touch_user(session.user)
 
 
 def shutdown(st: EngineState, out: list[Effect]) -> None:

@@ -21,7 +21,7 @@ from ._commands import (
     SendDirect,
     Verdict,
 )
-from ._effects import Append, Effect, LoadHistory, Screen
+from ._effects import Append, Effect, LoadHistory, LoadRoom, Screen
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import Ack, Message
 from ._keys import ENCRYPTED
@@ -35,8 +35,10 @@ from ._state import EngineState
 __all__ = [
     "append_failed",
     "appended",
+    "behind",
     "gap_failed",
     "gap_filled",
+    "held_back",
     "publish_for_host",
     "screened",
     "send",
@@ -223,13 +225,14 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
     if cmd.duplicate or room is None:
         if pending is not None:
             _ack(st, pending, message.offset, out)
+        if room is None and not cmd.duplicate:
+            _unheld(st, message, out)
         return
+    if cmd.ref is None:
+        room.heard = st.now  # the bus is alive for this room: no head probe needed
     if message.epoch != room.epoch:
         # The log's history was lost and restarted: follow the new numbering.
-        room.epoch = message.epoch
-        room.head = message.offset - 1
-        room.window.clear()
-        room.early.clear()
+        _new_life(room, message.epoch, message.offset - 1)
     head = room.head
     if message.offset <= head:  # already delivered (a replayed answer)
         if pending is not None:
@@ -244,12 +247,90 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
             _drain_early(st, room, out)
             return
         if room.gap_ref is None:
-            ref = st.awaits.expect(PendingGap(room.name))
-            room.gap_ref = ref
-            out.append(LoadHistory(ref=ref, room=room.name, after=head, before=message.offset))
+            _fetch_gap(st, room, message.offset, out)
         return
     _publish(st, room, message, pending, out)
     _drain_early(st, room, out)
+
+
+def _unheld(st: EngineState, message: Message, out: list[Effect]) -> None:
+    """A message for a room not in memory: held if the room is loading, merged by
+    offset once it is (``held_back``); for a direct-message room with a party here,
+    the room is loaded for them (another process appended it)."""
+    name = message.room
+    peers = st.peers
+    if name not in st.awaits.rooms:
+        pair = dm_users(name)
+        if not peers.on or pair is None or not any(u in st.by_user for u in pair):
+            return  # not ours to hold: nobody here is in it
+        peers.adopt.add(name)
+        st.awaits.rooms[name] = []
+        peers.touch_room(name)
+        out.append(LoadRoom(room=name, recent=st.config.history_window))
+    held = peers.loading.setdefault(name, {})
+    if len(held) < st.config.history_window:
+        held[message.offset] = message
+
+
+def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
+    """A room finished loading: deliver what came for it meanwhile, by offset.
+
+    For a direct-message room loaded because another process appended to it,
+    the parties' sessions here join it first and get that message and what
+    followed (as ``send_direct`` does locally)."""
+    held = st.peers.loading.pop(room.name, None) or {}
+    if room.name in st.peers.adopt:
+        st.peers.adopt.discard(room.name)
+        first = min((o for o, m in held.items() if m.epoch == room.epoch), default=None)
+        replay: list[Message] = []
+        if first is not None and first <= room.head:
+            while room.window and room.window[-1].offset >= first:
+                replay.append(room.window.pop())
+            room.head = first - 1
+        pair = dm_users(room.name)
+        assert pair is not None
+        for user in pair:
+            for s in list(st.by_user.get(user, {}).values()):
+                if (
+                    room.name not in s.rooms
+                    and s.state is not SessionState.CLOSED
+                    and len(s.rooms) < st.config.max_rooms_per_session
+                ):
+                    add_member(st, s, room, out, announce=True)
+        for m in reversed(replay):
+            appended(st, Appended(message=m), out)
+    for offset in sorted(held):
+        appended(st, Appended(message=held[offset]), out)
+
+
+def behind(st: EngineState, room: Room, head: int, epoch: str, out: list[Effect]) -> None:
+    """The log says the room's head is ``head`` in ``epoch``: fetch what this
+    engine has not delivered (a message the bus lost, or a new life of the room)."""
+    if epoch != room.epoch:
+        # A new life: its newest messages, at most a window of them, as a gap.
+        _new_life(room, epoch, max(0, head - st.config.history_window))
+    room.known = max(room.known, head)
+    _fetch_known(st, room, out)
+
+
+def _fetch_known(st: EngineState, room: Room, out: list[Effect]) -> None:
+    if room.known > room.head and room.gap_ref is None:
+        _fetch_gap(st, room, room.known + 1, out)
+
+
+def _fetch_gap(st: EngineState, room: Room, before: int, out: list[Effect]) -> None:
+    ref = st.awaits.expect(PendingGap(room.name, before))
+    room.gap_ref = ref
+    out.append(LoadHistory(ref=ref, room=room.name, after=room.head, before=before))
+
+
+def _new_life(room: Room, epoch: str, head: int) -> None:
+    room.epoch = epoch
+    room.head = head
+    room.known = 0
+    room.window.clear()
+    room.early.clear()
+    room.gap_ref = None  # an answer from the old life is not awaited any more
 
 
 def append_failed(st: EngineState, cmd: AppendFailed, out: list[Effect]) -> None:
@@ -271,14 +352,28 @@ def gap_filled(st: EngineState, gap: PendingGap, cmd: HistoryLoaded, out: list[E
     room = st.rooms.get(gap.room)
     if room is not None and room.gap_ref == cmd.ref:
         room.gap_ref = None
+        early = room.early
         for m in cmd.messages:
-            if m.offset == room.head + 1 and m.epoch == room.epoch:
-                _publish(st, room, m, None, out)
+            # (Past a hole: what the log does not have is lost for good.)
+            if m.offset > room.head and m.epoch == room.epoch:
+                held = early.pop(m.offset, None) if early else None
+                _publish(st, room, m, None if held is None else held[1], out)
+        for offset in [o for o in early if o <= room.head]:
+            # Held back and delivered from the log since: only its ack is left to give.
+            pending = early.pop(offset)[1]
+            if pending is not None:
+                _ack(st, pending, offset, out)
         _drain_early(st, room, out)
-        if room.early:
-            # What the log does not have is lost for good: move past it.
-            room.head = min(room.early) - 1
-            _drain_early(st, room, out)
+        if early:
+            first = min(early)
+            if first <= gap.before:
+                # What the log does not have is lost for good: move past it.
+                room.head = first - 1
+                _drain_early(st, room, out)
+            else:  # more went missing since this gap was asked for
+                _fetch_gap(st, room, first, out)
+                return
+        _fetch_known(st, room, out)
 
 
 def gap_failed(st: EngineState, gap: PendingGap) -> None:

@@ -14,6 +14,7 @@ from ._commands import CreateRoom, Join
 from ._effects import Effect, Position, SavePositions, SaveRoom
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import Joined, Left, ReadMark, Typing
+from ._facts import ReadMarked, TypingChanged
 from ._names import is_valid_name, is_valid_room
 from ._outbox import broadcast, error, send_members, to
 from ._room import Room
@@ -194,6 +195,7 @@ def typing(st: EngineState, session: Session, name: str, now: float, out: list[E
         room.typing[session.user] = (until, previous[1])
     # A refresh within half the lifetime extends the indicator silently.
     if previous is None or previous[0] - now < ttl / 2:
+        st.share(name, TypingChanged(user=session.user), out)
         broadcast(
             st,
             room,
@@ -213,6 +215,7 @@ def typing_over(st: EngineState, timer: TypingOver, now: float, out: list[Effect
         st.timers.push(until, timer)
         return
     del room.typing[user]
+    st.share(room.name, TypingChanged(user=user, active=False), out)
     broadcast(
         st,
         room,
@@ -238,6 +241,7 @@ def mark_read(st: EngineState, session: Session, name: str, offset: int, out: li
     if offset <= room.reads.get(session.user, 0):
         return
     room.reads[session.user] = offset
+    st.share(name, ReadMarked(user=session.user, offset=offset), out)
     broadcast(
         st,
         room,

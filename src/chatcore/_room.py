@@ -41,6 +41,10 @@ class Room:
         "gap_ref",
         "banned",
         "muted",
+        "remote",
+        "flips",
+        "heard",
+        "known",
     )
 
     def __init__(
@@ -85,6 +89,14 @@ class Room:
         # Moderation (``_moderation``): users banned, and muted until when.
         self.banned: set[str] = set()
         self.muted: dict[str, float] = {}
+        # Several processes (``_cluster``): users with sessions in the room on other
+        # processes (how many processes each), listed with the local ones; where
+        # local members' first and last sessions are noted; when the bus or the log
+        # last said something of the room; the head the log last reported.
+        self.remote: dict[str, int] = {}
+        self.flips: list[tuple[str, str, bool]] | None = None
+        self.heard = 0.0
+        self.known = 0
 
     def attach(self, conn: Connection) -> None:
         (self.conns if conn.mode is Mode.JSON else self.text_conns)[conn.id] = conn
@@ -114,29 +126,66 @@ class Room:
         return [self.window[i] for i in range(lo, hi + 1)]
 
     def add_user(self, user: str) -> bool:
-        """Count one more session of ``user`` in the room; True if the user is new."""
+        """Count one more session of ``user`` in the room; True if the user is new
+        (to the room, on any process)."""
         count = self.users.get(user, 0)
         self.users[user] = count + 1
         if count:
             return False
+        if self.flips is not None:
+            self.flips.append((self.name, user, True))
+            if user in self.remote:
+                return False
+        self._insert(user)
+        return True
+
+    def add_remote(self, user: str) -> bool:
+        """One more process has ``user`` in the room; True if the user is new."""
+        count = self.remote.get(user, 0)
+        self.remote[user] = count + 1
+        if count or user in self.users:
+            return False
+        self._insert(user)
+        return True
+
+    def remove_remote(self, user: str) -> bool:
+        """One process less has ``user`` in the room; True if that was the user's last."""
+        count = self.remote[user] - 1
+        if count:
+            self.remote[user] = count
+            return False
+        del self.remote[user]
+        if user in self.users:
+            return False
+        self._remove(user)
+        return True
+
+    def _insert(self, user: str) -> None:
         i = bisect_left(self._sorted, user)
         self._sorted.insert(i, user)
         self._encoded.insert(i, encode_string(user))
         self._roster = self._members_json = None
-        return True
 
     def remove_user(self, user: str) -> bool:
-        """Count one session of ``user`` less; True if that was the user's last."""
+        """Count one session of ``user`` less; True if that was the user's last
+        (in the room, on any process)."""
         count = self.users[user] - 1
         if count:
             self.users[user] = count
             return False
         del self.users[user]
+        if self.flips is not None:
+            self.flips.append((self.name, user, False))
+            if user in self.remote:
+                return False
+        self._remove(user)
+        return True
+
+    def _remove(self, user: str) -> None:
         i = bisect_left(self._sorted, user)
         del self._sorted[i]
         del self._encoded[i]
         self._roster = self._members_json = None
-        return True
 
     def member_list(self) -> tuple[str, ...]:
         """The users, sorted."""

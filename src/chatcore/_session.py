@@ -27,6 +27,7 @@ from ._events import Ack, Message
 
 NO_ROOMS: frozenset[str] = frozenset()
 NO_OFFSETS: Mapping[str, int] = MappingProxyType({})
+NO_EPOCHS: Mapping[str, str] = MappingProxyType({})
 
 __all__ = [
     "TABLE",
@@ -267,6 +268,7 @@ class Session:
         "detach_gen",
         "resumed",
         "inbox",
+        "epochs",
     )
 
     def __init__(
@@ -290,3 +292,4 @@ class Session:
         self.detach_gen = 0
         self.resumed = False
         self.inbox: int | None = None  # ref of the LoadInbox the welcome waits for
+        self.epochs: Mapping[str, str] = NO_EPOCHS  # the epoch of each offset asked at resume

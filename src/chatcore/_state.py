@@ -13,9 +13,11 @@ from ._awaits import Awaits
 from ._calls import Calls
 from ._commands import ClientRequest, ConnId, Moderation
 from ._config import Config
-from ._effects import Effect, LoadRoom
+from ._effects import Effect, LoadRoom, Share
 from ._errors import CloseCode
+from ._facts import Fact
 from ._ids import IdSource
+from ._peers import Peers
 from ._room import Room
 from ._session import Connection, Session, SessionState
 from ._timers import Timers
@@ -91,6 +93,7 @@ class EngineState:
         "moderating",
         "calls",
         "counters",
+        "peers",
     )
 
     def __init__(self, config: Config, ids: IdSource) -> None:
@@ -116,6 +119,12 @@ class EngineState:
         self.moderating: dict[str, list[Moderation]] = {}
         self.calls = Calls(config, self.ringable)  # see _signals
         self.counters = Counters()
+        self.peers = Peers(config.cluster)  # see _cluster
+
+    def share(self, room: str, fact: Fact, out: list[Effect]) -> None:
+        """Tell the other processes holding ``room`` (only with ``Config.cluster``)."""
+        if self.peers.on:
+            out.append(Share(room=room, fact=fact))
 
     def ringable(self, user: str) -> list[str]:
         """The sessions a call to ``user`` rings: every one not ended, those away included."""
@@ -129,6 +138,7 @@ class EngineState:
         waiters = self.awaits.rooms.get(name)
         if waiters is None:
             self.awaits.rooms[name] = [(session, request)]
+            self.peers.touch_room(name)  # held from now: what comes meanwhile is merged
             out.append(LoadRoom(room=name, recent=self.config.history_window))
         else:
             waiters.append((session, request))
@@ -154,3 +164,4 @@ class EngineState:
     def forget_if_empty(self, room: Room) -> None:
         if not room.users and room.name not in self.wanted and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+            self.peers.touch_room(room.name)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 from ._room import Room
 from ._session import Connection, Session
 
-__all__ = ["GraceOver", "PingDue", "PongDue", "Timer", "Timers", "TypingOver"]
+__all__ = ["GraceOver", "HeadProbe", "PingDue", "PongDue", "Timer", "Timers", "TypingOver"]
 
 
 class PingDue(NamedTuple):
@@ -45,7 +45,14 @@ class TypingOver(NamedTuple):
     id: int
 
 
-Timer = PingDue | PongDue | GraceOver | TypingOver
+class HeadProbe(NamedTuple):
+    """Time to ask the log for the heads of idle held rooms (``_cluster``);
+    ``gen`` is the probe's arming, stale once re-armed or disarmed."""
+
+    gen: int
+
+
+Timer = PingDue | PongDue | GraceOver | TypingOver | HeadProbe
 
 Entry = tuple[float, int, Timer]
 

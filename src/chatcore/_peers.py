@@ -1,0 +1,75 @@
+"""What this engine knows of the other processes sharing its log: data only.
+
+Filled and read by ``_cluster`` (and by the few hooks elsewhere that note a
+change for it: a room taken or dropped, a user's first or last session, a
+member's first or last session in a room). The hooks only append to lists;
+``_cluster.flush`` turns them into effects at the end of the step, so that a
+room dropped and taken again within one step says nothing.
+"""
+
+from __future__ import annotations
+
+from ._commands import Connect, ConnId
+from ._events import Message
+
+__all__ = ["Peers"]
+
+
+class Peers:
+    __slots__ = (
+        "on",
+        "rooms",
+        "asked",
+        "users",
+        "touched_rooms",
+        "touched_users",
+        "flips",
+        "remote",
+        "loading",
+        "adopt",
+        "probes",
+        "probe_gen",
+        "last_tick",
+        "parked",
+        "claims",
+        "claiming",
+        "answered",
+        "taken",
+    )
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        # Rooms and users the adapter was told about (RoomHeld, UserHeld).
+        self.rooms: set[str] = set()
+        self.asked: set[str] = set()  # loaded rooms whose members were asked (MembersAsked)
+        self.users: set[str] = set()
+        # Changes noted during the step, for ``_cluster.flush``.
+        self.touched_rooms: list[str] = []
+        self.touched_users: list[str] = []
+        self.flips: list[tuple[str, str, bool]] = []  # (room, user, arrived) of local members
+        # room -> origin -> users with a session in the room on that process.
+        self.remote: dict[str, dict[str, set[str]]] = {}
+        # Messages for rooms still loading, by room and offset (merged once loaded).
+        self.loading: dict[str, dict[int, Message]] = {}
+        # Direct-message rooms loading because the bus brought one of their messages.
+        self.adopt: set[str] = set()
+        self.probes: set[int] = set()  # LoadHeads refs in flight
+        self.probe_gen = 0  # of the one live HeadProbe timer (0: none armed)
+        self.last_tick = 0.0  # when it last ran: rooms heard of since are not idle
+        self.parked: set[str] = set()  # tokens of sessions recorded as parked
+        self.claims: dict[int, Connect] = {}  # ClaimSession ref -> the connect waiting
+        self.claiming: dict[ConnId, tuple[int, list[str]]] = {}  # conn -> (ref, frames)
+        self.answered: Connect | None = None  # a connect whose claim was answered
+        self.taken: set[str] = set()  # tokens being handed to another process
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.touched_rooms or self.touched_users or self.flips)
+
+    def touch_room(self, name: str) -> None:
+        if self.on:
+            self.touched_rooms.append(name)
+
+    def touch_user(self, user: str) -> None:
+        if self.on:
+            self.touched_users.append(user)
