@@ -27,6 +27,8 @@ from chatcore import (
     Command,
     Config,
     Effect,
+    HeadsLoaded,
+    LoadHeads,
     Mode,
     ProcessGone,
     RoomHeld,
@@ -194,6 +196,7 @@ class Cluster:
         self.latency = store_latency
         self.bus = Bus(self.rng, faults or Faults())
         self.records: dict[str, tuple[Node, str, float]] = {}
+        self.lost: set[str] = set()  # epochs whose history the log lost
         self.heartbeat = heartbeat
         self.now = START
         self.nodes = [Node(self, f"p{i}", self.config, seed * 100 + i) for i in range(n)]
@@ -248,6 +251,12 @@ class Cluster:
 
     def lose(self, room: str) -> None:
         """The log loses the room's data: its history starts a new life (new epoch)."""
+        stored = self.store.messages(room)
+        before = self.store.execute_now([LoadHeads(ref=0, rooms=(room,))])[0]
+        if isinstance(before, HeadsLoaded) and room in before.heads:
+            self.lost.add(before.heads[room][1])
+        elif stored:
+            self.lost.add(stored[-1].epoch)
         self.store.lose(room)
 
     def claim(self, claimer: Node, effect: ClaimSession) -> Command:

@@ -20,6 +20,7 @@ from ._commands import ClientRequest, Connect, Disconnected
 from ._effects import Close, Effect, LoadInbox, Ping, Position, SavePositions
 from ._errors import CloseCode, LocalProtocolError
 from ._events import RoomPosition, Welcome
+from ._messages import ahead_of_room
 from ._names import dm_users, is_valid_name, is_valid_room
 from ._outbox import send_members, to
 from ._presence import join, remove_member
@@ -243,7 +244,11 @@ def _welcome(st: EngineState, session: Session, out: list[Effect]) -> Held | Non
                 reset.add(name)
             else:
                 start = session.offsets.get(name, session.delivered.get(name, head))
-                start = min(max(start, 0), head)
+                if start > head and st.peers.on:
+                    # It saw more on another process than this one has heard of yet.
+                    ahead_of_room(st, room, start, out)
+                else:
+                    start = min(max(start, 0), head)
         starts[name] = start
     rooms = {
         name: RoomPosition(
@@ -271,7 +276,8 @@ def _welcome(st: EngineState, session: Session, out: list[Effect]) -> Held | Non
     for name, start in starts.items():
         room = st.rooms[name]
         send_members(st, conn, room, out, start)
-        if start < room.head:
+        if start != room.head:  # behind it (replay), or ahead of it (wait for it)
+            room.detach(conn)  # (joined just now: live only once caught up)
             conn.catchup[name] = Catchup(start + 1)
         else:
             room.attach(conn)

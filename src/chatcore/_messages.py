@@ -28,11 +28,13 @@ from ._keys import ENCRYPTED
 from ._names import dm_room, dm_users, is_valid_name, is_valid_room
 from ._outbox import broadcast, error, to
 from ._presence import add_member, member_room, refusal, verdict
+from ._replay import pump
 from ._room import Room
 from ._session import Connection, Session, SessionState
 from ._state import EngineState
 
 __all__ = [
+    "ahead_of_room",
     "append_failed",
     "appended",
     "behind",
@@ -222,7 +224,21 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
         elif found is not None:  # not an append's reference: not ours to take
             refs[cmd.ref] = found
     room = st.rooms.get(message.room)
-    if cmd.duplicate or room is None:
+    if (
+        cmd.duplicate
+        and room is not None
+        and message.offset > room.head
+        and message.epoch == room.epoch
+    ):
+        # A retry of a message this process has not delivered yet (it waits for the
+        # gap before it, or another process appended it): it goes in its place, and
+        # the ack with it, never ahead of the messages before it.
+        held = room.early.get(message.offset)
+        if held is not None:  # held already: one ack for it, when it goes out
+            if held[1] is None:
+                room.early[message.offset] = (held[0], pending)
+            return
+    elif cmd.duplicate or room is None:
         if pending is not None:
             _ack(st, pending, message.offset, out)
         if room is None and not cmd.duplicate:
@@ -231,8 +247,13 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
     if cmd.ref is None:
         room.heard = st.now  # the bus is alive for this room: no head probe needed
     if message.epoch != room.epoch:
-        # The log's history was lost and restarted: follow the new numbering.
-        _new_life(room, message.epoch, message.offset - 1)
+        if message.epoch in room.past:  # from a life the room has left: stale
+            if pending is not None:
+                _ack(st, pending, message.offset, out)
+            return
+        # The log's history was lost and restarted: follow the new numbering, from
+        # its start (within a window): what came before this one is fetched as a gap.
+        _new_life(st, room, message.epoch, max(0, message.offset - 1 - st.config.history_window))
     head = room.head
     if message.offset <= head:  # already delivered (a replayed answer)
         if pending is not None:
@@ -303,12 +324,21 @@ def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
         appended(st, Appended(message=held[offset]), out)
 
 
+def ahead_of_room(st: EngineState, room: Room, offset: int, out: list[Effect]) -> None:
+    """A client resumed having seen ``offset``, past what this process has heard
+    of the room: the log has it (another process delivered it), so fetch it."""
+    room.known = max(room.known, offset)
+    _fetch_known(st, room, out)
+
+
 def behind(st: EngineState, room: Room, head: int, epoch: str, out: list[Effect]) -> None:
     """The log says the room's head is ``head`` in ``epoch``: fetch what this
     engine has not delivered (a message the bus lost, or a new life of the room)."""
+    if epoch in room.past:
+        return  # read before the room's history restarted: stale
     if epoch != room.epoch:
         # A new life: its newest messages, at most a window of them, as a gap.
-        _new_life(room, epoch, max(0, head - st.config.history_window))
+        _new_life(st, room, epoch, max(0, head - st.config.history_window))
     room.known = max(room.known, head)
     _fetch_known(st, room, out)
 
@@ -324,13 +354,33 @@ def _fetch_gap(st: EngineState, room: Room, before: int, out: list[Effect]) -> N
     out.append(LoadHistory(ref=ref, room=room.name, after=room.head, before=before))
 
 
-def _new_life(room: Room, epoch: str, head: int) -> None:
+def _new_life(st: EngineState, room: Room, epoch: str, head: int) -> None:
+    """The room's history restarted (another epoch): follow it from ``head``.
+
+    Connections replaying the old life (or waiting for it) start over at the
+    new one, and go on as soon as it has messages; the epoch on those messages
+    tells their clients of the break."""
+    if len(room.past) >= 16:  # (bounded: a room's history rarely restarts)
+        room.past.clear()
+    room.past.add(room.epoch)
     room.epoch = epoch
     room.head = head
     room.known = 0
     room.window.clear()
     room.early.clear()
     room.gap_ref = None  # an answer from the old life is not awaited any more
+    name = room.name
+    for user in room.users:
+        for session in st.by_user.get(user, {}).values():
+            conn = session.conn
+            if conn is not None and (catchup := conn.catchup.get(name)) is not None:
+                catchup.next = head + 1
+                catchup.loaded.clear()
+                catchup.loading = None
+                catchup.lost_below = 0
+                catchup.own = None
+                room.behind.pop(conn.id, None)
+                room.ahead[conn.id] = conn  # the next message of the new life wakes it
 
 
 def append_failed(st: EngineState, cmd: AppendFailed, out: list[Effect]) -> None:
@@ -373,6 +423,11 @@ def gap_filled(st: EngineState, gap: PendingGap, cmd: HistoryLoaded, out: list[E
             else:  # more went missing since this gap was asked for
                 _fetch_gap(st, room, first, out)
                 return
+        if room.known > room.head and gap.before > room.known:
+            # Asked up to what the log (or a client that resumed) said, and the log
+            # has no more: stop asking. A client that says it saw more goes live
+            # when the room gets there (or starts over in the room's next life).
+            room.known = room.head
         _fetch_known(st, room, out)
 
 
@@ -403,6 +458,19 @@ def _publish(
     if room.typing:
         room.typing.pop(message.sender, None)
     broadcast(st, room, message, None if st.config.echo else sender_conn, out, ephemeral=False)
+    if room.ahead:
+        _caught_up(st, room, out)
+
+
+def _caught_up(st: EngineState, room: Room, out: list[Effect]) -> None:
+    """Connections waiting for the room to reach what they had seen go on."""
+    for conn in list(room.ahead.values()):
+        catchup = conn.catchup.get(room.name)
+        if catchup is None:
+            del room.ahead[conn.id]
+        elif catchup.next <= room.head + 1:
+            del room.ahead[conn.id]
+            pump(st, conn, out)
 
 
 def _ack(

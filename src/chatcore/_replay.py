@@ -32,6 +32,11 @@ def pump(st: EngineState, conn: Connection, out: list[Effect]) -> None:
             if conn.frames >= soft_frames or conn.nbytes >= soft_bytes:
                 return  # also when the connection is closing: its outbox counts as full
             n = catchup.next
+            if n > room.head + 1:
+                # It has seen more than this process has heard of (it resumed here from
+                # another one): it waits, off the live fan-out, for the room to catch up.
+                room.ahead[conn.id] = conn
+                break
             if n > room.head:
                 del conn.catchup[name]
                 if catchup.own:  # acks of offsets the replay jumped over (lost to retention)

@@ -45,6 +45,8 @@ class Room:
         "flips",
         "heard",
         "known",
+        "ahead",
+        "past",
     )
 
     def __init__(
@@ -97,6 +99,11 @@ class Room:
         self.flips: list[tuple[str, str, bool]] | None = None
         self.heard = 0.0
         self.known = 0
+        # Connections that resumed having seen more than this process has heard
+        # of yet: they go live once the room has caught up with them.
+        self.ahead: dict[int, Connection] = {}
+        # Epochs the room's history has left (a bus message of one, late, is stale).
+        self.past: set[str] = set()
 
     def attach(self, conn: Connection) -> None:
         (self.conns if conn.mode is Mode.JSON else self.text_conns)[conn.id] = conn
@@ -107,6 +114,8 @@ class Room:
         (self.conns if conn.mode is Mode.JSON else self.text_conns).pop(conn.id, None)
         if self.behind:
             self.behind.pop(conn.id, None)
+        if self.ahead:
+            self.ahead.pop(conn.id, None)
 
     def window_start(self) -> int:
         """The lowest offset held in memory (head + 1 when none is)."""

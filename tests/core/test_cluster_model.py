@@ -1,0 +1,132 @@
+"""Random runs of a cluster (three engines, one log, one faulty bus) against a
+plain model of what each client must have.
+
+Clients connect to any process, send (and retry with the same id), drop and
+resume on any process, while the bus drops deliveries, delays them (so they
+reorder across publishers), fails publishes after the commit, is cut from one
+process for a while, rooms load slowly (messages arrive during the load), and
+the log sometimes loses a room's data (a new epoch). The model is the log
+itself plus, per client, the last (epoch, offset) it saw in each room
+(``cluster_check.positions``). The invariant:
+
+* after every step, every client's stream per room is in offset order with
+  nothing twice, and a resume goes on exactly where the client was, unless it
+  was told of a discontinuity (another epoch);
+* after a quiet period of one probe interval (plus the log's and the bus's
+  delays), every connected member is at its room's head in the log: every
+  acked message reached it exactly once. No engine stays behind longer.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cluster_check import check_cluster, positions
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from chatcore import Config
+from chatcore_sim import Cluster, Faults, SimClient
+
+PROBE = 4.0
+USERS = ["alice", "bob", "carol", "dave"]
+ROOMS = ["general", "tech"]
+
+
+class ClusterModel(RuleBasedStateMachine):
+    cluster: Cluster
+    clients: list[SimClient]
+
+    @initialize(
+        seed=st.integers(0, 2**16),
+        drop=st.sampled_from([0.0, 0.1, 0.3]),
+        fail=st.sampled_from([0.0, 0.1]),
+        delay=st.sampled_from([0.0, 0.2]),
+        latency=st.sampled_from([0.0, 0.1]),
+    )
+    def start(self, seed: int, drop: float, fail: float, delay: float, latency: float) -> None:
+        self.cluster = Cluster(
+            3,
+            Config(head_probe_interval=PROBE, grace_period=30.0),
+            seed=seed,
+            faults=Faults(drop=drop, fail_publish=fail, max_delay=delay),
+            store_latency=latency,
+        )
+        self.clients = []
+        self.ids = 0
+
+    @rule(
+        node=st.integers(0, 2),
+        user=st.sampled_from(USERS),
+        rooms=st.sets(st.sampled_from(ROOMS), min_size=1),
+    )
+    def connect(self, node: int, user: str, rooms: set[str]) -> None:
+        if len(self.clients) < 6:
+            self.clients.append(self.cluster.connect(node, user, rooms=sorted(rooms)))
+
+    @rule(which=st.integers(0, 5), room=st.sampled_from(ROOMS), retry=st.booleans())
+    def send(self, which: int, room: str, retry: bool) -> None:
+        if not self.clients:
+            return
+        client = self.clients[which % len(self.clients)]
+        if client.conn is None or room not in positions(client):
+            return
+        self.ids += 1
+        client.send(f"t{self.ids}", room, id=f"c{self.ids}")
+        if retry:
+            client.send(f"t{self.ids}", room, id=f"c{self.ids}")
+
+    @rule(which=st.integers(0, 5), node=st.integers(0, 2))
+    def drop_and_resume(self, which: int, node: int) -> None:
+        if self.clients:
+            client = self.clients[which % len(self.clients)]
+            if client.token is not None:
+                self.cluster.move(client, node)
+
+    @rule(which=st.integers(0, 5))
+    def drop(self, which: int) -> None:
+        if self.clients:
+            client = self.clients[which % len(self.clients)]
+            if client.conn is not None:
+                client.sim.drop(client)
+
+    @rule(node=st.integers(0, 2), seconds=st.sampled_from([0.5, 2.0]))
+    def cut_bus(self, node: int, seconds: float) -> None:
+        self.cluster.cut(node, seconds)
+
+    @rule(room=st.sampled_from(ROOMS))
+    def lose_log(self, room: str) -> None:
+        self.cluster.lose(room)
+
+    @rule(seconds=st.sampled_from([0.01, 0.1, 0.5]))
+    def advance(self, seconds: float) -> None:
+        self.cluster.advance(seconds)
+
+    @rule()
+    def quiet_for_a_probe_interval(self) -> None:
+        # Cuts end within 2 s; then a probe interval, the log's and the bus's delays.
+        self.cluster.advance(2.0 + PROBE + 0.5)
+        check_cluster(self.cluster)
+
+    @invariant()
+    def streams_in_order_without_repeats(self) -> None:
+        for client in getattr(self, "clients", []):
+            positions(client, lost=frozenset(self.cluster.lost))
+
+    def teardown(self) -> None:
+        if hasattr(self, "cluster"):
+            self.cluster.advance(2.0 + PROBE + 0.5)
+            check_cluster(self.cluster)
+
+
+ClusterModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("CHATCORE_CLUSTER_EXAMPLES", "150")),
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[
+        p for p in Phase if p is not Phase.shrink or os.environ.get("CHATCORE_SHRINK", "1") == "1"
+    ],
+)
+test_cluster_model = ClusterModel.TestCase
