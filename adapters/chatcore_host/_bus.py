@@ -19,7 +19,7 @@ on one Redis pick different ones):
 * ``PREFIX:proc:ID``: this process's control channel. The liveness probe
   publishes to it and expects its echo (no echo within ``probe_timeout``: the
   subscription went deaf, and is opened again); a process that claimed one of
-  our sessions says ``taken`` there.
+  our sessions says ``taken\\nITS_ID\\nTOKEN`` there.
 * ``PREFIX:alive:ID``: this process's heartbeat, a key with a TTL. A process
   whose key has been missing for the grace period is fed to the engine as
   ``ProcessGone`` (its members leave), once.
@@ -383,7 +383,8 @@ class RedisBus:
         if owner.decode() != self.process_id:
             # The owner forgets its copy (and closes its connection, if any).
             await redis.publish(
-                f"{self.prefix}:proc:{owner.decode()}", b"taken\n" + effect.token.encode()
+                f"{self.prefix}:proc:{owner.decode()}",
+                b"taken\n" + self._origin + effect.token.encode(),
             )
         return claimed
 
@@ -489,7 +490,9 @@ class RedisBus:
             if data == b"probe":
                 self._probe_sent = None  # the echo: we hear ourselves, so we hear others
             elif origin == b"taken" and sep:
-                batch.append(SessionTaken(token=text.decode(errors="replace")))
+                by, sep, token = text.partition(b"\n")
+                if sep:
+                    batch.append(SessionTaken(token=token.decode(errors="replace"), by=by.decode()))
             return
         if not sep or origin + b"\n" == self._origin:
             return  # our own: the engine has it already
