@@ -57,6 +57,7 @@ from chatcore import (
     ClaimSession,
     Command,
     Config,
+    MembersAsked,
     Message,
     ProcessGone,
     RoomHeld,
@@ -177,6 +178,8 @@ class RedisBus:
         self._records: deque[SessionParked | SessionGone | ClaimSession] = deque()
         self._records_wake: anyio.Event | None = None
         self._held: dict[str, int] = {}  # channel -> how many holds (a room and a user may share)
+        self._confirmed: set[str] = set()  # channels Redis confirmed on the current link
+        self._asks: dict[str, list[bytes]] = {}  # MembersAsked waiting for their channel
         self._probe_sent: float | None = None  # monotonic time of the unanswered probe
         self._seen: dict[str, float] = {}  # other processes -> monotonic time last seen alive
         self._redis: Redis | None = None
@@ -219,7 +222,12 @@ class RedisBus:
             case Share():
                 data = self._origin + bus_fact(self.process_id, effect.room, effect.fact).encode()
                 for name in bus_channels(effect.room):
-                    self._enqueue(self.channel(name), data, message=False)
+                    channel = self.channel(name)
+                    if isinstance(effect.fact, MembersAsked) and channel not in self._confirmed:
+                        # The answers come on that channel: ask once we can hear them.
+                        self._asks.setdefault(channel, []).append(data)
+                    else:
+                        self._enqueue(channel, data, message=False)
             case SessionParked() | SessionGone() | ClaimSession():
                 self._records.append(effect)
                 if (wake := self._records_wake) is not None:
@@ -240,6 +248,7 @@ class RedisBus:
             self._held[channel] = count
         else:
             self._held.pop(channel, None)
+            self._asks.pop(channel, None)
 
     def _enqueue(self, channel: str, data: bytes, *, message: bool) -> None:
         queue = self._queue
@@ -440,6 +449,8 @@ class RedisBus:
             finally:
                 self.listening = False
                 self._probe_sent = None
+                self._confirmed.clear()
+                self.tally.channels = 0
                 with (
                     anyio.CancelScope(shield=True),
                     anyio.move_on_after(self.publish_timeout),
@@ -459,6 +470,7 @@ class RedisBus:
                 confirm = await pubsub.get_message(timeout=self.publish_timeout)
                 if confirm is not None and confirm["type"] == "subscribe":
                     pending -= 1
+                    self._confirm(confirm["channel"])
         self.listening = True
         if not first:
             self.tally.resyncs += 1
@@ -473,14 +485,35 @@ class RedisBus:
                 self.tally.deaf += 1
                 raise _Deaf("liveness probe not echoed")
             reply: dict[str, Any] | None = await pubsub.get_message(timeout=_POLL)
+            fresh = False  # a room channel newly confirmed
             while reply is not None:
-                self._take(reply, batch)
+                if reply.get("type") == "subscribe":
+                    fresh |= self._confirm(reply["channel"])
+                elif reply.get("type") == "unsubscribe":
+                    self._confirmed.discard(_text(reply["channel"]))
+                    self.tally.channels = len(self._confirmed)
+                else:
+                    self._take(reply, batch)
                 if len(batch) >= _FEED_BATCH:
                     break
                 reply = await pubsub.get_message(timeout=0)
+            if fresh:
+                # A room subscribed after its load read the head: whatever was published
+                # between the two was missed. Ask the log now, not at the next probe.
+                batch.append(BusResumed())
             if batch:
                 self._feed(batch)
                 batch = []
+
+    def _confirm(self, channel: bytes | str) -> bool:
+        """Redis confirmed a subscription: send the member questions that waited for
+        it. True for a room's channel (its messages may have been missed meanwhile)."""
+        name = _text(channel)
+        self._confirmed.add(name)
+        self.tally.channels = len(self._confirmed)
+        for data in self._asks.pop(name, ()):
+            self._enqueue(name, data, message=False)
+        return name.startswith(f"{self.prefix}:{{room:")
 
     def _take(self, reply: dict[str, Any], batch: list[Command]) -> None:
         if reply.get("type") != "message" or not isinstance(data := reply["data"], bytes):
@@ -515,6 +548,10 @@ class RedisBus:
             if new := want - have:
                 await pubsub.subscribe(*new)
         return want
+
+
+def _text(channel: bytes | str) -> str:
+    return channel.decode() if isinstance(channel, bytes) else channel
 
 
 async def _disconnect(redis: Redis) -> None:

@@ -202,7 +202,6 @@ class EngineHost:
             self.config = dataclasses.replace(self.config, cluster=True)
         elif bus is None and self.config.cluster:
             raise ValueError("Config.cluster needs a bus")
-        self._engine_holds = False  # interim: until the engine emits RoomHeld (c12core)
         self.retention_every = retention_every
         """Seconds between passes that cut the store's rooms down to their retention limits."""
         if screen is not None and not self.config.screen_messages:
@@ -322,7 +321,6 @@ class EngineHost:
                     | ClaimSession()
                 ):
                     if self.bus is not None:  # Config.cluster: there is one
-                        self._engine_holds = True
                         self.bus.carry(effect)
                 case _ if is_storage_effect(effect):
                     storage.append(effect)
@@ -371,9 +369,6 @@ class EngineHost:
         for answer in answers:
             if type(answer) is Appended and answer.ref is not None and not answer.duplicate:
                 bus.publish(answer.message)
-            elif type(answer) is RoomLoaded and not self._engine_holds:
-                # Interim, until the engine says RoomHeld itself: a loaded room is held.
-                bus.carry(RoomHeld(room=answer.room))
 
     def bus_feed(self, commands: Sequence[Command]) -> None:
         """What other processes said, from the bus (their messages as ``Appended``

@@ -214,6 +214,35 @@ def _bus_families(tally: BusTally) -> Iterator[Metric]:
         "Times the liveness probe found the subscription deaf (no echo) and reopened it",
         value=tally.deaf,
     )
+    yield CounterMetricFamily(
+        "chatcore_bus_facts",
+        "Presence facts (arrivals, departures, typing, read marks, member lists) published",
+        value=tally.facts,
+    )
+    yield CounterMetricFamily(
+        "chatcore_bus_facts_received",
+        "Presence facts from other processes fed to the engine",
+        value=tally.facts_received,
+    )
+    claims = CounterMetricFamily(
+        "chatcore_bus_claims",
+        "Resumes of sessions parked in Redis, by outcome (refused: no record for that "
+        "token and user, or Redis did not answer)",
+        labels=["outcome"],
+    )
+    claims.add_metric(["claimed"], tally.claims)
+    claims.add_metric(["refused"], tally.claims_refused)
+    yield claims
+    yield CounterMetricFamily(
+        "chatcore_bus_processes_gone",
+        "Other processes whose heartbeat expired; their members left",
+        value=tally.processes_gone,
+    )
+    yield GaugeMetricFamily(
+        "chatcore_bus_channels",
+        "Channels (rooms, users) Redis confirmed subscribed now",
+        value=tally.channels,
+    )
 
 
 def metrics_registry(

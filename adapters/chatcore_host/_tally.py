@@ -69,3 +69,5 @@ class BusTally:
     """Times the subscription came back after it was lost (each a resync of every room)."""
     deaf: int = 0
     """Times the liveness probe found the subscription deaf and opened it again."""
+    channels: int = 0
+    """Channels (rooms, users) Redis confirmed subscribed right now (a gauge)."""

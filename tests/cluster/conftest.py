@@ -17,7 +17,9 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,10 +105,19 @@ class Server:
     port: int
     log: Path
 
-    def ws(self, user: str, rooms: Sequence[str] = (), resume: str | None = None) -> str:
+    def ws(
+        self,
+        user: str,
+        rooms: Sequence[str] = (),
+        resume: str | None = None,
+        offsets: Mapping[str, tuple[int, str]] | None = None,
+    ) -> str:
+        """The ``/ws`` URL; ``offsets`` maps a room to the (offset, epoch) last seen."""
         query = f"user={user}" + "".join(f"&room={r}" for r in rooms)
         if resume is not None:
             query += f"&resume={resume}"
+        for room, (offset, epoch) in (offsets or {}).items():
+            query += f"&offset={room}:{offset}&epoch={room}:{epoch}"
         return f"ws://127.0.0.1:{self.port}/ws?{query}"
 
     def kill(self) -> None:
@@ -227,11 +238,15 @@ class Client:
         return self.of("message", room)
 
     async def until(self, pred: Callable[[Client], bool], what: str = "") -> None:
-        with anyio.fail_after(GUARD):
-            while not pred(self):
-                if self.closed:
-                    raise AssertionError(f"connection closed while waiting for {what}")
-                await self._new.wait()
+        try:
+            with anyio.fail_after(GUARD):
+                while not pred(self):
+                    if self.closed:
+                        raise AssertionError(f"connection closed while waiting for {what}")
+                    await self._new.wait()
+        except TimeoutError:
+            user = self.welcome.get("user")
+            raise AssertionError(f"{user} waited for {what}; got {self.events[-12:]}") from None
 
     async def send(self, obj: dict[str, Any]) -> None:
         await self.conn.send(json.dumps(obj))
@@ -256,6 +271,35 @@ async def clients(urls: Sequence[str]) -> AsyncIterator[list[Client]]:
             yield made
         finally:
             tg.cancel_scope.cancel()
+
+
+def http_get(server: Server, path: str) -> tuple[int, bytes]:
+    """GET ``path`` from a server (blocking: run it in a thread)."""
+    url = f"http://127.0.0.1:{server.port}{path}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=GUARD) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def metric(text: bytes, name: str) -> float:
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def subscribed(server: Server, channels: int) -> None:
+    """Wait until Redis confirmed at least ``channels`` subscriptions of the server
+    (its control channel, one per user with a session there, one per room held)."""
+    with anyio.fail_after(GUARD):
+        while True:
+            _, text = await anyio.to_thread.run_sync(http_get, server, "/metrics")
+            if metric(text, "chatcore_bus_channels") >= channels:
+                return
+            await anyio.sleep(0.02)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import urllib.error
-import urllib.request
 
 import anyio
 import pytest
 
-from .conftest import GUARD, Cluster, PrivateRedis, Server, clients
+from .conftest import GUARD, Cluster, PrivateRedis, Server, clients, metric
+from .conftest import http_get as get
 from .test_messages import ROOM, stream
 
 pytestmark = [
@@ -29,26 +28,9 @@ pytestmark = [
 ]
 
 
-def get(server: Server, path: str) -> tuple[int, bytes]:
-    url = f"http://127.0.0.1:{server.port}{path}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=GUARD) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 async def ready(server: Server) -> tuple[int, dict[str, str]]:
     status, body = await anyio.to_thread.run_sync(get, server, "/readyz")
     return status, json.loads(body)
-
-
-def metric(text: bytes, name: str) -> float:
-    for line in text.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 async def test_redis_restart_mid_stream_loses_nothing(
