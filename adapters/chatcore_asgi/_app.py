@@ -52,6 +52,7 @@ from chatcore import (
 from chatcore_host import (
     MAX_ADMIN_BODY,
     AuthError,
+    Bus,
     EngineHost,
     RecordFile,
     ScreenHook,
@@ -110,6 +111,8 @@ class ChatApp(ChatControls):
     API (``post``, ``create_room``, ``remove``, ``mute``, ``ban``, ``unban``,
     ``delete_message``) is :class:`chatcore_host.ChatControls`', as on
     ``ChatServer``.
+    ``bus`` (a :class:`chatcore_host.RedisBus`) joins this app to other
+    processes sharing its PostgreSQL log (see the README's "Several processes").
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class ChatApp(ChatControls):
         retain_age: float | None = None,
         screen: ScreenHook | None = None,
         record: RecordFile | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.engine_host = EngineHost(
             self,
@@ -143,6 +147,7 @@ class ChatApp(ChatControls):
             retain_age=retain_age,
             screen=screen,
             record=record,
+            bus=bus,
         )
         self.config = self.engine_host.config
         self.jwt_secret = jwt_secret

@@ -11,9 +11,11 @@ headers and body out) live here too, imported on their own since they need
 prometheus-client. Needs anyio; no HTTP or WebSocket library.
 """
 
+from typing import TYPE_CHECKING
+
 from ._admin import MAX_ADMIN_BODY, AdminReply, admin_request, check_admin
 from ._controls import ChatControls
-from ._host import EngineHost, ScreenHook, Transport
+from ._host import Bus, BusEffect, EngineHost, ScreenHook, Transport
 from ._policy import (
     AuthError,
     Headers,
@@ -27,15 +29,23 @@ from ._policy import (
     repeated_header,
 )
 from ._record import RecordFile, read_record
+from ._tally import BusTally
+
+if TYPE_CHECKING:
+    from ._bus import RedisBus
 
 __all__ = [
     "MAX_ADMIN_BODY",
     "AdminReply",
     "AuthError",
+    "Bus",
+    "BusEffect",
+    "BusTally",
     "ChatControls",
     "EngineHost",
     "Headers",
     "RecordFile",
+    "RedisBus",
     "ScreenHook",
     "Transport",
     "admin_request",
@@ -50,3 +60,12 @@ __all__ = [
     "read_record",
     "repeated_header",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # RedisBus needs redis-py (the ``redis`` extra): imported on first use only.
+    if name == "RedisBus":
+        from ._bus import RedisBus
+
+        return RedisBus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

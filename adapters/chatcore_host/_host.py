@@ -46,6 +46,8 @@ import anyio.abc
 import anyio.lowlevel
 
 from chatcore import (
+    Appended,
+    ClaimSession,
     Close,
     Command,
     Config,
@@ -61,9 +63,16 @@ from chatcore import (
     Ping,
     RandomIds,
     Recorder,
+    RoomHeld,
     RoomLoaded,
+    RoomReleased,
     Screen,
     Screened,
+    SessionGone,
+    SessionParked,
+    Share,
+    UserHeld,
+    UserReleased,
     Verdict,
 )
 from chatcore_store import (
@@ -77,9 +86,9 @@ from chatcore_store import (
 )
 
 from ._record import RecordFile
-from ._tally import HostTally
+from ._tally import BusTally, HostTally
 
-__all__ = ["EngineHost", "ScreenHook", "Transport"]
+__all__ = ["Bus", "BusEffect", "EngineHost", "ScreenHook", "Transport"]
 
 ScreenHook: TypeAlias = Callable[[Screen], Screened | Awaitable[Screened]]
 """The host program's message hook: ``screen.accept()``, ``screen.refuse(reason)``
@@ -126,6 +135,43 @@ class Transport(Protocol):
         ...
 
 
+BusEffect: TypeAlias = (
+    RoomHeld
+    | RoomReleased
+    | UserHeld
+    | UserReleased
+    | Share
+    | SessionParked
+    | SessionGone
+    | ClaimSession
+)
+"""The engine's effects a :class:`Bus` carries out (only with ``Config(cluster=True)``)."""
+
+
+class Bus(Protocol):
+    """What the host needs of a bus between processes sharing one log
+    (:class:`chatcore_host.RedisBus` is one; docs/engine.md "Several processes").
+
+    :meth:`publish` is called once per message this process appended, after the
+    log stored it; :meth:`carry` for each of the engine's bus effects
+    (``RoomHeld``, ``Share``, ``ClaimSession``...), in order. Neither may block
+    (queue). :meth:`run` runs for as long as the host does and feeds what the
+    other processes say through :meth:`EngineHost.bus_feed`.
+    """
+
+    tally: BusTally
+
+    def publish(self, message: Message) -> None: ...
+
+    def carry(self, effect: BusEffect) -> None: ...
+
+    async def run(self, sink: EngineHost) -> None: ...
+
+    async def ping(self) -> str | None:
+        """None if the bus works, else why not (for ``/readyz``)."""
+        ...
+
+
 class EngineHost:
     """Runs one engine for a transport: commands in, effects out, timer, store.
 
@@ -152,8 +198,15 @@ class EngineHost:
         retain_age: float | None = None,
         screen: ScreenHook | None = None,
         record: RecordFile | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.config = config or Config()
+        self.bus = bus
+        """Where this process's messages go to other processes sharing the log, if any."""
+        if bus is not None and not self.config.cluster:
+            self.config = dataclasses.replace(self.config, cluster=True)
+        elif bus is None and self.config.cluster:
+            raise ValueError("Config.cluster needs a bus")
         self.retention_every = retention_every
         """Seconds between passes that cut the store's rooms down to their retention limits."""
         if retain_messages is not None and retain_messages < 0:
@@ -272,6 +325,18 @@ class EngineHost:
                     transport.ping(effect.conn)
                 case Screen():
                     screens.append(effect)
+                case (
+                    RoomHeld()
+                    | RoomReleased()
+                    | UserHeld()
+                    | UserReleased()
+                    | Share()
+                    | SessionParked()
+                    | SessionGone()
+                    | ClaimSession()
+                ):
+                    if self.bus is not None:  # Config.cluster: there is one
+                        self.bus.carry(effect)
                 case _ if is_storage_effect(effect):
                     storage.append(effect)
                 case _:
@@ -291,6 +356,8 @@ class EngineHost:
         started = time.perf_counter()
         answers = self._instant.execute_now(storage)
         self.tally.store_call(time.perf_counter() - started, answers)
+        if self.bus is not None:
+            self._publish(self.bus, answers)
         self._answer(answers)
 
     def _answer(self, answers: Sequence[Command]) -> None:
@@ -316,6 +383,23 @@ class EngineHost:
             return self._handle(command, time.time())
         except LocalProtocolError as exc:  # nothing changed: refuse instead
             return self._handle(_refused_instead(command, exc), time.time())
+
+    # -- the bus -----------------------------------------------------------------------
+
+    def _publish(self, bus: Bus, answers: Sequence[Command]) -> None:
+        """Hand the bus every message the log just stored for this process (once each:
+        a duplicate was published when it was first stored)."""
+        for answer in answers:
+            if type(answer) is Appended and answer.ref is not None and not answer.duplicate:
+                bus.publish(answer.message)
+
+    def bus_feed(self, commands: Sequence[Command]) -> None:
+        """What other processes said, from the bus (their messages as ``Appended``
+        without a ref, facts, claims, ``BusResumed``...): fed in order, in one turn,
+        so their writes coalesce."""
+        with self.turn():
+            for command in commands:
+                self.feed_or_log(command)
 
     # -- screening ----------------------------------------------------------------------
 
@@ -411,6 +495,8 @@ class EngineHost:
                 tasks.start_soon(self._storage_loop)
                 if self._screen is not None:
                     tasks.start_soon(self._screen_loop)
+                if self.bus is not None:
+                    tasks.start_soon(self.bus.run, self)
                 if self.durable is not None:
                     tasks.start_soon(self._retention_loop, self.durable)
                 yield
@@ -437,6 +523,8 @@ class EngineHost:
             self._storage_busy = True
             async with self._store_lock:
                 answers = await self._execute(batch)
+            if self.bus is not None:
+                self._publish(self.bus, answers)
             with self.turn():
                 for answer in answers:
                     self.feed_or_log(answer)

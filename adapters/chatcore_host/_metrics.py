@@ -33,7 +33,7 @@ from chatcore_store import StoreUnavailable
 
 from ._host import EngineHost
 from ._policy import Headers, bearer_token
-from ._tally import LATENCY_BUCKETS
+from ._tally import LATENCY_BUCKETS, BusTally
 
 __all__ = [
     "ChatCollector",
@@ -196,6 +196,68 @@ class ChatCollector(Collector):
             "Storage effects the store answered with a failure, and batches that raised",
             value=tally.store_failures,
         )
+        if (bus := self._host.bus) is not None:
+            yield from _bus_families(bus.tally)
+
+
+def _bus_families(tally: BusTally) -> Iterator[Metric]:
+    """The bus between processes (only when the host has one)."""
+    yield CounterMetricFamily(
+        "chatcore_bus_publishes",
+        "Messages this process published to the bus (one per message, never per member)",
+        value=tally.publishes,
+    )
+    yield CounterMetricFamily(
+        "chatcore_bus_publish_failures",
+        "Messages not published (the bus refused or timed out); they are in the log, "
+        "and other processes catch up from it",
+        value=tally.publish_failures,
+    )
+    yield CounterMetricFamily(
+        "chatcore_bus_received",
+        "Messages other processes appended, received from the bus",
+        value=tally.received,
+    )
+    yield CounterMetricFamily(
+        "chatcore_bus_resyncs",
+        "Times the bus subscription came back after it was lost; every held room is "
+        "checked against the log each time",
+        value=tally.resyncs,
+    )
+    yield CounterMetricFamily(
+        "chatcore_bus_deaf",
+        "Times the liveness probe found the subscription deaf (no echo) and reopened it",
+        value=tally.deaf,
+    )
+    yield CounterMetricFamily(
+        "chatcore_bus_facts",
+        "Presence facts (arrivals, departures, typing, read marks, member lists) published",
+        value=tally.facts,
+    )
+    yield CounterMetricFamily(
+        "chatcore_bus_facts_received",
+        "Presence facts from other processes fed to the engine",
+        value=tally.facts_received,
+    )
+    claims = CounterMetricFamily(
+        "chatcore_bus_claims",
+        "Resumes of sessions parked in Redis, by outcome (refused: no record for that "
+        "token and user, or Redis did not answer)",
+        labels=["outcome"],
+    )
+    claims.add_metric(["claimed"], tally.claims)
+    claims.add_metric(["refused"], tally.claims_refused)
+    yield claims
+    yield CounterMetricFamily(
+        "chatcore_bus_processes_gone",
+        "Other processes whose heartbeat expired; their members left",
+        value=tally.processes_gone,
+    )
+    yield GaugeMetricFamily(
+        "chatcore_bus_channels",
+        "Channels (rooms, users) Redis confirmed subscribed now",
+        value=tally.channels,
+    )
 
 
 def metrics_registry(
@@ -230,16 +292,24 @@ def metrics_page(registry: CollectorRegistry, headers: Headers, token: str | Non
 
 
 async def readiness(host: EngineHost, *, stopping: bool) -> Page:
-    """``/readyz``: 200 when the history store answers a trivial read, else 503.
+    """``/readyz``: 200 when the history store answers a trivial read (and the bus,
+    if there is one, is subscribed and answers a ping), else 503.
 
     The read is one room look-up, bounded by :data:`READY_TIMEOUT`.
     """
     if stopping:
         return _json(503, {"status": "stopping"}, ("retry-after", "5"))
     reason = await _store_problem(host)
-    if reason is not None:
-        return _json(503, {"status": "unavailable", "store": reason}, ("retry-after", "5"))
-    return _json(200, {"status": "ready", "store": "ok"})
+    body = {"status": "ready", "store": reason or "ok"}
+    if host.bus is not None:
+        bus = "timed out"
+        with anyio.move_on_after(READY_TIMEOUT):
+            bus = await host.bus.ping() or "ok"
+        body["bus"] = bus
+    if body["store"] != "ok" or body.get("bus", "ok") != "ok":
+        body["status"] = "unavailable"
+        return _json(503, body, ("retry-after", "5"))
+    return _json(200, body)
 
 
 async def _store_problem(host: EngineHost) -> str | None:

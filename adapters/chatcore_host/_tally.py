@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from chatcore import AppendFailed, Command, HistoryFailed, InboxFailed, RoomLoadFailed
 
-__all__ = ["LATENCY_BUCKETS", "TRANSPORT_REFUSALS", "HostTally", "RefusalTally"]
+__all__ = ["LATENCY_BUCKETS", "TRANSPORT_REFUSALS", "BusTally", "HostTally", "RefusalTally"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Upper bounds in seconds of the store latency histogram's buckets (``+Inf`` implied)."""
@@ -78,3 +79,32 @@ class RefusalTally:
         if reason not in self.counts:
             raise ValueError(f"not a transport refusal reason: {reason!r}")
         self.counts[reason] += 1
+
+
+@dataclass(slots=True)
+class BusTally:
+    """What a bus between processes counts, for metrics; read, never reset."""
+
+    publishes: int = 0
+    """Messages published: one per message and channel (a room's one channel; the two
+    users' channels of a direct message), never per member."""
+    publish_failures: int = 0
+    """Message publishes that failed: the bus refused, timed out, or its queue overflowed."""
+    received: int = 0
+    """Messages from other processes fed to the engine."""
+    facts: int = 0
+    """Facts (presence, typing, read marks) published."""
+    facts_received: int = 0
+    """Facts from other processes fed to the engine."""
+    claims: int = 0
+    """Sessions parked by another process (or this one) and claimed here."""
+    claims_refused: int = 0
+    """Claims with no record for that token and user (or Redis did not answer)."""
+    processes_gone: int = 0
+    """Other processes whose heartbeat expired (fed to the engine as ``ProcessGone``)."""
+    resyncs: int = 0
+    """Times the subscription came back after it was lost (each a resync of every room)."""
+    deaf: int = 0
+    """Times the liveness probe found the subscription deaf and opened it again."""
+    channels: int = 0
+    """Channels (rooms, users) Redis confirmed subscribed right now (a gauge)."""

@@ -61,6 +61,7 @@ from chatcore import (
 from chatcore_host import (
     MAX_ADMIN_BODY,
     AuthError,
+    Bus,
     EngineHost,
     RecordFile,
     ScreenHook,
@@ -146,6 +147,8 @@ class ChatServer(ChatControls):
     a message filter, and a record of the run for ``chatcore replay``. The
     embedding API (``post``, ``create_room``, ``remove``, ``mute``, ``ban``,
     ``unban``, ``delete_message``) is :class:`chatcore_host.ChatControls`'.
+    ``bus`` (a :class:`chatcore_host.RedisBus`) joins this server to others
+    that share its PostgreSQL log: see the README's "Several processes".
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class ChatServer(ChatControls):
         admin_token: str | None = None,
         screen: ScreenHook | None = None,
         record: RecordFile | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.engine_host = EngineHost(
@@ -178,6 +182,7 @@ class ChatServer(ChatControls):
             retain_age=self.limits.retain_age,
             screen=screen,
             record=record,
+            bus=bus,
         )
         self.config = self.engine_host.config
         self.engine: Engine = self.engine_host.engine

@@ -18,7 +18,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from chatcore import Config, RecordError, replay
-from chatcore_host import RecordFile, parse_origin, read_record
+from chatcore_host import Bus, RecordFile, parse_origin, read_record
 from chatcore_store import DEFAULT_URL, HistoryStore, open_store
 from chatcore_store.cli import add_subcommands
 
@@ -57,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=Config().grace_period,
         help="seconds a dropped client has to reconnect and resume before it leaves its rooms",
+    )
+    serve.add_argument(
+        "--redis",
+        metavar="URL",
+        help="join the other processes serving the same PostgreSQL --db through this Redis "
+        "(redis://HOST:PORT/DB): messages, presence and sessions cross between them. Redis "
+        "is only the bus; PostgreSQL stays the record. Needs a postgresql:// --db",
+    )
+    serve.add_argument(
+        "--redis-prefix",
+        metavar="PREFIX",
+        help="start of every Redis channel and key (default: chatcore:SCHEMA, from --db); "
+        "processes that serve one chat share it, other chats on the same Redis pick another",
     )
     serve.add_argument("--certfile", help="TLS certificate (PEM): serve https:// and wss://")
     serve.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
@@ -403,6 +416,31 @@ def _store(url: str) -> HistoryStore:
         raise SystemExit(f"--db: {exc}") from None
 
 
+def _bus(args: argparse.Namespace, store: HistoryStore) -> Bus | None:
+    """The Redis bus ``--redis`` asks for, refused without a shared log."""
+    if args.redis is None:
+        if args.redis_prefix is not None:
+            raise SystemExit("chatcore serve: --redis-prefix needs --redis")
+        return None
+    schema = getattr(store, "schema", None)
+    if not args.db.startswith(("postgresql://", "postgres://")) or not isinstance(schema, str):
+        raise SystemExit(
+            "chatcore serve: --redis needs a postgresql:// --db. Several processes must share "
+            "one log that numbers their messages; SQLite and memory stores belong to one "
+            "process (see the README's 'Several processes')"
+        )
+    try:
+        from chatcore_host import RedisBus
+    except ImportError:
+        raise SystemExit(
+            "chatcore serve: --redis needs redis-py (pip install 'chatcore[redis]')"
+        ) from None
+    try:
+        return RedisBus(args.redis, prefix=args.redis_prefix or f"chatcore:{schema}")
+    except ValueError as exc:
+        raise SystemExit(f"chatcore serve: --redis-prefix: {exc}") from None
+
+
 def _ssl(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
     if certfile is None:
         if keyfile is not None:
@@ -492,9 +530,13 @@ def _serve_command(args: argparse.Namespace) -> int:
         raise SystemExit("chatcore serve: --retain-messages must be 0 or more")
     if args.retain_days is not None and not args.retain_days > 0:
         raise SystemExit("chatcore serve: --retain-days must be more than 0")
+    if args.redis is not None and args.backend != "asyncio":
+        raise SystemExit("chatcore serve: --redis runs on the asyncio backend only")
+    store = _store(args.db)
     server = ChatServer(
         config=config,
-        store=_store(args.db),
+        store=store,
+        bus=_bus(args, store),
         host=args.host,
         port=args.port,
         ssl_context=_ssl(args.certfile, args.keyfile),

@@ -1,0 +1,563 @@
+"""The Redis bus: how processes that share one log hear each other.
+
+:class:`RedisBus` carries out the engine's bus effects (docs/engine.md,
+"Several processes") over Redis, with redis-py's asyncio client. It is never
+the record: PostgreSQL (the log) numbers and keeps every message before
+anything is published, so a publish that fails or a subscriber that misses
+one costs only latency; the engine reads the gap from the log (a later
+message, or a probe of the room's head after :class:`chatcore.BusResumed`).
+
+What it keeps in Redis, all under one prefix (two chats, or two test runs,
+on one Redis pick different ones):
+
+* ``PREFIX:{room:NAME}`` and ``PREFIX:{user:NAME}``: the channels the engine
+  names (``chatcore.bus_channels``), subscribed on ``RoomHeld``/``UserHeld``.
+  The braces are a Redis Cluster hash tag: a room's traffic stays on one shard.
+  Each payload is ``ORIGIN\\nTEXT``: the publishing process's id, then the
+  engine's own encoding (``bus_message``, ``bus_fact``), encoded once per
+  message or fact, never per member. A process skips its own.
+* ``PREFIX:proc:ID``: this process's control channel. The liveness probe
+  publishes to it and expects its echo (no echo within ``probe_timeout``: the
+  subscription went deaf, and is opened again); a process that claimed one of
+  our sessions says ``taken\\nITS_ID\\nTOKEN`` there.
+* ``PREFIX:alive:ID``: this process's heartbeat, a key with a TTL. A process
+  whose key has been missing for the grace period is fed to the engine as
+  ``ProcessGone`` (its members leave), once.
+* ``PREFIX:session:{TOKEN}``: a parked session (``SessionParked``), ``OWNER\\n
+  RECORD`` with the grace period as TTL. ``ClaimSession`` takes it with one
+  Lua script (read, check the user, delete: atomic), ``SessionGone`` deletes
+  it only while this process owns it.
+
+Every Redis call is bounded by ``publish_timeout`` (under a second; a failure
+is counted and never retried: the log has the message). Every time the
+subscription is (re)established the engine is fed ``BusResumed``, so every
+held room checks its head against the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import anyio
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from chatcore import (
+    BusResumed,
+    ClaimRefused,
+    ClaimSession,
+    Command,
+    Config,
+    MembersAsked,
+    Message,
+    ProcessGone,
+    RoomHeld,
+    RoomReleased,
+    SessionGone,
+    SessionParked,
+    SessionTaken,
+    Share,
+    Shared,
+    UserHeld,
+    UserReleased,
+    bus_channels,
+    bus_fact,
+    bus_message,
+    parked_record,
+    parse_bus,
+    parse_parked,
+    user_channel,
+)
+
+from ._host import BusEffect
+from ._tally import BusTally
+
+__all__ = ["BusSink", "RedisBus"]
+
+log = logging.getLogger("chatcore_host.bus")
+
+PUBLISH_TIMEOUT = 0.5
+"""Seconds one Redis call (a batch of publishes) may take before it counts as failed."""
+MAX_QUEUED = 100_000
+"""Publishes waiting; past this the oldest are dropped (and counted as failures)."""
+_BATCH = 512  # publishes sent in one pipeline (one round trip)
+_FEED_BATCH = 256  # bus payloads fed to the engine in one turn
+_POLL = 0.05  # seconds the subscriber waits for a message before it looks around
+
+# Take a parked session: only the named user's, read and deleted in one step.
+_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local nl = string.find(v, '\\n', 1, true)
+if not nl then return false end
+local ok, rec = pcall(cjson.decode, string.sub(v, nl + 1))
+if not ok or type(rec) ~= 'table' or rec['u'] ~= ARGV[1] then return false end
+redis.call('DEL', KEYS[1])
+return v
+"""
+# Forget a parked session only while this process owns it (another may have claimed
+# it and parked it again under the same token).
+_FORGET = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '\\n' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class BusSink(Protocol):
+    """What the bus feeds: the engine's host."""
+
+    config: Config
+
+    def bus_feed(self, commands: Sequence[Command]) -> None:
+        """Hand these commands to the engine, in order, in one turn."""
+        ...
+
+
+class _Deaf(Exception):
+    """The liveness probe's echo did not come back."""
+
+
+class RedisBus:
+    """The engine's bus effects over Redis (see the module docstring).
+
+    ``url`` is a ``redis://`` URL; every channel and key starts with
+    ``prefix``. Run it with ``await bus.run(sink)`` (the host does, inside
+    ``running()``); :meth:`publish` and :meth:`carry` never block.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "chatcore",
+        process_id: str | None = None,
+        publish_timeout: float = PUBLISH_TIMEOUT,
+        heartbeat_ttl: float = 10.0,
+        probe_interval: float = 2.0,
+        probe_timeout: float = 1.0,
+        reconnect_delay: float = 0.25,
+        process_grace: float | None = None,
+    ) -> None:
+        if not 0 < publish_timeout < 1:
+            raise ValueError("publish_timeout must be within (0, 1) seconds")
+        if probe_timeout <= 0 or probe_interval <= 0 or heartbeat_ttl <= probe_interval:
+            raise ValueError("need 0 < probe_interval < heartbeat_ttl and probe_timeout > 0")
+        if not prefix or any(c in prefix for c in "{} *?[]\n"):
+            raise ValueError(f"bad bus prefix {prefix!r}")
+        self.url = url
+        self.prefix = prefix
+        self.process_id = process_id or secrets.token_hex(8)
+        self.publish_timeout = publish_timeout
+        self.heartbeat_ttl = heartbeat_ttl
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.reconnect_delay = reconnect_delay
+        self.process_grace = process_grace
+        """Seconds a process's heartbeat may be missing before it is gone (default: the
+        engine's grace period)."""
+        self.tally = BusTally()
+        self.listening = False
+        """True while the subscription is in place (for ``/readyz``)."""
+        self.control = f"{prefix}:proc:{self.process_id}"
+        self.alive_key = self._alive(self.process_id)
+        self._origin = self.process_id.encode() + b"\n"
+        self._queue: deque[tuple[str, bytes, bool]] = deque()
+        self._queue_wake: anyio.Event | None = None
+        self._records: deque[SessionParked | SessionGone | ClaimSession] = deque()
+        self._records_wake: anyio.Event | None = None
+        self._held: dict[str, int] = {}  # channel -> how many holds (a room and a user may share)
+        self._confirmed: set[str] = set()  # channels Redis confirmed on the current link
+        self._asks: dict[str, list[bytes]] = {}  # MembersAsked waiting for their channel
+        self._probe_sent: float | None = None  # monotonic time of the unanswered probe
+        self._seen: dict[str, float] = {}  # other processes -> monotonic time last seen alive
+        self._redis: Redis | None = None
+        self._sink: BusSink | None = None
+
+    # -- names ----------------------------------------------------------------------------
+
+    def channel(self, name: str) -> str:
+        """The Redis channel of an engine channel name (``room:X``, ``user:Y``)."""
+        return f"{self.prefix}:{{{name}}}"
+
+    def _alive(self, process: str) -> str:
+        return f"{self.prefix}:alive:{process}"
+
+    def _session(self, token: str) -> str:
+        return f"{self.prefix}:session:{{{token}}}"
+
+    # -- what the host calls (never blocks) -----------------------------------------------
+
+    def publish(self, message: Message) -> None:
+        """Queue a message this process appended (the log stored it): encoded once,
+        published once per channel of its room."""
+        data = self._origin + bus_message(message).encode()
+        for name in bus_channels(message.room):
+            self._enqueue(self.channel(name), data, message=True)
+
+    def carry(self, effect: BusEffect) -> None:
+        """Carry out one of the engine's bus effects (queued; in order)."""
+        match effect:
+            case RoomHeld():
+                if not effect.room.startswith("dm:"):  # those come on the user channels
+                    self._hold(self.channel(f"room:{effect.room}"))
+            case RoomReleased():
+                if not effect.room.startswith("dm:"):
+                    self._release(self.channel(f"room:{effect.room}"))
+            case UserHeld():
+                self._hold(self.channel(user_channel(effect.user)))
+            case UserReleased():
+                self._release(self.channel(user_channel(effect.user)))
+            case Share():
+                data = self._origin + bus_fact(self.process_id, effect.room, effect.fact).encode()
+                for name in bus_channels(effect.room):
+                    channel = self.channel(name)
+                    if isinstance(effect.fact, MembersAsked) and channel not in self._confirmed:
+                        # The answers come on that channel: ask once we can hear them.
+                        self._asks.setdefault(channel, []).append(data)
+                    else:
+                        self._enqueue(channel, data, message=False)
+            case SessionParked() | SessionGone() | ClaimSession():
+                self._records.append(effect)
+                if (wake := self._records_wake) is not None:
+                    self._records_wake = None
+                    wake.set()
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The Redis channels subscribed (or about to be)."""
+        return frozenset(self._held)
+
+    def _hold(self, channel: str) -> None:
+        self._held[channel] = self._held.get(channel, 0) + 1
+
+    def _release(self, channel: str) -> None:
+        count = self._held.get(channel, 0) - 1
+        if count > 0:
+            self._held[channel] = count
+        else:
+            self._held.pop(channel, None)
+            self._asks.pop(channel, None)
+
+    def _enqueue(self, channel: str, data: bytes, *, message: bool) -> None:
+        queue = self._queue
+        queue.append((channel, data, message))
+        if len(queue) > MAX_QUEUED:
+            _, _, dropped = queue.popleft()
+            self.tally.publish_failures += dropped
+        if (wake := self._queue_wake) is not None:
+            self._queue_wake = None
+            wake.set()
+
+    def _feed(self, commands: Sequence[Command]) -> None:
+        if self._sink is not None and commands:
+            self._sink.bus_feed(commands)
+
+    # -- running --------------------------------------------------------------------------
+
+    def _client(self, *, reader: bool) -> Redis:
+        return Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.publish_timeout,
+            # The reader waits for messages as long as there are none; the probe finds
+            # a dead link. Everything else gives up within the publish timeout.
+            socket_timeout=None if reader else self.publish_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            single_connection_client=reader,
+        )
+
+    async def run(self, sink: BusSink) -> None:
+        """Publish, subscribe, keep records and probe until cancelled."""
+        self._sink = sink
+        self._redis = self._client(reader=False)
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._publisher)
+                tasks.start_soon(self._keeper)
+                tasks.start_soon(self._heartbeat)
+                tasks.start_soon(self._subscriber)
+        finally:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self.publish_timeout),
+                contextlib.suppress(RedisError, OSError),
+            ):
+                await self._redis.delete(self.alive_key)
+            with anyio.CancelScope(shield=True):
+                await self._redis.aclose()
+
+    async def ping(self) -> str | None:
+        """None if Redis answers within the publish timeout, else why not (for ``/readyz``)."""
+        redis = self._redis
+        if redis is None:
+            return "not running"
+        if not self.listening:
+            return "not subscribed"
+        with anyio.move_on_after(self.publish_timeout):
+            try:
+                await redis.ping()
+            except (RedisError, OSError) as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return None
+        return "timed out"
+
+    def _connected(self) -> Redis:
+        if self._redis is None:
+            raise RuntimeError("the bus is not running")
+        return self._redis
+
+    async def _publisher(self) -> None:
+        redis = self._connected()
+        queue = self._queue
+        while True:
+            while not queue:
+                wake = self._queue_wake = anyio.Event()
+                await wake.wait()
+            batch = [queue.popleft() for _ in range(min(len(queue), _BATCH))]
+            messages = sum(item[2] for item in batch)
+            ok = False
+            with anyio.move_on_after(self.publish_timeout):
+                try:
+                    pipe = redis.pipeline(transaction=False)
+                    for channel, data, _ in batch:
+                        pipe.publish(channel, data)
+                    await pipe.execute()
+                    ok = True
+                except (RedisError, OSError) as exc:
+                    log.warning("bus publish failed (%d payloads): %s", len(batch), exc)
+            if ok:
+                self.tally.publishes += messages
+                self.tally.facts += len(batch) - messages
+            else:
+                self.tally.publish_failures += messages
+                # A hung connection would hang the next batch as well: start afresh.
+                await _disconnect(redis)
+
+    async def _keeper(self) -> None:
+        """Parked sessions: records kept, forgotten and claimed, in the engine's order."""
+        redis = self._connected()
+        claim = redis.register_script(_CLAIM)
+        forget = redis.register_script(_FORGET)
+        records = self._records
+        while True:
+            while not records:
+                wake = self._records_wake = anyio.Event()
+                await wake.wait()
+            effect = records.popleft()
+            answer: Command | None = None
+            if isinstance(effect, ClaimSession):
+                answer = ClaimRefused(ref=effect.ref)  # unless the claim below succeeds
+            with anyio.move_on_after(self.publish_timeout):
+                try:
+                    match effect:
+                        case SessionParked():
+                            ttl = int((effect.until - time.time()) * 1000)
+                            if ttl > 0:
+                                value = self._origin + parked_record(effect).encode()
+                                await redis.set(self._session(effect.token), value, px=ttl)
+                        case SessionGone():
+                            await forget(keys=[self._session(effect.token)], args=[self.process_id])
+                        case ClaimSession():
+                            answer = await self._claim(redis, claim, effect)
+                except (RedisError, OSError) as exc:
+                    log.warning("bus: %s failed: %s", type(effect).__name__, exc)
+            if answer is None:
+                continue
+            if isinstance(answer, ClaimRefused):
+                self.tally.claims_refused += 1
+            else:
+                self.tally.claims += 1
+            self._feed([answer])
+
+    async def _claim(self, redis: Redis, claim: Any, effect: ClaimSession) -> Command:
+        taken = await claim(keys=[self._session(effect.token)], args=[effect.user])
+        if not isinstance(taken, bytes):
+            return ClaimRefused(ref=effect.ref)
+        owner, _, record = taken.partition(b"\n")
+        claimed = parse_parked(effect.ref, effect.user, record.decode())
+        if claimed is None:
+            return ClaimRefused(ref=effect.ref)
+        if owner.decode() != self.process_id:
+            # The owner forgets its copy (and closes its connection, if any).
+            await redis.publish(
+                f"{self.prefix}:proc:{owner.decode()}",
+                b"taken\n" + self._origin + effect.token.encode(),
+            )
+        return claimed
+
+    async def _heartbeat(self) -> None:
+        """Refresh this process's heartbeat, probe the subscription, find gone processes."""
+        redis = self._connected()
+        ttl_ms = int(self.heartbeat_ttl * 1000)
+        while True:
+            with anyio.move_on_after(self.publish_timeout):
+                try:
+                    await redis.set(self.alive_key, b"1", px=ttl_ms)
+                    if self.listening and self._probe_sent is None:
+                        self._probe_sent = time.monotonic()
+                        await redis.publish(self.control, b"probe")
+                except (RedisError, OSError) as exc:
+                    log.warning("bus heartbeat failed: %s", exc)
+                    self._probe_sent = None  # not sent: nothing to wait for
+                    await _disconnect(redis)
+            with anyio.move_on_after(self.publish_timeout * 2):
+                try:
+                    await self._find_gone(redis)
+                except (RedisError, OSError) as exc:
+                    log.warning("bus: reading heartbeats failed: %s", exc)
+            await anyio.sleep(self.probe_interval)
+
+    async def _find_gone(self, redis: Redis) -> None:
+        head = self._alive("")
+        alive: set[str] = set()
+        async for key in redis.scan_iter(match=f"{head}*", count=1000):
+            alive.add(key.decode().removeprefix(head))
+        alive.discard(self.process_id)
+        now = time.monotonic()
+        for process in alive:
+            self._seen[process] = now
+        grace = self.process_grace
+        if grace is None:
+            grace = self._sink.config.grace_period if self._sink is not None else 30.0
+        gone = [p for p, seen in self._seen.items() if p not in alive and now - seen > grace]
+        for process in gone:
+            del self._seen[process]  # once; heard from again later, it is new
+            log.info("bus: process %s is gone (no heartbeat for %.0f s)", process, grace)
+        self.tally.processes_gone += len(gone)
+        self._feed([ProcessGone(origin=p) for p in gone])
+
+    async def _subscriber(self) -> None:
+        first = True
+        while True:
+            pubsub = self._client(reader=True).pubsub()
+            try:
+                await self._listen(pubsub, first=first)
+            except (RedisError, OSError, _Deaf, TimeoutError) as exc:
+                log.warning("bus subscription lost (%s); reconnecting", exc or type(exc).__name__)
+            finally:
+                self.listening = False
+                self._probe_sent = None
+                self._confirmed.clear()
+                self.tally.channels = 0
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(self.publish_timeout),
+                    contextlib.suppress(RedisError, OSError),
+                ):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            first = False
+            await anyio.sleep(self.reconnect_delay)
+
+    async def _listen(self, pubsub: PubSub, *, first: bool) -> None:
+        with anyio.fail_after(self.publish_timeout * 2):
+            subscribed = set(self._held)
+            await pubsub.subscribe(self.control, *subscribed)
+            # Wait until Redis confirmed them all: only then is nothing published missed.
+            pending = len(subscribed) + 1
+            while pending:
+                confirm = await pubsub.get_message(timeout=self.publish_timeout)
+                if confirm is not None and confirm["type"] == "subscribe":
+                    pending -= 1
+                    self._confirm(confirm["channel"])
+        self.listening = True
+        if not first:
+            self.tally.resyncs += 1
+            log.info("bus subscription back: every held room checks its head")
+        self._feed([BusResumed()])
+        batch: list[Command] = []
+        while True:
+            if self._held.keys() != subscribed:
+                subscribed = await self._resubscribe(pubsub, subscribed)
+            sent = self._probe_sent
+            if sent is not None and time.monotonic() - sent > self.probe_timeout:
+                self.tally.deaf += 1
+                raise _Deaf("liveness probe not echoed")
+            reply: dict[str, Any] | None = await pubsub.get_message(timeout=_POLL)
+            fresh = False  # a room channel newly confirmed
+            while reply is not None:
+                if reply.get("type") == "subscribe":
+                    fresh |= self._confirm(reply["channel"])
+                elif reply.get("type") == "unsubscribe":
+                    self._confirmed.discard(_text(reply["channel"]))
+                    self.tally.channels = len(self._confirmed)
+                else:
+                    self._take(reply, batch)
+                if len(batch) >= _FEED_BATCH:
+                    break
+                reply = await pubsub.get_message(timeout=0)
+            if fresh:
+                # A room subscribed after its load read the head: whatever was published
+                # between the two was missed. Ask the log now, not at the next probe.
+                batch.append(BusResumed())
+            if batch:
+                self._feed(batch)
+                batch = []
+
+    def _confirm(self, channel: bytes | str) -> bool:
+        """Redis confirmed a subscription: send the member questions that waited for
+        it. True for a room's channel (its messages may have been missed meanwhile)."""
+        name = _text(channel)
+        self._confirmed.add(name)
+        self.tally.channels = len(self._confirmed)
+        for data in self._asks.pop(name, ()):
+            self._enqueue(name, data, message=False)
+        return name.startswith(f"{self.prefix}:{{room:")
+
+    def _take(self, reply: dict[str, Any], batch: list[Command]) -> None:
+        if reply.get("type") != "message" or not isinstance(data := reply["data"], bytes):
+            return
+        origin, sep, text = data.partition(b"\n")
+        if reply["channel"] == self.control.encode():
+            if data == b"probe":
+                self._probe_sent = None  # the echo: we hear ourselves, so we hear others
+            elif origin == b"taken" and sep:
+                by, sep, token = text.partition(b"\n")
+                if sep:
+                    batch.append(SessionTaken(token=token.decode(errors="replace"), by=by.decode()))
+            return
+        if not sep or origin + b"\n" == self._origin:
+            return  # our own: the engine has it already
+        command = parse_bus(text.decode(errors="replace"))
+        if command is None:
+            log.warning("bus: a payload that is not chatcore's on %r; dropped", reply["channel"])
+            return
+        if isinstance(command, Shared):
+            self._seen.setdefault(command.origin, time.monotonic())
+            self.tally.facts_received += 1
+        else:
+            self.tally.received += 1
+        batch.append(command)
+
+    async def _resubscribe(self, pubsub: PubSub, have: set[str]) -> set[str]:
+        want = set(self._held)
+        with anyio.fail_after(self.publish_timeout * 2):
+            if gone := have - want:
+                await pubsub.unsubscribe(*gone)
+            if new := want - have:
+                await pubsub.subscribe(*new)
+        return want
+
+
+def _text(channel: bytes | str) -> str:
+    return channel.decode() if isinstance(channel, bytes) else channel
+
+
+async def _disconnect(redis: Redis) -> None:
+    with (
+        anyio.CancelScope(shield=True),
+        anyio.move_on_after(0.2),
+        contextlib.suppress(RedisError, OSError),
+    ):
+        await redis.connection_pool.disconnect()
