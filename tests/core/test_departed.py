@@ -79,3 +79,21 @@ def test_a_user_who_did_everything_and_left_leaves_nothing_behind() -> None:
     assert any(m["text"] == "hello 329" for m in host.messages("hall"))
     assert any(e["call"] == "c329" for e in host.calls())
     assert len(sim.store.messages("dm:away:guest329")) == 1
+
+
+def test_a_flaky_link_that_drops_and_resumes_leaves_few_dead_timers() -> None:
+    # Each drop arms a grace timer, which its resume leaves dead in the heap until
+    # it would have come due (30 s): the engine counts it, and drops the dead ones
+    # once they are most of the heap (src/chatcore/_timers.py).
+    sim = Simulation(seed=8)
+    flaky = sim.connect("flaky", room="hall")
+    others = [sim.connect(f"o{i}", room="hall") for i in range(3)]
+    for _ in range(200):
+        sim.drop(flaky)
+        sim.advance(0.01)
+        sim.resume(flaky)
+        sim.advance(0.01)
+    assert flaky.connected
+    assert all(o.connected for o in others)
+    live = 4  # one heartbeat per connection
+    assert sim.engine.stats()["timers"] < 2 * live + 64  # docs/engine.md: dead < live + 64
