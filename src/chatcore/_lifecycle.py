@@ -156,8 +156,11 @@ def _new_session(st: EngineState, cmd: Connect, now: float, out: list[Effect]) -
 def _resume(st: EngineState, session: Session, cmd: Connect, out: list[Effect]) -> bool:
     """The session named by a resume token is taken over, if the table says so."""
     old = session.conn
+    waiting = takes(session, _In.EXPIRE)  # its grace timer is live until now
     if fire(session, _In.RESUME) is not _Do.TAKE_OVER:
         return False  # a session still opening: its token was never handed out
+    if waiting:
+        st.timers.went_stale()
     if old is not None:
         _detach_conn(st, old)
         out.append(

@@ -119,6 +119,17 @@ def test_plain_text_mode_counts_a_crowd_instead_of_listing_it() -> None:
     ]
 
 
+def test_plain_text_mode_shows_only_the_line_a_batch_has() -> None:
+    from chatcore import Mode
+
+    sim = Simulation(CROWD, seed=3)
+    reader = sim.connect("reader", room="hall", mode=Mode.TEXT)
+    crowd(sim, 4)  # u2 and u3 come after the room passed 3 users
+    sim.advance(0.5)
+    assert reader.lines()[-1] == "u2, u3 joined the room"
+    assert not any("left" in line for line in reader.lines())
+
+
 def test_presence_stops_above_the_presence_limit_even_in_batches() -> None:
     sim = Simulation(Config(presence_batch_above=2, presence_limit=4), seed=4)
     watcher = crowd(sim, 4)[0]
