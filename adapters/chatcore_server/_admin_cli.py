@@ -1,4 +1,4 @@
-"""``chatcore admin ...`` and ``chatcore rooms create --url``: the admin API from a shell.
+"""``chatcore admin ...`` and ``chatcore rooms create/list --url``: the admin API from a shell.
 
 Each verb is one request to a running server's admin API (docs/protocol.md,
 "Admin API") with ``Authorization: Bearer TOKEN``; the token comes from
@@ -18,7 +18,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["add_admin_subcommands", "live_room_create", "url_options"]
+__all__ = ["add_admin_subcommands", "live_room_create", "live_room_list", "url_options"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8000/"
 TOKEN_ENV = "CHATCORE_ADMIN_TOKEN"
@@ -100,6 +100,11 @@ def live_room_create(args: argparse.Namespace, allow: list[str]) -> int:
         kind = "private" if args.private else "public"
         print(f"room {args.name} ({kind}) saved and applied by the running server")
     return status
+
+
+def live_room_list(args: argparse.Namespace) -> int:
+    """``rooms list --url URL``: the rooms the running server knows, as JSON."""
+    return _call(args, "GET", "/admin/rooms")
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:

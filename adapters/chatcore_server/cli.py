@@ -22,7 +22,7 @@ from chatcore_host import Bus, RecordFile, parse_origin, read_record
 from chatcore_store import DEFAULT_URL, HistoryStore, open_store
 from chatcore_store.cli import add_subcommands
 
-from ._admin_cli import add_admin_subcommands, live_room_create, url_options
+from ._admin_cli import add_admin_subcommands, live_room_create, live_room_list, url_options
 from ._logjson import JsonFormatter
 from ._server import ChatServer, Limits
 
@@ -124,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         commands,
         live_options=lambda p: url_options(p, required=False),
         live_create=live_room_create,
+        live_list=live_room_list,
     )
     add_admin_subcommands(commands)
     return parser

@@ -36,6 +36,8 @@ LIVE_NOTE = (
 LiveCreate = Callable[[argparse.Namespace, list[str]], int]
 """``rooms create`` through a running server: (the parsed arguments, the allow list)
 -> exit status. Given by a program that can talk to one (``chatcore``)."""
+LiveList = Callable[[argparse.Namespace], int]
+"""``rooms list`` through a running server: (the parsed arguments) -> exit status."""
 
 
 def add_subcommands(
@@ -43,12 +45,14 @@ def add_subcommands(
     *,
     live_options: Callable[[argparse.ArgumentParser], None] | None = None,
     live_create: LiveCreate | None = None,
+    live_list: LiveList | None = None,
 ) -> None:
     """Add ``rooms`` and ``history`` to ``parser.add_subparsers()``'s result.
 
     With ``live_options`` (adds ``--url`` and ``--token``) and ``live_create``,
     ``rooms create --url URL`` changes the room through that running server
-    instead of the database (members no longer allowed leave at once).
+    instead of the database (members no longer allowed leave at once); with
+    ``live_list``, ``rooms list --url URL`` lists what that server holds.
     """
     rooms = subparsers.add_parser("rooms", help="create and list rooms")
     verbs = rooms.add_subparsers(dest="rooms_command", metavar="{create,list}", required=True)
@@ -73,9 +77,16 @@ def add_subcommands(
         live_options(create)
     create.set_defaults(func=_rooms_create, live_create=live_create)
 
-    listing = verbs.add_parser("list", help="list every stored room")
+    listing = verbs.add_parser(
+        "list",
+        help="list every stored room",
+        description="List every room in the database; with --url and --token (the chatcore "
+        "program), the rooms a running server knows (stored and in use) instead.",
+    )
     _db_option(listing)
-    listing.set_defaults(func=_rooms_list)
+    if live_options is not None:
+        live_options(listing)
+    listing.set_defaults(func=_rooms_list, live_list=live_list)
 
     history = subparsers.add_parser("history", help="print a room's stored messages")
     history.add_argument("room", help="room name")
@@ -151,6 +162,10 @@ def _rooms_create(args: argparse.Namespace) -> int:
 
 
 def _rooms_list(args: argparse.Namespace) -> int:
+    live: LiveList | None = getattr(args, "live_list", None)
+    if live is not None and getattr(args, "url", None):
+        return live(args)
+
     async def work(store: HistoryStore, out: TextIO) -> int:
         rooms = await list_rooms(store)
         print(f"{'ROOM':<24} {'TYPE':<8} {'MESSAGES':>8} {'HEAD':>8}  ALLOW", file=out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import anyio
@@ -47,6 +48,21 @@ async def test_rooms_create_with_a_url_changes_the_room_live() -> None:
         seen = await recv_until(bob, lambda e: e["type"] == "error")
         assert seen[-1]["code"] == "forbidden"
         assert srv.server.engine.members("staff") == ("alice",)
+
+
+async def test_rooms_list_with_a_url_lists_what_the_running_server_holds() -> None:
+    async with (
+        serving(admin_token=TOKEN) as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=ops", **JSON) as alice,
+    ):
+        await welcome(alice)
+        status, out, err = await chatcore("rooms", "list", "--url", srv.url, "--token", TOKEN)
+        assert (status, err) == (0, "")
+        rooms = json.loads(out)["rooms"]
+        assert "ops" in {r["room"] for r in rooms}, rooms
+        status, _, err = await chatcore("rooms", "list", "--url", srv.url, "--token", "nope")
+        assert status == 1
+        assert "403" in err
 
 
 async def test_rooms_create_without_a_url_edits_the_database_and_says_so(tmp_path: Path) -> None:
