@@ -34,6 +34,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -53,7 +54,7 @@ ROOM = "bench"
 PROTOCOL = Subprotocol("chatcore.v1")
 
 
-def start(schema: str, redis: bool) -> tuple[subprocess.Popen[bytes], int]:
+def start(schema: str, redis: str | None) -> tuple[subprocess.Popen[bytes], int]:
     args = [
         sys.executable, "-m", "chatcore_server", "serve", "--port", "0",
         "--db", f"{PG_URL}?schema={schema}",
@@ -61,8 +62,8 @@ def start(schema: str, redis: bool) -> tuple[subprocess.Popen[bytes], int]:
         "--request-burst", "100000", "--request-per-second", "100000",
         "--max-connections", "100000", "--log-level", "warning",
     ]  # fmt: skip
-    if redis:
-        args += ["--redis", REDIS_URL, "--redis-prefix", f"bench:{schema}"]
+    if redis is not None:
+        args += ["--redis", redis, "--redis-prefix", f"bench:{schema}"]
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT / 'adapters'}")
     proc = subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
@@ -105,9 +106,9 @@ async def run_layout(
     schema = f"bench_cluster_{os.getpid()}_{secrets.token_hex(3)}"
     servers: list[tuple[subprocess.Popen[bytes], int]] = []
     try:
-        servers.append(start(schema, redis))  # the first creates the schema
+        servers.append(start(schema, REDIS_URL if redis else None))  # the first creates the schema
         for _ in range(processes - 1):
-            servers.append(start(schema, redis))
+            servers.append(start(schema, REDIS_URL if redis else None))
         ports = [port for _, port in servers]
         got: list[int] = []
         done = asyncio.Event()
@@ -126,9 +127,7 @@ async def run_layout(
         sender: ClientConnection
         url = f"ws://127.0.0.1:{ports[0]}/ws?user=sender&room={ROOM}"
         async with connect(url, subprotocols=[PROTOCOL], proxy=None) as sender:
-            # The sender reads too (acks, presence): a sender that never reads is closed
-            # as a slow consumer once its outbox is full, and its later sends are lost.
-            drain = asyncio.create_task(_drain(sender))
+            # The sender reads every answer (acks, presence) before its next send.
             for i in range(args.messages):
                 await sender.send(json.dumps({"type": "send", "room": ROOM, "text": f"m {i}"}))
                 while (answer := json.loads(await sender.recv()))["type"] not in ("ack", "error"):
@@ -144,7 +143,6 @@ async def run_layout(
             wall = time.monotonic() - t0
             cpu = sum(proc_cpu(p.pid) for p, _ in servers) - cpu0
             deliveries = sum(got)
-            drain.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -165,17 +163,93 @@ async def run_layout(
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
             proc.kill()
-        import psycopg
-        from psycopg import sql
-
-        with psycopg.connect(PG_URL, autocommit=True) as db:
-            db.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        drop_schema(schema)
 
 
-async def _drain(conn: ClientConnection) -> None:
-    with contextlib.suppress(Exception):
-        async for _ in conn:
-            pass
+def drop_schema(schema: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(PG_URL, autocommit=True) as db:
+        db.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+async def resync(rooms: int) -> dict[str, object]:
+    """Seconds from Redis answering again until a member on another process has every
+    message sent (stored, acked) in ``rooms`` rooms while Redis was down."""
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--resync needs redis-server (a private one is started)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+
+    def redis_up() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(url)
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                client.ping()
+                return proc
+            time.sleep(0.005)
+
+    server = redis_up()
+    schema = f"bench_resync_{os.getpid()}_{secrets.token_hex(3)}"
+    servers = [start(schema, url)]
+    servers.append(start(schema, url))
+    names = [f"r{i}" for i in range(rooms)]
+    query = "".join(f"&room={n}" for n in names)
+    a, b = (
+        f"ws://127.0.0.1:{p}/ws?user={u}{query}" for (_, p), u in zip(servers, "ab", strict=True)
+    )
+    try:
+        async with (
+            connect(a, subprotocols=[PROTOCOL], proxy=None) as sender,
+            connect(b, subprotocols=[PROTOCOL], proxy=None, max_queue=None) as member,
+        ):
+            await asyncio.sleep(2.0)  # both subscribed
+            server.kill()
+            server.wait()
+            for name in names:
+                await sender.send(json.dumps({"type": "send", "room": name, "text": "while down"}))
+                while (answer := json.loads(await sender.recv()))["type"] != "ack":
+                    if answer["type"] == "error":
+                        raise SystemExit(f"refused: {answer} (--max-rooms-per-session?)")
+            missing = set(names)
+            with contextlib.suppress(TimeoutError):  # what a head probe brought meanwhile
+                while True:
+                    async with asyncio.timeout(0.05):
+                        event = json.loads(await member.recv())
+                    if event["type"] == "message":
+                        missing.discard(event["room"])
+            early = rooms - len(missing)
+            server = redis_up()
+            t0 = time.monotonic()
+            async with asyncio.timeout(60):
+                while missing:
+                    event = json.loads(await member.recv())
+                    if event["type"] == "message":
+                        missing.discard(event["room"])
+            took = time.monotonic() - t0
+        return {
+            "rooms": rooms,
+            "caught_up_before_redis_returned": early,
+            "seconds_until_every_room_caught_up": round(took, 3),
+        }
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            proc.kill()
+        server.kill()
+        drop_schema(schema)
 
 
 async def main() -> None:
@@ -183,7 +257,16 @@ async def main() -> None:
     parser.add_argument("--members", type=int, default=200)
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--rate", type=float, default=100.0, help="messages per second")
+    parser.add_argument(
+        "--resync",
+        type=int,
+        metavar="ROOMS",
+        help="instead: time until ROOMS rooms caught up after a (private) Redis restart",
+    )
     args = parser.parse_args()
+    if args.resync:
+        print(json.dumps(await resync(args.resync)), flush=True)
+        return
     for name, processes, redis in (
         ("1 process", 1, False),
         ("1 process + redis", 1, True),

@@ -12,9 +12,10 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import anyio
 import pytest
 
-from .conftest import Client, Cluster, Server, clients, subscribed
+from .conftest import GUARD, Client, Cluster, Server, clients, subscribed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.redis]
 
@@ -239,3 +240,21 @@ async def test_a_resume_elsewhere_closes_the_old_connection(cluster: Cluster) ->
             await send_and_ack(bob, "two", "o2")
             await moved.until(lambda c: len(c.messages(ROOM)) == 1, "live on the new process")
             assert presence(bob, "left", "ann") == 0
+
+
+async def test_members_of_a_killed_process_leave_once(cluster: Cluster) -> None:
+    # Grace 1 s: the killed process's heartbeat key (10 s) expires, then its members
+    # leave on the others after the grace period, once.
+    cluster.extra = (*cluster.extra, "--grace", "1")
+    s0, s1, _ = await cluster.start_many(3)
+    async with one_by_one([(s0, "ann"), (s1, "bob")]) as (ann, bob):
+        await bob.until(lambda c: view(c) == {"ann", "bob"}, "bob sees ann")
+        s0.kill()
+        await ann.until(lambda c: c.closed or False, "ann's connection gone")
+        with anyio.fail_after(GUARD * 2):  # the heartbeat's TTL, then the grace period
+            while presence(bob, "left", "ann") == 0:
+                await anyio.sleep(0.1)
+        await send_and_ack(bob, "still here", "s1")  # later traffic: nothing more about ann
+        await anyio.sleep(3)  # two more heartbeat scans: she is not announced again
+        assert presence(bob, "left", "ann") == 1
+        assert view(bob) == {"bob"}
