@@ -11,9 +11,7 @@ again (twice at most) and, if still invalid, recorded as such and the ladder sto
 
 from __future__ import annotations
 
-import contextlib
 import os
-import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from ._counters import Counters
 from ._load import TEXT_BYTES, Load, Step, pct, timeline
 from ._proc import CpuWatch, proc_cpu, rss_kib, wait_quiet
 from ._servers import RunningServer, ServerSpec
-from ._wire import CLOSE_FRAME, SOCKETIO, open_many
+from ._wire import SOCKETIO, close_all, open_many
 
 DELIVERED_MIN = 0.999
 P99_MAX_MS = 50.0
@@ -413,32 +411,9 @@ def churn_run(
             except (OSError, Exception):  # a refused or failed handshake counts, then go on
                 failures += 1
                 continue
-            ep = select.epoll()
-            live = {}
-            for sock, _ in opened:
-                with contextlib.suppress(OSError):
-                    sock.send(flavor.after_open + CLOSE_FRAME)
-                ep.register(sock.fileno(), select.EPOLLIN)
-                live[sock.fileno()] = sock
-            deadline = time.monotonic() + 5
-            while live and time.monotonic() < deadline:
-                for fd, _ in ep.poll(0.1):
-                    sock = live[fd]
-                    try:
-                        data = sock.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        data = b""
-                    if not data:
-                        ep.unregister(fd)
-                        sock.close()
-                        del live[fd]
-                        cycles += 1
-            for sock in live.values():
-                failures += 1
-                sock.close()
-            ep.close()
+            closed, left = close_all(opened, flavor.after_open)
+            cycles += closed
+            failures += left
         used = watch.stop()
         out["cycles_per_s"] = round(cycles / used["wall"], 1)
         out["failures"] = failures

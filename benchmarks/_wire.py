@@ -10,7 +10,9 @@ payloads (probes). Client frames carry the all-zero masking key: valid RFC 6455
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import select
 import socket
 import struct
 import time
@@ -72,6 +74,41 @@ SIO_PONG = client_frame(b"3")
 
 class HandshakeFailed(Exception):
     pass
+
+
+def close_all(
+    opened: list[tuple[socket.socket, bytes]], first: bytes = b"", *, timeout: float = 5.0
+) -> tuple[int, int]:
+    """Send ``first`` and a close frame on every socket, then wait for the server to
+    close each one; (how many it closed, how many were still open at ``timeout``).
+    Every socket is closed on return."""
+    ep = select.epoll()
+    live: dict[int, socket.socket] = {}
+    for sock, _ in opened:
+        with contextlib.suppress(OSError):
+            sock.send(first + CLOSE_FRAME)
+        ep.register(sock.fileno(), select.EPOLLIN)
+        live[sock.fileno()] = sock
+    closed = 0
+    deadline = time.monotonic() + timeout
+    while live and time.monotonic() < deadline:
+        for fd, _ in ep.poll(0.1):
+            sock = live[fd]
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                ep.unregister(fd)
+                sock.close()
+                del live[fd]
+                closed += 1
+    for sock in live.values():
+        sock.close()
+    ep.close()
+    return closed, len(live)
 
 
 def open_many(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import select
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._proc import rss_kib
-from benchmarks._wire import CHATCORE, CLOSE_FRAME, Flavor, FrameCounter, open_many
+from benchmarks._wire import CHATCORE, Flavor, FrameCounter, close_all, open_many
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAVOR = Flavor(CHATCORE)
@@ -76,33 +75,7 @@ def cycle_batch(port: int, first: int) -> tuple[int, int]:
         opened = open_many(port, targets, FLAVOR.subprotocol, timeout=5)
     except Exception:  # a refused or failed handshake counts, then go on
         return 0, IN_FLIGHT
-    ep = select.epoll()
-    live = {}
-    for sock, _ in opened:
-        with contextlib.suppress(OSError):
-            sock.send(CLOSE_FRAME)
-        ep.register(sock.fileno(), select.EPOLLIN)
-        live[sock.fileno()] = sock
-    done = 0
-    deadline = time.monotonic() + 5
-    while live and time.monotonic() < deadline:
-        for fd, _ in ep.poll(0.1):
-            sock = live[fd]
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                ep.unregister(fd)
-                sock.close()
-                del live[fd]
-                done += 1
-    for sock in live.values():
-        sock.close()
-    ep.close()
-    return done, len(live)
+    return close_all(opened, FLAVOR.after_open)
 
 
 def main() -> None:

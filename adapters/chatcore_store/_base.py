@@ -21,7 +21,16 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Self, TypeGuard, TypeVar, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Protocol,
+    Self,
+    TypeGuard,
+    TypeVar,
+    get_args,
+    runtime_checkable,
+)
 
 from chatcore import (
     Append,
@@ -100,20 +109,7 @@ StorageEffect = (
     | DeleteStored
     | LoadHeads
 )
-_STORAGE = (
-    LoadRoom,
-    Append,
-    LoadHistory,
-    LoadInbox,
-    SaveRoom,
-    SavePositions,
-    StoreDeviceKeys,
-    ClaimPrekeys,
-    SaveBan,
-    SaveMute,
-    DeleteStored,
-    LoadHeads,
-)
+_STORAGE = get_args(StorageEffect)  # for isinstance: the union is the one list
 
 TOO_MANY_DEVICES = "too many devices"
 TOO_MANY_PREKEYS = "too many prekeys in stock"
