@@ -18,7 +18,8 @@ on one Redis pick different ones):
   message or fact, never per member. A process skips its own.
 * ``PREFIX:proc:ID``: this process's control channel. The liveness probe
   publishes to it and expects its echo (no echo within ``probe_timeout``: the
-  subscription went deaf, and is opened again); a process that claimed one of
+  subscription went deaf, and is opened again; a probe that could not even be
+  published, because Redis is unreachable, counts as unechoed); a process that claimed one of
   our sessions says ``taken\\nITS_ID\\nTOKEN`` there.
 * ``PREFIX:alive:ID``: this process's heartbeat, a key with a TTL. A process
   whose key has been missing for the grace period is fed to the engine as
@@ -402,15 +403,22 @@ class RedisBus:
         redis = self._connected()
         ttl_ms = int(self.heartbeat_ttl * 1000)
         while True:
+            # The probe counts from before the heartbeat: a Redis this process cannot
+            # reach (a partition drops the packets, so the call only times out) leaves
+            # it unechoed, and the subscriber, which hears nothing either way, gives up
+            # its connection after ``probe_timeout`` instead of waiting on it forever.
+            if self.listening and self._probe_sent is None:
+                self._probe_sent = time.monotonic()
+                probing = True
+            else:
+                probing = False
             with anyio.move_on_after(self.publish_timeout):
                 try:
                     await redis.set(self.alive_key, b"1", px=ttl_ms)
-                    if self.listening and self._probe_sent is None:
-                        self._probe_sent = time.monotonic()
+                    if probing:
                         await redis.publish(self.control, b"probe")
                 except (RedisError, OSError) as exc:
                     log.warning("bus heartbeat failed: %s", exc)
-                    self._probe_sent = None  # not sent: nothing to wait for
                     await _disconnect(redis)
             with anyio.move_on_after(self.publish_timeout * 2):
                 try:
