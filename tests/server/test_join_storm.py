@@ -9,6 +9,9 @@ server started as the benchmark starts it.
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 
 from benchmarks._servers import SERVERS, RunningServer
 from benchmarks._storm import ROOM, says_in_room, storm, view
@@ -71,3 +74,56 @@ def test_a_small_storm_fills_the_room_and_every_view_holds_everyone() -> None:
         kinds = [(m["type"], m.get("room")) for m in map(json.loads, frames)]
         assert kinds[0] == ("welcome", None)
         assert ("members", ROOM) in kinds
+
+
+def server_frame(payload: bytes) -> bytes:
+    assert len(payload) < 126
+    return bytes((0x81, len(payload))) + payload
+
+
+class SlowWelcome:
+    """A stand-in server that answers 101 at once and the welcome and member list only
+    later, in a write of their own: the storm must not count a client at its 101."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        time.sleep(0.2)
+        conn.sendall(server_frame(WELCOME) + server_frame(members(ROOM, "u0", "u1")))
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_a_client_is_not_counted_at_its_101() -> None:
+    server = SlowWelcome()
+    try:
+        flavor = SERVERS["chatcore"].flavor
+        result, socks = storm(server.port, flavor, clients=2, in_flight=2, timeout=10)
+        for s in socks:
+            s.close()
+    finally:
+        server.close()
+    assert result.in_room == 2
+    assert result.seconds is not None
+    assert result.seconds >= 0.2
+    assert [len(frames) for frames in result.at_count] == [2, 2]
