@@ -214,9 +214,7 @@ def readings(ran: float, waited: float, windows: int) -> list[tuple[float, bytes
         (0.0, 1.0),
     ],
 )
-def test_waiting_for_a_cpu_held_by_other_work_is_not_saturation(
-    ran: float, waited: float
-) -> None:
+def test_waiting_for_a_cpu_held_by_other_work_is_not_saturation(ran: float, waited: float) -> None:
     # The loop never idled (ran + waited is the whole window), but it did not run
     # 90% of it: below the goal's line, so every write goes out at once.
     core = CoreUse(wall=0.0, busy=0.0)
