@@ -3,6 +3,7 @@
     python3 dev.py bench                 full run (scenarios a, b, c, slow consumer, churn)
     python3 dev.py bench --short         CI: scenario a, three ladder steps, ~1 minute
     python3 dev.py bench --servers chatcore,websockets --scenarios b --reps 1
+    python -m benchmarks --servers chatcore,chatcore-plain,websockets,picows --scenarios storm
 
 The server under test runs on core 0 (``taskset -c 0``), this process (senders
 and probes) on core 1 with the byte-counting receivers in a nice-19 child.
@@ -38,6 +39,7 @@ from ._scenarios import (
     slow_consumer_run,
 )
 from ._servers import PRIORITY, ROOT, SERVERS, ServerSpec, add_baseline
+from ._storm import CLIENTS, IN_FLIGHT, storm_run
 
 FULL_LADDER = [20_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000, 500_000]
 SHORT_LADDER = [20_000, 100_000, 200_000]
@@ -56,7 +58,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--short", action="store_true", help="CI mode: scenario a, three steps")
     p.add_argument("--servers", help="comma-separated, from: " + ", ".join(SERVERS))
-    p.add_argument("--scenarios", help="comma-separated, from: a, b, c, slow, churn")
+    p.add_argument(
+        "--scenarios",
+        help="comma-separated, from: a, b, c, slow, churn, storm "
+        f"(storm: {CLIENTS:,} clients join one room, {IN_FLIGHT} in flight; not in the default)",
+    )
     p.add_argument("--reps", type=int, help="repetitions (default 2; --short: 1)")
     p.add_argument("--ladder", help="comma-separated offered deliveries/s")
     p.add_argument("--step", type=float, help="seconds per ladder step (default 2; --short 1.5)")
@@ -161,7 +167,34 @@ def summarize(runs: list[dict[str, Any]], floor: int) -> dict[str, Any]:
                     m["rss_per_idle_conn_kib"], core["rss_per_idle_conn_kib"]
                 ),
             }
-    return {"medians": medians, "ratios": ratios}
+    return {"medians": medians, "ratios": ratios, "storm": storm_summary(runs)}
+
+
+def storm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join storm, per server: median seconds to a full room (a repetition that did not
+    fill the room counts as missing), and each server's time over picows'."""
+    by_server: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if run.get("scenario") == "storm":
+            by_server.setdefault(run["server"], []).append(run)
+    rows: dict[str, Any] = {}
+    for server, server_runs in by_server.items():
+        times = [r["seconds"] for r in server_runs if r.get("seconds") is not None]
+        views = [r["views_full"] for r in server_runs if r.get("views_full") is not None]
+        rows[server] = {
+            "seconds": _median(times),
+            "all": times,
+            "reps": len(server_runs),
+            "full": len(times),
+            "views_full_min": min(views) if views else None,
+            "server_cpu_s": _median(
+                [r["server_cpu_s"] for r in server_runs if "server_cpu_s" in r]
+            ),
+        }
+    picows = rows.get("picows", {}).get("seconds")
+    for row in rows.values():
+        row["over_picows"] = _ratio(row["seconds"], picows)
+    return rows
 
 
 def _ratio_bound(core: str, peer: str) -> str:
@@ -192,13 +225,14 @@ def table(result: dict[str, Any]) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Linux {m['kernel']}"
     )
     lines.append(f"date: {result['date']}   command: {result['command']}")
-    lines.append("")
-    lines.append(
-        "| scenario | server | sustained deliveries/s (best) | CPU us/delivery at 100k/s "
-        "| p50 / p99 ms at 20k/s | RSS KiB per idle conn |"
-    )
-    lines.append("|---|---|---:|---:|---:|---:|")
     medians = result["summary"]["medians"]
+    if medians:
+        lines.append("")
+        lines.append(
+            "| scenario | server | sustained deliveries/s (best) | CPU us/delivery at 100k/s "
+            "| p50 / p99 ms at 20k/s | RSS KiB per idle conn |"
+        )
+        lines.append("|---|---|---:|---:|---:|---:|")
     for sc, by_server in medians.items():
         for server, row in by_server.items():
             top = {">=": ">= ", "<": "< ", "?": "? "}.get(row["bound"], "")
@@ -229,6 +263,23 @@ def table(result: dict[str, Any]) -> str:
             if share is not None:
                 parts.append(f"SQLite store on: {share:.0%} of the in-memory rate")
             lines.append(f"  {SCENARIOS[sc].title}: rate " + "; ".join(parts))
+    storm = result["summary"].get("storm")
+    if storm:
+        lines.append("")
+        lines.append(
+            f"| server | join storm: s to {CLIENTS:,} in one room, median (each) "
+            "| x picows' time | server CPU s | views holding everyone |"
+        )
+        lines.append("|---|---:|---:|---:|---:|")
+        for server, row in storm.items():
+            each = ", ".join(f"{t:.2f}" for t in row["all"])
+            lost = row["reps"] - row["full"]
+            lines.append(
+                f"| {server} | {_fmt(row['seconds'], '.2f')} ({each}"
+                f"{f'; {lost} not full' if lost else ''}) "
+                f"| {_fmt(row['over_picows'], '.2f')} | {_fmt(row['server_cpu_s'], '.2f')} "
+                f"| {_fmt(row['views_full_min'], ',d')} |"
+            )
     extra = [r for r in result["runs"] if r.get("scenario") in ("slow", "churn")]
     if extra:
         lines.append("")
@@ -299,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"unknown servers: {unknown}; known: {list(SERVERS)}")
         return 2
     scenarios = (args.scenarios or ("a" if short else "a,b,c,slow,churn")).split(",")
-    bad = [sc for sc in scenarios if sc not in SCENARIOS and sc not in ("slow", "churn")]
+    bad = [sc for sc in scenarios if sc not in SCENARIOS and sc not in ("slow", "churn", "storm")]
     if bad:
-        log(f"unknown scenarios: {bad}; known: a, b, c, slow, churn")
+        log(f"unknown scenarios: {bad}; known: a, b, c, slow, churn, storm")
         return 2
     reps = args.reps or (1 if short else 2)
     if args.quiet_timeout is None:
@@ -428,6 +479,13 @@ def _one(
                 tries=2,
                 show_timeline=args.timeline,
             ),
+            name,
+            sc,
+        )
+    if sc == "storm":
+        log(f"rep {rep + 1}/{args.reps_total} join storm: {name}")
+        return _guard(
+            lambda: storm_run(spec, log, quiet_timeout=quiet, ours=[counters.pid, os.getpid()]),
             name,
             sc,
         )

@@ -2,10 +2,12 @@
 
     python -m benchmarks.profile [--server chatcore] [--scenario b] [--rate 100000]
                                  [--seconds 8] [--out /tmp/chatcore-profile.txt]
+    python -m benchmarks.profile --scenario storm     # 1,000 clients joining one room
 
 Starts the server and its clients exactly as the benchmark does, attaches
 ``py-spy record`` (raw collapsed stacks) to the server while the generator
-offers ``--rate`` deliveries/s, then prints where the time goes: the frames
+offers ``--rate`` deliveries/s (``storm``: while 1,000 clients join one room,
+recorded until the room is full), then prints where the time goes: the frames
 with the most samples on top of the stack (self) and anywhere in it (total).
 The raw file can be turned into a flame graph with any collapsed-stack tool.
 """
@@ -16,6 +18,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -23,7 +26,8 @@ from pathlib import Path
 
 from ._counters import Counters, raise_nofile
 from ._scenarios import SCENARIOS, Session, summarize
-from ._servers import PRIORITY, SERVERS
+from ._servers import PRIORITY, SERVERS, RunningServer
+from ._storm import storm
 
 # Frames of threads that only wait (the store's worker threads, idle selects).
 _IDLE = ("_worker (concurrent/futures/thread.py", "select (selectors.py", "wait (threading.py")
@@ -57,7 +61,7 @@ def report(path: Path, top: int = 25) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile")
     p.add_argument("--server", default="chatcore", choices=sorted(SERVERS))
-    p.add_argument("--scenario", default="b", choices=sorted(SCENARIOS))
+    p.add_argument("--scenario", default="b", choices=[*sorted(SCENARIOS), "storm"])
     p.add_argument("--rate", type=int, default=100_000)
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--out", type=Path, default=Path("/tmp/chatcore-profile.txt"))
@@ -72,6 +76,8 @@ def main() -> int:
         if PRIORITY:
             os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
             os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+    if args.scenario == "storm":
+        return profile_storm(py_spy, args.server, args.out)
     counters = Counters(1, nice=PRIORITY + 5 if PRIORITY else 19)
     session = Session(SERVERS[args.server], SCENARIOS[args.scenario], counters)
     try:
@@ -107,6 +113,31 @@ def main() -> int:
     )
     print(report(args.out))
     print(f"\nraw stacks: {args.out}")
+    return 0
+
+
+def _record(py_spy: str, pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    argv = [py_spy, "record", "-p", str(pid), "-f", "raw", "-r", "250"]
+    argv += ["-d", str(int(seconds) + 1), "-o", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_storm(py_spy: str, server: str, out: Path) -> int:
+    """The join storm under py-spy: one fresh server, recorded while the room fills."""
+    spec = SERVERS[server]
+    running = RunningServer(spec, core=0)
+    try:
+        spy = _record(py_spy, running.pid, 20, out)
+        result, socks = storm(running.port, spec.flavor)
+        spy.send_signal(signal.SIGINT)  # stop recording: the room is full
+        spy.wait(timeout=30)
+        for sock in socks:
+            sock.close()
+    finally:
+        running.stop()
+    print(f"{server} join storm: {result.in_room:,} clients in the room in {result.seconds} s")
+    print(report(out))
+    print(f"\nraw stacks: {out}")
     return 0
 
 

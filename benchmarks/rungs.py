@@ -1,12 +1,14 @@
 """Every rung of a results file, server by server: latency and CPU up to saturation.
 
     python -m benchmarks.rungs [benchmarks/results/latest.json] [--scenario b] [--timeline]
+                               [--noise]
 
 One line per offered rate, one column per server: p50 / p99 ms and the server's
 CPU share, the median over the repetitions of the last attempt at that rung
 (``*`` marks a rung some repetition failed, ``!`` one that some repetition ran with
 more than 3% of a core stolen by the hypervisor). ``--timeline`` also prints each
-rung's p50/p99 per second, repetition by repetition.
+rung's p50/p99 per second, repetition by repetition; ``--noise`` every repetition's
+rung with what else ran: other processes' CPU (share of one core) and the steal.
 """
 
 from __future__ import annotations
@@ -73,11 +75,31 @@ def timelines(result: dict[str, Any], scenario: str) -> str:
     return "\n".join(lines)
 
 
+def noise(result: dict[str, Any], scenario: str) -> str:
+    """Each repetition's rungs: p50/p99, server CPU, others' CPU and steal, pass or fail."""
+    lines = []
+    for run in result["runs"]:
+        if run.get("scenario") != scenario or "steps" not in run:
+            continue
+        for rate, st in last_attempts(run).items():
+            lines.append(
+                f"{run['server']:24} rep {run.get('rep', 1)} {rate:>9,}/s  "
+                f"p50 {st['p50_ms']:7.1f} p99 {st['p99_ms']:7.1f} ms  "
+                f"cpu {st.get('server_cpu_share', 0.0):4.0%}  "
+                f"others {st.get('others_share', 0.0):4.0%}  "
+                f"steal {st.get('steal_server_core', 0.0):.0%}/"
+                f"{st.get('steal_generator_core', 0.0):.0%}  "
+                f"{'pass' if st.get('passed') else 'FAIL'}"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.rungs")
     p.add_argument("results", nargs="?", type=Path, default=Path("benchmarks/results/latest.json"))
     p.add_argument("--scenario", default="b")
     p.add_argument("--timeline", action="store_true", help="p50/p99 per second of every rung")
+    p.add_argument("--noise", action="store_true", help="every repetition with others' CPU")
     args = p.parse_args(argv)
     result = json.loads(args.results.read_text())
     print(f"{result['date']}: {result['command']}")
@@ -85,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeline:
         print()
         print(timelines(result, args.scenario))
+    if args.noise:
+        print()
+        print(noise(result, args.scenario))
     return 0
 
 

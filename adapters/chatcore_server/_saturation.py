@@ -3,8 +3,8 @@
 The rule, as benchmarks/README.md ("When chatcore's server writes") states it:
 queued frames are written at the end of the event-loop iteration that queued
 them, and a write waits (as long as the previous one took, at most 10 ms)
-only during the second after a 50 ms window in which the loop had no idle
-time (its thread ran or waited for a CPU at least 95% of the window).
+only during the second after a one-second window in which the loop's thread
+ran on a CPU at least 90% of the time.
 
 Below saturation a write therefore costs no latency at all: the loop's own
 iterations already batch whatever arrived while the previous one ran. At
@@ -13,14 +13,19 @@ iteration; waiting lets one write carry several iterations' messages, which
 is what keeps the rate when the core is the limit. Waiting lowers the load
 it answers, so the verdict is held for a second rather than taken again at
 every window (it would flip off in the next one); a server still saturated
-renews it, one that is not writes at once again within a second. Time the
-thread spent waiting for a CPU counts as busy: a server whose core is shared
-with other work is saturated when it cannot get more of it.
+renews it, one that is not writes at once again within a second.
+
+Only time the thread *ran* counts. Time it spent runnable but waiting for a
+CPU that other work held is not saturation: on a shared machine that wait
+can be half the wall time while the server uses 55% of its core, and
+batching there added 8-14 ms of latency for nothing (issue 15). And the
+window is a whole second because use comes in bursts: a server at 48-57% of
+its core had 50 ms stretches at 95-100%, and a rule judging 50 ms windows
+held its writes back for a second after each.
 
 This module owns the decision only: the server hands in the clocks (wall
-time, and the seconds its loop's thread has run or waited to run) and
-carries the decision out. It reads no clock and does no I/O, so every case
-can be tested by value.
+time, and the seconds its loop's thread has run) and carries the decision
+out. It reads no clock and does no I/O, so every case can be tested by value.
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ __all__ = [
     "schedstat_busy",
 ]
 
-SATURATED = 0.95
-"""Share of wall time the loop's thread ran or waited to run that counts as saturated."""
-WINDOW = 0.05
+SATURATED = 0.90
+"""Share of wall time the loop's thread ran on a CPU that counts as saturated."""
+WINDOW = 1.0
 """Seconds of wall time a share is measured over (at least: a window ends at a write)."""
 HOLD = 1.0
 """Seconds a saturated window's verdict lasts."""
@@ -57,22 +62,23 @@ def flush_delay(saturated: bool, last_flush: float) -> float:
 
 
 def schedstat_busy(line: bytes) -> float:
-    """Seconds a thread ran plus seconds it waited for a CPU, from the text of its
+    """Seconds a thread ran on a CPU, from the text of its
     ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds run, waited, timeslices).
+    The wait for a CPU is left out on purpose (see the module's docstring).
     Raises ValueError for text of another shape."""
-    ran, waited = line.split()[:2]
-    return (int(ran) + int(waited)) / 1e9
+    ran, _waited, _slices = line.split()
+    return int(ran) / 1e9
 
 
 class CoreUse:
     """How busy the loop was over its last whole window, and whether it is saturated.
 
     Before each write the server asks :meth:`due` with the wall clock; when a
-    window is over it reads its busy clock (seconds the loop's thread has run
-    or waited for a CPU: a read of ``/proc``, so once per window, not per
-    write) and hands both to :meth:`close`. A window busy :data:`SATURATED`
-    or more makes the server saturated for :data:`HOLD` seconds from its end.
-    A window that spans an idle gap has a low share.
+    window is over it reads its busy clock (seconds the loop's thread has run:
+    a read of ``/proc``, so once per window, not per write) and hands both to
+    :meth:`close`. A window busy :data:`SATURATED` or more makes the server
+    saturated for :data:`HOLD` seconds from its end. A window that spans an
+    idle gap, or one spent waiting for a CPU held by other work, has a low share.
     """
 
     __slots__ = ("share", "until", "_busy", "_wall")

@@ -770,10 +770,10 @@ async def _send_reply(
 
 
 def _loop_busy() -> float:
-    """Seconds the calling thread has run or waited for a CPU (Linux ``schedstat``).
+    """Seconds the calling thread has run on a CPU (Linux ``schedstat``).
 
-    Waiting counts: a loop that wanted the core and did not get it (other work
-    on a shared core) was not idle. Elsewhere, this thread's CPU time.
+    Waiting for a CPU held by other work does not count (see ``_saturation``).
+    Elsewhere, this thread's CPU time.
     """
     try:
         with open("/proc/thread-self/schedstat", "rb") as f:

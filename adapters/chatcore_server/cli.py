@@ -307,6 +307,21 @@ def _add_operator_flags(serve: argparse.ArgumentParser) -> None:
         help="largest message text in bytes of UTF-8",
     )
     group.add_argument(
+        "--presence-batch-above",
+        metavar="N",
+        type=int,
+        default=config.presence_batch_above,
+        help="a room with more users than this announces comings and goings together, in "
+        "one 'presence' frame per presence interval, instead of a 'joined' or 'left' each",
+    )
+    group.add_argument(
+        "--presence-interval",
+        metavar="SECONDS",
+        type=float,
+        default=config.presence_interval,
+        help="how long a crowded room collects comings and goings before it tells them",
+    )
+    group.add_argument(
         "--retention-interval",
         metavar="SECONDS",
         type=float,
@@ -515,6 +530,8 @@ def _serve_command(args: argparse.Namespace) -> int:
             max_rooms_per_session=args.max_rooms_per_session,
             max_sessions_per_user=args.max_sessions_per_user,
             max_text_bytes=args.max_text_bytes,
+            presence_batch_above=args.presence_batch_above,
+            presence_interval=args.presence_interval,
             max_frame_bytes=max(Config().max_frame_bytes, args.max_text_bytes + 16 * 1024),
         )
         limits = Limits(

@@ -36,6 +36,8 @@ OPERATOR_FLAGS = (
     "--max-rooms-per-session",
     "--max-sessions-per-user",
     "--max-text-bytes",
+    "--presence-batch-above",
+    "--presence-interval",
     "--retention-interval",
     "--retain-messages",
     "--retain-days",
@@ -97,6 +99,24 @@ async def test_flags_set_the_grace_period_and_history_window() -> None:
         await _grace_and_window_apply(url, 10)
 
 
+async def test_presence_flags_batch_a_room_above_their_size() -> None:
+    # Above one user the room is crowded: bob's arrival reaches alice as a presence
+    # frame 0.05 s later, not as a joined.
+    args = ("--db", "memory", "--presence-batch-above", "1", "--presence-interval", "0.05")
+    async with chatcore_serve(*args) as (_, url):
+        ws = url.replace("http", "ws", 1) + "ws"
+        async with ws_connect(f"{ws}?user=alice&room=general", **JSON) as alice:
+            await welcome(alice)
+            async with ws_connect(f"{ws}?user=bob&room=general", **JSON) as bob:
+                await welcome(bob)
+                seen = await recv_until(alice, lambda e: e.get("type") != "members")
+                assert seen == [
+                    {"type": "presence", "room": "general", "joins": ["bob"], "leaves": []}
+                ]
+    assert described("--presence-batch-above").endswith("(default: 50)")
+    assert described("--presence-interval").endswith("(default: 0.5)")
+
+
 async def test_a_config_file_sets_the_same_and_the_command_line_wins(tmp_path: Path) -> None:
     config = tmp_path / "chatcore.toml"
     config.write_text('db = "memory"\ngrace = 0.5\nhistory-window = 10\nrate-burst = 50\n')
@@ -140,6 +160,8 @@ async def test_retain_messages_from_a_config_file_cuts_the_stored_rooms(tmp_path
         ("grace = true\n", "grace"),
         ('log-format = "xml"\n', "log-format"),
         ("history-window = 0\n", "--history-window must be a positive number"),
+        ("presence-interval = 0\n", "--presence-interval must be a positive number"),
+        ("presence-batch-above = -1\n", "--presence-batch-above must be a positive number"),
         ("grace = [\n", "--config"),
         ("retain-messages = -1\n", "--retain-messages must be 0 or more"),
         ("retain-days = 0\n", "--retain-days must be more than 0"),

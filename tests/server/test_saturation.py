@@ -2,9 +2,9 @@
 
 The rule (benchmarks/README.md): write at the end of the loop iteration that
 queued the frames; a write waits (as long as the previous one took, at most
-10 ms) only during the second after a 50 ms window in which the loop had no
-idle time (it ran or waited for a CPU 95% of the window). No clock is read
-here: the clocks are arguments.
+10 ms) only during the second after a one-second window in which the loop's thread
+ran on a CPU at least 90% of the time (waiting for a CPU does not count). No
+clock is read here: the clocks are arguments.
 """
 
 from __future__ import annotations
@@ -43,13 +43,18 @@ def test_no_wait_without_a_flush_to_measure() -> None:
     assert flush_delay(True, 0.0) == 0.0
 
 
-def busy(core: CoreUse, start: float, seconds: float, share: float, step: float = 0.001) -> float:
-    """Observe ``seconds`` of wall time in ``step`` s turns, busy ``share`` of each."""
-    wall, clock = start, core._busy + (start - core._wall) * share
-    for _ in range(round(seconds / step)):
-        wall += step
-        clock += step * share
-        core.observe(wall, clock)
+STEP = 0.001  # one loop turn, in seconds: a write, and the server asks the rule
+
+
+def busy(core: CoreUse, start: float, seconds: float, share: float | list[float]) -> float:
+    """Observe ``seconds`` of wall time from ``start`` in STEP-long turns; the thread
+    runs ``share`` of each (a list: turn i runs share[i % len(share)]). The busy clock
+    goes on from wherever the last window left it."""
+    shares = share if isinstance(share, list) else [share]
+    clock = core._busy
+    for i in range(1, round(seconds / STEP) + 1):
+        clock += STEP * shares[(i - 1) % len(shares)]
+        core.observe(start + i * STEP, clock)
     return core.share
 
 
@@ -68,39 +73,53 @@ def test_share_is_measured_over_whole_windows() -> None:
     assert core.share == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5, 0.67, 0.88, 0.9, SATURATED - 0.005])
+@pytest.mark.parametrize("share", [0.0, 0.5, 0.67, 0.88, SATURATED - 0.005])
 def test_a_loop_with_idle_time_is_never_saturated(share: float) -> None:
     # The reported case: p50 went to 6-15 ms at 67-88% CPU. Such a server never waits.
     core = CoreUse()
-    for second in range(3):
-        assert busy(core, second, 1.0, share) == pytest.approx(share)
-        assert not core.saturated(second + 1.0)
+    for k in range(3):
+        assert busy(core, k * WINDOW, WINDOW, share) == pytest.approx(share)
+        assert not core.saturated((k + 1) * WINDOW)
+
+
+def test_a_burst_inside_a_window_is_not_saturation() -> None:
+    # Measured at 50,000 deliveries/s (57% CPU): a 50 ms stretch at 95-100% every
+    # second or so, among ones at 45-75%. Over a whole window that is a loop with
+    # idle time; a rule judging 50 ms windows held writes back for a second each time.
+    core = CoreUse()
+    second = [1.0] * 50 + [0.55] * 950  # 1 ms turns: 50 ms at full use, then 55%
+    for k in range(5):
+        busy(core, k * 1.0, 1.0, second)
+        assert not core.saturated((k + 1) * 1.0)
 
 
 def test_a_saturated_window_holds_for_a_second_then_idle_time_ends_it() -> None:
     core = CoreUse()
-    busy(core, 0.0, 0.5, 1.0)
-    assert core.saturated(0.5)
-    # Waiting lowers the load: windows at 60% do not end the verdict at once...
-    busy(core, 0.5, 0.5, 0.6)
-    assert core.saturated(1.0)
-    # ...but it is not renewed: a second after the last saturated window it ends.
-    busy(core, 1.0, 1.0, 0.6)
-    assert not core.saturated(2.0)
+    busy(core, 0.0, WINDOW, 1.0)
+    assert core.saturated(WINDOW)
+    # Waiting lowers the load: a window at 60% does not end the verdict at once...
+    busy(core, WINDOW, HOLD - 2 * STEP, 0.6)
+    assert core.saturated(WINDOW + HOLD - 2 * STEP)
+    # ...but it is not renewed: HOLD after the last saturated window it ends.
+    busy(core, WINDOW + HOLD - 2 * STEP, WINDOW, 0.6)
+    assert not core.saturated(2 * WINDOW + HOLD)
 
 
 def test_a_loop_still_saturated_renews_the_verdict() -> None:
     core = CoreUse()
-    busy(core, 0.0, 5.0, 0.97)
-    assert core.saturated(5.0)
-    assert core.until == pytest.approx(5.0 + HOLD, abs=WINDOW)
+    busy(core, 0.0, 5 * WINDOW, 0.97)
+    assert core.saturated(5 * WINDOW)
+    assert core.until == pytest.approx(5 * WINDOW + HOLD, abs=WINDOW)
 
 
 def test_an_idle_gap_is_a_window_with_a_low_share() -> None:
     core = CoreUse()
-    busy(core, 0.0, 0.3, 1.0)
-    assert core.close(2.0, core._busy + 0.0005) < 0.01
-    assert not core.saturated(2.0)
+    busy(core, 0.0, 3 * WINDOW, 1.0)
+    assert core.saturated(3 * WINDOW)
+    # The next write comes after a long pause: one window, nearly all of it idle.
+    gap = 3 * WINDOW + HOLD + 10.0
+    assert core.close(gap, core._busy + 0.0005) < 0.01
+    assert not core.saturated(gap)
 
 
 class Loop:
@@ -171,13 +190,48 @@ def test_the_server_closes_a_window_with_its_busy_clock() -> None:
     assert not core.due(core._wall)
 
 
-def test_waiting_for_a_cpu_counts_as_busy() -> None:
-    # 40 ms run and 10 ms waited behind other work on the core: 50 ms busy. A loop
-    # that got 80% of a shared core and wanted the rest is saturated.
-    assert schedstat_busy(b"40000000 10000000 123\n") == pytest.approx(0.050)
+def test_only_time_run_on_a_cpu_counts_as_busy() -> None:
+    assert schedstat_busy(b"40000000 10000000 123\n") == pytest.approx(0.040)
+    assert schedstat_busy(b"0 999999999 1\n") == 0.0
+
+
+def readings(ran: float, waited: float, windows: int) -> list[tuple[float, bytes]]:
+    """Synthetic ``schedstat`` readings, one per window: the thread ran ``ran`` and
+    waited for a CPU ``waited`` of each (shares of WINDOW); (wall, text) pairs."""
+    out = []
+    for i in range(1, windows + 1):
+        ns = (round(i * WINDOW * ran * 1e9), round(i * WINDOW * waited * 1e9), 100 * i)
+        out.append((i * WINDOW, b"%d %d %d\n" % ns))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("ran", "waited"),
+    [
+        (0.55, 0.45),  # the measured case: 55% CPU on a core other work held the rest of
+        (0.35, 0.50),  # a probe at 100,000/s: 35% run, 50% waiting
+        (0.89, 0.11),
+        (0.0, 1.0),
+    ],
+)
+def test_waiting_for_a_cpu_held_by_other_work_is_not_saturation(ran: float, waited: float) -> None:
+    # The loop never idled (ran + waited is the whole window), but it did not run
+    # 90% of it: below the goal's line, so every write goes out at once.
     core = CoreUse(wall=0.0, busy=0.0)
-    assert core.close(WINDOW, schedstat_busy(b"40000000 10000000 9\n")) >= SATURATED
-    assert core.saturated(WINDOW)
+    for wall, text in readings(ran, waited, 40):
+        core.close(wall, schedstat_busy(text))
+        assert core.share == pytest.approx(ran)
+        assert not core.saturated(wall)
+        assert flush_delay(core.saturated(wall), 0.004) == 0.0
+
+
+@pytest.mark.parametrize(("ran", "waited"), [(0.901, 0.099), (0.95, 0.0), (1.0, 0.0)])
+def test_a_thread_that_ran_90_percent_of_a_window_is_saturated(ran: float, waited: float) -> None:
+    core = CoreUse(wall=0.0, busy=0.0)
+    (wall, text), *_ = readings(ran, waited, 1)
+    core.close(wall, schedstat_busy(text))
+    assert core.saturated(wall)
+    assert flush_delay(core.saturated(wall), 0.004) == 0.004
 
 
 def test_schedstat_of_another_shape_is_refused() -> None:
