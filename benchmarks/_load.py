@@ -93,10 +93,11 @@ class Load:
         self.by_fd: dict[int, Probe] = {}
         self.members: dict[str, int] = {}
 
-    def connect(self, plan: list[tuple[str, str, bool]]) -> None:
-        """Open (user, room, sends) probes."""
+    def connect(self, plan: list[tuple[str, str, bool]], port: int | None = None) -> None:
+        """Open (user, room, sends) probes (on ``port``, another process of a cluster,
+        instead of the server's)."""
         targets = [self.flavor.target(user, [room]) for user, room, _ in plan]
-        opened = open_many(self.port, targets, self.flavor.subprotocol)
+        opened = open_many(self.port if port is None else port, targets, self.flavor.subprotocol)
         for (sock, rest), (_, room, sends) in zip(opened, plan, strict=True):
             p = Probe(sock, room, sends)
             if self.flavor.after_open:
