@@ -343,12 +343,17 @@ async def resync(rooms: int, args: argparse.Namespace) -> dict[str, Any]:
         acks: dict[str, list[float]] = {"up": [], "down": [], "after": []}
         down_at = up_at = 0.0
         seen: dict[str, int] = {}
+        welcomed = asyncio.Event()
         async with (
             asyncio.timeout(120),
             connect(a, subprotocols=[PROTOCOL], proxy=None, max_queue=None) as sender,
             connect(b, subprotocols=[PROTOCOL], proxy=None, max_queue=None) as member,
         ):
-            welcomed = asyncio.Event()
+            # When the member first had each room at the offset of the message sent to
+            # it while Redis was down (the burst).
+            burst: dict[str, int] = {}
+            burst_acked: dict[str, float] = {}
+            arrived: dict[str, float] = {}
 
             async def read_member() -> None:
                 async for data in member:
@@ -356,16 +361,23 @@ async def resync(rooms: int, args: argparse.Namespace) -> dict[str, Any]:
                     if event["type"] == "welcome":
                         welcomed.set()  # what was stored before it is history, not live
                     elif event["type"] == "message":
-                        seen[event["room"]] = max(seen.get(event["room"], 0), event["offset"])
+                        room, offset = event["room"], event["offset"]
+                        seen[room] = max(seen.get(room, 0), offset)
+                        if room not in arrived and offset >= burst.get(room, 1 << 62):
+                            arrived[room] = time.monotonic()
+
+            async def answer() -> dict[str, Any]:
+                async with asyncio.timeout(5):  # an unanswered send fails the run
+                    while (event := json.loads(await sender.recv()))["type"] != "ack":
+                        if event["type"] == "error":
+                            raise SystemExit(f"the sender was refused: {event}")
+                acked[event["room"]] = event["offset"]
+                return dict(event)
 
             async def send(room: str) -> None:
                 sent_at = time.monotonic()
                 await sender.send(json.dumps({"type": "send", "room": room, "text": "x"}))
-                async with asyncio.timeout(5):  # an unanswered send fails the run
-                    while (answer := json.loads(await sender.recv()))["type"] != "ack":
-                        if answer["type"] == "error":
-                            raise SystemExit(f"the sender was refused: {answer}")
-                acked[room] = answer["offset"]
+                await answer()
                 phase = "after" if up_at else "down" if down_at else "up"
                 acks[phase].append(time.monotonic() - sent_at)
 
@@ -383,28 +395,34 @@ async def resync(rooms: int, args: argparse.Namespace) -> dict[str, Any]:
                 async with asyncio.timeout(30):
                     while behind(heads):
                         await asyncio.sleep(0.01)
-                # The stream: every room in turn, at --stream messages/s, throughout.
-                i = sent_while_down = early = 0
+                # The stream: one send at a time, every room in turn, at most --stream/s.
+                i = 0
                 t0 = time.monotonic()
-                while True:
-                    now = time.monotonic()
-                    if not down_at and now - t0 >= 1.0:
-                        redis.kill()
-                        down_at = time.monotonic()
-                    if (
-                        down_at
-                        and not up_at
-                        and now - down_at >= args.down
-                        and sent_while_down >= rooms
-                    ):
-                        redis.start()
-                        up_at = time.monotonic()
-                        heads = dict(acked)  # every room got messages while Redis was down
-                        early = rooms - len(behind(heads))
-                    if up_at and not behind(heads):
-                        break
-                    if down_at and not up_at:
-                        sent_while_down += 1
+
+                async def stream(until: float) -> None:
+                    nonlocal i
+                    while time.monotonic() < until:
+                        await send(names[i % rooms])
+                        i += 1
+                        await asyncio.sleep(max(0.0, t0 + i / args.stream - time.monotonic()))
+
+                await stream(t0 + 1.0)
+                redis.kill()
+                down_at = time.monotonic()
+                # Every room gets a message while Redis is down, all sent at once.
+                for name in names:
+                    await sender.send(json.dumps({"type": "send", "room": name, "text": "y"}))
+                for _ in names:
+                    event = await answer()
+                    burst[event["room"]] = event["offset"]
+                    burst_acked[event["room"]] = time.monotonic()
+                burst_s = time.monotonic() - down_at
+                await stream(down_at + max(args.down, burst_s))
+                redis.start()
+                up_at = time.monotonic()
+                heads = dict(acked)
+                early = rooms - len(behind(heads))
+                while behind(heads):
                     await send(names[i % rooms])
                     i += 1
                     await asyncio.sleep(max(0.0, t0 + i / args.stream - time.monotonic()))
@@ -414,10 +432,16 @@ async def resync(rooms: int, args: argparse.Namespace) -> dict[str, Any]:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+        delays = sorted(arrived[n] - burst_acked[n] for n in names if n in arrived)
         out |= {
-            "acked_while_down": sent_while_down,
+            "down_s_actual": round(up_at - down_at, 3),
+            "burst_acked_in_s": round(burst_s, 3),
             "rooms_at_head_before_redis_returned": early,
             "seconds_until_every_room_at_head": round(healed, 3),
+            "burst_delay_s_p50_max": [
+                round(delays[len(delays) // 2], 3) if delays else None,
+                round(delays[-1], 3) if delays else None,
+            ],
             "ack_ms_p50_up_down_after": [
                 round(statistics.median(acks[k]) * 1000, 2) if acks[k] else None
                 for k in ("up", "down", "after")
@@ -457,7 +481,9 @@ def main() -> None:
         help="instead: time until ROOMS rooms are at their head after a private Redis restart",
     )
     parser.add_argument("--down", type=float, default=2.0, help="--resync: seconds Redis is down")
-    parser.add_argument("--stream", type=float, default=200.0, help="--resync: messages/s")
+    parser.add_argument(
+        "--stream", type=float, default=200.0, help="--resync: at most so many sends/s"
+    )
     args = parser.parse_args()
     results: list[dict[str, Any]] = []
     steal0 = steal_ticks()
