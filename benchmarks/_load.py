@@ -30,6 +30,7 @@ class Probe:
     sends: bool
     reader: FrameReader = field(default_factory=FrameReader)
     out: bytes = b""
+    latencies_ns: list[int] = field(default_factory=list)  # this probe's, every step
 
 
 @dataclass(slots=True)
@@ -248,6 +249,7 @@ class Load:
                         if at >= 0:
                             sent_ns = int(payload[at + 2 : payload.index(b";", at)])
                             latencies.append(t_recv - sent_ns)
+                            p.latencies_ns.append(t_recv - sent_ns)
                             received.append(t_recv)
                             probe_msgs += 1
                             if t0 <= t_recv <= t_end:

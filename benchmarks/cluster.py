@@ -7,15 +7,18 @@ run and interleaved over ``--reps`` repetitions:
 * ``1 process``: every member on one ``chatcore serve`` (PostgreSQL, no Redis);
 * ``1 process + redis``: the same with ``--redis`` (the bus's own cost, nobody to hear);
 * ``2 processes``: members split evenly over two processes sharing the log and
-  Redis; the sender on process A, the latency probes on process B.
+  Redis; the sender on process A, three quarters of the latency probes on
+  process B and a quarter on A beside the sender (the hop to B is the
+  difference between the two within one step).
 
 The load is the main benchmark's (``benchmarks/_load.py``, ``_counters.py``):
 open-loop senders whose texts carry their due time, latency probes that parse
 every frame, and the other members counted by frame headers in a child
 process. Each layout runs one step at ``--rate`` deliveries/s (latency) and
 one at ``--cpu-rate`` (CPU per delivery): server CPU is utime + stime of every
-``chatcore serve`` process over the sending window, divided by the deliveries
-made in it. Bus publishes per message come from process A's ``/metrics``.
+``chatcore serve`` process from the start of the sending window until the last
+delivery arrived, divided by the deliveries. Bus publishes per message come
+from process A's ``/metrics``.
 A step that did not deliver everything (99.9%), closed a member or met an
 error is reported as FAILED, and its figures are not a measure of anything;
 ``--broken`` starts process B without Redis (it never hears A) to show that
@@ -71,7 +74,7 @@ from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from ._counters import Counters, raise_nofile
-from ._load import Load, Step
+from ._load import Load, Step, pct
 from ._proc import CpuWatch, proc_cpu, steal_ticks
 from ._scenarios import GENERATOR_CORE, SERVER_CORE, _settle, summarize
 from ._servers import PRIORITY
@@ -199,12 +202,18 @@ def measure_layout(layout: Layout, args: argparse.Namespace, counters: Counters)
         load.port = a.port
         load.members[ROOM] = args.members
         load.connect([("sender", ROOM, True)])
-        load.connect([(f"p{i}", ROOM, False) for i in range(args.probes)], port=b.port)
+        # With 2 processes, a quarter of the probes on A beside the sender: the hop to B
+        # is the difference within the same step, whatever the noise did to both.
+        local = args.probes // 4 if processes > 1 else 0
+        load.connect([(f"q{i}", ROOM, False) for i in range(local)])
+        load.connect([(f"p{i}", ROOM, False) for i in range(args.probes - local)], port=b.port)
+        on_a = load.probes[1 : 1 + local]
+        on_b = load.probes[1 + local :]
         # The members split evenly over the processes; the counted ones fill each up.
         share = [args.members // processes] * processes
         share[0] += args.members % processes
-        share[0] -= 1
-        share[-1] -= args.probes
+        share[0] -= 1 + local
+        share[-1] -= args.probes - local
         first = 0
         for server, count in zip(servers, share, strict=True):
             targets = [FLAVOR.target(f"c{first + i}", [ROOM]) for i in range(count)]
@@ -215,6 +224,8 @@ def measure_layout(layout: Layout, args: argparse.Namespace, counters: Counters)
         time.sleep(1.0)  # presence frames of the arrivals (every 0.5 s) are out
         for rate in (args.rate, args.cpu_rate):
             before = [metrics(s.port) for s in servers]
+            for probe in load.probes:
+                probe.latencies_ns.clear()
             st = _step(load, counters, servers, rate, args.seconds)
             time.sleep(0.3)  # the last publishes are counted
             after = [metrics(s.port) for s in servers]
@@ -243,6 +254,12 @@ def measure_layout(layout: Layout, args: argparse.Namespace, counters: Counters)
             verdict["per_server_cpu_s"] = [
                 round(st.cpu.get(f"server{i}", 0.0), 3) for i in range(len(servers))
             ]
+            for where, probes in (("a", on_a), ("b", on_b)):
+                lat = [x for p in probes for x in p.latencies_ns]
+                verdict[f"p50_p99_ms_on_{where}"] = [
+                    round(pct(lat, 0.5) / 1e6, 3),
+                    round(pct(lat, 0.99) / 1e6, 3),
+                ]
             verdict.pop("per_second", None)
             out["steps"].append(verdict)
             for server in servers:
@@ -267,7 +284,7 @@ def show(result: dict[str, Any]) -> str:
             f"delivered {s['delivered']:,}/{s['expected']:,} "
             f"cpu {s['cpu_us_per_delivery_to_end'] if s['complete'] else '-'} us/delivery "
             f"(window {s['server_us_per_delivery']}) "
-            f"p50 {s['p50_ms']:.2f} p99 {s['p99_ms']:.2f} ms "
+            f"p50/p99 ms on B {s['p50_p99_ms_on_b']} on A {s['p50_p99_ms_on_a']} "
             f"pub/msg {s['bus_publishes_per_message']} failures {s['bus_publish_failures']:.0f} "
             f"recv/msg on B {s['bus_received_per_message_on_b']} "
             f"others {s['others_share']:.0%} steal {s['steal_server_core']:.0%}/"
