@@ -19,8 +19,10 @@ one at ``--cpu-rate`` (CPU per delivery): server CPU is utime + stime of every
 ``chatcore serve`` process from the start of the sending window until the last
 delivery arrived, divided by the deliveries. Bus publishes per message come
 from process A's ``/metrics``.
-A step that did not deliver everything (99.9%), closed a member or met an
-error is reported as FAILED, and its figures are not a measure of anything;
+A step that did not deliver everything (99.9%), closed a member, met an
+error, or saw other than one publish per message on A (and one message
+received per message on B) is reported as FAILED, and its figures are not a
+measure of anything;
 ``--broken`` starts process B without Redis (it never hears A) to show that
 this is caught.
 
@@ -251,6 +253,13 @@ def measure_layout(layout: Layout, args: argparse.Namespace, counters: Counters)
             verdict["cpu_us_per_delivery_to_end"] = (
                 round(st.cpu["server_to_end"] / st.delivered * 1e6, 3) if st.delivered else None
             )
+            # One publish per message (one room), never one per member or per process.
+            pubs = verdict["bus_publishes_per_message"]
+            recv = verdict["bus_received_per_message_on_b"]
+            verdict["bus_ok"] = pubs in (None, 1.0) and (
+                recv in (None, 1.0) or not redis_b  # (--broken: B hears nothing)
+            )
+            verdict["complete"] = verdict["complete"] and verdict["bus_ok"]
             verdict["per_server_cpu_s"] = [
                 round(st.cpu.get(f"server{i}", 0.0), 3) for i in range(len(servers))
             ]
@@ -279,6 +288,8 @@ def show(result: dict[str, Any]) -> str:
     lines = []
     for s in result["steps"]:
         ok = "ok" if s["complete"] else "FAILED"
+        if not s["bus_ok"]:
+            ok += " (bus traffic)"
         lines.append(
             f"{result['layout']:42} {s['offered']:>7,.0f}/s {ok:6} "
             f"delivered {s['delivered']:,}/{s['expected']:,} "
