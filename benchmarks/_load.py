@@ -30,7 +30,7 @@ class Probe:
     sends: bool
     reader: FrameReader = field(default_factory=FrameReader)
     out: bytes = b""
-    latencies_ns: list[int] = field(default_factory=list)  # this probe's, every step
+    latencies_ns: list[int] = field(default_factory=list)  # this probe's, of the last step
 
 
 @dataclass(slots=True)
@@ -157,6 +157,8 @@ class Load:
         latencies = st.latencies_ns
         received = st.received_ns
         st.t0_ns = t0
+        for p in self.probes:
+            p.latencies_ns.clear()  # each probe's own, of this step only
         nsend = len(senders)
         expected = sum(fanout[i % nsend] for i in range(total))
         busy0 = counters.load()

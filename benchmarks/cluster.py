@@ -226,8 +226,6 @@ def measure_layout(layout: Layout, args: argparse.Namespace, counters: Counters)
         time.sleep(1.0)  # presence frames of the arrivals (every 0.5 s) are out
         for rate in (args.rate, args.cpu_rate):
             before = [metrics(s.port) for s in servers]
-            for probe in load.probes:
-                probe.latencies_ns.clear()
             st = _step(load, counters, servers, rate, args.seconds)
             time.sleep(0.3)  # the last publishes are counted
             after = [metrics(s.port) for s in servers]
