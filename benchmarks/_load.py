@@ -30,6 +30,7 @@ class Probe:
     sends: bool
     reader: FrameReader = field(default_factory=FrameReader)
     out: bytes = b""
+    latencies_ns: list[int] = field(default_factory=list)  # this probe's, of the last step
 
 
 @dataclass(slots=True)
@@ -93,10 +94,11 @@ class Load:
         self.by_fd: dict[int, Probe] = {}
         self.members: dict[str, int] = {}
 
-    def connect(self, plan: list[tuple[str, str, bool]]) -> None:
-        """Open (user, room, sends) probes."""
+    def connect(self, plan: list[tuple[str, str, bool]], port: int | None = None) -> None:
+        """Open (user, room, sends) probes (on ``port``, another process of a cluster,
+        instead of the server's)."""
         targets = [self.flavor.target(user, [room]) for user, room, _ in plan]
-        opened = open_many(self.port, targets, self.flavor.subprotocol)
+        opened = open_many(self.port if port is None else port, targets, self.flavor.subprotocol)
         for (sock, rest), (_, room, sends) in zip(opened, plan, strict=True):
             p = Probe(sock, room, sends)
             if self.flavor.after_open:
@@ -155,6 +157,8 @@ class Load:
         latencies = st.latencies_ns
         received = st.received_ns
         st.t0_ns = t0
+        for p in self.probes:
+            p.latencies_ns.clear()  # each probe's own, of this step only
         nsend = len(senders)
         expected = sum(fanout[i % nsend] for i in range(total))
         busy0 = counters.load()
@@ -247,6 +251,7 @@ class Load:
                         if at >= 0:
                             sent_ns = int(payload[at + 2 : payload.index(b";", at)])
                             latencies.append(t_recv - sent_ns)
+                            p.latencies_ns.append(t_recv - sent_ns)
                             received.append(t_recv)
                             probe_msgs += 1
                             if t0 <= t_recv <= t_end:

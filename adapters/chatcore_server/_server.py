@@ -170,6 +170,7 @@ class ChatServer(ChatControls):
         screen: ScreenHook | None = None,
         record: RecordFile | None = None,
         bus: Bus | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         self.engine_host = EngineHost(
@@ -189,6 +190,9 @@ class ChatServer(ChatControls):
         self.store: HistoryStore = self.engine_host.store
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port
+        """Listen with ``SO_REUSEPORT``: several processes (each a ChatServer with this
+        set) share ``host:port`` and the kernel spreads new connections over them."""
         self.ssl_context = ssl_context
         self.jwt_secret = jwt_secret
         self.admin_token = admin_token
@@ -263,7 +267,7 @@ class ChatServer(ChatControls):
         """Listen, serve until :meth:`shutdown`, then close everything gracefully."""
         self._stop = anyio.Event()
         listener: anyio.abc.Listener[Any] = await anyio.create_tcp_listener(
-            local_host=self.host, local_port=self.port
+            local_host=self.host, local_port=self.port, reuse_port=self.reuse_port
         )
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
         if self.ssl_context is not None:

@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
         help="start of every Redis channel and key (default: chatcore:SCHEMA, from --db); "
         "processes that serve one chat share it, other chats on the same Redis pick another",
     )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="listen with SO_REUSEPORT (Linux, BSD): several processes started with it "
+        "share one --host and --port, and the kernel spreads new connections over them; "
+        "give them the same --db and --redis",
+    )
     serve.add_argument("--certfile", help="TLS certificate (PEM): serve https:// and wss://")
     serve.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
     serve.add_argument(
@@ -557,6 +564,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         bus=_bus(args, store),
         host=args.host,
         port=args.port,
+        reuse_port=args.reuse_port,
         ssl_context=_ssl(args.certfile, args.keyfile),
         jwt_secret=args.jwt_secret,
         allow_origins=args.allow_origin,
