@@ -44,6 +44,7 @@ from ._events import ReadMark, Typing
 from ._facts import (
     MemberArrived,
     MemberDeparted,
+    MemberMoved,
     MembersAsked,
     MembersTold,
     ReadMarked,
@@ -56,7 +57,7 @@ from ._presence import came_or_went
 from ._room import Room
 from ._session import Session, SessionInput, SessionState, TokenBucket, fire
 from ._state import EngineState
-from ._timers import HeadProbe
+from ._timers import GraceOver, HeadProbe
 
 __all__ = [
     "BusCommand",
@@ -64,6 +65,8 @@ __all__ = [
     "claim_answered",
     "flush",
     "handle",
+    "moved_away",
+    "moved_in",
     "park",
     "probe",
     "probe_live",
@@ -132,6 +135,7 @@ def flush(st: EngineState, out: list[Effect]) -> None:
         if name not in st.rooms:  # what was known of the others' members went with it
             peers.asked.discard(name)
             peers.remote.pop(name, None)
+            peers.halves.pop(name, None)
         if name not in peers.rooms and (name in st.rooms or name in loading):
             # Subscribed from the start of the load: a message published while the
             # room loads is held and merged by offset, never missed between the two.
@@ -199,7 +203,13 @@ def _shared(st: EngineState, room: Room, cmd: Shared, out: list[Effect]) -> None
     fact = cmd.fact
     match fact:
         case MemberArrived():
+            if fact.move:
+                _arrival_half(st, room, fact.user, fact.move)
             _told(st, room, cmd.origin, {fact.user}, out, replace=False)
+        case MemberMoved():
+            _departure_half(st, room, fact.user, fact.to, fact.move, out)
+            if fact.last:
+                _remote_gone(st, room, cmd.origin, fact.user, out)
         case MemberDeparted():
             known = st.peers.remote.get(room.name, {}).get(cmd.origin)
             if known is not None and fact.user in known:
@@ -229,7 +239,7 @@ def _told(
     """Process ``origin`` has ``users`` in the room (all of them, if ``replace``)."""
     known = st.peers.remote.setdefault(room.name, {}).setdefault(origin, set())
     if replace:
-        for user in sorted(known - users):
+        for user in sorted(known - users - _moving_to(st, room, origin)):
             known.discard(user)
             _remote_left(st, room, user, out)
     limit = st.config.max_remote_members
@@ -246,15 +256,112 @@ def _remote_left(st: EngineState, room: Room, user: str, out: list[Effect]) -> N
         came_or_went(st, room, user, out)
 
 
-def stays_with(st: EngineState, session: Session, by: str) -> None:
-    """The session moves to process ``by``: count its user there in each of its
-    rooms, so that taking it away here says no ``left``."""
-    for name in session.rooms:
-        room = st.rooms[name]
-        known = st.peers.remote.setdefault(name, {}).setdefault(by, set())
-        if session.user not in known:
-            known.add(session.user)
-            room.add_remote(session.user)
+def _remote_gone(st: EngineState, room: Room, origin: str, user: str, out: list[Effect]) -> None:
+    """Process ``origin`` has no session of ``user`` in the room any more."""
+    known = st.peers.remote.get(room.name, {}).get(origin)
+    if known is not None and user in known:
+        known.discard(user)
+        _remote_left(st, room, user, out)
+
+
+# -- sessions that move: two halves, heard in either order --------------------------------
+#
+# A session claimed by process B from process A is one move with two halves: A
+# shares ``MemberMoved(to=B)`` (and stops counting the user, if that was its last
+# session there), B shares ``MemberArrived(move=...)`` when the session joins (or
+# gives up) its rooms. The bus orders one publisher's facts, never two publishers'.
+# So whichever half a process hears first counts the user on B, before A lets go of
+# them: nobody sees ``left`` for a user who only moved. The second half only
+# consumes the first: after the arrival half, B's own ``MemberDeparted`` may have
+# come already, and the departure half must not count the user on B again. A move
+# is named by its session and how many times it moved, so a half whose other half
+# never comes (lost on the bus, heard before the room was held) only waits, bounded,
+# and matches nothing else.
+
+
+def _remember(st: EngineState, room: Room, move: str, half: tuple[str, str]) -> None:
+    halves = st.peers.halves.setdefault(room.name, {})
+    if len(halves) >= st.config.max_remote_members:
+        del halves[next(iter(halves))]  # the oldest: its other half is long overdue
+    halves[move] = half
+
+
+def _departure_half(
+    st: EngineState, room: Room, user: str, to: str, move: str, out: list[Effect]
+) -> None:
+    """The departure half of ``move`` (``user`` now on ``to``), shared or heard."""
+    if st.peers.halves.get(room.name, {}).pop(move, None) is None:
+        _remember(st, room, move, (user, to))
+        _told(st, room, to, {user}, out, replace=False)
+
+
+def _arrival_half(st: EngineState, room: Room, user: str, move: str) -> tuple[str, str] | None:
+    """The arrival half of ``move``, heard (the caller counts the user on its
+    origin) or shared; the departure half if it came first."""
+    first = st.peers.halves.get(room.name, {}).pop(move, None)
+    if first is None:
+        _remember(st, room, move, (user, ""))
+    return first
+
+
+def _moving_to(st: EngineState, room: Room, origin: str) -> set[str]:
+    """Users a departure half put on ``origin`` whose arrival half has not come:
+    what ``origin`` tells of its members may be older than their arrival there."""
+    halves = st.peers.halves.get(room.name)
+    return {user for user, to in halves.values() if to == origin} if halves else set()
+
+
+def moved_away(st: EngineState, session: Session, by: str, out: list[Effect]) -> set[str]:
+    """The session moves to process ``by``: share the departure half in each of its
+    rooms and count its user on ``by``. Returns the rooms where it was the user's
+    last session here: leaving them is the move's, not a departure."""
+    move = f"{session.id}.{session.moves + 1}"
+    names = dict.fromkeys(session.rooms)
+    if session.moved is not None:  # claimed here and never welcomed: its rooms are still ours
+        names.update(dict.fromkeys(p.room for p in session.moved[1]))
+        session.moved = None
+    last = set()
+    for name in names:
+        room = st.rooms.get(name)
+        mine = 1 if name in session.rooms else 0
+        alone = room is None or room.users.get(session.user, 0) <= mine
+        st.share(name, MemberMoved(user=session.user, to=by, move=move, last=alone), out)
+        if room is not None:
+            _departure_half(st, room, session.user, by, move, out)
+        if alone:
+            last.add(name)
+    return last
+
+
+def forget_departures(st: EngineState, user: str, rooms: set[str]) -> None:
+    """Take back the departures that ending a moved session noted in ``rooms``."""
+    if rooms:
+        st.peers.flips[:] = [f for f in st.peers.flips if f[1] != user or f[2] or f[0] not in rooms]
+
+
+def moved_in(st: EngineState, session: Session, out: list[Effect]) -> None:
+    """A session claimed from another process joined its rooms (its welcome) or
+    ended before it could: share the arrival half of its move in each room it had
+    there, carry its read marks over, and say it left the rooms it is not in."""
+    if session.moved is None:
+        return
+    move, parked = session.moved
+    session.moved = None
+    user = session.user
+    for p in parked:
+        room = st.rooms.get(p.room)
+        st.share(p.room, MemberArrived(user=user, move=move), out)
+        here = room is not None and user in room.users
+        if room is not None:
+            if here and p.epoch == room.epoch and p.read > room.reads.get(user, 0):
+                room.reads[user] = p.read
+            first = _arrival_half(st, room, user, move)
+            if first is not None and first[1]:
+                # The departure half came first and counted the user on this very
+                # process, under its own name: only the local sessions count here.
+                _remote_gone(st, room, first[1], user, out)
+        if not here:
+            st.share(p.room, MemberDeparted(user=user), out)
 
 
 # -- sessions any process can claim -----------------------------------------------------
@@ -266,7 +373,7 @@ def park(st: EngineState, session: Session, out: list[Effect]) -> None:
     if not peers.on or session.token in peers.taken:
         return
     peers.parked.add(session.token)
-    rooms = []
+    rooms = [] if session.moved is None else list(session.moved[1])
     for name in session.rooms:
         room = st.rooms[name]
         rooms.append(
@@ -284,6 +391,7 @@ def park(st: EngineState, session: Session, out: list[Effect]) -> None:
             user=session.user,
             rooms=tuple(rooms),
             until=st.now + st.config.grace_period,
+            moves=session.moves,
         )
     )
 
@@ -336,15 +444,9 @@ def claim_answered(
         else None
     )
     if claimed is not None and waiting is None:
-        out.append(
-            SessionParked(
-                token=claimed.token,
-                id=claimed.id,
-                user=claimed.user,
-                rooms=claimed.rooms,
-                until=now + st.config.grace_period,
-            )
-        )
+        # Ours now, away: it waits out its grace period here, parked, and answers
+        # for its user in the rooms it had until it resumes or ends.
+        park(st, _adopt(st, claimed, now), out)
         return None
     if claimed is not None:
         _adopt(st, claimed, now)
@@ -377,10 +479,14 @@ def _adopt(st: EngineState, claimed: SessionClaimed, now: float) -> Session:
         TokenBucket(config.rate_burst, now),
         TokenBucket(config.request_burst, now),
     )
+    session.moves = claimed.moves + 1
+    session.moved = (f"{session.id}.{session.moves}", claimed.rooms)
     # It was live on another process and lost its connection: it comes in as any
-    # dropped session, waiting to be resumed.
+    # dropped session, waiting out its grace period to be resumed.
     fire(session, SessionInput.READY)
     fire(session, SessionInput.DROP)
+    session.detach_gen += 1
+    st.timers.push(now + config.grace_period, GraceOver(session, session.detach_gen))
     st.sessions[session.token] = session
     st.by_id[session.id] = session
     st.by_user.setdefault(session.user, {})[session.id] = session
