@@ -97,6 +97,7 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
             if (room := st.rooms.get(cmd.room)) is not None:
                 _shared(st, room, cmd, out)
         case ProcessGone():
+            _forget_predictions(st, cmd.origin, out)
             for name, origins in list(peers.remote.items()):
                 users = origins.pop(cmd.origin, None)
                 if users and (room := st.rooms.get(name)) is not None:
@@ -203,9 +204,9 @@ def _shared(st: EngineState, room: Room, cmd: Shared, out: list[Effect]) -> None
     fact = cmd.fact
     match fact:
         case MemberArrived():
-            if fact.move:
-                _arrival_half(st, room, fact.user, fact.move)
             _told(st, room, cmd.origin, {fact.user}, out, replace=False)
+            if fact.move:
+                _arrival_half(st, room, fact.user, fact.move, out)
         case MemberMoved():
             _departure_half(st, room, fact.user, fact.to, fact.move, out)
             if fact.last:
@@ -239,7 +240,7 @@ def _told(
     """Process ``origin`` has ``users`` in the room (all of them, if ``replace``)."""
     known = st.peers.remote.setdefault(room.name, {}).setdefault(origin, set())
     if replace:
-        for user in sorted(known - users - _moving_to(st, room, origin)):
+        for user in sorted(known - users):
             known.discard(user)
             _remote_left(st, room, user, out)
     limit = st.config.max_remote_members
@@ -268,21 +269,30 @@ def _remote_gone(st: EngineState, room: Room, origin: str, user: str, out: list[
 #
 # A session claimed by process B from process A is one move with two halves: A
 # shares ``MemberMoved(to=B)`` (and stops counting the user, if that was its last
-# session there), B shares ``MemberArrived(move=...)`` when the session joins (or
-# gives up) its rooms. The bus orders one publisher's facts, never two publishers'.
-# So whichever half a process hears first counts the user on B, before A lets go of
-# them: nobody sees ``left`` for a user who only moved. The second half only
-# consumes the first: after the arrival half, B's own ``MemberDeparted`` may have
-# come already, and the departure half must not count the user on B again. A move
-# is named by its session and how many times it moved, so a half whose other half
-# never comes (lost on the bus, heard before the room was held) only waits, bounded,
-# and matches nothing else.
+# session there), B shares ``MemberArrived(move=...)`` when the session joins its
+# rooms (or gives them up, or moves on before it could). The bus orders one
+# publisher's facts, never two publishers'. So a process that hears the departure
+# half first predicts the arrival: it counts the user once more, on B's behalf,
+# before A lets go of them, until B's arrival half replaces the prediction with
+# what B said. A prediction is kept apart from what B itself said: B's older facts
+# (its earlier session of the user leaving) must not cancel it. A process that
+# hears the arrival half first notes it, so that the departure half predicts
+# nothing (B's own departure may have come already). A move is named by its
+# session and how many times it moved, so a half whose other half never comes
+# (lost on the bus, heard before the room was held) matches nothing else; the
+# halves kept are bounded per room, and a process that is gone takes the
+# predictions for it along.
 
 
-def _remember(st: EngineState, room: Room, move: str, half: tuple[str, str]) -> None:
+def _remember(
+    st: EngineState, room: Room, move: str, half: tuple[str, str], out: list[Effect]
+) -> None:
     halves = st.peers.halves.setdefault(room.name, {})
     if len(halves) >= st.config.max_remote_members:
-        del halves[next(iter(halves))]  # the oldest: its other half is long overdue
+        oldest = next(iter(halves))  # its other half is long overdue
+        user, to = halves.pop(oldest)
+        if to:
+            _remote_left(st, room, user, out)
     halves[move] = half
 
 
@@ -291,35 +301,44 @@ def _departure_half(
 ) -> None:
     """The departure half of ``move`` (``user`` now on ``to``), shared or heard."""
     if st.peers.halves.get(room.name, {}).pop(move, None) is None:
-        _remember(st, room, move, (user, to))
-        _told(st, room, to, {user}, out, replace=False)
+        _remember(st, room, move, (user, to), out)
+        if room.add_remote(user):  # the prediction counts like a process holding them
+            came_or_went(st, room, user, out)
 
 
-def _arrival_half(st: EngineState, room: Room, user: str, move: str) -> tuple[str, str] | None:
-    """The arrival half of ``move``, heard (the caller counts the user on its
-    origin) or shared; the departure half if it came first."""
+def _arrival_half(st: EngineState, room: Room, user: str, move: str, out: list[Effect]) -> None:
+    """The arrival half of ``move``, heard (after counting the user on its origin)
+    or shared (the user is a member here, or gave the room up): it replaces the
+    prediction if the departure half came first."""
     first = st.peers.halves.get(room.name, {}).pop(move, None)
     if first is None:
-        _remember(st, room, move, (user, ""))
-    return first
+        _remember(st, room, move, (user, ""), out)
+    elif first[1]:
+        _remote_left(st, room, first[0], out)
 
 
-def _moving_to(st: EngineState, room: Room, origin: str) -> set[str]:
-    """Users a departure half put on ``origin`` whose arrival half has not come:
-    what ``origin`` tells of its members may be older than their arrival there."""
-    halves = st.peers.halves.get(room.name)
-    return {user for user, to in halves.values() if to == origin} if halves else set()
+def _forget_predictions(st: EngineState, origin: str, out: list[Effect]) -> None:
+    """Process ``origin`` is gone: no arrival half will come from it."""
+    for name, halves in st.peers.halves.items():
+        gone = [move for move, (_, to) in halves.items() if to == origin]
+        room = st.rooms.get(name)
+        for move in gone:
+            user, _ = halves.pop(move)
+            if room is not None:
+                _remote_left(st, room, user, out)
 
 
 def moved_away(st: EngineState, session: Session, by: str, out: list[Effect]) -> set[str]:
     """The session moves to process ``by``: share the departure half in each of its
-    rooms and count its user on ``by``. Returns the rooms where it was the user's
+    rooms (and predict its user there). Returns the rooms where it was the user's
     last session here: leaving them is the move's, not a departure."""
-    move = f"{session.id}.{session.moves + 1}"
-    names = dict.fromkeys(session.rooms)
-    if session.moved is not None:  # claimed here and never welcomed: its rooms are still ours
-        names.update(dict.fromkeys(p.room for p in session.moved[1]))
+    if session.moved is not None:  # claimed here, moving on before its welcome
+        names = dict.fromkeys(p.room for p in session.moved[1])
+        _arrive(st, session, *session.moved, out, settle=False)
         session.moved = None
+    else:
+        names = dict.fromkeys(session.rooms)
+    move = f"{session.id}.{session.moves + 1}"
     last = set()
     for name in names:
         room = st.rooms.get(name)
@@ -343,24 +362,30 @@ def moved_in(st: EngineState, session: Session, out: list[Effect]) -> None:
     """A session claimed from another process joined its rooms (its welcome) or
     ended before it could: share the arrival half of its move in each room it had
     there, carry its read marks over, and say it left the rooms it is not in."""
-    if session.moved is None:
-        return
-    move, parked = session.moved
-    session.moved = None
+    if session.moved is not None:
+        _arrive(st, session, *session.moved, out, settle=True)
+        session.moved = None
+
+
+def _arrive(
+    st: EngineState,
+    session: Session,
+    move: str,
+    parked: tuple[ParkedRoom, ...],
+    out: list[Effect],
+    *,
+    settle: bool,
+) -> None:
     user = session.user
     for p in parked:
         room = st.rooms.get(p.room)
-        st.share(p.room, MemberArrived(user=user, move=move), out)
         here = room is not None and user in room.users
+        st.share(p.room, MemberArrived(user=user, move=move), out)
         if room is not None:
             if here and p.epoch == room.epoch and p.read > room.reads.get(user, 0):
                 room.reads[user] = p.read
-            first = _arrival_half(st, room, user, move)
-            if first is not None and first[1]:
-                # The departure half came first and counted the user on this very
-                # process, under its own name: only the local sessions count here.
-                _remote_gone(st, room, first[1], user, out)
-        if not here:
+            _arrival_half(st, room, user, move, out)
+        if settle and not here:
             st.share(p.room, MemberDeparted(user=user), out)
 
 
