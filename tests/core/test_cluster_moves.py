@@ -185,6 +185,22 @@ def test_a_move_to_the_process_of_the_watching_member_is_invisible_too() -> None
     assert members(cluster) == [("alice", "carol")] * 2
 
 
+def test_a_session_that_moves_back_before_the_news_of_its_first_move_is_not_seen() -> None:
+    # node 1 counts carol on node 2 again (its own half of the second move) before
+    # node 2's half of the first move says her session there left: that older news
+    # must not cancel the newer prediction.
+    cluster = Cluster(3)
+    alice = cluster.connect(1, "alice", ROOM)
+    carol = cluster.connect(2, "carol", ROOM)
+    cluster.advance(0.1)
+    alice.take()
+    cluster.move(carol, 1)
+    cluster.move(carol, 2)  # at once: node 2 has not even heard it was taken
+    cluster.advance(1.0)
+    assert presence(alice) == []
+    assert members(cluster) == [("alice", "carol")] * 2
+
+
 def test_a_move_carries_the_read_marks_over() -> None:
     cluster, a, b, _c = three()
     a.send("one")
