@@ -5,11 +5,12 @@ Owns which rooms and users the bus must carry to this process (``RoomHeld``,
 after ``BusResumed``), presence facts shared with other processes (``Share``
 / ``Shared``) and the members they hold, processes that are gone, and
 sessions parked for any process to claim (``SessionParked``,
-``ClaimSession``, ``SessionClaimed``). Everything here is inert unless
-``Config.cluster`` is on. It never decides the order of messages (the log
-does) and never delivers one itself: a message learnt from the bus or from a
-probe goes through ``_messages`` like any other. What it knows of the others
-is in ``_peers``.
+``ClaimSession``, ``SessionClaimed``, ``SessionTaken``, ``SessionAsked``) and
+the two halves of a session's move, so that nobody sees it (``MemberMoved``,
+``MemberArrived``). Everything here is inert unless ``Config.cluster`` is on.
+It never decides the order of messages (the log does) and never delivers one
+itself: a message learnt from the bus or from a probe goes through
+``_messages`` like any other. What it knows of the others is in ``_peers``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ __all__ = [
     "claim",
     "claim_answered",
     "flush",
+    "forget_departures",
     "handle",
     "moved_away",
     "moved_in",
