@@ -2,7 +2,7 @@
 plain model of what each client must have.
 
 Clients connect to any process, send (and retry with the same id), drop and
-resume on any process, while the bus drops deliveries, delays them (so they
+resume on any process (or reconnect to one while the old link is still open), while the bus drops deliveries, delays them (so they
 reorder across publishers), fails publishes after the commit, is cut from one
 process for a while, rooms load slowly (messages arrive during the load), and
 the log sometimes loses a room's data (a new epoch). The model is the log
@@ -83,6 +83,15 @@ class ClusterModel(RuleBasedStateMachine):
             client = self.clients[which % len(self.clients)]
             if client.token is not None:
                 self.cluster.move(client, node)
+
+    @rule(which=st.integers(0, 5), node=st.integers(0, 2))
+    def reconnect_with_the_old_link_open(self, which: int, node: int) -> None:
+        # Its old process has not noticed the link died: the session is handed over.
+        if self.clients:
+            i = which % len(self.clients)
+            client = self.clients[i]
+            if client.token is not None and client.conn is not None:
+                self.clients[i] = self.cluster.reconnect(client, node)
 
     @rule(which=st.integers(0, 5))
     def drop(self, which: int) -> None:
