@@ -106,16 +106,6 @@ def test_an_ask_that_names_another_user_or_a_parked_session_changes_nothing() ->
     assert [s.user for s in node.engine.sessions()] == ["bob"]
 
 
-def test_frames_sent_while_the_owner_hands_the_session_over_run_after_the_welcome() -> None:
-    cluster, a, b, _c = three()
-    moved = cluster.reconnect(b, 2)
-    cluster.advance(0.1)
-    moved.send("from the new link")
-    cluster.advance(0.1)
-    assert a.texts() == ["from the new link"]
-    check_cluster(cluster)
-
-
 # -- nobody sees a move ----------------------------------------------------------------------
 
 DEPARTURE = '{"k":"moved",'  # the old process's half
