@@ -2,10 +2,11 @@
 plain model of what each client must have.
 
 Clients connect to any process, send (and retry with the same id), drop and
-resume on any process (or reconnect to one while the old link is still open), while the bus drops deliveries, delays them (so they
-reorder across publishers), fails publishes after the commit, is cut from one
-process for a while, rooms load slowly (messages arrive during the load), and
-the log sometimes loses a room's data (a new epoch). The model is the log
+resume on any process (or reconnect to one while the old link is still open),
+while the bus drops deliveries, delays them (so they reorder across
+publishers), fails publishes after the commit, is cut from one process for a
+while, rooms load slowly (messages arrive during the load), and the log
+sometimes loses a room's data (a new epoch). The model is the log
 itself plus, per client, the last (epoch, offset) it saw in each room
 (``cluster_check.positions``). The invariant:
 
