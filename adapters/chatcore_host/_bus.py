@@ -19,15 +19,21 @@ on one Redis pick different ones):
 * ``PREFIX:proc:ID``: this process's control channel. The liveness probe
   publishes to it and expects its echo (no echo within ``probe_timeout``: the
   subscription went deaf, and is opened again; a probe that could not even be
-  published, because Redis is unreachable, counts as unechoed); a process that claimed one of
-  our sessions says ``taken\\nITS_ID\\nTOKEN`` there.
+  published, because Redis is unreachable, counts as unechoed); a process that
+  claimed one of our sessions says ``taken\\nITS_ID\\nTOKEN`` there, and one that
+  was handed a token with no parked record asks ``ask\\nITS_ID\\nTOKEN\\nUSER``
+  (fed to the engine as ``SessionAsked``: the owner, if it is us, parks the
+  session at once).
 * ``PREFIX:alive:ID``: this process's heartbeat, a key with a TTL. A process
   whose key has been missing for the grace period is fed to the engine as
   ``ProcessGone`` (its members leave), once.
 * ``PREFIX:session:{TOKEN}``: a parked session (``SessionParked``), ``OWNER\\n
   RECORD`` with the grace period as TTL. ``ClaimSession`` takes it with one
   Lua script (read, check the user, delete: atomic), ``SessionGone`` deletes
-  it only while this process owns it.
+  it only while this process owns it. With no record at all the session may be
+  live elsewhere: the claimer asks every process with a heartbeat and takes the
+  record its owner parks, trying again with growing pauses for up to
+  ``claim_timeout`` (1 s); then it answers ``ClaimRefused`` (a fresh session).
 
 Every Redis call is bounded by ``publish_timeout`` (under a second; a failure
 is counted and never retried: the log has the message). Every time the
@@ -63,6 +69,7 @@ from chatcore import (
     ProcessGone,
     RoomHeld,
     RoomReleased,
+    SessionAsked,
     SessionGone,
     SessionParked,
     SessionTaken,
@@ -94,14 +101,18 @@ _BATCH = 512  # publishes sent in one pipeline (one round trip)
 _FEED_BATCH = 256  # bus payloads fed to the engine in one turn
 _POLL = 0.05  # seconds the subscriber waits for a message before it looks around
 
+CLAIM_TIMEOUT = 1.0
+"""Seconds a claim that found no record waits for the session's owner to park it."""
+
 # Take a parked session: only the named user's, read and deleted in one step.
+# No record: nil (the claimer asks the owner); one that is not the user's: 0.
 _CLAIM = """
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local nl = string.find(v, '\\n', 1, true)
-if not nl then return false end
+if not nl then return 0 end
 local ok, rec = pcall(cjson.decode, string.sub(v, nl + 1))
-if not ok or type(rec) ~= 'table' or rec['u'] ~= ARGV[1] then return false end
+if not ok or type(rec) ~= 'table' or rec['u'] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return v
 """
@@ -150,9 +161,12 @@ class RedisBus:
         probe_timeout: float = 1.0,
         reconnect_delay: float = 0.25,
         process_grace: float | None = None,
+        claim_timeout: float = CLAIM_TIMEOUT,
     ) -> None:
         if not 0 < publish_timeout < 1:
             raise ValueError("publish_timeout must be within (0, 1) seconds")
+        if claim_timeout <= 0:
+            raise ValueError("claim_timeout must be positive")
         if probe_timeout <= 0 or probe_interval <= 0 or heartbeat_ttl <= probe_interval:
             raise ValueError("need 0 < probe_interval < heartbeat_ttl and probe_timeout > 0")
         if not prefix or any(c in prefix for c in "{} *?[]\n"):
@@ -166,6 +180,7 @@ class RedisBus:
         self.probe_timeout = probe_timeout
         self.reconnect_delay = reconnect_delay
         self.process_grace = process_grace
+        self.claim_timeout = claim_timeout
         """Seconds a process's heartbeat may be missing before it is gone (default: the
         engine's grace period)."""
         self.tally = BusTally()
@@ -352,38 +367,76 @@ class RedisBus:
         claim = redis.register_script(_CLAIM)
         forget = redis.register_script(_FORGET)
         records = self._records
-        while True:
-            while not records:
-                wake = self._records_wake = anyio.Event()
-                await wake.wait()
-            effect = records.popleft()
-            answer: Command | None = None
-            if isinstance(effect, ClaimSession):
-                answer = ClaimRefused(ref=effect.ref)  # unless the claim below succeeds
-            with anyio.move_on_after(self.publish_timeout):
-                try:
-                    match effect:
-                        case SessionParked():
-                            ttl = int((effect.until - time.time()) * 1000)
-                            if ttl > 0:
-                                value = self._origin + parked_record(effect).encode()
-                                await redis.set(self._session(effect.token), value, px=ttl)
-                        case SessionGone():
-                            await forget(keys=[self._session(effect.token)], args=[self.process_id])
-                        case ClaimSession():
-                            answer = await self._claim(redis, claim, effect)
-                except (RedisError, OSError) as exc:
-                    log.warning("bus: %s failed: %s", type(effect).__name__, exc)
-            if answer is None:
-                continue
-            if isinstance(answer, ClaimRefused):
-                self.tally.claims_refused += 1
-            else:
-                self.tally.claims += 1
-            self._feed([answer])
+        async with anyio.create_task_group() as asks:
+            while True:
+                while not records:
+                    wake = self._records_wake = anyio.Event()
+                    await wake.wait()
+                effect = records.popleft()
+                answer: Command | None = None
+                if isinstance(effect, ClaimSession):
+                    answer = ClaimRefused(ref=effect.ref)  # unless the claim below succeeds
+                with anyio.move_on_after(self.publish_timeout):
+                    try:
+                        match effect:
+                            case SessionParked():
+                                ttl = int((effect.until - time.time()) * 1000)
+                                if ttl > 0:
+                                    value = self._origin + parked_record(effect).encode()
+                                    await redis.set(self._session(effect.token), value, px=ttl)
+                            case SessionGone():
+                                key = self._session(effect.token)
+                                await forget(keys=[key], args=[self.process_id])
+                            case ClaimSession():
+                                answer = await self._claim(redis, claim, effect)
+                                if answer is None:  # (the others go on meanwhile)
+                                    asks.start_soon(self._ask_owner, redis, claim, effect)
+                    except (RedisError, OSError) as exc:
+                        log.warning("bus: %s failed: %s", type(effect).__name__, exc)
+                if answer is not None:
+                    self._answer(answer)
 
-    async def _claim(self, redis: Redis, claim: Any, effect: ClaimSession) -> Command:
+    def _answer(self, answer: Command) -> None:
+        if isinstance(answer, ClaimRefused):
+            self.tally.claims_refused += 1
+        else:
+            self.tally.claims += 1
+        self._feed([answer])
+
+    async def _ask_owner(self, redis: Redis, claim: Any, effect: ClaimSession) -> None:
+        """No parked record: the session may be live on another process whose client
+        reconnected here before it noticed the old link died. Ask every process with
+        a heartbeat; its owner parks it at once (closing the old connection); take
+        the record once it is there. Nothing within ``claim_timeout`` (the owner is
+        gone, cut off, or slower than that): ``ClaimRefused``, a fresh session."""
+        answer: Command = ClaimRefused(ref=effect.ref)
+        with anyio.move_on_after(self.claim_timeout):
+            try:
+                head = self._alive("")
+                ask = b"ask\n" + self._origin + f"{effect.token}\n{effect.user}".encode()
+                pipe = redis.pipeline(transaction=False)
+                async for key in redis.scan_iter(match=f"{head}*", count=1000):
+                    process = key.decode().removeprefix(head)
+                    if process != self.process_id:
+                        pipe.publish(f"{self.prefix}:proc:{process}", ask)
+                await pipe.execute()
+                pause = 0.01
+                while True:
+                    await anyio.sleep(pause)
+                    taken = await self._claim(redis, claim, effect)
+                    if taken is not None:
+                        answer = taken
+                        break
+                    pause = min(pause * 2, 0.2)
+            except (RedisError, OSError) as exc:
+                log.warning("bus: asking for session failed: %s", exc)
+        self._answer(answer)
+
+    async def _claim(self, redis: Redis, claim: Any, effect: ClaimSession) -> Command | None:
+        """Take the parked record: the answer, or None if there is no record at all."""
         taken = await claim(keys=[self._session(effect.token)], args=[effect.user])
+        if taken is None:
+            return None
         if not isinstance(taken, bytes):
             return ClaimRefused(ref=effect.ref)
         owner, _, record = taken.partition(b"\n")
@@ -534,6 +587,15 @@ class RedisBus:
                 by, sep, token = text.partition(b"\n")
                 if sep:
                     batch.append(SessionTaken(token=token.decode(errors="replace"), by=by.decode()))
+            elif origin == b"ask" and sep:
+                _, sep, rest = text.partition(b"\n")
+                token, sep, user = rest.partition(b"\n")
+                if sep:
+                    batch.append(
+                        SessionAsked(
+                            token=token.decode(errors="replace"), user=user.decode(errors="replace")
+                        )
+                    )
             return
         if not sep or origin + b"\n" == self._origin:
             return  # our own: the engine has it already

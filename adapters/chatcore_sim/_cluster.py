@@ -5,8 +5,9 @@ with ``Config(cluster=True)``, the shared :class:`MemoryStore` as its log, and
 a connection to the :class:`Bus`. After its own append is stored the node
 publishes the message (``chatcore.bus_message``) on the room's channels; it
 subscribes as the engine says (``RoomHeld``, ``UserHeld``), shares facts
-(``Share``), parks sessions in a registry any node can claim from, and feeds
-back what others published. The bus is pub/sub with seeded faults
+(``Share``), parks sessions in a registry any node can claim from (asking the
+others, ``SessionAsked``, when there is no record: the session may be live on
+one of them), and feeds back what others published. The bus is pub/sub with seeded faults
 (:class:`Faults`): it drops, delays (so reorders across publishers), fails a
 publish after the commit, and can be cut from one node for a while. Nothing
 sleeps; the same seed gives the same run.
@@ -33,6 +34,7 @@ from chatcore import (
     ProcessGone,
     RoomHeld,
     RoomReleased,
+    SessionAsked,
     SessionGone,
     SessionParked,
     SessionTaken,
@@ -80,6 +82,9 @@ class Bus:
         self.cut: set[str] = set()  # nodes cut off from the bus
         self.drop_if: Callable[[str], bool] | None = None
         """A test's own fault: a payload it returns True for is not published."""
+        self.delay_if: Callable[[str], float] | None = None
+        """A test's own reordering: each delivery of a payload takes this much longer
+        (and holds back what its publisher sends after it, as on Redis)."""
         self.published = 0
 
     def publish(self, sender: Node, channels: Iterable[str], payload: str, now: float) -> None:
@@ -97,6 +102,8 @@ class Bus:
             if self.faults.drop and self._rng.random() < self.faults.drop:
                 continue
             delay = self._rng.uniform(0, self.faults.max_delay) if self.faults.max_delay else 0.0
+            if self.delay_if is not None:
+                delay += self.delay_if(payload)
             pair = (sender.name, node.name)
             when = max(now + delay, self._last.get(pair, now))
             self._last[pair] = when
@@ -158,7 +165,24 @@ class Node(Simulation):
                 if found is not None and found[0] is self:
                     del cluster.records[effect.token]
             case ClaimSession():
-                self._queue.append(cluster.claim(self, effect))
+                answer = cluster.claim(self, effect)
+                if answer is not None:
+                    self._queue.append(answer)
+                else:  # nobody handed it over: refused once the claim's bound ran out
+                    self._seq += 1
+                    when = self.now + cluster.claim_timeout
+                    refused: list[Command] = [ClaimRefused(ref=effect.ref)]
+                    heapq.heappush(self._later, (when, self._seq, refused))
+
+    def connect_as(self, client: SimClient) -> SimClient:
+        """A new connection of ``client``'s user resuming its session (its token and
+        offsets), as a new client: the old one stays as it is."""
+        twin = SimClient(self, client.user, client.rooms, client.mode, client.answer_pings)
+        twin.token, twin.session = client.token, client.session
+        twin.offsets, twin.epochs = dict(client.offsets), dict(client.epochs)
+        self.clients.append(twin)
+        self._open(twin, resume=True)
+        return twin
 
     def _subscribe(self, channel: str) -> None:
         self.channels.add(channel)
@@ -179,6 +203,8 @@ class Cluster:
 
     ``heartbeat`` is how long after a node dies the others are told
     (``ProcessGone``): its heartbeat key's time to live plus the grace period.
+    ``claim_timeout`` is how long a claim that found no record waits for the
+    session's owner to hand it over before it is refused.
     """
 
     def __init__(
@@ -190,6 +216,7 @@ class Cluster:
         faults: Faults | None = None,
         store_latency: float = 0.0,
         heartbeat: float = 40.0,
+        claim_timeout: float = 1.0,
     ) -> None:
         self.config = replace(config or Config(), cluster=True)
         self.rng = random.Random(seed)
@@ -199,6 +226,7 @@ class Cluster:
         self.records: dict[str, tuple[Node, str, float]] = {}
         self.lost: set[str] = set()  # epochs whose history the log lost
         self.heartbeat = heartbeat
+        self.claim_timeout = claim_timeout
         self.now = START
         self.nodes = [Node(self, f"p{i}", self.config, seed * 100 + i) for i in range(n)]
         self._gone: list[tuple[float, str]] = []
@@ -231,6 +259,11 @@ class Cluster:
         target.clients.append(client)
         target._open(client, resume=True)
 
+    def reconnect(self, client: SimClient, node: int) -> SimClient:
+        """The client's link died silently (its old process has not noticed: the old
+        connection stays open there) and it resumes on ``node`` with a new one."""
+        return self.nodes[node].connect_as(client)
+
     def kill(self, node: int) -> None:
         """``kill -9``: the node stops; its clients' connections are gone with it.
         The others learn it once its heartbeat expires (``ProcessGone``)."""
@@ -260,10 +293,19 @@ class Cluster:
             self.lost.add(stored[-1].epoch)
         self.store.lose(room)
 
-    def claim(self, claimer: Node, effect: ClaimSession) -> Command:
+    def claim(self, claimer: Node, effect: ClaimSession) -> Command | None:
+        """Take the record (asking the others first if there is none); None if
+        nobody handed it over (the claim is refused once its bound ran out)."""
         found = self.records.get(effect.token)
         if found is None or found[2] < self.now:
-            return ClaimRefused(ref=effect.ref)
+            # The session may be live on another node: its owner parks it at once.
+            ask = SessionAsked(token=effect.token, user=effect.user)
+            for node in self.nodes:
+                if node is not claimer and node.alive and node.name not in self.bus.cut:
+                    node.feed(ask)
+            found = self.records.get(effect.token)
+            if found is None or found[2] < self.now:
+                return None
         owner, record, _ = found
         answer = parse_parked(effect.ref, effect.user, record)
         if answer is None:
@@ -326,5 +368,6 @@ class Cluster:
         for node in self.nodes:
             if node.alive:
                 node.advance(max(0.0, when - node.now))
+                node._settle()  # what another node told it (SessionTaken)
             else:
                 node.now = max(node.now, when)

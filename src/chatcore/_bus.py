@@ -22,6 +22,7 @@ from ._facts import (
     Fact,
     MemberArrived,
     MemberDeparted,
+    MemberMoved,
     MembersAsked,
     MembersTold,
     ReadMarked,
@@ -79,8 +80,12 @@ def bus_fact(origin: str, room: str, fact: Fact) -> str:
     match fact:
         case MemberArrived():
             body = {"k": "in", "u": fact.user}
+            if fact.move:
+                body["mv"] = fact.move
         case MemberDeparted():
             body = {"k": "out", "u": fact.user}
+        case MemberMoved():
+            body = {"k": "moved", "u": fact.user, "to": fact.to, "mv": fact.move, "l": fact.last}
         case TypingChanged():
             body = {"k": "typing", "u": fact.user, "a": fact.active}
         case ReadMarked():
@@ -157,7 +162,13 @@ def _fact(body: Any) -> Fact | None:
     if user is None:
         return None
     if kind == "in":
-        return MemberArrived(user=user)
+        move = body.get("mv", "")
+        return MemberArrived(user=user, move=move) if isinstance(move, str) else None
+    if kind == "moved":
+        to, move, last = body["to"], body["mv"], body["l"]
+        if isinstance(to, str) and to and isinstance(move, str) and move and isinstance(last, bool):
+            return MemberMoved(user=user, to=to, move=move, last=last)
+        return None
     if kind == "out":
         return MemberDeparted(user=user)
     if kind == "typing" and isinstance(body["a"], bool):
@@ -175,6 +186,7 @@ def parked_record(parked: SessionParked) -> str:
             "t": parked.token,
             "u": parked.user,
             "r": [[p.room, p.offset, p.epoch, p.read] for p in parked.rooms],
+            "m": parked.moves,
         },
         separators=(",", ":"),
     )
@@ -196,8 +208,11 @@ def parse_parked(ref: int, user: str, record: str) -> SessionClaimed | None:
             and isinstance(e, str)
             and _int(d)
         )
-        if not (isinstance(data["id"], str) and isinstance(data["t"], str)):
+        moves = data.get("m", 0)
+        if not (isinstance(data["id"], str) and isinstance(data["t"], str) and _int(moves)):
             return None
-        return SessionClaimed(ref=ref, id=data["id"], token=data["t"], user=user, rooms=rooms)
+        return SessionClaimed(
+            ref=ref, id=data["id"], token=data["t"], user=user, rooms=rooms, moves=moves
+        )
     except (KeyError, TypeError, ValueError):
         return None

@@ -5,11 +5,12 @@ Owns which rooms and users the bus must carry to this process (``RoomHeld``,
 after ``BusResumed``), presence facts shared with other processes (``Share``
 / ``Shared``) and the members they hold, processes that are gone, and
 sessions parked for any process to claim (``SessionParked``,
-``ClaimSession``, ``SessionClaimed``). Everything here is inert unless
-``Config.cluster`` is on. It never decides the order of messages (the log
-does) and never delivers one itself: a message learnt from the bus or from a
-probe goes through ``_messages`` like any other. What it knows of the others
-is in ``_peers``.
+``ClaimSession``, ``SessionClaimed``, ``SessionTaken``, ``SessionAsked``) and
+the two halves of a session's move, so that nobody sees it (``MemberMoved``,
+``MemberArrived``). Everything here is inert unless ``Config.cluster`` is on.
+It never decides the order of messages (the log does) and never delivers one
+itself: a message learnt from the bus or from a probe goes through
+``_messages`` like any other. What it knows of the others is in ``_peers``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ._events import ReadMark, Typing
 from ._facts import (
     MemberArrived,
     MemberDeparted,
+    MemberMoved,
     MembersAsked,
     MembersTold,
     ReadMarked,
@@ -56,14 +58,17 @@ from ._presence import came_or_went
 from ._room import Room
 from ._session import Session, SessionInput, SessionState, TokenBucket, fire
 from ._state import EngineState
-from ._timers import HeadProbe
+from ._timers import GraceOver, HeadProbe
 
 __all__ = [
     "BusCommand",
     "claim",
     "claim_answered",
     "flush",
+    "forget_departures",
     "handle",
+    "moved_away",
+    "moved_in",
     "park",
     "probe",
     "probe_live",
@@ -94,6 +99,7 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
             if (room := st.rooms.get(cmd.room)) is not None:
                 _shared(st, room, cmd, out)
         case ProcessGone():
+            _forget_predictions(st, cmd.origin, out)
             for name, origins in list(peers.remote.items()):
                 users = origins.pop(cmd.origin, None)
                 if users and (room := st.rooms.get(name)) is not None:
@@ -132,6 +138,7 @@ def flush(st: EngineState, out: list[Effect]) -> None:
         if name not in st.rooms:  # what was known of the others' members went with it
             peers.asked.discard(name)
             peers.remote.pop(name, None)
+            peers.halves.pop(name, None)
         if name not in peers.rooms and (name in st.rooms or name in loading):
             # Subscribed from the start of the load: a message published while the
             # room loads is held and merged by offset, never missed between the two.
@@ -200,6 +207,12 @@ def _shared(st: EngineState, room: Room, cmd: Shared, out: list[Effect]) -> None
     match fact:
         case MemberArrived():
             _told(st, room, cmd.origin, {fact.user}, out, replace=False)
+            if fact.move:
+                _arrival_half(st, room, fact.user, fact.move, out)
+        case MemberMoved():
+            _departure_half(st, room, fact.user, fact.to, fact.move, out)
+            if fact.last:
+                _remote_gone(st, room, cmd.origin, fact.user, out)
         case MemberDeparted():
             known = st.peers.remote.get(room.name, {}).get(cmd.origin)
             if known is not None and fact.user in known:
@@ -246,15 +259,136 @@ def _remote_left(st: EngineState, room: Room, user: str, out: list[Effect]) -> N
         came_or_went(st, room, user, out)
 
 
-def stays_with(st: EngineState, session: Session, by: str) -> None:
-    """The session moves to process ``by``: count its user there in each of its
-    rooms, so that taking it away here says no ``left``."""
-    for name in session.rooms:
-        room = st.rooms[name]
-        known = st.peers.remote.setdefault(name, {}).setdefault(by, set())
-        if session.user not in known:
-            known.add(session.user)
-            room.add_remote(session.user)
+def _remote_gone(st: EngineState, room: Room, origin: str, user: str, out: list[Effect]) -> None:
+    """Process ``origin`` has no session of ``user`` in the room any more."""
+    known = st.peers.remote.get(room.name, {}).get(origin)
+    if known is not None and user in known:
+        known.discard(user)
+        _remote_left(st, room, user, out)
+
+
+# -- sessions that move: two halves, heard in either order --------------------------------
+#
+# A session claimed by process B from process A is one move with two halves: A
+# shares ``MemberMoved(to=B)`` (and stops counting the user, if that was its last
+# session there), B shares ``MemberArrived(move=...)`` when the session joins its
+# rooms (or gives them up, or moves on before it could). The bus orders one
+# publisher's facts, never two publishers'. So a process that hears the departure
+# half first predicts the arrival: it counts the user once more, on B's behalf,
+# before A lets go of them, until B's arrival half replaces the prediction with
+# what B said. A prediction is kept apart from what B itself said: B's older facts
+# (its earlier session of the user leaving) must not cancel it. A process that
+# hears the arrival half first notes it, so that the departure half predicts
+# nothing (B's own departure may have come already). A move is named by its
+# session and how many times it moved, so a half whose other half never comes
+# (lost on the bus, heard before the room was held) matches nothing else; the
+# halves kept are bounded per room, and a process that is gone takes the
+# predictions for it along.
+
+
+def _remember(
+    st: EngineState, room: Room, move: str, half: tuple[str, str], out: list[Effect]
+) -> None:
+    halves = st.peers.halves.setdefault(room.name, {})
+    if len(halves) >= st.config.max_remote_members:
+        oldest = next(iter(halves))  # its other half is long overdue
+        user, to = halves.pop(oldest)
+        if to:
+            _remote_left(st, room, user, out)
+    halves[move] = half
+
+
+def _departure_half(
+    st: EngineState, room: Room, user: str, to: str, move: str, out: list[Effect]
+) -> None:
+    """The departure half of ``move`` (``user`` now on ``to``), shared or heard."""
+    if st.peers.halves.get(room.name, {}).pop(move, None) is None:
+        _remember(st, room, move, (user, to), out)
+        if room.add_remote(user):  # the prediction counts like a process holding them
+            came_or_went(st, room, user, out)
+
+
+def _arrival_half(st: EngineState, room: Room, user: str, move: str, out: list[Effect]) -> None:
+    """The arrival half of ``move``, heard (after counting the user on its origin)
+    or shared (the user is a member here, or gave the room up): it replaces the
+    prediction if the departure half came first."""
+    first = st.peers.halves.get(room.name, {}).pop(move, None)
+    if first is None:
+        _remember(st, room, move, (user, ""), out)
+    elif first[1]:
+        _remote_left(st, room, first[0], out)
+
+
+def _forget_predictions(st: EngineState, origin: str, out: list[Effect]) -> None:
+    """Process ``origin`` is gone: no arrival half will come from it."""
+    for name, halves in st.peers.halves.items():
+        gone = [move for move, (_, to) in halves.items() if to == origin]
+        room = st.rooms.get(name)
+        for move in gone:
+            user, _ = halves.pop(move)
+            if room is not None:
+                _remote_left(st, room, user, out)
+
+
+def moved_away(st: EngineState, session: Session, by: str, out: list[Effect]) -> set[str]:
+    """The session moves to process ``by``: share the departure half in each of its
+    rooms (and predict its user there). Returns the rooms where it was the user's
+    last session here: leaving them is the move's, not a departure."""
+    if session.moved is not None:  # claimed here, moving on before its welcome
+        names = dict.fromkeys(p.room for p in session.moved[1])
+        _arrive(st, session, *session.moved, out, settle=False)
+        session.moved = None
+    else:
+        names = dict.fromkeys(session.rooms)
+    move = f"{session.id}.{session.moves + 1}"
+    last = set()
+    for name in names:
+        room = st.rooms.get(name)
+        mine = 1 if name in session.rooms else 0
+        alone = room is None or room.users.get(session.user, 0) <= mine
+        st.share(name, MemberMoved(user=session.user, to=by, move=move, last=alone), out)
+        if room is not None:
+            _departure_half(st, room, session.user, by, move, out)
+        if alone:
+            last.add(name)
+    return last
+
+
+def forget_departures(st: EngineState, user: str, rooms: set[str]) -> None:
+    """Take back the departures that ending a moved session noted in ``rooms``."""
+    if rooms:
+        st.peers.flips[:] = [f for f in st.peers.flips if f[1] != user or f[2] or f[0] not in rooms]
+
+
+def moved_in(st: EngineState, session: Session, out: list[Effect]) -> None:
+    """A session claimed from another process joined its rooms (its welcome) or
+    ended before it could: share the arrival half of its move in each room it had
+    there, carry its read marks over, and say it left the rooms it is not in."""
+    if session.moved is not None:
+        _arrive(st, session, *session.moved, out, settle=True)
+        session.moved = None
+
+
+def _arrive(
+    st: EngineState,
+    session: Session,
+    move: str,
+    parked: tuple[ParkedRoom, ...],
+    out: list[Effect],
+    *,
+    settle: bool,
+) -> None:
+    user = session.user
+    for p in parked:
+        room = st.rooms.get(p.room)
+        here = room is not None and user in room.users
+        st.share(p.room, MemberArrived(user=user, move=move), out)
+        if room is not None:
+            if here and p.epoch == room.epoch and p.read > room.reads.get(user, 0):
+                room.reads[user] = p.read
+            _arrival_half(st, room, user, move, out)
+        if settle and not here:
+            st.share(p.room, MemberDeparted(user=user), out)
 
 
 # -- sessions any process can claim -----------------------------------------------------
@@ -266,7 +400,7 @@ def park(st: EngineState, session: Session, out: list[Effect]) -> None:
     if not peers.on or session.token in peers.taken:
         return
     peers.parked.add(session.token)
-    rooms = []
+    rooms = [] if session.moved is None else list(session.moved[1])
     for name in session.rooms:
         room = st.rooms[name]
         rooms.append(
@@ -284,6 +418,7 @@ def park(st: EngineState, session: Session, out: list[Effect]) -> None:
             user=session.user,
             rooms=tuple(rooms),
             until=st.now + st.config.grace_period,
+            moves=session.moves,
         )
     )
 
@@ -336,15 +471,9 @@ def claim_answered(
         else None
     )
     if claimed is not None and waiting is None:
-        out.append(
-            SessionParked(
-                token=claimed.token,
-                id=claimed.id,
-                user=claimed.user,
-                rooms=claimed.rooms,
-                until=now + st.config.grace_period,
-            )
-        )
+        # Ours now, away: it waits out its grace period here, parked, and answers
+        # for its user in the rooms it had until it resumes or ends.
+        park(st, _adopt(st, claimed, now), out)
         return None
     if claimed is not None:
         _adopt(st, claimed, now)
@@ -377,10 +506,14 @@ def _adopt(st: EngineState, claimed: SessionClaimed, now: float) -> Session:
         TokenBucket(config.rate_burst, now),
         TokenBucket(config.request_burst, now),
     )
+    session.moves = claimed.moves + 1
+    session.moved = (f"{session.id}.{session.moves}", claimed.rooms)
     # It was live on another process and lost its connection: it comes in as any
-    # dropped session, waiting to be resumed.
+    # dropped session, waiting out its grace period to be resumed.
     fire(session, SessionInput.READY)
     fire(session, SessionInput.DROP)
+    session.detach_gen += 1
+    st.timers.push(now + config.grace_period, GraceOver(session, session.detach_gen))
     st.sessions[session.token] = session
     st.by_id[session.id] = session
     st.by_user.setdefault(session.user, {})[session.id] = session

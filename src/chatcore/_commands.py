@@ -13,7 +13,8 @@ Three families, all frozen values passed to :meth:`Engine.handle`:
   ``HeadsFailed``), and host commands (``CreateRoom``, ``Shutdown``);
 * bus commands, from the adapter that links several processes sharing one
   log (``BusResumed``, ``Shared``, ``ProcessGone``, ``SessionClaimed``,
-  ``ClaimRefused``, ``SessionTaken``): docs/engine.md "Several processes".
+  ``ClaimRefused``, ``SessionTaken``, ``SessionAsked``): docs/engine.md "Several
+  processes".
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ __all__ = [
     "Screened",
     "Send",
     "SendDirect",
+    "SessionAsked",
     "SessionClaimed",
     "SessionTaken",
     "Shared",
@@ -503,6 +505,8 @@ class SessionClaimed:
     token: str
     user: str
     rooms: tuple[ParkedRoom, ...] = ()
+    moves: int = 0
+    """How many times the session moved before (the record's ``moves``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -521,6 +525,20 @@ class SessionTaken:
 
     token: str
     by: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionAsked:
+    """Another process was handed resume token ``token`` for ``user`` and found
+    no parked record: the session may be live here, its client reconnected
+    elsewhere before this process noticed its old link died. If it is here and
+    ``user``'s, it is handed over at once: its connection is closed with 1000
+    ``session resumed elsewhere`` and it is parked (``SessionParked``) for the
+    asker to claim. Anything else (not here, another user's, parked already,
+    still opening) does nothing."""
+
+    token: str
+    user: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -671,4 +689,5 @@ Command = (
     | SessionClaimed
     | ClaimRefused
     | SessionTaken
+    | SessionAsked
 )

@@ -300,6 +300,8 @@ class SessionParked:
     user: str
     rooms: tuple[ParkedRoom, ...]
     until: float
+    moves: int = 0
+    """How many times the session moved between processes (kept in the record)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -315,7 +317,11 @@ class ClaimSession:
     """A connection presented resume token ``token`` that this process does not
     know: take the parked record atomically, and only if it is ``user``'s.
     Answer ``SessionClaimed`` (and tell the record's owner ``SessionTaken``) or
-    ``ClaimRefused``. The connection waits for the answer before its welcome."""
+    ``ClaimRefused``. With no record at all, the session may still be live on
+    another process (its client's old link died unnoticed): ask every other
+    process (``SessionAsked``), take the record its owner parks at once, and
+    answer ``ClaimRefused`` if none appears within a bound (the owner is gone or
+    silent). The connection waits for the answer before its welcome."""
 
     ref: int
     token: str

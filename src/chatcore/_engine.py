@@ -77,6 +77,7 @@ from ._commands import (
     Screened,
     Send,
     SendDirect,
+    SessionAsked,
     SessionClaimed,
     SessionTaken,
     Shared,
@@ -225,6 +226,8 @@ class Engine:
                 self._claim_answered(command, now, out)
             case SessionTaken():
                 self._session_taken(command, out)
+            case SessionAsked():
+                self._session_asked(command, out)
             case _:
                 assert_never(command)
         if st.closes:
@@ -514,7 +517,7 @@ class Engine:
         if session is None:
             return
         st.peers.taken.add(cmd.token)
-        _cluster.stays_with(st, session, cmd.by)
+        moved = _cluster.moved_away(st, session, cmd.by, out)
         if session.conn is not None:
             conn = session.conn
             out.append(
@@ -522,7 +525,23 @@ class Engine:
             )
             _lifecycle.drop(st, conn, out)
         _lifecycle.expire(st, session, out)
+        _cluster.forget_departures(st, session.user, moved)
         st.peers.taken.discard(cmd.token)
+
+    def _session_asked(self, cmd: SessionAsked, out: list[Effect]) -> None:
+        """Another process was handed this session's token: if its connection is
+        open here, close it and park the session at once for that process to claim.
+        A session parked already has its record (or had: claimed meanwhile); one
+        still opening never handed its token out."""
+        st = self._st
+        session = st.sessions.get(cmd.token)
+        if session is None or session.user != cmd.user or not st.peers.on:
+            return
+        conn = session.conn
+        if conn is None or session.state is SessionState.OPENING:
+            return
+        out.append(Close(conn=conn.id, code=CloseCode.NORMAL, reason="session resumed elsewhere"))
+        _lifecycle.drop(st, conn, out)  # parked (SessionParked) for the asker to take
 
     def _room_failed(self, cmd: RoomLoadFailed, now: float, out: list[Effect]) -> None:
         st = self._st

@@ -15,6 +15,7 @@ __all__ = [
     "Fact",
     "MemberArrived",
     "MemberDeparted",
+    "MemberMoved",
     "MembersAsked",
     "MembersTold",
     "ReadMarked",
@@ -24,9 +25,16 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberArrived:
-    """``user`` has a first session in the room on the sharing process."""
+    """``user`` has a first session in the room on the sharing process.
+
+    With ``move``: the arrival half of a session that moved here (claimed from
+    another process), shared whether or not the user had a session here already.
+    The old process shares the other half (``MemberMoved`` with the same
+    ``move``); whichever half a process hears first counts the user on the new
+    process, so nobody sees ``left`` for a user who only moved."""
 
     user: str
+    move: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,6 +42,20 @@ class MemberDeparted:
     """``user``'s last session in the room on the sharing process left it."""
 
     user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberMoved:
+    """The departure half of a move: one of ``user``'s sessions in the room left
+    the sharing process for process ``to``, which claimed it. ``last``: it was
+    the user's last session in the room on the sharing process. ``move`` names
+    the move (the session and how many times it moved), as the arrival half
+    (``MemberArrived.move``) does."""
+
+    user: str
+    to: str
+    move: str
+    last: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,4 +88,12 @@ class MembersTold:
     users: tuple[str, ...]
 
 
-Fact = MemberArrived | MemberDeparted | TypingChanged | ReadMarked | MembersAsked | MembersTold
+Fact = (
+    MemberArrived
+    | MemberDeparted
+    | MemberMoved
+    | TypingChanged
+    | ReadMarked
+    | MembersAsked
+    | MembersTold
+)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ._awaits import PendingInbox
-from ._cluster import claim, park, unpark
+from ._cluster import claim, moved_in, park, unpark
 from ._commands import ClientRequest, Connect, Disconnected
 from ._effects import Close, Effect, LoadInbox, Ping, Position, SavePositions
 from ._errors import CloseCode, LocalProtocolError
@@ -234,6 +234,7 @@ def _welcome(st: EngineState, session: Session, out: list[Effect]) -> Held | Non
     for room_name in session.wanted:
         join(st, session, room_name, later, quiet=True)
     st.release_wanted(session)
+    moved_in(st, session, later)  # claimed from another process: the move's arrival half
     # Where this connection's stream starts per room: everything after it follows.
     starts = {}
     reset: set[str] = set()
@@ -381,6 +382,7 @@ def expire(
 def _end(st: EngineState, session: Session, out: list[Effect]) -> None:
     """A session is over: save where it stood, leave its rooms, end its calls."""
     session_ended(st, session, out)
+    moved_in(st, session, out)  # claimed, never welcomed: it gives its rooms up
     unpark(st, session, out)
     st.release_wanted(session)
     session.inbox = None

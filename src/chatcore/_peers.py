@@ -36,6 +36,7 @@ class Peers:
         "claiming",
         "answered",
         "taken",
+        "halves",
     )
 
     def __init__(self, on: bool) -> None:
@@ -63,6 +64,10 @@ class Peers:
         self.claiming: dict[ConnId, tuple[int, list[str]]] = {}  # conn -> (ref, frames)
         self.answered: Connect | None = None  # a connect whose claim was answered
         self.taken: set[str] = set()  # tokens being handed to another process
+        # room -> move -> the half of a session's move heard first, until the other
+        # half comes: (user, to) for the departure half (``MemberMoved``), (user, "")
+        # for the arrival half (``MemberArrived.move``). See ``_cluster``.
+        self.halves: dict[str, dict[str, tuple[str, str]]] = {}
 
     @property
     def dirty(self) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
-from ._commands import ClientRequest, ConnId, Mode
+from ._commands import ClientRequest, ConnId, Mode, ParkedRoom
 from ._errors import LocalProtocolError
 from ._events import Ack, Message
 
@@ -270,6 +270,8 @@ class Session:
         "inbox",
         "mode",
         "epochs",
+        "moves",
+        "moved",
     )
 
     def __init__(
@@ -297,3 +299,8 @@ class Session:
         # sessions in JSON mode (a plain-text connection is never handed call frames).
         self.mode = Mode.JSON
         self.epochs: Mapping[str, str] = NO_EPOCHS  # the epoch of each offset asked at resume
+        # Several processes (``_cluster``): how many times it moved between processes,
+        # and, from its claim here until its welcome, the move (its name) and the rooms
+        # it had there: this process answers for its membership in them meanwhile.
+        self.moves = 0
+        self.moved: tuple[str, tuple[ParkedRoom, ...]] | None = None

@@ -34,6 +34,7 @@ from chatcore import (
     ProcessGone,
     RoomHeld,
     RoomReleased,
+    SessionAsked,
     SessionClaimed,
     SessionGone,
     SessionParked,
@@ -335,6 +336,35 @@ async def test_only_the_owner_forgets_a_parked_session(redis_url: str) -> None:
         await anyio.sleep(0.2)
         b.carry(ClaimSession(ref=2, token=gone, user="ann"))
         await sb.until(lambda s: bool(s.of(ClaimRefused)))
+
+
+async def test_a_claim_with_no_record_asks_the_owner_and_takes_what_it_parks(
+    redis_url: str,
+) -> None:
+    pre = prefix()
+    a, b = RedisBus(redis_url, prefix=pre), RedisBus(redis_url, prefix=pre)
+    async with running(a, b) as (sa, sb):
+        await anyio.sleep(0.2)  # (each has seen the other's heartbeat key by now)
+        token = secrets.token_hex(8)
+        b.carry(ClaimSession(ref=1, token=token, user="ann"))  # live on a: no record
+        await sa.until(lambda s: bool(s.of(SessionAsked)))
+        assert sa.of(SessionAsked) == [SessionAsked(token=token, user="ann")]
+        assert not sb.of(SessionAsked)  # never its own
+        a.carry(parked(token))  # what a's engine does: park it at once
+        await sb.until(lambda s: bool(s.of(SessionClaimed) or s.of(ClaimRefused)))
+        assert [c.token for c in sb.of(SessionClaimed)] == [token]
+        await sa.until(lambda s: bool(s.of(SessionTaken)))
+
+
+async def test_a_claim_nobody_hands_over_is_refused_within_its_bound(redis_url: str) -> None:
+    bus = RedisBus(redis_url, prefix=prefix(), claim_timeout=0.3)
+    async with running(bus) as (sink,):
+        started = time.monotonic()
+        bus.carry(ClaimSession(ref=1, token=secrets.token_hex(8), user="ann"))
+        await sink.until(lambda s: bool(s.of(ClaimRefused)))
+        assert 0.3 <= time.monotonic() - started < 1.0
+    with pytest.raises(ValueError, match="claim_timeout"):
+        RedisBus(redis_url, claim_timeout=0)
 
 
 async def test_a_process_whose_heartbeat_stops_is_gone_once(redis_url: str) -> None:

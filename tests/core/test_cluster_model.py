@@ -2,10 +2,11 @@
 plain model of what each client must have.
 
 Clients connect to any process, send (and retry with the same id), drop and
-resume on any process, while the bus drops deliveries, delays them (so they
-reorder across publishers), fails publishes after the commit, is cut from one
-process for a while, rooms load slowly (messages arrive during the load), and
-the log sometimes loses a room's data (a new epoch). The model is the log
+resume on any process (or reconnect to one while the old link is still open),
+while the bus drops deliveries, delays them (so they reorder across
+publishers), fails publishes after the commit, is cut from one process for a
+while, rooms load slowly (messages arrive during the load), and the log
+sometimes loses a room's data (a new epoch). The model is the log
 itself plus, per client, the last (epoch, offset) it saw in each room
 (``cluster_check.positions``). The invariant:
 
@@ -84,6 +85,15 @@ class ClusterModel(RuleBasedStateMachine):
             if client.token is not None:
                 self.cluster.move(client, node)
 
+    @rule(which=st.integers(0, 5), node=st.integers(0, 2))
+    def reconnect_with_the_old_link_open(self, which: int, node: int) -> None:
+        # Its old process has not noticed the link died: the session is handed over.
+        if self.clients:
+            i = which % len(self.clients)
+            client = self.clients[i]
+            if client.token is not None and client.conn is not None:
+                self.clients[i] = self.cluster.reconnect(client, node)
+
     @rule(which=st.integers(0, 5))
     def drop(self, which: int) -> None:
         if self.clients:
@@ -130,3 +140,112 @@ ClusterModel.TestCase.settings = settings(
     ],
 )
 test_cluster_model = ClusterModel.TestCase
+
+
+class MoveModel(RuleBasedStateMachine):
+    """Users who only move: each connects once, then drops, resumes on any process
+    (a parked session claimed) or reconnects to any process while its old
+    connection is still open there (a live session handed over), while the bus
+    delays deliveries so that the two halves of a move, from two publishers,
+    arrive in either order. Sessions never end (the grace period outlasts the
+    run), so every user who was welcomed stays a member of the rooms it asked for.
+
+    Invariant: nobody ever reads ``left`` (or a presence frame with leaves): a
+    user whose session moves is never reported gone while a session of theirs
+    exists. Once quiet, every process holding a room lists the same members,
+    each with a session somewhere (no one kept who is gone, nobody missing).
+    (A bus that loses facts can still lose presence news: not modelled here.)
+    """
+
+    cluster: Cluster
+
+    @initialize(
+        seed=st.integers(0, 2**16),
+        delay=st.sampled_from([0.0, 0.2, 1.0]),
+        latency=st.sampled_from([0.0, 0.1]),
+    )
+    def start(self, seed: int, delay: float, latency: float) -> None:
+        self.cluster = Cluster(
+            3,
+            Config(head_probe_interval=PROBE, grace_period=1e6),
+            seed=seed,
+            faults=Faults(max_delay=delay),
+            store_latency=latency,
+        )
+        self.delay = delay
+        self.clients: dict[str, SimClient] = {}
+        self.every: list[SimClient] = []
+
+    @rule(
+        node=st.integers(0, 2),
+        user=st.sampled_from(USERS),
+        rooms=st.sets(st.sampled_from(ROOMS), min_size=1),
+    )
+    def connect(self, node: int, user: str, rooms: set[str]) -> None:
+        if user not in self.clients:
+            client = self.cluster.connect(node, user, rooms=sorted(rooms))
+            self.clients[user] = client
+            self.every.append(client)
+
+    @rule(user=st.sampled_from(USERS), node=st.integers(0, 2))
+    def drop_and_resume(self, user: str, node: int) -> None:
+        client = self.clients.get(user)
+        if client is not None and client.token is not None:
+            self.cluster.move(client, node)
+
+    @rule(user=st.sampled_from(USERS), node=st.integers(0, 2))
+    def reconnect_with_the_old_link_open(self, user: str, node: int) -> None:
+        client = self.clients.get(user)
+        if client is not None and client.token is not None and client.conn is not None:
+            twin = self.cluster.reconnect(client, node)
+            self.clients[user] = twin
+            self.every.append(twin)
+
+    @rule(user=st.sampled_from(USERS))
+    def drop(self, user: str) -> None:
+        client = self.clients.get(user)
+        if client is not None and client.conn is not None:
+            client.sim.drop(client)
+
+    @rule(seconds=st.sampled_from([0.01, 0.1, 0.5]))
+    def advance(self, seconds: float) -> None:
+        self.cluster.advance(seconds)
+
+    @rule()
+    def quiet(self) -> None:
+        self.cluster.advance(2 * self.delay + 1.0)
+        self.members_agree()
+
+    @invariant()
+    def nobody_reads_left(self) -> None:
+        for client in getattr(self, "every", []):
+            for event in client.events:
+                assert event["type"] != "left", (client.user, event)
+                assert not event.get("leaves"), (client.user, event)
+
+    def members_agree(self) -> None:
+        nodes = self.cluster.nodes
+        have = {u for n in nodes for s in n.engine.sessions() for u in [s.user]}
+        for room in ROOMS:
+            lists = {n.engine.members(room) for n in nodes if room in n.engine.rooms()}
+            assert len(lists) <= 1, (room, lists)
+            listed = set(next(iter(lists), ()))
+            members = {s.user for n in nodes for s in n.engine.sessions() if room in s.rooms}
+            assert members <= listed <= have, (room, members, listed, have)
+
+    def teardown(self) -> None:
+        if hasattr(self, "cluster"):
+            self.cluster.advance(2 * self.delay + 1.0)
+            self.members_agree()
+
+
+MoveModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("CHATCORE_CLUSTER_EXAMPLES", "150")),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[
+        p for p in Phase if p is not Phase.shrink or os.environ.get("CHATCORE_SHRINK", "1") == "1"
+    ],
+)
+test_moves_are_never_seen = MoveModel.TestCase
