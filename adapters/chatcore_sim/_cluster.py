@@ -8,8 +8,9 @@ subscribes as the engine says (``RoomHeld``, ``UserHeld``), shares facts
 (``Share``), parks sessions in a registry any node can claim from, and feeds
 back what others published. The bus is pub/sub with seeded faults
 (:class:`Faults`): it drops, delays (so reorders across publishers), fails a
-publish after the commit, and can be cut from one node for a while. Nothing
-sleeps; the same seed gives the same run.
+publish after the commit, confirms subscriptions late (``Subscribed``; a node
+hears nothing on a channel before), and can be cut from one node for a while.
+Nothing sleeps; the same seed gives the same run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from chatcore import (
     SessionParked,
     SessionTaken,
     Share,
+    Subscribed,
     UserHeld,
     UserReleased,
     bus_channels,
@@ -65,6 +67,10 @@ class Faults:
     max_delay: float = 0.0
     """Each delivery takes up to this long (seconds), so deliveries from two
     publishers arrive in any order; one publisher's stay in order, as on Redis."""
+    subscribe_delay: float = 0.0
+    """Each subscription is confirmed up to this long (seconds) after it was asked
+    for; until then the node hears nothing on that channel (Redis subscribes
+    asynchronously). The node is fed ``Subscribed`` when it is confirmed."""
 
 
 class Bus:
@@ -162,7 +168,18 @@ class Node(Simulation):
 
     def _subscribe(self, channel: str) -> None:
         self.channels.add(channel)
+        self.cluster.subscribe(self, channel)
+
+    def confirm(self, channel: str) -> None:
+        """The bus confirmed ``channel``: the node hears it from now on, and is told."""
+        if not self.alive or channel not in self.channels:
+            return  # unsubscribed meanwhile
         self.cluster.bus.subscribers.setdefault(channel, set()).add(self)
+        if self.name in self.cluster.bus.cut:
+            return  # confirmed with every other channel when the bus is back
+        kind, _, name = channel.partition(":")
+        rooms, users = ((name,), ()) if kind == "room" else ((), (name,))
+        self._queue.append(Subscribed(rooms=rooms, users=users))
 
     def _unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
@@ -203,6 +220,8 @@ class Cluster:
         self.nodes = [Node(self, f"p{i}", self.config, seed * 100 + i) for i in range(n)]
         self._gone: list[tuple[float, str]] = []
         self._resume_bus: list[tuple[float, str]] = []
+        self._subs: list[tuple[float, int, Node, str]] = []  # subscriptions being confirmed
+        self._sub_seq = 0
 
     # -- what a test does ---------------------------------------------------------
 
@@ -260,6 +279,16 @@ class Cluster:
             self.lost.add(stored[-1].epoch)
         self.store.lose(room)
 
+    def subscribe(self, node: Node, channel: str) -> None:
+        """The node asked for ``channel``: confirmed now, or after a seeded delay."""
+        delay = self.bus.faults.subscribe_delay
+        if delay <= 0:
+            node.confirm(channel)
+            return
+        self._sub_seq += 1
+        when = self.now + self.rng.uniform(0, delay)
+        heapq.heappush(self._subs, (when, self._sub_seq, node, channel))
+
     def claim(self, claimer: Node, effect: ClaimSession) -> Command:
         found = self.records.get(effect.token)
         if found is None or found[2] < self.now:
@@ -288,6 +317,8 @@ class Cluster:
                 events.append((when, -2))
             for when, _ in self._resume_bus:
                 events.append((when, -3))
+            if self._subs:
+                events.append((self._subs[0][0], -4))
             due = [e for e in events if e[0] <= until]
             if not due:
                 break
@@ -308,6 +339,10 @@ class Cluster:
                 for node in self.nodes:
                     if node.alive:
                         node.feed(ProcessGone(origin=name))
+            elif which == -4:
+                _, _, node, channel = heapq.heappop(self._subs)
+                node.confirm(channel)
+                node._settle()
             else:
                 self._resume_bus.sort()
                 _, name = self._resume_bus.pop(0)

@@ -12,7 +12,7 @@ Three families, all frozen values passed to :meth:`Engine.handle`:
   ``HistoryFailed``, ``InboxLoaded``, ``InboxFailed``, ``HeadsLoaded``,
   ``HeadsFailed``), and host commands (``CreateRoom``, ``Shutdown``);
 * bus commands, from the adapter that links several processes sharing one
-  log (``BusResumed``, ``Shared``, ``ProcessGone``, ``SessionClaimed``,
+  log (``BusResumed``, ``Subscribed``, ``Shared``, ``ProcessGone``, ``SessionClaimed``,
   ``ClaimRefused``, ``SessionTaken``): docs/engine.md "Several processes".
 """
 
@@ -77,6 +77,7 @@ __all__ = [
     "Shutdown",
     "SignalKind",
     "StartTyping",
+    "Subscribed",
     "Unban",
     "Verdict",
     "Written",
@@ -462,7 +463,21 @@ class BusResumed:
     """The bus (re)connected and every subscription is back: whatever was
     published meanwhile may be lost, so every held room asks the log for its
     head (one ``LoadHeads``). Also what an adapter feeds after a liveness probe
-    of the bus that found a subscription silently dead."""
+    of the bus that found a subscription silently dead. Every channel held is
+    confirmed by it, as by ``Subscribed``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribed:
+    """The bus confirmed the channels of these rooms (``RoomHeld``) and users
+    (``UserHeld``), subscribed since: from now on nothing published on them is
+    missed, but what was published before may have been. Only these rooms ask
+    the log for their heads, and ask the other holders for their members (and
+    tell them this process's own); for a user, the user's direct-message rooms
+    are checked too (``LoadInbox``). Names not held are ignored."""
+
+    rooms: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -666,6 +681,7 @@ Command = (
     | HeadsLoaded
     | HeadsFailed
     | BusResumed
+    | Subscribed
     | Shared
     | ProcessGone
     | SessionClaimed

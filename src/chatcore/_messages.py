@@ -328,13 +328,19 @@ def _unheld(st: EngineState, message: Message, out: list[Effect]) -> None:
         pair = dm_users(name)
         if not peers.on or pair is None or not any(u in st.by_user for u in pair):
             return  # not ours to hold: nobody here is in it
-        peers.adopt.add(name)
-        st.awaits.rooms[name] = []
-        peers.touch_room(name)
-        out.append(LoadRoom(room=name, recent=st.config.history_window))
+        adopt_room(st, name, out)
     held = peers.loading.setdefault(name, {})
     if len(held) < st.config.history_window:
         held[message.offset] = message
+
+
+def adopt_room(st: EngineState, name: str, out: list[Effect]) -> None:
+    """Load a direct-message room for its parties' sessions here (``held_back``
+    adds them once it loaded)."""
+    st.peers.adopt.add(name)
+    st.awaits.rooms[name] = []
+    st.peers.touch_room(name)
+    out.append(LoadRoom(room=name, recent=st.config.history_window))
 
 
 def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
@@ -347,6 +353,9 @@ def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
     if room.name in st.peers.adopt:
         st.peers.adopt.discard(room.name)
         first = min((o for o, m in held.items() if m.epoch == room.epoch), default=None)
+        rechecked = st.peers.unread.pop(room.name, None)
+        if rechecked is not None:
+            first = _first_unread(room, rechecked, first)
         replay: list[Message] = []
         if first is not None and first <= room.head:
             while room.window and room.window[-1].offset >= first:
@@ -354,7 +363,8 @@ def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
             room.head = first - 1
         pair = dm_users(room.name)
         assert pair is not None
-        for user in pair:
+        # (a room rechecked but read meanwhile has nothing for anyone here)
+        for user in pair if first is not None or rechecked is None else ():
             for s in list(st.by_user.get(user, {}).values()):
                 if (
                     room.name not in s.rooms
@@ -366,6 +376,15 @@ def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
             appended(st, Appended(message=m), out)
     for offset in sorted(held):
         appended(st, Appended(message=held[offset]), out)
+
+
+def _first_unread(room: Room, user: str, first: int | None) -> int | None:
+    """The first message of a rechecked room that ``user`` has not read (within the
+    window loaded; older ones are in the history), or ``first`` if earlier."""
+    unread = max(room.reads.get(user, 0) + 1, room.window_start())
+    if unread > room.head:
+        return first
+    return unread if first is None else min(first, unread)
 
 
 def ahead_of_room(st: EngineState, room: Room, offset: int, out: list[Effect]) -> None:
