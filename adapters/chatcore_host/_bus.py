@@ -31,7 +31,9 @@ on one Redis pick different ones):
 Every Redis call is bounded by ``publish_timeout`` (under a second; a failure
 is counted and never retried: the log has the message). Every time the
 subscription is (re)established the engine is fed ``BusResumed``, so every
-held room checks its head against the log.
+held room checks its head against the log; a channel subscribed later is fed
+as ``Subscribed`` once Redis confirmed it, so that room (or that user's direct
+messages) alone is checked, and its members asked and told.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ from chatcore import (
     ClaimSession,
     Command,
     Config,
-    MembersAsked,
     Message,
     ProcessGone,
     RoomHeld,
@@ -67,6 +68,7 @@ from chatcore import (
     SessionTaken,
     Share,
     Shared,
+    Subscribed,
     UserHeld,
     UserReleased,
     bus_channels,
@@ -179,7 +181,6 @@ class RedisBus:
         self._records_wake: anyio.Event | None = None
         self._held: dict[str, int] = {}  # channel -> how many holds (a room and a user may share)
         self._confirmed: set[str] = set()  # channels Redis confirmed on the current link
-        self._asks: dict[str, list[bytes]] = {}  # MembersAsked waiting for their channel
         self._probe_sent: float | None = None  # monotonic time of the unanswered probe
         self._seen: dict[str, float] = {}  # other processes -> monotonic time last seen alive
         self._redis: Redis | None = None
@@ -220,14 +221,11 @@ class RedisBus:
             case UserReleased():
                 self._release(self.channel(user_channel(effect.user)))
             case Share():
+                # (The engine asks for members only once it can hear the answers:
+                # after Subscribed or BusResumed.)
                 data = self._origin + bus_fact(self.process_id, effect.room, effect.fact).encode()
                 for name in bus_channels(effect.room):
-                    channel = self.channel(name)
-                    if isinstance(effect.fact, MembersAsked) and channel not in self._confirmed:
-                        # The answers come on that channel: ask once we can hear them.
-                        self._asks.setdefault(channel, []).append(data)
-                    else:
-                        self._enqueue(channel, data, message=False)
+                    self._enqueue(self.channel(name), data, message=False)
             case SessionParked() | SessionGone() | ClaimSession():
                 self._records.append(effect)
                 if (wake := self._records_wake) is not None:
@@ -248,7 +246,6 @@ class RedisBus:
             self._held[channel] = count
         else:
             self._held.pop(channel, None)
-            self._asks.pop(channel, None)
 
     def _enqueue(self, channel: str, data: bytes, *, message: bool) -> None:
         queue = self._queue
@@ -485,10 +482,11 @@ class RedisBus:
                 self.tally.deaf += 1
                 raise _Deaf("liveness probe not echoed")
             reply: dict[str, Any] | None = await pubsub.get_message(timeout=_POLL)
-            fresh = False  # a room channel newly confirmed
+            fresh: list[str] = []  # engine channels newly confirmed
             while reply is not None:
                 if reply.get("type") == "subscribe":
-                    fresh |= self._confirm(reply["channel"])
+                    if (name := self._confirm(reply["channel"])) is not None:
+                        fresh.append(name)
                 elif reply.get("type") == "unsubscribe":
                     self._confirmed.discard(_text(reply["channel"]))
                     self.tally.channels = len(self._confirmed)
@@ -498,22 +496,24 @@ class RedisBus:
                     break
                 reply = await pubsub.get_message(timeout=0)
             if fresh:
-                # A room subscribed after its load read the head: whatever was published
-                # between the two was missed. Ask the log now, not at the next probe.
-                batch.append(BusResumed())
+                # Subscribed after the engine asked: whatever was published on these
+                # channels before Redis confirmed them was missed. The engine asks the
+                # log about these rooms and users now, not at the next probe.
+                batch.append(_subscribed(fresh))
             if batch:
                 self._feed(batch)
                 batch = []
 
-    def _confirm(self, channel: bytes | str) -> bool:
-        """Redis confirmed a subscription: send the member questions that waited for
-        it. True for a room's channel (its messages may have been missed meanwhile)."""
+    def _confirm(self, channel: bytes | str) -> str | None:
+        """Redis confirmed a subscription: the engine's name of the channel
+        (``room:X``, ``user:Y``), None for this process's control channel."""
         name = _text(channel)
         self._confirmed.add(name)
         self.tally.channels = len(self._confirmed)
-        for data in self._asks.pop(name, ()):
-            self._enqueue(name, data, message=False)
-        return name.startswith(f"{self.prefix}:{{room:")
+        head = f"{self.prefix}:{{"
+        if name.startswith(head) and name.endswith("}"):
+            return name[len(head) : -1]
+        return None
 
     def _take(self, reply: dict[str, Any], batch: list[Command]) -> None:
         if reply.get("type") != "message" or not isinstance(data := reply["data"], bytes):
@@ -548,6 +548,13 @@ class RedisBus:
             if new := want - have:
                 await pubsub.subscribe(*new)
         return want
+
+
+def _subscribed(names: list[str]) -> Subscribed:
+    """The engine's command for channels Redis confirmed (``room:X``, ``user:Y``)."""
+    rooms = tuple(n.removeprefix("room:") for n in names if n.startswith("room:"))
+    users = tuple(n.removeprefix("user:") for n in names if n.startswith("user:"))
+    return Subscribed(rooms=rooms, users=users)
 
 
 def _text(channel: bytes | str) -> str:

@@ -40,6 +40,7 @@ from chatcore import (
     SessionTaken,
     Share,
     Shared,
+    Subscribed,
     UserHeld,
 )
 from chatcore_host import RedisBus
@@ -151,6 +152,26 @@ async def test_rooms_not_held_are_not_heard(redis_url: str) -> None:
         a.publish(message(2, room="r"))
         await anyio.sleep(0.3)
         assert [(m.room, m.offset) for m in sb.messages] == [("r", 1)]
+
+
+async def test_a_channel_held_later_is_fed_as_subscribed_once_redis_confirmed_it(
+    redis_url: str,
+) -> None:
+    pre = prefix()
+    a, b = RedisBus(redis_url, prefix=pre), RedisBus(redis_url, prefix=pre)
+    b.carry(RoomHeld(room="old"))
+    async with running(a, b) as (_, sb):
+        b.carry(RoomHeld(room="r"))
+        b.carry(UserHeld(user="bob"))
+        b.carry(RoomHeld(room="dm:ann:bob"))  # (no channel of its own)
+        await sb.until(lambda s: bool(s.of(Subscribed)))
+        a.publish(message(1, room="r"))  # confirmed: heard
+        await sb.until(lambda s: len(s.messages) == 1)
+        await anyio.sleep(0.2)
+        subscribed = sb.of(Subscribed)
+        assert sorted(r for c in subscribed for r in c.rooms) == ["r"]  # not "old"
+        assert [u for c in subscribed for u in c.users] == ["bob"]
+        assert sb.resumed == 1  # a new channel is not a reconnect: nothing else probed
 
 
 def _closed_port() -> int:
