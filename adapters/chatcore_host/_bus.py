@@ -31,9 +31,10 @@ on one Redis pick different ones):
 Every Redis call is bounded by ``publish_timeout`` (under a second; a failure
 is counted and never retried: the log has the message). Every time the
 subscription is (re)established the engine is fed ``BusResumed``, so every
-held room checks its head against the log; a channel subscribed later is fed
-as ``Subscribed`` once Redis confirmed it, so that room (or that user's direct
-messages) alone is checked, and its members asked and told.
+held room checks its head against the log. Every channel Redis confirms is fed
+as ``Subscribed`` (the engine takes up only rooms and users it had not heard
+confirmed: that room alone checks its head, asks for members and tells its
+own; that user's direct messages are checked).
 """
 
 from __future__ import annotations
@@ -463,16 +464,19 @@ class RedisBus:
             await pubsub.subscribe(self.control, *subscribed)
             # Wait until Redis confirmed them all: only then is nothing published missed.
             pending = len(subscribed) + 1
+            confirmed: list[str] = []
             while pending:
                 confirm = await pubsub.get_message(timeout=self.publish_timeout)
                 if confirm is not None and confirm["type"] == "subscribe":
                     pending -= 1
-                    self._confirm(confirm["channel"])
+                    if (name := self._confirm(confirm["channel"])) is not None:
+                        confirmed.append(name)
         self.listening = True
         if not first:
             self.tally.resyncs += 1
             log.info("bus subscription back: every held room checks its head")
-        self._feed([BusResumed()])
+        # Those channels only: one held since is confirmed by its own Subscribed.
+        self._feed([BusResumed(), _subscribed(confirmed)])
         batch: list[Command] = []
         while True:
             if self._held.keys() != subscribed:

@@ -289,6 +289,13 @@ class Cluster:
         when = self.now + self.rng.uniform(0, delay)
         heapq.heappush(self._subs, (when, self._sub_seq, node, channel))
 
+    def _confirmed(self, node: Node) -> Subscribed:
+        """Every channel the node is subscribed to (as after a reconnect)."""
+        heard = sorted(c for c, nodes in self.bus.subscribers.items() if node in nodes)
+        rooms = tuple(c.removeprefix("room:") for c in heard if c.startswith("room:"))
+        users = tuple(c.removeprefix("user:") for c in heard if c.startswith("user:"))
+        return Subscribed(rooms=rooms, users=users)
+
     def claim(self, claimer: Node, effect: ClaimSession) -> Command:
         found = self.records.get(effect.token)
         if found is None or found[2] < self.now:
@@ -350,6 +357,7 @@ class Cluster:
                 for node in self.nodes:
                     if node.name == name and node.alive:
                         node.feed(BusResumed())
+                        node.feed(self._confirmed(node))
         self.now = until
         self._catch_up(until)
 

@@ -95,11 +95,9 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
             peers.probes.discard(cmd.ref)  # the rooms stay idle: probed next time
             _answered(peers, cmd.ref)
         case BusResumed():
-            # Every channel is back: every room asks, those not taken up yet are now.
-            peers.confirmed |= peers.rooms
-            peers.users_confirmed |= peers.users
+            # Whatever was published while the bus was away may be lost: every room
+            # asks. (Which channels are back the adapter says with Subscribed.)
             _load_heads(st, tuple(st.rooms), out)
-            _take_up(st, list(st.rooms), out, probe=False)
         case Subscribed():
             _subscribed(st, cmd, out)
         case Shared():

@@ -463,18 +463,21 @@ class BusResumed:
     """The bus (re)connected and every subscription is back: whatever was
     published meanwhile may be lost, so every held room asks the log for its
     head (one ``LoadHeads``). Also what an adapter feeds after a liveness probe
-    of the bus that found a subscription silently dead. Every channel held is
-    confirmed by it, as by ``Subscribed``."""
+    of the bus that found a subscription silently dead. (The channels it
+    subscribed again, the adapter names with ``Subscribed``.)"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Subscribed:
     """The bus confirmed the channels of these rooms (``RoomHeld``) and users
-    (``UserHeld``), subscribed since: from now on nothing published on them is
-    missed, but what was published before may have been. Only these rooms ask
-    the log for their heads, and ask the other holders for their members (and
-    tell them this process's own); for a user, the user's direct-message rooms
-    are checked too (``LoadInbox``). Names not held are ignored."""
+    (``UserHeld``): from now on nothing published on them is missed, but what
+    was published before may have been. The adapter feeds it whenever a
+    subscription is confirmed (after a reconnect too, with ``BusResumed``). A
+    room is taken up once it is loaded and confirmed: it alone asks the log for
+    its head, asks the other holders for their members and tells them this
+    process's own. For a user newly confirmed, the log is asked which of the
+    user's direct-message rooms hold something unread (``LoadInbox``). Names not
+    held, or confirmed already, are ignored."""
 
     rooms: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
