@@ -82,6 +82,8 @@ async def gated(cluster: Cluster) -> AsyncIterator[tuple[Server, Server, Subscri
         cluster.redis_url = gate.url
         behind = await cluster.start()
         cluster.redis_url = REDIS_URL
+        await subscribed(direct, 1)  # both listen on their control channels
+        await subscribed(behind, 1)
         try:
             yield direct, behind, gate
         finally:

@@ -210,3 +210,18 @@ def test_a_recheck_of_direct_messages_read_meanwhile_adds_nothing() -> None:
     assert bob_phone.texts("dm:alice:bob") == ["psst"]
     assert "dm:alice:bob" not in cluster.nodes[1].engine.rooms()
     assert not bob.texts("dm:alice:bob")
+
+
+def test_a_user_held_while_the_bus_reconnects_is_listening_only_once_confirmed() -> None:
+    """A reconnect (``BusResumed``) vouches only for the channels it subscribed:
+    one asked for meanwhile is listening once its own ``Subscribed`` came."""
+    cluster = Cluster(2, Config(head_probe_interval=PROBE), faults=Faults(subscribe_delay=1.0))
+    alice = cluster.connect(0, "alice", "general")
+    cluster.advance(2.0)
+    cluster.cut(1, 0.05)
+    bob = cluster.connect(1, "bob")
+    cluster.advance(0.1)  # the bus is back on bob's process; bob's channel is not yet
+    assert cluster.nodes[1] not in cluster.bus.subscribers.get("user:bob", set())
+    alice.dm("bob", "psst", id="d1")
+    cluster.advance(2.0)
+    assert bob.texts("dm:alice:bob") == ["psst"]
