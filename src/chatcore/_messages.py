@@ -284,6 +284,11 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
         return
     if cmd.ref is None:
         room.heard = st.now  # the bus is alive for this room: no head probe needed
+        if room.name.startswith("dm:"):
+            # Another process's direct message: its parties' sessions here that are
+            # not in the conversation (left it, or came after) join it, as
+            # ``send_direct`` has them join when the sender is here.
+            _parties_join(st, room, out)
     if message.epoch != room.epoch:
         bus = cmd.ref is None and st.peers.on
         if bus or message.epoch in room.past:
@@ -361,21 +366,29 @@ def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
             while room.window and room.window[-1].offset >= first:
                 replay.append(room.window.pop())
             room.head = first - 1
-        pair = dm_users(room.name)
-        assert pair is not None
-        # (a room rechecked but read meanwhile has nothing for anyone here)
-        for user in pair if first is not None or rechecked is None else ():
-            for s in list(st.by_user.get(user, {}).values()):
-                if (
-                    room.name not in s.rooms
-                    and s.state is not SessionState.CLOSED
-                    and len(s.rooms) < st.config.max_rooms_per_session
-                ):
-                    add_member(st, s, room, out, announce=True)
+        if first is not None or rechecked is None:  # (read meanwhile: nothing to join)
+            _parties_join(st, room, out)
         for m in reversed(replay):
             appended(st, Appended(message=m), out)
     for offset in sorted(held):
         appended(st, Appended(message=held[offset]), out)
+
+
+def _parties_join(st: EngineState, room: Room, out: list[Effect]) -> None:
+    """The sessions here of a direct-message room's two parties join it (within
+    their room bound), told its members as any joiner is."""
+    pair = dm_users(room.name)
+    if pair is None:
+        return
+    limit = st.config.max_rooms_per_session
+    for user in pair:
+        for s in list(st.by_user.get(user, {}).values()):
+            if (
+                room.name not in s.rooms
+                and s.state is not SessionState.CLOSED
+                and len(s.rooms) < limit
+            ):
+                add_member(st, s, room, out, announce=True)
 
 
 def _first_unread(room: Room, user: str, first: int | None) -> int | None:

@@ -225,3 +225,23 @@ def test_a_user_held_while_the_bus_reconnects_is_listening_only_once_confirmed()
     alice.dm("bob", "psst", id="d1")
     cluster.advance(2.0)
     assert bob.texts("dm:alice:bob") == ["psst"]
+
+
+def test_a_direct_message_from_elsewhere_reaches_a_party_not_in_the_held_conversation() -> None:
+    """The recipient's process holds the conversation for someone else (the
+    sender's other session there) and the recipient left it: the message from
+    another process brings the recipient back into it, as a local one does."""
+    cluster = Cluster(2, Config(head_probe_interval=PROBE))
+    alice = cluster.connect(0, "alice", "general")
+    alice_too = cluster.connect(1, "alice", "general")
+    bob = cluster.connect(1, "bob", "general")
+    cluster.advance(0.5)
+    alice_too.dm("bob", "one", id="d1")
+    cluster.advance(0.5)
+    bob.leave("dm:alice:bob")
+    cluster.advance(0.5)
+    assert "dm:alice:bob" in cluster.nodes[1].engine.rooms()  # (for alice_too)
+    alice.dm("bob", "two", id="d2")
+    cluster.advance(0.5)
+    assert bob.texts("dm:alice:bob") == ["one", "two"]
+    check_cluster(cluster)
