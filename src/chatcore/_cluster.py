@@ -96,8 +96,11 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
             _answered(peers, cmd.ref)
         case BusResumed():
             # Whatever was published while the bus was away may be lost: every room
-            # asks. (Which channels are back the adapter says with Subscribed.)
+            # asks the log, and rooms taken up before (their channels are back)
+            # exchange members again, since comings and goings were lost too.
+            # (Which channels are back the adapter says with Subscribed.)
             _load_heads(st, tuple(st.rooms), out)
+            _exchange_members(st, [n for n in st.rooms if n in peers.asked], out)
         case Subscribed():
             _subscribed(st, cmd, out)
         case Shared():
@@ -208,8 +211,13 @@ def _take_up(st: EngineState, names: list[str], out: list[Effect], *, probe: boo
     fresh = [n for n in dict.fromkeys(names) if n not in peers.asked and _ready(st, n)]
     if probe:
         _load_heads(st, tuple(fresh), out)
-    for name in fresh:
-        peers.asked.add(name)
+    peers.asked.update(fresh)
+    _exchange_members(st, fresh, out)
+
+
+def _exchange_members(st: EngineState, names: list[str], out: list[Effect]) -> None:
+    """Ask the other holders of these rooms for their members, and tell them ours."""
+    for name in names:
         out.append(Share(room=name, fact=MembersAsked()))
         if users := st.rooms[name].users:
             out.append(Share(room=name, fact=MembersTold(users=tuple(sorted(users)))))

@@ -245,3 +245,17 @@ def test_a_direct_message_from_elsewhere_reaches_a_party_not_in_the_held_convers
     cluster.advance(0.5)
     assert bob.texts("dm:alice:bob") == ["one", "two"]
     check_cluster(cluster)
+
+
+def test_members_who_came_while_the_bus_was_away_are_listed_once_it_is_back() -> None:
+    cluster = Cluster(2, Config(head_probe_interval=PROBE))
+    cluster.connect(0, "ann", "general")
+    bob = cluster.connect(1, "bob", "general")
+    cluster.advance(1.0)
+    cluster.cut(1, 2.0)
+    cluster.connect(0, "dan", "general")  # its arrival is lost on the way to 1
+    cluster.connect(1, "eve", "general")  # and this one on the way to 0
+    cluster.nodes[1].close(bob)  # and this departure
+    cluster.advance(3.0)
+    for node in cluster.nodes:
+        assert node.engine.members("general") == ("ann", "dan", "eve"), node.name
