@@ -150,7 +150,8 @@ def flush(st: EngineState, out: list[Effect]) -> None:
             # room loads is held and merged by offset, never missed between the two.
             peers.rooms.add(name)
             out.append(RoomHeld(room=name))
-    _take_up(st, touched, out, probe=True)
+    if touched:
+        _take_up(st, touched, out, probe=True)
     flips = list(peers.flips)
     peers.flips.clear()  # (in place: rooms hold this list)
     for name, user, arrived in flips:
