@@ -182,6 +182,7 @@ class RedisBus:
         self._records_wake: anyio.Event | None = None
         self._held: dict[str, int] = {}  # channel -> how many holds (a room and a user may share)
         self._confirmed: set[str] = set()  # channels Redis confirmed on the current link
+        self._again: list[str] = []  # channels let go and held again before the subscriber saw
         self._probe_sent: float | None = None  # monotonic time of the unanswered probe
         self._seen: dict[str, float] = {}  # other processes -> monotonic time last seen alive
         self._redis: Redis | None = None
@@ -239,7 +240,12 @@ class RedisBus:
         return frozenset(self._held)
 
     def _hold(self, channel: str) -> None:
-        self._held[channel] = self._held.get(channel, 0) + 1
+        count = self._held.get(channel, 0)
+        self._held[channel] = count + 1
+        if count == 0 and channel in self._confirmed:
+            # Released and held again: if the subscriber never let go of it, Redis
+            # will confirm nothing new, yet the engine waits to hear it confirmed.
+            self._again.append(channel)
 
     def _release(self, channel: str) -> None:
         count = self._held.get(channel, 0) - 1
@@ -448,6 +454,7 @@ class RedisBus:
                 self.listening = False
                 self._probe_sent = None
                 self._confirmed.clear()
+                self._again.clear()  # (the next link confirms every channel anew)
                 self.tally.channels = 0
                 with (
                     anyio.CancelScope(shield=True),
@@ -479,6 +486,14 @@ class RedisBus:
         self._feed([BusResumed(), _subscribed(confirmed)])
         batch: list[Command] = []
         while True:
+            fresh: list[str] = []  # engine channels newly confirmed
+            if self._again:
+                # Never unsubscribed (still in what Redis has): confirmed all along.
+                again, self._again = self._again, []
+                for channel in again:
+                    name = self._name(channel)
+                    if channel in subscribed and channel in self._confirmed and name is not None:
+                        fresh.append(name)
             if self._held.keys() != subscribed:
                 subscribed = await self._resubscribe(pubsub, subscribed)
             sent = self._probe_sent
@@ -486,7 +501,6 @@ class RedisBus:
                 self.tally.deaf += 1
                 raise _Deaf("liveness probe not echoed")
             reply: dict[str, Any] | None = await pubsub.get_message(timeout=_POLL)
-            fresh: list[str] = []  # engine channels newly confirmed
             while reply is not None:
                 if reply.get("type") == "subscribe":
                     if (name := self._confirm(reply["channel"])) is not None:
@@ -514,9 +528,13 @@ class RedisBus:
         name = _text(channel)
         self._confirmed.add(name)
         self.tally.channels = len(self._confirmed)
+        return self._name(name)
+
+    def _name(self, channel: str) -> str | None:
+        """The engine's name of a Redis channel (None for the control channel)."""
         head = f"{self.prefix}:{{"
-        if name.startswith(head) and name.endswith("}"):
-            return name[len(head) : -1]
+        if channel.startswith(head) and channel.endswith("}"):
+            return channel[len(head) : -1]
         return None
 
     def _take(self, reply: dict[str, Any], batch: list[Command]) -> None:

@@ -175,6 +175,19 @@ async def test_a_channel_held_later_is_fed_as_subscribed_once_redis_confirmed_it
         assert sb.resumed == 1  # a new channel is not a reconnect: nothing else probed
 
 
+async def test_a_room_let_go_and_held_again_at_once_is_confirmed_again(redis_url: str) -> None:
+    bus = RedisBus(redis_url, prefix=prefix())
+    bus.carry(RoomHeld(room="r"))
+    async with running(bus) as (sink,):
+        before = len(sink.of(Subscribed))
+        # The engine dropped the room and took it up again within one poll: Redis
+        # never stops sending it, and the engine hears it confirmed again.
+        bus.carry(RoomReleased(room="r"))
+        bus.carry(RoomHeld(room="r"))
+        await sink.until(lambda s: len(s.of(Subscribed)) > before)
+        assert sink.of(Subscribed)[-1] == Subscribed(rooms=("r",))
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
