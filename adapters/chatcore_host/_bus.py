@@ -38,7 +38,10 @@ on one Redis pick different ones):
 Every Redis call is bounded by ``publish_timeout`` (under a second; a failure
 is counted and never retried: the log has the message). Every time the
 subscription is (re)established the engine is fed ``BusResumed``, so every
-held room checks its head against the log.
+held room checks its head against the log. Every channel Redis confirms is fed
+as ``Subscribed`` (the engine takes up only rooms and users it had not heard
+confirmed: that room alone checks its head, asks for members and tells its
+own; that user's direct messages are checked).
 """
 
 from __future__ import annotations
@@ -64,7 +67,6 @@ from chatcore import (
     ClaimSession,
     Command,
     Config,
-    MembersAsked,
     Message,
     ProcessGone,
     RoomHeld,
@@ -75,6 +77,7 @@ from chatcore import (
     SessionTaken,
     Share,
     Shared,
+    Subscribed,
     UserHeld,
     UserReleased,
     bus_channels,
@@ -195,7 +198,7 @@ class RedisBus:
         self._records_wake: anyio.Event | None = None
         self._held: dict[str, int] = {}  # channel -> how many holds (a room and a user may share)
         self._confirmed: set[str] = set()  # channels Redis confirmed on the current link
-        self._asks: dict[str, list[bytes]] = {}  # MembersAsked waiting for their channel
+        self._again: list[str] = []  # channels let go and held again before the subscriber saw
         self._probe_sent: float | None = None  # monotonic time of the unanswered probe
         self._seen: dict[str, float] = {}  # other processes -> monotonic time last seen alive
         self._redis: Redis | None = None
@@ -236,14 +239,11 @@ class RedisBus:
             case UserReleased():
                 self._release(self.channel(user_channel(effect.user)))
             case Share():
+                # (The engine asks for members only once it can hear the answers:
+                # after Subscribed or BusResumed.)
                 data = self._origin + bus_fact(self.process_id, effect.room, effect.fact).encode()
                 for name in bus_channels(effect.room):
-                    channel = self.channel(name)
-                    if isinstance(effect.fact, MembersAsked) and channel not in self._confirmed:
-                        # The answers come on that channel: ask once we can hear them.
-                        self._asks.setdefault(channel, []).append(data)
-                    else:
-                        self._enqueue(channel, data, message=False)
+                    self._enqueue(self.channel(name), data, message=False)
             case SessionParked() | SessionGone() | ClaimSession():
                 self._records.append(effect)
                 if (wake := self._records_wake) is not None:
@@ -256,7 +256,12 @@ class RedisBus:
         return frozenset(self._held)
 
     def _hold(self, channel: str) -> None:
-        self._held[channel] = self._held.get(channel, 0) + 1
+        count = self._held.get(channel, 0)
+        self._held[channel] = count + 1
+        if count == 0 and channel in self._confirmed:
+            # Released and held again: if the subscriber never let go of it, Redis
+            # will confirm nothing new, yet the engine waits to hear it confirmed.
+            self._again.append(channel)
 
     def _release(self, channel: str) -> None:
         count = self._held.get(channel, 0) - 1
@@ -264,7 +269,6 @@ class RedisBus:
             self._held[channel] = count
         else:
             self._held.pop(channel, None)
-            self._asks.pop(channel, None)
 
     def _enqueue(self, channel: str, data: bytes, *, message: bool) -> None:
         queue = self._queue
@@ -511,6 +515,7 @@ class RedisBus:
                 self.listening = False
                 self._probe_sent = None
                 self._confirmed.clear()
+                self._again.clear()  # (the next link confirms every channel anew)
                 self.tally.channels = 0
                 with (
                     anyio.CancelScope(shield=True),
@@ -527,18 +532,29 @@ class RedisBus:
             await pubsub.subscribe(self.control, *subscribed)
             # Wait until Redis confirmed them all: only then is nothing published missed.
             pending = len(subscribed) + 1
+            confirmed: list[str] = []
             while pending:
                 confirm = await pubsub.get_message(timeout=self.publish_timeout)
                 if confirm is not None and confirm["type"] == "subscribe":
                     pending -= 1
-                    self._confirm(confirm["channel"])
+                    if (name := self._confirm(confirm["channel"])) is not None:
+                        confirmed.append(name)
         self.listening = True
         if not first:
             self.tally.resyncs += 1
             log.info("bus subscription back: every held room checks its head")
-        self._feed([BusResumed()])
+        # Those channels only: one held since is confirmed by its own Subscribed.
+        self._feed([BusResumed(), _subscribed(confirmed)])
         batch: list[Command] = []
         while True:
+            fresh: list[str] = []  # engine channels newly confirmed
+            if self._again:
+                # Never unsubscribed (still in what Redis has): confirmed all along.
+                again, self._again = self._again, []
+                for channel in again:
+                    name = self._name(channel)
+                    if channel in subscribed and channel in self._confirmed and name is not None:
+                        fresh.append(name)
             if self._held.keys() != subscribed:
                 subscribed = await self._resubscribe(pubsub, subscribed)
             sent = self._probe_sent
@@ -546,10 +562,10 @@ class RedisBus:
                 self.tally.deaf += 1
                 raise _Deaf("liveness probe not echoed")
             reply: dict[str, Any] | None = await pubsub.get_message(timeout=_POLL)
-            fresh = False  # a room channel newly confirmed
             while reply is not None:
                 if reply.get("type") == "subscribe":
-                    fresh |= self._confirm(reply["channel"])
+                    if (name := self._confirm(reply["channel"])) is not None:
+                        fresh.append(name)
                 elif reply.get("type") == "unsubscribe":
                     self._confirmed.discard(_text(reply["channel"]))
                     self.tally.channels = len(self._confirmed)
@@ -559,22 +575,28 @@ class RedisBus:
                     break
                 reply = await pubsub.get_message(timeout=0)
             if fresh:
-                # A room subscribed after its load read the head: whatever was published
-                # between the two was missed. Ask the log now, not at the next probe.
-                batch.append(BusResumed())
+                # Subscribed after the engine asked: whatever was published on these
+                # channels before Redis confirmed them was missed. The engine asks the
+                # log about these rooms and users now, not at the next probe.
+                batch.append(_subscribed(fresh))
             if batch:
                 self._feed(batch)
                 batch = []
 
-    def _confirm(self, channel: bytes | str) -> bool:
-        """Redis confirmed a subscription: send the member questions that waited for
-        it. True for a room's channel (its messages may have been missed meanwhile)."""
+    def _confirm(self, channel: bytes | str) -> str | None:
+        """Redis confirmed a subscription: the engine's name of the channel
+        (``room:X``, ``user:Y``), None for this process's control channel."""
         name = _text(channel)
         self._confirmed.add(name)
         self.tally.channels = len(self._confirmed)
-        for data in self._asks.pop(name, ()):
-            self._enqueue(name, data, message=False)
-        return name.startswith(f"{self.prefix}:{{room:")
+        return self._name(name)
+
+    def _name(self, channel: str) -> str | None:
+        """The engine's name of a Redis channel (None for the control channel)."""
+        head = f"{self.prefix}:{{"
+        if channel.startswith(head) and channel.endswith("}"):
+            return channel[len(head) : -1]
+        return None
 
     def _take(self, reply: dict[str, Any], batch: list[Command]) -> None:
         if reply.get("type") != "message" or not isinstance(data := reply["data"], bytes):
@@ -618,6 +640,13 @@ class RedisBus:
             if new := want - have:
                 await pubsub.subscribe(*new)
         return want
+
+
+def _subscribed(names: list[str]) -> Subscribed:
+    """The engine's command for channels Redis confirmed (``room:X``, ``user:Y``)."""
+    rooms = tuple(n.removeprefix("room:") for n in names if n.startswith("room:"))
+    users = tuple(n.removeprefix("user:") for n in names if n.startswith("user:"))
+    return Subscribed(rooms=rooms, users=users)
 
 
 def _text(channel: bytes | str) -> str:

@@ -7,10 +7,11 @@ publishes the message (``chatcore.bus_message``) on the room's channels; it
 subscribes as the engine says (``RoomHeld``, ``UserHeld``), shares facts
 (``Share``), parks sessions in a registry any node can claim from (asking the
 others, ``SessionAsked``, when there is no record: the session may be live on
-one of them), and feeds back what others published. The bus is pub/sub with seeded faults
-(:class:`Faults`): it drops, delays (so reorders across publishers), fails a
-publish after the commit, and can be cut from one node for a while. Nothing
-sleeps; the same seed gives the same run.
+one of them), and feeds back what others published. The bus is pub/sub with
+seeded faults (:class:`Faults`): it drops, delays (so reorders across publishers), fails a
+publish after the commit, confirms subscriptions late (``Subscribed``; a node
+hears nothing on a channel before), and can be cut from one node for a while.
+Nothing sleeps; the same seed gives the same run.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from chatcore import (
     SessionParked,
     SessionTaken,
     Share,
+    Subscribed,
     UserHeld,
     UserReleased,
     bus_channels,
@@ -67,6 +69,10 @@ class Faults:
     max_delay: float = 0.0
     """Each delivery takes up to this long (seconds), so deliveries from two
     publishers arrive in any order; one publisher's stay in order, as on Redis."""
+    subscribe_delay: float = 0.0
+    """Each subscription is confirmed up to this long (seconds) after it was asked
+    for; until then the node hears nothing on that channel (Redis subscribes
+    asynchronously). The node is fed ``Subscribed`` when it is confirmed."""
 
 
 class Bus:
@@ -186,7 +192,18 @@ class Node(Simulation):
 
     def _subscribe(self, channel: str) -> None:
         self.channels.add(channel)
+        self.cluster.subscribe(self, channel)
+
+    def confirm(self, channel: str) -> None:
+        """The bus confirmed ``channel``: the node hears it from now on, and is told."""
+        if not self.alive or channel not in self.channels:
+            return  # unsubscribed meanwhile
         self.cluster.bus.subscribers.setdefault(channel, set()).add(self)
+        if self.name in self.cluster.bus.cut:
+            return  # confirmed with every other channel when the bus is back
+        kind, _, name = channel.partition(":")
+        rooms, users = ((name,), ()) if kind == "room" else ((), (name,))
+        self._queue.append(Subscribed(rooms=rooms, users=users))
 
     def _unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
@@ -231,6 +248,8 @@ class Cluster:
         self.nodes = [Node(self, f"p{i}", self.config, seed * 100 + i) for i in range(n)]
         self._gone: list[tuple[float, str]] = []
         self._resume_bus: list[tuple[float, str]] = []
+        self._subs: list[tuple[float, int, Node, str]] = []  # subscriptions being confirmed
+        self._sub_seq = 0
 
     # -- what a test does ---------------------------------------------------------
 
@@ -293,6 +312,23 @@ class Cluster:
             self.lost.add(stored[-1].epoch)
         self.store.lose(room)
 
+    def subscribe(self, node: Node, channel: str) -> None:
+        """The node asked for ``channel``: confirmed now, or after a seeded delay."""
+        delay = self.bus.faults.subscribe_delay
+        if delay <= 0:
+            node.confirm(channel)
+            return
+        self._sub_seq += 1
+        when = self.now + self.rng.uniform(0, delay)
+        heapq.heappush(self._subs, (when, self._sub_seq, node, channel))
+
+    def _confirmed(self, node: Node) -> Subscribed:
+        """Every channel the node is subscribed to (as after a reconnect)."""
+        heard = sorted(c for c, nodes in self.bus.subscribers.items() if node in nodes)
+        rooms = tuple(c.removeprefix("room:") for c in heard if c.startswith("room:"))
+        users = tuple(c.removeprefix("user:") for c in heard if c.startswith("user:"))
+        return Subscribed(rooms=rooms, users=users)
+
     def claim(self, claimer: Node, effect: ClaimSession) -> Command | None:
         """Take the record (asking the others first if there is none); None if
         nobody handed it over (the claim is refused once its bound ran out)."""
@@ -330,6 +366,8 @@ class Cluster:
                 events.append((when, -2))
             for when, _ in self._resume_bus:
                 events.append((when, -3))
+            if self._subs:
+                events.append((self._subs[0][0], -4))
             due = [e for e in events if e[0] <= until]
             if not due:
                 break
@@ -350,6 +388,10 @@ class Cluster:
                 for node in self.nodes:
                     if node.alive:
                         node.feed(ProcessGone(origin=name))
+            elif which == -4:
+                _, _, node, channel = heapq.heappop(self._subs)
+                node.confirm(channel)
+                node._settle()
             else:
                 self._resume_bus.sort()
                 _, name = self._resume_bus.pop(0)
@@ -357,6 +399,7 @@ class Cluster:
                 for node in self.nodes:
                     if node.name == name and node.alive:
                         node.feed(BusResumed())
+                        node.feed(self._confirmed(node))
         self.now = until
         self._catch_up(until)
 

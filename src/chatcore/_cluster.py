@@ -1,16 +1,19 @@
 """Several processes, one chat: what this engine tells the others and learns from them.
 
 Owns which rooms and users the bus must carry to this process (``RoomHeld``,
-``UserHeld``), probing room heads in the log (``LoadHeads``, on a timer and
-after ``BusResumed``), presence facts shared with other processes (``Share``
-/ ``Shared``) and the members they hold, processes that are gone, and
-sessions parked for any process to claim (``SessionParked``,
-``ClaimSession``, ``SessionClaimed``, ``SessionTaken``, ``SessionAsked``) and
-the two halves of a session's move, so that nobody sees it (``MemberMoved``,
-``MemberArrived``). Everything here is inert unless ``Config.cluster`` is on.
-It never decides the order of messages (the log does) and never delivers one
-itself: a message learnt from the bus or from a probe goes through
-``_messages`` like any other. What it knows of the others is in ``_peers``.
+``UserHeld``), taking a room up once it is loaded and the bus confirmed its
+channel (``Subscribed``: its head probed, members asked and told), checking a
+user's direct messages once their channel is confirmed, probing room heads in
+the log (``LoadHeads``, on a timer and after ``BusResumed``), presence facts
+shared with other processes (``Share`` / ``Shared``) and the members they
+hold, processes that are gone, sessions parked for any process to claim
+(``SessionParked``, ``ClaimSession``, ``SessionClaimed``, ``SessionTaken``,
+``SessionAsked``) and the two halves of a session's move, so that nobody sees
+it (``MemberMoved``, ``MemberArrived``). Everything here is inert unless
+``Config.cluster`` is on. It never decides the order of messages (the log
+does) and never delivers one itself: a message learnt from the bus or from a
+probe goes through ``_messages`` like any other. What it knows of the others
+is in ``_peers``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from ._commands import (
     ProcessGone,
     SessionClaimed,
     Shared,
+    Subscribed,
 )
 from ._effects import (
     ClaimSession,
     Effect,
     LoadHeads,
+    LoadInbox,
     RoomHeld,
     RoomReleased,
     SessionGone,
@@ -51,7 +56,8 @@ from ._facts import (
     ReadMarked,
     TypingChanged,
 )
-from ._messages import behind, held_back
+from ._messages import adopt_room, behind, held_back
+from ._names import dm_users
 from ._outbox import broadcast
 from ._peers import Peers
 from ._presence import came_or_went
@@ -72,11 +78,12 @@ __all__ = [
     "park",
     "probe",
     "probe_live",
+    "rechecked",
     "room_arrived",
     "unpark",
 ]
 
-BusCommand = HeadsLoaded | HeadsFailed | BusResumed | Shared | ProcessGone
+BusCommand = HeadsLoaded | HeadsFailed | BusResumed | Subscribed | Shared | ProcessGone
 
 
 def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
@@ -94,7 +101,14 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
             peers.probes.discard(cmd.ref)  # the rooms stay idle: probed next time
             _answered(peers, cmd.ref)
         case BusResumed():
+            # Whatever was published while the bus was away may be lost: every room
+            # asks the log, and rooms taken up before (their channels are back)
+            # exchange members again, since comings and goings were lost too.
+            # (Which channels are back the adapter says with Subscribed.)
             _load_heads(st, tuple(st.rooms), out)
+            _exchange_members(st, [n for n in st.rooms if n in peers.asked], out)
+        case Subscribed():
+            _subscribed(st, cmd, out)
         case Shared():
             if (room := st.rooms.get(cmd.room)) is not None:
                 _shared(st, room, cmd, out)
@@ -144,9 +158,8 @@ def flush(st: EngineState, out: list[Effect]) -> None:
             # room loads is held and merged by offset, never missed between the two.
             peers.rooms.add(name)
             out.append(RoomHeld(room=name))
-        if name in st.rooms and name not in peers.asked:
-            peers.asked.add(name)
-            out.append(Share(room=name, fact=MembersAsked()))
+    if touched:
+        _take_up(st, touched, out, probe=True)
     flips = list(peers.flips)
     peers.flips.clear()  # (in place: rooms hold this list)
     for name, user, arrived in flips:
@@ -155,6 +168,7 @@ def flush(st: EngineState, out: list[Effect]) -> None:
     for name in touched:
         if name in peers.rooms and name not in st.rooms and name not in loading:
             peers.rooms.discard(name)
+            peers.confirmed.discard(name)
             out.append(RoomReleased(room=name))
     for user in dict.fromkeys(peers.touched_users):
         if user in st.by_user and user not in peers.users:
@@ -162,12 +176,96 @@ def flush(st: EngineState, out: list[Effect]) -> None:
             out.append(UserHeld(user=user))
         elif user not in st.by_user and user in peers.users:
             peers.users.discard(user)
+            peers.users_confirmed.discard(user)
             out.append(UserReleased(user=user))
     peers.touched_users.clear()
     if st.rooms and not peers.probe_gen:
         peers.probe_gen = st.awaits.next_ref()
         peers.last_tick = st.now
         st.timers.push(st.now + st.config.head_probe_interval / 2, HeadProbe(peers.probe_gen))
+
+
+def _subscribed(st: EngineState, cmd: Subscribed, out: list[Effect]) -> None:
+    """The bus confirmed these channels: what was published on them before may
+    have been missed. The rooms are taken up (at the end of the step, once loaded)."""
+    peers = st.peers
+    for name in cmd.rooms:
+        if name in peers.rooms and name not in peers.confirmed:
+            peers.confirmed.add(name)
+            peers.touch_room(name)
+    for user in cmd.users:
+        if user in peers.users and user not in peers.users_confirmed:
+            peers.users_confirmed.add(user)
+            _user_confirmed(st, user, out)
+
+
+def _ready(st: EngineState, name: str) -> bool:
+    """Loaded, and heard on the bus: a room on its channel, a direct-message room
+    on the channel of one of its parties."""
+    if name not in st.rooms:
+        return False
+    pair = dm_users(name)
+    if pair is None:
+        return name in st.peers.confirmed
+    return pair[0] in st.peers.users_confirmed or pair[1] in st.peers.users_confirmed
+
+
+def _take_up(st: EngineState, names: list[str], out: list[Effect], *, probe: bool) -> None:
+    """Rooms loaded and confirmed for the first time: the log says what the bus may
+    have missed before (one ``LoadHeads`` for them all, not for every room held),
+    and this process asks the other holders for their members and tells its own.
+    Whichever of two processes takes a room up last, the other hears it then and
+    answers, so both end up knowing both sides."""
+    peers = st.peers
+    fresh = [n for n in dict.fromkeys(names) if n not in peers.asked and _ready(st, n)]
+    if probe:
+        _load_heads(st, tuple(fresh), out)
+    peers.asked.update(fresh)
+    _exchange_members(st, fresh, out)
+
+
+def _exchange_members(st: EngineState, names: list[str], out: list[Effect]) -> None:
+    """Ask the other holders of these rooms for their members, and tell them ours."""
+    for name in names:
+        out.append(Share(room=name, fact=MembersAsked()))
+        if users := st.rooms[name].users:
+            out.append(Share(room=name, fact=MembersTold(users=tuple(sorted(users)))))
+
+
+def _user_confirmed(st: EngineState, user: str, out: list[Effect]) -> None:
+    """The user's channel is confirmed: their direct-message rooms held here are
+    taken up (heard from now on), and the log is asked which of them hold
+    something unread, for one published before the channel was confirmed."""
+    peers = st.peers
+    sessions = st.by_user.get(user)
+    if not sessions:
+        return
+    for session in sessions.values():
+        for name in session.rooms:
+            if dm_users(name) is not None:
+                peers.touch_room(name)
+    ref = st.awaits.next_ref()
+    peers.rechecks[ref] = user
+    out.append(LoadInbox(ref=ref, user=user, limit=st.config.max_rooms_per_session))
+
+
+def rechecked(st: EngineState, ref: int, rooms: tuple[str, ...], out: list[Effect]) -> bool:
+    """The answer to a user's recheck (False: not one). A direct-message room with
+    something unread that is not held here is loaded for the user's sessions, which
+    get what is unread in it, as if the bus had brought it."""
+    peers = st.peers
+    user = peers.rechecks.pop(ref, None)
+    if user is None:
+        return False
+    if user not in st.by_user:
+        return True
+    for name in rooms[: st.config.max_rooms_per_session]:
+        pair = dm_users(name)
+        if pair is None or user not in pair or name in st.rooms or name in st.awaits.rooms:
+            continue
+        peers.unread[name] = user
+        adopt_room(st, name, out)
+    return True
 
 
 # -- head probes -----------------------------------------------------------------------

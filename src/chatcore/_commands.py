@@ -12,9 +12,9 @@ Three families, all frozen values passed to :meth:`Engine.handle`:
   ``HistoryFailed``, ``InboxLoaded``, ``InboxFailed``, ``HeadsLoaded``,
   ``HeadsFailed``), and host commands (``CreateRoom``, ``Shutdown``);
 * bus commands, from the adapter that links several processes sharing one
-  log (``BusResumed``, ``Shared``, ``ProcessGone``, ``SessionClaimed``,
-  ``ClaimRefused``, ``SessionTaken``, ``SessionAsked``): docs/engine.md "Several
-  processes".
+  log (``BusResumed``, ``Subscribed``, ``Shared``, ``ProcessGone``,
+  ``SessionClaimed``, ``ClaimRefused``, ``SessionTaken``, ``SessionAsked``):
+  docs/engine.md "Several processes".
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ __all__ = [
     "Shutdown",
     "SignalKind",
     "StartTyping",
+    "Subscribed",
     "Unban",
     "Verdict",
     "Written",
@@ -464,7 +465,24 @@ class BusResumed:
     """The bus (re)connected and every subscription is back: whatever was
     published meanwhile may be lost, so every held room asks the log for its
     head (one ``LoadHeads``). Also what an adapter feeds after a liveness probe
-    of the bus that found a subscription silently dead."""
+    of the bus that found a subscription silently dead. (The channels it
+    subscribed again, the adapter names with ``Subscribed``.)"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribed:
+    """The bus confirmed the channels of these rooms (``RoomHeld``) and users
+    (``UserHeld``): from now on nothing published on them is missed, but what
+    was published before may have been. The adapter feeds it whenever a
+    subscription is confirmed (after a reconnect too, with ``BusResumed``). A
+    room is taken up once it is loaded and confirmed: it alone asks the log for
+    its head, asks the other holders for their members and tells them this
+    process's own. For a user newly confirmed, the log is asked which of the
+    user's direct-message rooms hold something unread (``LoadInbox``). Names not
+    held, or confirmed already, are ignored."""
+
+    rooms: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -684,6 +702,7 @@ Command = (
     | HeadsLoaded
     | HeadsFailed
     | BusResumed
+    | Subscribed
     | Shared
     | ProcessGone
     | SessionClaimed

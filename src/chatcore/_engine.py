@@ -83,6 +83,7 @@ from ._commands import (
     Shared,
     Shutdown,
     StartTyping,
+    Subscribed,
     Unban,
     Written,
     WrittenMany,
@@ -200,10 +201,13 @@ class Engine:
             case HistoryFailed():
                 _history.history_failed(st, command, out)
             case InboxLoaded():
-                held = _lifecycle.inbox_loaded(st, command.ref, command.rooms, now, out)
-                self._run_held(held, now, out)
+                if not _cluster.rechecked(st, command.ref, command.rooms, out):
+                    held = _lifecycle.inbox_loaded(st, command.ref, command.rooms, now, out)
+                    self._run_held(held, now, out)
             case InboxFailed():
-                self._run_held(_lifecycle.inbox_loaded(st, command.ref, (), now, out), now, out)
+                if not _cluster.rechecked(st, command.ref, (), out):
+                    held = _lifecycle.inbox_loaded(st, command.ref, (), now, out)
+                    self._run_held(held, now, out)
             case DeviceKeysStored():
                 _keys.stored(st, command, out)
             case PrekeysClaimed():
@@ -220,7 +224,14 @@ class Engine:
                 _moderation.moderate(st, command, out)
             case Screened():
                 _messages.screened(st, command, out)
-            case HeadsLoaded() | HeadsFailed() | BusResumed() | Shared() | ProcessGone():
+            case (
+                HeadsLoaded()
+                | HeadsFailed()
+                | BusResumed()
+                | Subscribed()
+                | Shared()
+                | ProcessGone()
+            ):
                 _cluster.handle(st, command, out)
             case SessionClaimed() | ClaimRefused():
                 self._claim_answered(command, now, out)

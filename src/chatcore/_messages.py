@@ -284,6 +284,11 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
         return
     if cmd.ref is None:
         room.heard = st.now  # the bus is alive for this room: no head probe needed
+        if room.name.startswith("dm:"):
+            # Another process's direct message: its parties' sessions here that are
+            # not in the conversation (left it, or came after) join it, as
+            # ``send_direct`` has them join when the sender is here.
+            _parties_join(st, room, out)
     if message.epoch != room.epoch:
         bus = cmd.ref is None and st.peers.on
         if bus or message.epoch in room.past:
@@ -328,13 +333,19 @@ def _unheld(st: EngineState, message: Message, out: list[Effect]) -> None:
         pair = dm_users(name)
         if not peers.on or pair is None or not any(u in st.by_user for u in pair):
             return  # not ours to hold: nobody here is in it
-        peers.adopt.add(name)
-        st.awaits.rooms[name] = []
-        peers.touch_room(name)
-        out.append(LoadRoom(room=name, recent=st.config.history_window))
+        adopt_room(st, name, out)
     held = peers.loading.setdefault(name, {})
     if len(held) < st.config.history_window:
         held[message.offset] = message
+
+
+def adopt_room(st: EngineState, name: str, out: list[Effect]) -> None:
+    """Load a direct-message room for its parties' sessions here (``held_back``
+    adds them once it loaded)."""
+    st.peers.adopt.add(name)
+    st.awaits.rooms[name] = []
+    st.peers.touch_room(name)
+    out.append(LoadRoom(room=name, recent=st.config.history_window))
 
 
 def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
@@ -347,25 +358,46 @@ def held_back(st: EngineState, room: Room, out: list[Effect]) -> None:
     if room.name in st.peers.adopt:
         st.peers.adopt.discard(room.name)
         first = min((o for o, m in held.items() if m.epoch == room.epoch), default=None)
+        rechecked = st.peers.unread.pop(room.name, None)
+        if rechecked is not None:
+            first = _first_unread(room, rechecked, first)
         replay: list[Message] = []
         if first is not None and first <= room.head:
             while room.window and room.window[-1].offset >= first:
                 replay.append(room.window.pop())
             room.head = first - 1
-        pair = dm_users(room.name)
-        assert pair is not None
-        for user in pair:
-            for s in list(st.by_user.get(user, {}).values()):
-                if (
-                    room.name not in s.rooms
-                    and s.state is not SessionState.CLOSED
-                    and len(s.rooms) < st.config.max_rooms_per_session
-                ):
-                    add_member(st, s, room, out, announce=True)
+        if first is not None or rechecked is None:  # (read meanwhile: nothing to join)
+            _parties_join(st, room, out)
         for m in reversed(replay):
             appended(st, Appended(message=m), out)
     for offset in sorted(held):
         appended(st, Appended(message=held[offset]), out)
+
+
+def _parties_join(st: EngineState, room: Room, out: list[Effect]) -> None:
+    """The sessions here of a direct-message room's two parties join it (within
+    their room bound), told its members as any joiner is."""
+    pair = dm_users(room.name)
+    if pair is None:
+        return
+    limit = st.config.max_rooms_per_session
+    for user in pair:
+        for s in list(st.by_user.get(user, {}).values()):
+            if (
+                room.name not in s.rooms
+                and s.state is not SessionState.CLOSED
+                and len(s.rooms) < limit
+            ):
+                add_member(st, s, room, out, announce=True)
+
+
+def _first_unread(room: Room, user: str, first: int | None) -> int | None:
+    """The first message of a rechecked room that ``user`` has not read (within the
+    window loaded; older ones are in the history), or ``first`` if earlier."""
+    unread = max(room.reads.get(user, 0) + 1, room.window_start())
+    if unread > room.head:
+        return first
+    return unread if first is None else min(first, unread)
 
 
 def ahead_of_room(st: EngineState, room: Room, offset: int, out: list[Effect]) -> None:

@@ -20,7 +20,11 @@ class Peers:
         "on",
         "rooms",
         "asked",
+        "confirmed",
         "users",
+        "users_confirmed",
+        "rechecks",
+        "unread",
         "touched_rooms",
         "touched_users",
         "flips",
@@ -45,6 +49,15 @@ class Peers:
         self.rooms: set[str] = set()
         self.asked: set[str] = set()  # loaded rooms whose members were asked (MembersAsked)
         self.users: set[str] = set()
+        # Of those, the ones whose channel the bus confirmed (Subscribed, BusResumed):
+        # a room is taken up (heads probed, members asked and told) once it is
+        # both loaded and confirmed.
+        self.confirmed: set[str] = set()
+        self.users_confirmed: set[str] = set()
+        self.rechecks: dict[int, str] = {}  # LoadInbox ref -> user whose channel was confirmed
+        # Direct-message rooms loading because a recheck found them unread: the
+        # user whose sessions here get what is unread in them.
+        self.unread: dict[str, str] = {}
         # Changes noted during the step, for ``_cluster.flush``.
         self.touched_rooms: list[str] = []
         self.touched_users: list[str] = []

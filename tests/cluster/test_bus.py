@@ -41,6 +41,7 @@ from chatcore import (
     SessionTaken,
     Share,
     Shared,
+    Subscribed,
     UserHeld,
 )
 from chatcore_host import RedisBus
@@ -152,6 +153,40 @@ async def test_rooms_not_held_are_not_heard(redis_url: str) -> None:
         a.publish(message(2, room="r"))
         await anyio.sleep(0.3)
         assert [(m.room, m.offset) for m in sb.messages] == [("r", 1)]
+
+
+async def test_a_channel_held_later_is_fed_as_subscribed_once_redis_confirmed_it(
+    redis_url: str,
+) -> None:
+    pre = prefix()
+    a, b = RedisBus(redis_url, prefix=pre), RedisBus(redis_url, prefix=pre)
+    b.carry(RoomHeld(room="old"))
+    async with running(a, b) as (_, sb):
+        b.carry(RoomHeld(room="r"))
+        b.carry(UserHeld(user="bob"))
+        b.carry(RoomHeld(room="dm:ann:bob"))  # (no channel of its own)
+        await sb.until(lambda s: len(s.of(Subscribed)) >= 2)
+        a.publish(message(1, room="r"))  # confirmed: heard
+        await sb.until(lambda s: len(s.messages) == 1)
+        await anyio.sleep(0.2)
+        first, *later = sb.of(Subscribed)
+        assert first == Subscribed(rooms=("old",))  # with BusResumed, at the start
+        assert sorted(r for c in later for r in c.rooms) == ["r"]
+        assert [u for c in later for u in c.users] == ["bob"]
+        assert sb.resumed == 1  # a new channel is not a reconnect: nothing else probed
+
+
+async def test_a_room_let_go_and_held_again_at_once_is_confirmed_again(redis_url: str) -> None:
+    bus = RedisBus(redis_url, prefix=prefix())
+    bus.carry(RoomHeld(room="r"))
+    async with running(bus) as (sink,):
+        before = len(sink.of(Subscribed))
+        # The engine dropped the room and took it up again within one poll: Redis
+        # never stops sending it, and the engine hears it confirmed again.
+        bus.carry(RoomReleased(room="r"))
+        bus.carry(RoomHeld(room="r"))
+        await sink.until(lambda s: len(s.of(Subscribed)) > before)
+        assert sink.of(Subscribed)[-1] == Subscribed(rooms=("r",))
 
 
 def _closed_port() -> int:

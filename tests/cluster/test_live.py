@@ -45,9 +45,8 @@ async def one_by_one(
     """Connect each user to its server in turn, each after the previous one's
     process is subscribed to its channels.
 
-    Two processes that take up a room at the same instant can miss each other's
-    first members (each asks before the other listens: /work/wt/c12bus-requests.txt
-    R5); these tests are about what crosses once they listen.
+    These tests are about what crosses once processes listen; taking rooms and
+    users up at the same instant is test_rooms.py's.
     """
     users: dict[int, set[str]] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -56,8 +55,6 @@ async def one_by_one(
             (client,) = await stack.enter_async_context(clients([server.ws(user, rooms)]))
             for room in rooms:
                 await client.until(lambda c, r=room: bool(c.of("members", r)), "members")
-            # Also R6 there: a direct message stored before the user's channel listens
-            # reaches that session only through its next session's inbox.
             users.setdefault(server.port, set()).add(user)
             await subscribed(server, 1 + len(users[server.port]) + len(rooms))
             made.append(client)

@@ -42,6 +42,7 @@ from chatcore import (
     SessionTaken,
     Share,
     Shared,
+    Subscribed,
     TypingChanged,
     UserHeld,
     UserReleased,
@@ -165,7 +166,15 @@ def test_holding_is_said_once_per_room_and_user_and_not_without_cluster() -> Non
     one.open(2, "bo")
     assert one.of(RoomHeld) == [RoomHeld(room="general")]
     assert one.of(UserHeld) == [UserHeld(user="ann"), UserHeld(user="bo")]
-    assert Share(room="general", fact=MembersAsked()) in one.effects
+    # Taken up only once the bus confirmed its channel.
+    assert not [e for e in one.of(Share) if isinstance(e.fact, MembersAsked | MembersTold)]
+    out = one.do(Subscribed(rooms=("general", "elsewhere")))
+    assert [e.rooms for e in out if isinstance(e, LoadHeads)] == [("general",)]
+    assert [e for e in out if isinstance(e, Share)] == [
+        Share(room="general", fact=MembersAsked()),
+        Share(room="general", fact=MembersTold(users=("ann", "bo"))),
+    ]
+    assert one.do(Subscribed(rooms=("general",))) == []  # (once)
     one.do(Disconnected(conn=1, code=1000))
     one.do(Disconnected(conn=2, code=1000))
     assert one.of(RoomReleased) == [RoomReleased(room="general")]
@@ -325,10 +334,13 @@ def test_a_message_for_a_room_still_loading_is_merged_by_offset() -> None:
     out = one.do(Connect(conn=1, user="ann", rooms=("general",)))
     assert RoomHeld(room="general") in out  # subscribed before the load reads
     one.do(Appended(message=message(3)))
+    # Confirmed while loading: the load may have read the head before, so the room
+    # asks the log once it arrived.
+    assert one.do(Subscribed(rooms=("general",))) == []
     one.do(Appended(message=message(2)))
     out = one.do(RoomLoaded(room="general", epoch="e1", head=1))
     assert one.engine.rooms()["general"].head == 3
-    assert out
+    assert [e.rooms for e in out if isinstance(e, LoadHeads)] == [("general",)]
 
 
 def test_a_direct_message_for_nobody_here_is_ignored() -> None:

@@ -5,10 +5,10 @@ Clients connect to any process, send (and retry with the same id), drop and
 resume on any process (or reconnect to one while the old link is still open),
 while the bus drops deliveries, delays them (so they reorder across
 publishers), fails publishes after the commit, is cut from one process for a
-while, rooms load slowly (messages arrive during the load), and the log
-sometimes loses a room's data (a new epoch). The model is the log
-itself plus, per client, the last (epoch, offset) it saw in each room
-(``cluster_check.positions``). The invariant:
+while, subscriptions are confirmed late, rooms load slowly (messages arrive
+during the load), and the log sometimes loses a room's data (a new epoch). The
+model is the log itself plus, per client, the last (epoch, offset) it saw in
+each room (``cluster_check.positions``). The invariant:
 
 * after every step, every client's stream per room is in offset order with
   nothing twice, and a resume goes on exactly where the client was, unless it
@@ -45,13 +45,16 @@ class ClusterModel(RuleBasedStateMachine):
         fail=st.sampled_from([0.0, 0.1]),
         delay=st.sampled_from([0.0, 0.2]),
         latency=st.sampled_from([0.0, 0.1]),
+        subscribe=st.sampled_from([0.0, 0.2]),
     )
-    def start(self, seed: int, drop: float, fail: float, delay: float, latency: float) -> None:
+    def start(
+        self, seed: int, drop: float, fail: float, delay: float, latency: float, subscribe: float
+    ) -> None:
         self.cluster = Cluster(
             3,
             Config(head_probe_interval=PROBE, grace_period=30.0),
             seed=seed,
-            faults=Faults(drop=drop, fail_publish=fail, max_delay=delay),
+            faults=Faults(drop=drop, fail_publish=fail, max_delay=delay, subscribe_delay=subscribe),
             store_latency=latency,
         )
         self.clients = []
