@@ -15,6 +15,18 @@ sample within 1 MiB of the start. Not a timed test: rates are printed only.
 The memory store is the log itself, kept in the server's memory: it keeps one
 position row per (user, room) a session ended in (``SavePositions``), as a
 database would on disk. ``--db sqlite:///...`` moves those rows to a file.
+
+``--callgrind N`` measures the server's whole side of a cycle in instructions
+instead (HTTP, handshake, engine, close, the event loop: what wall-clock rates
+on a shared machine cannot show): the server runs under
+``valgrind --tool=callgrind`` with instrumentation off, 100 members connect,
+200 warm-up cycles run, then instrumentation is switched on
+(``callgrind_control -i on``) for N cycles and the count dumped; instructions
+per cycle are the total divided by N. Under valgrind the server is ~50x
+slower, so a crowded room's ``presence`` batch (every 0.5 s) covers fewer
+cycles than at full speed: that share is a little overstated. ``--peer
+websockets`` counts a peer server's cycle the same way (it sends no welcome,
+member list or presence: the floor a cycle can cost).
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,19 +53,31 @@ FLAVOR = Flavor(CHATCORE)
 IN_FLIGHT = 20
 
 
-def start_server(db: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(
+    db: str, prefix: tuple[str, ...] = (), peer: str | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``chatcore serve`` (or the benchmark's ``peer`` server module) on a free port."""
     env = dict(os.environ)
-    path = [str(ROOT / "src"), str(ROOT / "adapters")]
+    path = [str(ROOT / "src"), str(ROOT / "adapters"), str(ROOT)]
     if env.get("PYTHONPATH"):
         path.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(path)
+    env["PYTHONHASHSEED"] = "0"
+    if peer is not None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = ["-m", f"benchmarks.peers.{peer}_server", "--port", str(port)]
+    else:
+        args = ["-m", "chatcore_server", "serve", "--port", "0", "--db", db,
+                "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatcore_server", "serve", "--port", "0", "--db", db,
-         "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
+        [*prefix, sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
+    if peer is not None:  # "listening on HOST:PORT"
+        return proc, port
     # "chatcore is running: open http://127.0.0.1:PORT/ in a browser"
     url = line.split("open ", 1)[1].split()[0]
     return proc, int(url.rstrip("/").rsplit(":", 1)[1])
@@ -78,26 +105,82 @@ def cycle_batch(port: int, first: int) -> tuple[int, int]:
     return close_all(opened, FLAVOR.after_open)
 
 
+def connect_members(port: int, n: int) -> list[FrameCounter]:
+    targets = [FLAVOR.target(f"member{i}", ["room0"]) for i in range(n)]
+    members = [FrameCounter(s, False) for s, _ in open_many(port, targets, FLAVOR.subprotocol)]
+    time.sleep(0.5)
+    drain(members)
+    return members
+
+
+def run_cycles(port: int, members: list[FrameCounter], first: int, n: int) -> tuple[int, int]:
+    """``n`` cycles of new users from ``churn{first}`` on; (cycles done, failures)."""
+    done = failures = 0
+    while done + failures < n:
+        ok, failed = cycle_batch(port, first + done + failures)
+        done += ok
+        failures += failed
+        drain(members)
+    return done, failures
+
+
+def callgrind(db: str, n: int, members: int, peer: str | None) -> None:
+    """Instructions the server spends per connect+close cycle (see the docstring)."""
+    out = Path(tempfile.mkdtemp(prefix="churn-callgrind-")) / "callgrind.out"
+    prefix = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found")
+    proc, port = start_server(db, prefix, peer)
+    try:
+        readers = connect_members(port, members)
+        run_cycles(port, readers, 0, 200)
+        time.sleep(1.0)
+        drain(readers)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        t0 = time.monotonic()
+        done, failures = run_cycles(port, readers, 200, n)
+        wall = time.monotonic() - t0
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        for reader in readers:
+            reader.sock.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    dumps = sorted(out.parent.glob("callgrind.out*"), key=lambda p: p.stat().st_size)
+    total = 0
+    for dump in dumps:  # the explicit dump (-d) holds the cycles; the exit dump is ~empty
+        counts = re.findall(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+        total = max([total, *map(int, counts)])
+    print(
+        f"{done:,} cycles ({failures} failures, {done / wall:,.1f}/s under valgrind): "
+        f"{total:,} instructions, {total / max(done, 1) / 1e6:.2f} M per connect+close cycle "
+        f"(dumps in {out.parent})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="benchmarks/churn_memory.py")
     parser.add_argument("--cycles", type=int, default=10_000)
     parser.add_argument("--warmup", type=int, default=1_000)
     parser.add_argument("--db", default="memory")
     parser.add_argument("--members", type=int, default=100)
+    parser.add_argument("--callgrind", type=int, metavar="N", help="instructions per cycle")
+    parser.add_argument("--peer", help="with --callgrind: a peer server instead (websockets)")
     args = parser.parse_args()
     db = args.db.replace("TMP", tempfile.gettempdir())
+    if args.callgrind:
+        callgrind(db, args.callgrind, args.members, args.peer)
+        return
     proc, port = start_server(db)
     try:
-        members = [
-            FrameCounter(s, False)
-            for s, _ in open_many(
-                port,
-                [FLAVOR.target(f"member{i}", ["room0"]) for i in range(args.members)],
-                FLAVOR.subprotocol,
-            )
-        ]
-        time.sleep(0.5)
-        drain(members)
+        members = connect_members(port, args.members)
         n = failures = 0
         while n < args.warmup:
             done, failed = cycle_batch(port, n)
