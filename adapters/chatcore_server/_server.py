@@ -28,11 +28,12 @@ import logging
 import socket
 import ssl
 import time
+from asyncio.trsock import TransportSocket
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
@@ -594,9 +595,12 @@ class ChatServer(ChatControls):
                     return None
             if request is None:
                 return None  # EOF, or too slow to send a request
+            # One pass over h11's headers (each of its items is a call): the checks
+            # below read this list many times.
+            headers = list(request.headers)
             if (
-                _request_size(request) > self.limits.max_request_bytes
-                or len(request.headers) > self.limits.max_headers
+                _request_size(request.target, headers) > self.limits.max_request_bytes
+                or len(headers) > self.limits.max_headers
             ):
                 # h11 bounds only what arrives in pieces; one big read is bounded here,
                 # and so is the number of header fields, however small.
@@ -616,12 +620,12 @@ class ChatServer(ChatControls):
                 await _send_reply(stream, http, reply, head=head, close=True)
                 return None
             if path == "/ws":
-                upgraded = await self._websocket(stream, http, request, parts.query)
+                upgraded = await self._websocket(stream, http, request.method, headers, parts.query)
                 if not isinstance(upgraded, Reply):
                     return upgraded
                 reply = upgraded
             else:
-                reply = await answer(self, method, path, parts.query, request.headers, bytes(body))
+                reply = await answer(self, method, path, parts.query, headers, bytes(body))
             close = http.their_state is not h11.DONE or reply.status >= 500 or self._stopping
             if not await _send_reply(stream, http, reply, head=head, close=close):
                 return None
@@ -635,10 +639,14 @@ class ChatServer(ChatControls):
     # -- the WebSocket handshake --------------------------------------------------------------
 
     async def _websocket(
-        self, stream: anyio.abc.ByteStream, http: h11.Connection, request: h11.Request, query: str
+        self,
+        stream: anyio.abc.ByteStream,
+        http: h11.Connection,
+        method: bytes,
+        headers: list[tuple[bytes, bytes]],
+        query: str,
     ) -> Reply | tuple[Peer, bytes]:
         """The upgraded peer (registered with the engine), or the reply that refuses it."""
-        headers = request.headers
         upgrade = [t.lower() for t in header_tokens(headers, b"upgrade")]
         connection = [t.lower() for t in header_tokens(headers, b"connection")]
         if "websocket" not in upgrade or "upgrade" not in connection:
@@ -651,7 +659,7 @@ class ChatServer(ChatControls):
                     ("sec-websocket-version", "13"),
                 ),
             )
-        if request.method != b"GET":
+        if method != b"GET":
             return self._refuse(
                 "bad_handshake", error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
             )
@@ -691,7 +699,7 @@ class ChatServer(ChatControls):
         except HandshakeError as exc:
             return self._refuse("bad_query", error(exc.status, exc.reason))
         trailing, _ = http.trailing_data
-        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        raw = _raw_socket(stream)
         if raw is not None and self.limits.send_buffer is not None:
             with suppress(OSError):
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
@@ -782,8 +790,24 @@ def _loop_busy() -> float:
         return time.thread_time()
 
 
-def _request_size(request: h11.Request) -> int:
-    return len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+def _request_size(target: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(target) + sum(len(k) + len(v) + 4 for k, v in headers)
+
+
+def _raw_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
+    """The stream's socket (None through TLS).
+
+    anyio's ``stream.extra(SocketAttribute.raw_socket)`` builds every socket
+    attribute to hand out one, a ``getpeername`` call included: once per
+    connection that is a visible share of a connect+close cycle, so a plain
+    asyncio stream is asked its transport directly.
+    """
+    transport = getattr(stream, "_transport", None)
+    if isinstance(transport, asyncio.Transport):
+        raw = transport.get_extra_info("socket")
+        if isinstance(raw, socket.socket | TransportSocket):
+            return cast(socket.socket, raw)
+    return stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
 
 
 def _valid_key(key: str) -> bool:
