@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/churn_memory.py                  # 10,000 cycles, memory store
     .venv/bin/python benchmarks/churn_memory.py --cycles 2000 --db sqlite:///TMP/churn.db
+    .venv/bin/python benchmarks/churn_memory.py --callgrind 400 [--code DIR | --peer websockets]
 
 Starts ``python -m chatcore_server serve --port 0``, connects 100 idle members
 to ``room0`` (they read everything sent to them), then runs connect+close
@@ -18,15 +19,18 @@ database would on disk. ``--db sqlite:///...`` moves those rows to a file.
 
 ``--callgrind N`` measures the server's whole side of a cycle in instructions
 instead (HTTP, handshake, engine, close, the event loop: what wall-clock rates
-on a shared machine cannot show): the server runs under
+on a shared machine cannot show): the benchmark's server
+(``benchmarks.chatcore_launch``'s config) runs under
 ``valgrind --tool=callgrind`` with instrumentation off, 100 members connect,
 200 warm-up cycles run, then instrumentation is switched on
 (``callgrind_control -i on``) for N cycles and the count dumped; instructions
-per cycle are the total divided by N. Under valgrind the server is ~50x
-slower, so a crowded room's ``presence`` batch (every 0.5 s) covers fewer
-cycles than at full speed: that share is a little overstated. ``--peer
-websockets`` counts a peer server's cycle the same way (it sends no welcome,
-member list or presence: the floor a cycle can cost).
+per cycle are the total divided by N. Work paced by the clock is left out, as
+under valgrind the server runs ~50x slower and it would be charged to ever
+fewer cycles the slower the machine: the server gets no heartbeat and a
+crowded room's ``presence`` frame never comes due (at full speed one frame
+every 0.5 s covers ~500 cycles). ``--peer websockets`` counts a peer
+server's cycle the same way (it sends no welcome, member list or presence;
+its own keepalive pings stay on, one per member per 20 s).
 """
 
 from __future__ import annotations
@@ -53,12 +57,32 @@ FLAVOR = Flavor(CHATCORE)
 IN_FLIGHT = 20
 
 
+# The benchmark's chatcore server with nothing paced by the clock (see --callgrind).
+_UNPACED = """
+import sys, logging, anyio
+from dataclasses import replace
+from benchmarks.chatcore_launch import store_for, unlimited_config
+from chatcore_server import ChatServer
+
+logging.basicConfig(level=logging.WARNING)
+config = replace(unlimited_config(), ping_interval=1e6, presence_interval=1e6)
+server = ChatServer(config=config, store=store_for(sys.argv[1]), port=0)
+
+async def main():
+    async with anyio.create_task_group() as tg:
+        print("open", await tg.start(server.serve), flush=True)
+
+anyio.run(main, backend="asyncio")
+"""
+
+
 def start_server(
-    db: str, prefix: tuple[str, ...] = (), peer: str | None = None
+    db: str, prefix: tuple[str, ...] = (), peer: str | None = None, code: Path = ROOT
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``chatcore serve`` (or the benchmark's ``peer`` server module) on a free port."""
+    """``chatcore serve`` on a free port; with a ``prefix`` (valgrind) the benchmark's
+    server without clock-paced work, or the benchmark's ``peer`` server module."""
     env = dict(os.environ)
-    path = [str(ROOT / "src"), str(ROOT / "adapters"), str(ROOT)]
+    path = [str(code / "src"), str(code / "adapters"), str(ROOT)]
     if env.get("PYTHONPATH"):
         path.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(path)
@@ -68,6 +92,8 @@ def start_server(
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         args = ["-m", f"benchmarks.peers.{peer}_server", "--port", str(port)]
+    elif prefix:
+        args = ["-c", _UNPACED, db]
     else:
         args = ["-m", "chatcore_server", "serve", "--port", "0", "--db", db,
                 "--log-level", "warning"]  # fmt: skip
@@ -78,7 +104,7 @@ def start_server(
     line = proc.stdout.readline().decode()
     if peer is not None:  # "listening on HOST:PORT"
         return proc, port
-    # "chatcore is running: open http://127.0.0.1:PORT/ in a browser"
+    # "chatcore is running: open http://127.0.0.1:PORT/ in a browser", or "open URL"
     url = line.split("open ", 1)[1].split()[0]
     return proc, int(url.rstrip("/").rsplit(":", 1)[1])
 
@@ -124,13 +150,13 @@ def run_cycles(port: int, members: list[FrameCounter], first: int, n: int) -> tu
     return done, failures
 
 
-def callgrind(db: str, n: int, members: int, peer: str | None) -> None:
+def callgrind(db: str, n: int, members: int, peer: str | None, code: Path) -> None:
     """Instructions the server spends per connect+close cycle (see the docstring)."""
     out = Path(tempfile.mkdtemp(prefix="churn-callgrind-")) / "callgrind.out"
     prefix = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found")
-    proc, port = start_server(db, prefix, peer)
+    proc, port = start_server(db, prefix, peer, code)
     try:
         readers = connect_members(port, members)
         run_cycles(port, readers, 0, 200)
@@ -173,12 +199,16 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--callgrind", type=int, metavar="N", help="instructions per cycle")
     parser.add_argument("--peer", help="with --callgrind: a peer server instead (websockets)")
+    parser.add_argument(
+        "--code", type=Path, help="run the src/ and adapters/ of DIR (git archive of a commit)"
+    )
     args = parser.parse_args()
+    code = ROOT if args.code is None else args.code.resolve()
     db = args.db.replace("TMP", tempfile.gettempdir())
     if args.callgrind:
-        callgrind(db, args.callgrind, args.members, args.peer)
+        callgrind(db, args.callgrind, args.members, args.peer, code)
         return
-    proc, port = start_server(db)
+    proc, port = start_server(db, code=code)
     try:
         members = connect_members(port, args.members)
         n = failures = 0
