@@ -318,8 +318,44 @@ class ChatServer(ChatControls):
         scope: anyio.CancelScope,
     ) -> None:
         with scope:
-            await listener.serve(self._handle_tcp, conns)
+            sockets = _plain_sockets(listener) if self.ssl_context is None else None
+            if self._loop is not None and sockets and (door := _asyncio_door()) is not None:
+                await self._accept_asyncio(self._loop, sockets, door, conns)
+            else:
+                await listener.serve(self._handle_tcp, conns)
         await listener.aclose()
+
+    async def _accept_asyncio(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        door: tuple[type[asyncio.Protocol], Any],
+        conns: anyio.abc.TaskGroup,
+    ) -> None:
+        """Accept with asyncio's own server, on asyncio over plain TCP.
+
+        anyio's ``listener.serve`` accepts one connection per await chain (a
+        checkpoint, a cancel scope, a future for the accept and another for the
+        transport); asyncio's server accepts every pending connection in one
+        callback and makes the same transport and protocol anyio would. Each
+        connection then runs ``_handle_tcp`` on the same anyio stream as ever.
+        """
+        protocol, stream = door
+        start = conns.start_soon
+        handle = self._handle_tcp
+
+        class Accepted(protocol):  # type: ignore[valid-type, misc]
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                start(handle, stream(transport, self))
+
+        # (anyio listens with a backlog of 65536; asyncio would set its own 100.)
+        servers = [await loop.create_server(Accepted, sock=s, backlog=65536) for s in sockets]
+        try:
+            await anyio.sleep_forever()
+        finally:
+            for server in servers:
+                server.close()  # stops accepting (the listener's aclose closes the sockets)
 
     async def _close_all(self) -> None:
         self._stopping = True
@@ -788,6 +824,29 @@ def _loop_busy() -> float:
             return schedstat_busy(f.read())
     except (OSError, ValueError):
         return time.thread_time()
+
+
+def _asyncio_door() -> tuple[type[asyncio.Protocol], Any] | None:
+    """anyio's asyncio protocol and stream classes for an accepted socket, or None
+    if this anyio does not have them under these names (then anyio accepts)."""
+    try:
+        from anyio._backends._asyncio import SocketStream, StreamProtocol
+    except ImportError:
+        return None
+    if not (isinstance(StreamProtocol, type) and issubclass(StreamProtocol, asyncio.Protocol)):
+        return None
+    return StreamProtocol, SocketStream
+
+
+def _plain_sockets(listener: anyio.abc.Listener[Any]) -> list[socket.socket] | None:
+    """The listening sockets of an anyio TCP listener, or None if it is something else."""
+    found: list[socket.socket] = []
+    for each in getattr(listener, "listeners", [listener]):
+        raw = getattr(each, "_raw_socket", None)
+        if not isinstance(raw, socket.socket):
+            return None
+        found.append(raw)
+    return found or None
 
 
 def _request_size(target: bytes, headers: list[tuple[bytes, bytes]]) -> int:
