@@ -475,14 +475,19 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
             assert_never(event)
 
 
+# json.dumps with any option builds a new encoder per call; this one is built once
+# (an encoder keeps no state between calls).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode_json(event: ServerEvent) -> str:
     """The ``chatcore.v1`` text frame for ``event``."""
-    return json.dumps(event_to_dict(event), ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(event_to_dict(event))
 
 
 def encode_string(text: str) -> str:
     """``text`` as a JSON string, encoded as :func:`encode_json` encodes strings."""
-    return json.dumps(text, ensure_ascii=False)
+    return _ENCODER.encode(text)
 
 
 _NO_USERS = '"users":[]'
