@@ -110,8 +110,9 @@ class MemoryStore:
         self.max_position_users = max_position_users
         self.positions_by_key: dict[tuple[str, str], tuple[int, int]] = {}
         # user -> the rooms of their rows in positions_by_key, the user saved
-        # longest ago first (a save moves the user to the end).
-        self._position_rooms: dict[str, set[str]] = {}
+        # longest ago first (a save moves the user to the end). A tuple: most
+        # users have one or two rooms, and a set costs 216 B even then.
+        self._position_rooms: dict[str, tuple[str, ...]] = {}
         # The key directory: user -> device -> (identity key, prekey id -> key).
         self.devices: dict[str, dict[str, tuple[str, dict[int, str]]]] = {}
         self.available = True
@@ -292,14 +293,16 @@ class MemoryStore:
 
     def _save_positions(self, effect: SavePositions) -> None:
         user = effect.user
-        rooms = self._position_rooms.pop(user, None) or set()
-        self._position_rooms[user] = rooms  # the newest now
+        rooms = self._position_rooms.pop(user, ())
         for p in effect.positions:
             # Keep the furthest position: a late report never moves a mark back.
             key = (user, p.room)
-            delivered, read = self.positions_by_key.get(key, (0, 0))
-            self.positions_by_key[key] = (max(delivered, p.delivered), max(read, p.read))
-            rooms.add(p.room)
+            found = self.positions_by_key.get(key)
+            if found is None:
+                found = (0, 0)
+                rooms += (p.room,)
+            self.positions_by_key[key] = (max(found[0], p.delivered), max(found[1], p.read))
+        self._position_rooms[user] = rooms  # the newest now
         bound = self.max_position_users
         while bound is not None and len(self._position_rooms) > bound:
             oldest = next(iter(self._position_rooms))
