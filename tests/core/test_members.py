@@ -100,3 +100,16 @@ def test_a_members_frame_after_messages_and_leaves_has_the_room_as_it_is_now() -
     dave = sim.connect("dave", room="lobby")
     assert dave.of_type("members")[-1]["users"] == ["alice", "carol", "dave"]
     assert dave.of_type("members")[-1]["offset"] == frame["offset"]
+
+
+def test_a_second_session_after_a_leave_gets_the_list_without_the_one_who_left() -> None:
+    # A second session of a member changes no one's membership, so nothing else
+    # refreshes the room's members frame: the leave before it must have.
+    sim = Simulation(Config(), seed=4)
+    alice = sim.connect("alice", room="lobby")
+    bob = sim.connect("bob", room="lobby")
+    assert bob.of_type("members")[-1]["users"] == ["alice", "bob"]
+    sim.close(bob)
+    again = sim.connect("alice", room="lobby")
+    assert again.of_type("members")[-1]["users"] == ["alice"]
+    assert alice.connected
