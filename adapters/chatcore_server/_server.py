@@ -6,6 +6,11 @@ which feeds the engine, keeps its timer and runs the history store. The
 server is the host's :class:`~chatcore_host.Transport`: what it owns is what
 is specific to sockets:
 
+* on asyncio over plain TCP, asyncio's server accepts and a connection whose
+  first request is a complete, acceptable WebSocket upgrade is upgraded from
+  its protocol's callbacks, with no task (``_door``); every other request,
+  refusal or error goes to ``_handle_tcp``'s task, the only path TLS and trio
+  take, which reads the connection from its start;
 * every event from a socket becomes one command fed to the host, which
   carries out its effects at once, without awaiting;
 * fan-out (:meth:`ChatServer.deliver`) builds each frame once and appends
