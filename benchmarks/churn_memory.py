@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/churn_memory.py                  # 10,000 cycles, memory store
     .venv/bin/python benchmarks/churn_memory.py --cycles 2000 --db sqlite:///TMP/churn.db
+    .venv/bin/python benchmarks/churn_memory.py --callgrind 400 [--code DIR | --peer websockets]
 
 Starts ``python -m chatcore_server serve --port 0``, connects 100 idle members
 to ``room0`` (they read everything sent to them), then runs connect+close
@@ -15,6 +16,21 @@ sample within 1 MiB of the start. Not a timed test: rates are printed only.
 The memory store is the log itself, kept in the server's memory: it keeps one
 position row per (user, room) a session ended in (``SavePositions``), as a
 database would on disk. ``--db sqlite:///...`` moves those rows to a file.
+
+``--callgrind N`` measures the server's whole side of a cycle in instructions
+instead (HTTP, handshake, engine, close, the event loop: what wall-clock rates
+on a shared machine cannot show): the benchmark's server
+(``benchmarks.chatcore_launch``'s config) runs under
+``valgrind --tool=callgrind`` with instrumentation off, 100 members connect,
+200 warm-up cycles run, then instrumentation is switched on
+(``callgrind_control -i on``) for N cycles and the count dumped; instructions
+per cycle are the total divided by N. Work paced by the clock is left out, as
+under valgrind the server runs ~50x slower and it would be charged to ever
+fewer cycles the slower the machine: the server gets no heartbeat and a
+crowded room's ``presence`` frame never comes due (at full speed one frame
+every 0.5 s covers ~500 cycles). ``--peer websockets`` counts a peer
+server's cycle the same way (it sends no welcome, member list or presence;
+its own keepalive pings stay on, one per member per 20 s).
 """
 
 from __future__ import annotations
@@ -22,6 +38,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,20 +57,54 @@ FLAVOR = Flavor(CHATCORE)
 IN_FLIGHT = 20
 
 
-def start_server(db: str) -> tuple[subprocess.Popen[bytes], int]:
+# The benchmark's chatcore server with nothing paced by the clock (see --callgrind).
+_UNPACED = """
+import sys, logging, anyio
+from dataclasses import replace
+from benchmarks.chatcore_launch import store_for, unlimited_config
+from chatcore_server import ChatServer
+
+logging.basicConfig(level=logging.WARNING)
+config = replace(unlimited_config(), ping_interval=1e6, presence_interval=1e6)
+server = ChatServer(config=config, store=store_for(sys.argv[1]), port=0)
+
+async def main():
+    async with anyio.create_task_group() as tg:
+        print("open", await tg.start(server.serve), flush=True)
+
+anyio.run(main, backend="asyncio")
+"""
+
+
+def start_server(
+    db: str, prefix: tuple[str, ...] = (), peer: str | None = None, code: Path = ROOT
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``chatcore serve`` on a free port; with a ``prefix`` (valgrind) the benchmark's
+    server without clock-paced work, or the benchmark's ``peer`` server module."""
     env = dict(os.environ)
-    path = [str(ROOT / "src"), str(ROOT / "adapters")]
+    path = [str(code / "src"), str(code / "adapters"), str(ROOT)]
     if env.get("PYTHONPATH"):
         path.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(path)
+    env["PYTHONHASHSEED"] = "0"
+    if peer is not None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = ["-m", f"benchmarks.peers.{peer}_server", "--port", str(port)]
+    elif prefix:
+        args = ["-c", _UNPACED, db]
+    else:
+        args = ["-m", "chatcore_server", "serve", "--port", "0", "--db", db,
+                "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatcore_server", "serve", "--port", "0", "--db", db,
-         "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
+        [*prefix, sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
-    # "chatcore is running: open http://127.0.0.1:PORT/ in a browser"
+    if peer is not None:  # "listening on HOST:PORT"
+        return proc, port
+    # "chatcore is running: open http://127.0.0.1:PORT/ in a browser", or "open URL"
     url = line.split("open ", 1)[1].split()[0]
     return proc, int(url.rstrip("/").rsplit(":", 1)[1])
 
@@ -78,26 +131,86 @@ def cycle_batch(port: int, first: int) -> tuple[int, int]:
     return close_all(opened, FLAVOR.after_open)
 
 
+def connect_members(port: int, n: int) -> list[FrameCounter]:
+    targets = [FLAVOR.target(f"member{i}", ["room0"]) for i in range(n)]
+    members = [FrameCounter(s, False) for s, _ in open_many(port, targets, FLAVOR.subprotocol)]
+    time.sleep(0.5)
+    drain(members)
+    return members
+
+
+def run_cycles(port: int, members: list[FrameCounter], first: int, n: int) -> tuple[int, int]:
+    """``n`` cycles of new users from ``churn{first}`` on; (cycles done, failures)."""
+    done = failures = 0
+    while done + failures < n:
+        ok, failed = cycle_batch(port, first + done + failures)
+        done += ok
+        failures += failed
+        drain(members)
+    return done, failures
+
+
+def callgrind(db: str, n: int, members: int, peer: str | None, code: Path) -> None:
+    """Instructions the server spends per connect+close cycle (see the docstring)."""
+    out = Path(tempfile.mkdtemp(prefix="churn-callgrind-")) / "callgrind.out"
+    prefix = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found")
+    proc, port = start_server(db, prefix, peer, code)
+    try:
+        readers = connect_members(port, members)
+        run_cycles(port, readers, 0, 200)
+        time.sleep(1.0)
+        drain(readers)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        t0 = time.monotonic()
+        done, failures = run_cycles(port, readers, 200, n)
+        wall = time.monotonic() - t0
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        for reader in readers:
+            reader.sock.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    dumps = sorted(out.parent.glob("callgrind.out*"), key=lambda p: p.stat().st_size)
+    total = 0
+    for dump in dumps:  # the explicit dump (-d) holds the cycles; the exit dump is ~empty
+        counts = re.findall(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+        total = max([total, *map(int, counts)])
+    print(
+        f"{done:,} cycles ({failures} failures, {done / wall:,.1f}/s under valgrind): "
+        f"{total:,} instructions, {total / max(done, 1) / 1e6:.2f} M per connect+close cycle "
+        f"(dumps in {out.parent})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="benchmarks/churn_memory.py")
     parser.add_argument("--cycles", type=int, default=10_000)
     parser.add_argument("--warmup", type=int, default=1_000)
     parser.add_argument("--db", default="memory")
     parser.add_argument("--members", type=int, default=100)
+    parser.add_argument("--callgrind", type=int, metavar="N", help="instructions per cycle")
+    parser.add_argument("--peer", help="with --callgrind: a peer server instead (websockets)")
+    parser.add_argument(
+        "--code", type=Path, help="run the src/ and adapters/ of DIR (git archive of a commit)"
+    )
     args = parser.parse_args()
+    code = ROOT if args.code is None else args.code.resolve()
     db = args.db.replace("TMP", tempfile.gettempdir())
-    proc, port = start_server(db)
+    if args.callgrind:
+        callgrind(db, args.callgrind, args.members, args.peer, code)
+        return
+    proc, port = start_server(db, code=code)
     try:
-        members = [
-            FrameCounter(s, False)
-            for s, _ in open_many(
-                port,
-                [FLAVOR.target(f"member{i}", ["room0"]) for i in range(args.members)],
-                FLAVOR.subprotocol,
-            )
-        ]
-        time.sleep(0.5)
-        drain(members)
+        members = connect_members(port, args.members)
         n = failures = 0
         while n < args.warmup:
             done, failed = cycle_batch(port, n)

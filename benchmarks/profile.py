@@ -1,15 +1,18 @@
-"""Profile a server under a fixed fan-out load with py-spy.
+"""Profile a server under a fixed fan-out load, or under churn, with py-spy.
 
     python -m benchmarks.profile [--server chatcore] [--scenario b] [--rate 100000]
                                  [--seconds 8] [--out /tmp/chatcore-profile.txt]
     python -m benchmarks.profile --scenario storm     # 1,000 clients joining one room
+    python -m benchmarks.profile --scenario churn [--server websockets]
 
 Starts the server and its clients exactly as the benchmark does, attaches
 ``py-spy record`` (raw collapsed stacks) to the server while the generator
 offers ``--rate`` deliveries/s (``storm``: while 1,000 clients join one room,
-recorded until the room is full), then prints where the time goes: the frames
-with the most samples on top of the stack (self) and anywhere in it (total).
-The raw file can be turned into a flame graph with any collapsed-stack tool.
+recorded until the room is full; ``churn``: connects and closes new users as
+fast as it can, 20 in flight, next to 100 members, as the churn scenario
+does), then prints where the time goes: the frames with the most samples on
+top of the stack (self) and anywhere in it (total). The raw file can be
+turned into a flame graph with any collapsed-stack tool.
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 from ._counters import Counters, raise_nofile
-from ._scenarios import SCENARIOS, Session, summarize
+from ._scenarios import SCENARIOS, Scenario, Session, summarize
 from ._servers import PRIORITY, SERVERS, RunningServer
 from ._storm import storm
+from ._wire import Flavor, close_all, open_many
+
+CHURN = Scenario("churn", "100 members + churn", 100, 1, 1, 1)
 
 # Frames of threads that only wait (the store's worker threads, idle selects).
 _IDLE = ("_worker (concurrent/futures/thread.py", "select (selectors.py", "wait (threading.py")
@@ -58,10 +65,22 @@ def report(path: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def churn_for(port: int, flavor: Flavor, seconds: float) -> int:
+    """Connect+close cycles of new users, 20 in flight, for ``seconds``: how many."""
+    cycles = n = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        targets = [flavor.target(f"churn{n + i}", ["room0"]) for i in range(20)]
+        n += 20
+        with contextlib.suppress(Exception):  # a failed handshake: go on
+            cycles += close_all(open_many(port, targets, flavor.subprotocol), flavor.after_open)[0]
+    return cycles
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile")
     p.add_argument("--server", default="chatcore", choices=sorted(SERVERS))
-    p.add_argument("--scenario", default="b", choices=[*sorted(SCENARIOS), "storm"])
+    p.add_argument("--scenario", default="b", choices=[*sorted(SCENARIOS), "churn", "storm"])
     p.add_argument("--rate", type=int, default=100_000)
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--out", type=Path, default=Path("/tmp/chatcore-profile.txt"))
@@ -79,9 +98,12 @@ def main() -> int:
     if args.scenario == "storm":
         return profile_storm(py_spy, args.server, args.out)
     counters = Counters(1, nice=PRIORITY + 5 if PRIORITY else 19)
-    session = Session(SERVERS[args.server], SCENARIOS[args.scenario], counters)
+    churn = args.scenario == "churn"
+    spec = SERVERS[args.server]
+    session = Session(spec, CHURN if churn else SCENARIOS[args.scenario], counters)
     try:
-        session.warm_up(args.rate)
+        if not churn:
+            session.warm_up(args.rate)
         spy = subprocess.Popen(
             [
                 py_spy,
@@ -100,17 +122,21 @@ def main() -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        verdict = summarize(session.step(args.rate, args.seconds))
+        if churn:
+            cycles = churn_for(session.server.port, spec.flavor, args.seconds)
+            summary = f"{cycles / args.seconds:,.0f} connect+close/s"
+        else:
+            verdict = summarize(session.step(args.rate, args.seconds))
+            summary = (
+                f"at {args.rate:,}/s: got {verdict['achieved_per_s']:,}/s, p99 "
+                f"{verdict['p99_ms']} ms, {verdict['server_us_per_delivery']} us/delivery, "
+                f"server CPU {verdict['server_cpu_share']:.0%}"
+            )
         spy.wait(timeout=args.seconds + 30)
     finally:
         session.close()
         counters.stop()
-    print(
-        f"{args.server} scenario {args.scenario} at {args.rate:,}/s: got "
-        f"{verdict['achieved_per_s']:,}/s, p99 {verdict['p99_ms']} ms, "
-        f"{verdict['server_us_per_delivery']} us/delivery, server CPU "
-        f"{verdict['server_cpu_share']:.0%}"
-    )
+    print(f"{args.server} scenario {args.scenario} {summary}")
     print(report(args.out))
     print(f"\nraw stacks: {args.out}")
     return 0

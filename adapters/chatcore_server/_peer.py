@@ -40,7 +40,7 @@ from wsproto.events import (
 
 from ._frames import MessageBound
 
-__all__ = ["Peer", "PeerOwner", "adopt_asyncio"]
+__all__ = ["Peer", "PeerOwner", "adopt_asyncio", "attach_transport"]
 
 log = logging.getLogger("chatcore_server")
 
@@ -574,12 +574,17 @@ def adopt_asyncio(peer: Peer, stream: anyio.abc.ByteStream) -> bytes | None:
     queue.clear()
     # Let anyio's stream go: its protocol's queue and events are ~2 KiB per connection.
     peer.stream = None
+    attach_transport(peer, transport)
+    return pending
+
+
+def attach_transport(peer: Peer, transport: asyncio.Transport) -> None:
+    """From now on callbacks on ``transport`` drive ``peer`` (it has no stream)."""
     peer.transport = transport
     transport.set_protocol(_Link(peer))
     transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
     if not transport.is_reading():
         transport.resume_reading()
-    return pending
 
 
 class _Link(asyncio.Protocol):

@@ -6,6 +6,11 @@ which feeds the engine, keeps its timer and runs the history store. The
 server is the host's :class:`~chatcore_host.Transport`: what it owns is what
 is specific to sockets:
 
+* on asyncio over plain TCP, asyncio's server accepts and a connection whose
+  first request is a complete, acceptable WebSocket upgrade is upgraded from
+  its protocol's callbacks, with no task (``_door``); every other request,
+  refusal or error goes to ``_handle_tcp``'s task, the only path TLS and trio
+  take, which reads the connection from its start;
 * every event from a socket becomes one command fed to the host, which
   carries out its effects at once, without awaiting;
 * fan-out (:meth:`ChatServer.deliver`) builds each frame once and appends
@@ -28,11 +33,12 @@ import logging
 import socket
 import ssl
 import time
+from asyncio.trsock import TransportSocket
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
@@ -46,6 +52,7 @@ from wsproto.utilities import generate_accept_token
 
 from chatcore import (
     Config,
+    Connect,
     Disconnected,
     Drained,
     Engine,
@@ -81,7 +88,7 @@ from chatcore_store import HistoryStore
 from . import _http
 from ._frames import MessageBound, text_frame
 from ._http import Reply, error
-from ._peer import ByteTally, Peer, adopt_asyncio
+from ._peer import ByteTally, Peer, adopt_asyncio, attach_transport
 from ._saturation import CoreUse, flush_delay, schedstat_busy
 
 __all__ = ["ChatServer", "Limits"]
@@ -228,6 +235,7 @@ class ChatServer(ChatControls):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writers: anyio.abc.TaskGroup | None = None
         self._adopted: set[Peer] = set()  # asyncio peers driven by callbacks, not tasks
+        self._doors: set[asyncio.Protocol] = set()  # accepted, first request not read yet
         # Metrics: read at scrape time from the engine, the host and these two.
         self._opened = 0
         self._bytes = ByteTally()
@@ -307,6 +315,8 @@ class ChatServer(ChatControls):
         finally:
             for peer in list(self._adopted):  # cancelled rather than shut down
                 peer.abort()
+            for door in list(self._doors):
+                door.shut()  # type: ignore[attr-defined]
             log.info("chatcore stopped")
 
     def shutdown(self) -> None:
@@ -321,8 +331,102 @@ class ChatServer(ChatControls):
         scope: anyio.CancelScope,
     ) -> None:
         with scope:
-            await listener.serve(self._handle_tcp, conns)
+            sockets = _plain_sockets(listener) if self.ssl_context is None else None
+            if self._loop is not None and sockets and (door := _asyncio_door()) is not None:
+                await self._accept_asyncio(self._loop, sockets, door, conns)
+            else:
+                await listener.serve(self._handle_tcp, conns)
         await listener.aclose()
+
+    async def _accept_asyncio(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        door: tuple[type[asyncio.Protocol], Any],
+        conns: anyio.abc.TaskGroup,
+    ) -> None:
+        """Accept with asyncio's own server, on asyncio over plain TCP.
+
+        anyio's ``listener.serve`` accepts one connection per await chain (a
+        checkpoint, a cancel scope, a future for the accept and another for the
+        transport) and gives each a task. Here asyncio's server accepts every
+        pending connection in one callback, with the transport and protocol
+        anyio would make, and a connection whose first request is a complete,
+        acceptable WebSocket upgrade is upgraded from the protocol's callbacks
+        (``_door``): no task at all. Anything else (another route, a refusal,
+        a malformed request, EOF) goes to ``_handle_tcp`` on an anyio stream
+        over the same transport, which reads it from its start and answers it
+        as ever. A connection that sends no whole request within
+        ``handshake_timeout`` is closed, as ``_http`` closes one.
+        """
+        protocol, stream = door
+        server = self
+        limits = self.limits
+        start = conns.start_soon
+        handle = self._handle_tcp
+        doors = self._doors
+
+        class Accepted(protocol):  # type: ignore[valid-type, misc]
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                self.door: asyncio.Transport | None = cast(asyncio.Transport, transport)
+                self.http = h11.Connection(
+                    h11.SERVER, max_incomplete_event_size=limits.max_request_bytes
+                )
+                # Too slow to send a whole request: closed, as _http closes one.
+                self.timer = loop.call_later(limits.handshake_timeout, self.shut)
+                server._tcp += 1
+                doors.add(self)
+
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)  # kept for _handle_tcp, should it take over
+                transport = self.door
+                if transport is None:
+                    return
+                try:
+                    self.http.receive_data(data)
+                    done = server._door(self.http, transport)
+                except Exception:  # h11's errors, or a bug before any peer exists:
+                    done = False  # _handle_tcp reads the request again, answers or logs it
+                if done is not None:
+                    self.leave(transport, upgraded=done)
+
+            def eof_received(self) -> bool | None:
+                kept = cast("bool | None", super().eof_received())
+                self.to_task()
+                return kept
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                super().connection_lost(exc)
+                if self.door is not None:  # gone before a whole request came
+                    self.leave(self.door, upgraded=True)
+                    server._tcp -= 1
+
+            def to_task(self) -> None:
+                if self.door is not None:
+                    self.leave(self.door, upgraded=False)
+
+            def shut(self) -> None:
+                """Close a connection that has not sent a whole request."""
+                if (transport := self.door) is not None:
+                    self.connection_lost(None)
+                    transport.close()
+
+            def leave(self, transport: asyncio.Transport, *, upgraded: bool) -> None:
+                self.door = None
+                self.timer.cancel()
+                doors.discard(self)
+                if not upgraded:  # _handle_tcp counts it again (an upgraded peer stays counted)
+                    server._tcp -= 1
+                    start(handle, stream(transport, self))
+
+        # (anyio listens with a backlog of 65536; asyncio would set its own 100.)
+        servers = [await loop.create_server(Accepted, sock=s, backlog=65536) for s in sockets]
+        try:
+            await anyio.sleep_forever()
+        finally:
+            for each in servers:
+                each.close()  # stops accepting (the listener's aclose closes the sockets)
 
     async def _close_all(self) -> None:
         self._stopping = True
@@ -598,9 +702,12 @@ class ChatServer(ChatControls):
                     return None
             if request is None:
                 return None  # EOF, or too slow to send a request
+            # One pass over h11's headers (each of its items is a call): the checks
+            # below read this list many times.
+            headers = list(request.headers)
             if (
-                _request_size(request) > self.limits.max_request_bytes
-                or len(request.headers) > self.limits.max_headers
+                _request_size(request.target, headers) > self.limits.max_request_bytes
+                or len(headers) > self.limits.max_headers
             ):
                 # h11 bounds only what arrives in pieces; one big read is bounded here,
                 # and so is the number of header fields, however small.
@@ -620,12 +727,15 @@ class ChatServer(ChatControls):
                 await _send_reply(stream, http, reply, head=head, close=True)
                 return None
             if path == "/ws":
-                upgraded = await self._websocket(stream, http, request, parts.query)
-                if not isinstance(upgraded, Reply):
-                    return upgraded
-                reply = upgraded
+                checked = self._handshake(request.method, headers, parts.query)
+                if isinstance(checked, _Upgrade):
+                    peer = self._open_peer(checked, stream, _raw_socket(stream))
+                    self.engine_host.feed(checked.connect)
+                    trailing, _ = http.trailing_data
+                    return peer, bytes(trailing)
+                reply = self._refuse(*checked)
             else:
-                reply = await answer(self, method, path, parts.query, request.headers, bytes(body))
+                reply = await answer(self, method, path, parts.query, headers, bytes(body))
             close = http.their_state is not h11.DONE or reply.status >= 500 or self._stopping
             if not await _send_reply(stream, http, reply, head=head, close=close):
                 return None
@@ -638,68 +748,65 @@ class ChatServer(ChatControls):
 
     # -- the WebSocket handshake --------------------------------------------------------------
 
-    async def _websocket(
-        self, stream: anyio.abc.ByteStream, http: h11.Connection, request: h11.Request, query: str
-    ) -> Reply | tuple[Peer, bytes]:
-        """The upgraded peer (registered with the engine), or the reply that refuses it."""
-        headers = request.headers
+    def _handshake(
+        self, method: bytes, headers: list[tuple[bytes, bytes]], query: str
+    ) -> _Upgrade | tuple[str, Reply]:
+        """What accepting an upgrade request needs, or why it is refused and the reply
+        (to count with ``_refuse``). Changes nothing: the door asks it too."""
         upgrade = [t.lower() for t in header_tokens(headers, b"upgrade")]
         connection = [t.lower() for t in header_tokens(headers, b"connection")]
         if "websocket" not in upgrade or "upgrade" not in connection:
-            return self._refuse(
-                "bad_handshake",
-                error(
-                    426,
-                    "this endpoint speaks WebSocket only",
-                    ("upgrade", "websocket"),
-                    ("sec-websocket-version", "13"),
-                ),
+            return "bad_handshake", error(
+                426,
+                "this endpoint speaks WebSocket only",
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
             )
-        if request.method != b"GET":
-            return self._refuse(
-                "bad_handshake", error(405, "a WebSocket upgrade must be a GET", ("allow", "GET"))
+        if method != b"GET":
+            return "bad_handshake", error(
+                405, "a WebSocket upgrade must be a GET", ("allow", "GET")
             )
         if self._stopping:
-            return self._refuse("shutting_down", error(503, "shutting down", ("retry-after", "5")))
+            return "shutting_down", error(503, "shutting down", ("retry-after", "5"))
         repeated = repeated_header(headers, _SINGLE_HEADERS)
         if repeated is not None:
-            return self._refuse(
-                "bad_handshake", error(400, f"more than one {repeated.decode()} header")
-            )
+            return "bad_handshake", error(400, f"more than one {repeated.decode()} header")
         scheme = "https" if self.ssl_context is not None else "http"
         if not origin_allowed(
             header(headers, b"origin"), header(headers, b"host"), scheme, self.allow_origins
         ):
-            return self._refuse("origin_not_allowed", error(403, "origin not allowed"))
+            return "origin_not_allowed", error(403, "origin not allowed")
         if header(headers, b"sec-websocket-version") != "13":
-            return self._refuse(
-                "bad_handshake",
-                error(426, "WebSocket version 13 only", ("sec-websocket-version", "13")),
+            return "bad_handshake", error(
+                426, "WebSocket version 13 only", ("sec-websocket-version", "13")
             )
         key = header(headers, b"sec-websocket-key")
         if key is None or not _valid_key(key):
-            return self._refuse("bad_handshake", error(400, "missing or invalid Sec-WebSocket-Key"))
+            return "bad_handshake", error(400, "missing or invalid Sec-WebSocket-Key")
         user: str | None = None
         if self.jwt_secret is not None:
             try:
                 user = authenticate(headers, parse_qsl(query), self.jwt_secret)
             except AuthError as exc:
-                return self._refuse(
-                    "unauthorized", error(401, str(exc), ("www-authenticate", "Bearer"))
-                )
+                return "unauthorized", error(401, str(exc), ("www-authenticate", "Bearer"))
         mode, subprotocol = select_mode(header_tokens(headers, b"sec-websocket-protocol"))
-        self._next_id += 1
-        conn = self._next_id
         try:
-            connect = parse_connect(conn, query, mode, user=user)
+            connect = parse_connect(self._next_id + 1, query, mode, user=user)
         except HandshakeError as exc:
-            return self._refuse("bad_query", error(exc.status, exc.reason))
-        trailing, _ = http.trailing_data
-        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+            return "bad_query", error(exc.status, exc.reason)
+        return _Upgrade(connect, _switching_protocols(key, subprotocol))
+
+    def _open_peer(
+        self, upgrade: _Upgrade, stream: anyio.abc.ByteStream | None, raw: socket.socket | None
+    ) -> Peer:
+        """Register the peer of an accepted upgrade, the 101 queued; the caller then
+        feeds its ``Connect`` (once the peer is attached to its transport)."""
+        connect = upgrade.connect
+        self._next_id = conn = connect.conn
         if raw is not None and self.limits.send_buffer is not None:
             with suppress(OSError):
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
-        fd = -1 if raw is None or self.ssl_context is not None else raw.fileno()
+        fd = -1 if raw is None or stream is None or self.ssl_context is not None else raw.fileno()
         ws = WebSocket(ConnectionType.SERVER)
         bound = MessageBound(self.config.max_frame_bytes, self.limits.max_fragments)
         peer = Peer(
@@ -714,7 +821,7 @@ class ChatServer(ChatControls):
             tally=self._bytes,
         )
         # The 101 leads the peer's queue: it goes out in one write with the welcome.
-        peer.queue(_switching_protocols(key, subprotocol))
+        peer.queue(upgrade.accept)
         self._peers[conn] = peer
         self._ws_running += 1
         self._opened += 1
@@ -723,11 +830,60 @@ class ChatServer(ChatControls):
                 "opened conn=%d user=%s mode=%s from=%s",
                 conn,
                 connect.user,
-                mode.value,
+                connect.mode.value,
                 _address(raw),
             )
-        self.engine_host.feed(connect)
-        return peer, bytes(trailing)
+        return peer
+
+    # -- the door: the happy path of a WebSocket upgrade without a task (asyncio) ----------
+
+    def _door(self, http: h11.Connection, transport: asyncio.Transport) -> bool | None:
+        """Upgrade a connection from callbacks alone, if its first request is a
+        complete, acceptable WebSocket upgrade: True once upgraded, None to wait
+        for more bytes, False to hand the connection to ``_handle_tcp``, which
+        reads it from its start (every other request, every refusal, every
+        error: one place answers those). Raises only what h11 raises.
+        """
+        event = http.next_event()
+        if event is h11.NEED_DATA:
+            return None
+        if type(event) is not h11.Request or type(http.next_event()) is not h11.EndOfMessage:
+            return False
+        headers = list(event.headers)
+        if (
+            _request_size(event.target, headers) > self.limits.max_request_bytes
+            or len(headers) > self.limits.max_headers
+            or self._tcp > self.limits.max_connections
+        ):
+            return False
+        parts = urlsplit(event.target.decode("latin-1"))
+        if parts.path != "/ws":
+            return False
+        checked = self._handshake(event.method, headers, parts.query)
+        if not isinstance(checked, _Upgrade):
+            return False
+        peer = self._open_peer(checked, None, transport.get_extra_info("socket"))
+        attach_transport(peer, transport)
+        self._adopted.add(peer)
+        try:
+            self.engine_host.feed(checked.connect)
+            trailing, _ = http.trailing_data
+            if trailing:
+                peer.feed(bytes(trailing))
+        except Exception:
+            # A bug, not the peer's doing: this connection alone is lost.
+            log.exception("internal error on a connection")
+            if not peer.finished:
+                self._forget(peer)
+            transport.abort()
+        return True
+
+
+class _Upgrade(NamedTuple):
+    """An upgrade request that passed every check: its ``Connect`` and its 101."""
+
+    connect: Connect
+    accept: bytes
 
 
 async def _read_request(
@@ -786,8 +942,47 @@ def _loop_busy() -> float:
         return time.thread_time()
 
 
-def _request_size(request: h11.Request) -> int:
-    return len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+def _asyncio_door() -> tuple[type[asyncio.Protocol], Any] | None:
+    """anyio's asyncio protocol and stream classes for an accepted socket, or None
+    if this anyio does not have them under these names (then anyio accepts)."""
+    try:
+        from anyio._backends._asyncio import SocketStream, StreamProtocol
+    except ImportError:
+        return None
+    if not (isinstance(StreamProtocol, type) and issubclass(StreamProtocol, asyncio.Protocol)):
+        return None
+    return StreamProtocol, SocketStream
+
+
+def _plain_sockets(listener: anyio.abc.Listener[Any]) -> list[socket.socket] | None:
+    """The listening sockets of an anyio TCP listener, or None if it is something else."""
+    found: list[socket.socket] = []
+    for each in getattr(listener, "listeners", [listener]):
+        raw = getattr(each, "_raw_socket", None)
+        if not isinstance(raw, socket.socket):
+            return None
+        found.append(raw)
+    return found or None
+
+
+def _request_size(target: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(target) + sum(len(k) + len(v) + 4 for k, v in headers)
+
+
+def _raw_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
+    """The stream's socket (None through TLS).
+
+    anyio's ``stream.extra(SocketAttribute.raw_socket)`` builds every socket
+    attribute to hand out one, a ``getpeername`` call included: once per
+    connection that is a visible share of a connect+close cycle, so a plain
+    asyncio stream is asked its transport directly.
+    """
+    transport = getattr(stream, "_transport", None)
+    if isinstance(transport, asyncio.Transport):
+        raw = transport.get_extra_info("socket")
+        if isinstance(raw, socket.socket | TransportSocket):
+            return cast(socket.socket, raw)
+    return stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
 
 
 def _valid_key(key: str) -> bool:

@@ -81,16 +81,38 @@ class MemoryStore:
 
     ``max_messages`` caps every room (applied on append); per-room limits set
     with :meth:`set_retention` are applied by :meth:`apply_retention`.
+
+    ``max_position_users`` bounds the read positions kept (``SavePositions``,
+    one row per user and room a session ended in): the positions of at most
+    that many users, those saved longest ago forgotten first, as everything
+    in this store is forgotten when the process ends. A database keeps every
+    user's; this store is for one process, tests and demos, and a server with
+    users coming and going for weeks must not grow with every name it saw.
+    A forgotten user comes back as a new one: nothing read, no unread
+    direct messages listed at connect. None keeps them all.
     """
 
     answers_at_once = True  # execute_now: no I/O, so a host runs it inline
 
-    def __init__(self, *, epoch_prefix: str = "m", max_messages: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        epoch_prefix: str = "m",
+        max_messages: int | None = None,
+        max_position_users: int | None = 1000,
+    ) -> None:
+        if max_position_users is not None and max_position_users < 1:
+            raise ValueError("max_position_users must be at least 1 (or None: no bound)")
         self._rooms: dict[str, _Room] = {}
         self._epoch_prefix = epoch_prefix
         self._epochs = 0
         self.max_messages = max_messages
+        self.max_position_users = max_position_users
         self.positions_by_key: dict[tuple[str, str], tuple[int, int]] = {}
+        # user -> the rooms of their rows in positions_by_key, the user saved
+        # longest ago first (a save moves the user to the end). A tuple: most
+        # users have one or two rooms, and a set costs 216 B even then.
+        self._position_rooms: dict[str, tuple[str, ...]] = {}
         # The key directory: user -> device -> (identity key, prekey id -> key).
         self.devices: dict[str, dict[str, tuple[str, dict[int, str]]]] = {}
         self.available = True
@@ -256,11 +278,7 @@ class MemoryStore:
                         room.keys[gone.room, gone.sender, gone.client_id] = gone
                 return None
             case SavePositions():
-                # Keep the furthest position: a late report never moves a mark back.
-                for p in effect.positions:
-                    key = (effect.user, p.room)
-                    delivered, read = self.positions_by_key.get(key, (0, 0))
-                    self.positions_by_key[key] = (max(delivered, p.delivered), max(read, p.read))
+                self._save_positions(effect)
                 return None
             case StoreDeviceKeys():
                 return self._store_keys(effect)
@@ -272,6 +290,24 @@ class MemoryStore:
                     if (found := self._rooms.get(name)) is not None:
                         heads[name] = (found.head, found.epoch)
                 return HeadsLoaded(ref=effect.ref, heads=heads)
+
+    def _save_positions(self, effect: SavePositions) -> None:
+        user = effect.user
+        rooms = self._position_rooms.pop(user, ())
+        for p in effect.positions:
+            # Keep the furthest position: a late report never moves a mark back.
+            key = (user, p.room)
+            found = self.positions_by_key.get(key)
+            if found is None:
+                found = (0, 0)
+                rooms += (p.room,)
+            self.positions_by_key[key] = (max(found[0], p.delivered), max(found[1], p.read))
+        self._position_rooms[user] = rooms  # the newest now
+        bound = self.max_position_users
+        while bound is not None and len(self._position_rooms) > bound:
+            oldest = next(iter(self._position_rooms))
+            for room in self._position_rooms.pop(oldest):
+                del self.positions_by_key[oldest, room]
 
     def _store_keys(self, effect: StoreDeviceKeys) -> Command:
         devices = self.devices.setdefault(effect.user, {})

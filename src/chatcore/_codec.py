@@ -475,27 +475,43 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
             assert_never(event)
 
 
+# json.dumps with any option builds a new encoder per call; this one is built once
+# (an encoder keeps no state between calls).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode_json(event: ServerEvent) -> str:
     """The ``chatcore.v1`` text frame for ``event``."""
-    return json.dumps(event_to_dict(event), ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(event_to_dict(event))
 
 
 def encode_string(text: str) -> str:
     """``text`` as a JSON string, encoded as :func:`encode_json` encodes strings."""
-    return json.dumps(text, ensure_ascii=False)
+    return _ENCODER.encode(text)
 
 
 _NO_USERS = '"users":[]'
 
 
-def encode_members(event: Members, users: str) -> str:
-    """:func:`encode_json` of ``event``, given its users already encoded: the JSON
-    strings of ``event.users`` joined with commas (a room keeps them; a crowd's
-    list is then joined, not encoded, per join).
+def members_shell(event: Members) -> tuple[str, str]:
+    """:func:`encode_json` of ``event`` cut around its users: the frame is the first
+    part, the JSON strings of ``event.users`` joined with commas, then the second.
+
+    The parts depend only on the room, offset and epoch, so a room keeps them
+    while its members come and go, and a crowd's list is joined, not encoded,
+    per join.
     """
     frame = encode_json(replace(event, users=()))
     # Every string value in the frame is JSON-escaped, so the key is the only match.
-    return frame.replace(_NO_USERS, f'"users":[{users}]', 1)
+    head, _, tail = frame.partition(_NO_USERS)
+    return f'{head}"users":[', f"]{tail}"
+
+
+def encode_members(event: Members, users: str) -> str:
+    """:func:`encode_json` of ``event``, given its users already encoded: the JSON
+    strings of ``event.users`` joined with commas."""
+    head, tail = members_shell(event)
+    return f"{head}{users}{tail}"
 
 
 _NAMES_SHOWN = 5

@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections import deque
 
 from ._awaits import PendingSend
-from ._codec import encode_members, encode_string
+from ._codec import encode_string, members_shell
 from ._commands import Mode
 from ._events import Members, Message
 from ._session import Connection
@@ -35,6 +35,7 @@ class Room:
         "_encoded",
         "_roster",
         "_members_json",
+        "_members_shell",
         "typing",
         "changed",
         "reads",
@@ -83,6 +84,9 @@ class Room:
         self._roster: tuple[str, ...] | None = None  # _sorted as a tuple, until it changes
         # The last members frame: (offset, epoch, its JSON); joins in a row encode it once.
         self._members_json: tuple[int, str, str] | None = None
+        # (offset, epoch, the frame before the users, after them): kept while members
+        # come and go, so a join next to a crowd joins strings and encodes nothing.
+        self._members_shell: tuple[int, str, str, str] | None = None
         # user -> (when the indicator expires, id of its one live timer)
         self.typing: dict[str, tuple[float, int]] = {}
         # A crowded room's comings and goings since its last ``presence`` frame, in
@@ -220,6 +224,10 @@ class Room:
         cached = self._members_json
         if cached is not None and cached[0] == offset and cached[1] == self.epoch:
             return event, cached[2]
-        data = encode_members(event, ",".join(self._encoded))
+        shell = self._members_shell
+        if shell is None or shell[0] != offset or shell[1] != self.epoch:
+            head, tail = members_shell(event)
+            shell = self._members_shell = (offset, self.epoch, head, tail)
+        data = f"{shell[2]}{','.join(self._encoded)}{shell[3]}"
         self._members_json = (offset, self.epoch, data)
         return event, data

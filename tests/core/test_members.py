@@ -79,3 +79,37 @@ def test_member_lists_are_the_users_in_the_room_sorted(steps: list[tuple[str, in
         assert list(sim.engine.members("lobby")) == expected, (op, slot)
         if op in ("connect", "join"):
             assert client.of_type("members")[-1]["users"] == expected
+
+
+def test_a_members_frame_after_messages_and_leaves_has_the_room_as_it_is_now() -> None:
+    # The room keeps the frame's parts around the user list while members come and
+    # go; they must still follow the room's head, and the list must follow leaves.
+    sim = Simulation(Config(), seed=3)
+    alice = sim.connect("alice", room="lobby")
+    bob = sim.connect("bob", room="lobby")
+    first = bob.of_type("members")[-1]
+    sim.close(bob)
+    alice.send("one")
+    alice.send("two")
+    sim.advance(0.1)
+    carol = sim.connect("carol", room="lobby")
+    frame = carol.of_type("members")[-1]
+    assert frame["users"] == ["alice", "carol"]
+    assert frame["offset"] == first["offset"] + 2
+    assert frame["epoch"] == first["epoch"]
+    dave = sim.connect("dave", room="lobby")
+    assert dave.of_type("members")[-1]["users"] == ["alice", "carol", "dave"]
+    assert dave.of_type("members")[-1]["offset"] == frame["offset"]
+
+
+def test_a_second_session_after_a_leave_gets_the_list_without_the_one_who_left() -> None:
+    # A second session of a member changes no one's membership, so nothing else
+    # refreshes the room's members frame: the leave before it must have.
+    sim = Simulation(Config(), seed=4)
+    alice = sim.connect("alice", room="lobby")
+    bob = sim.connect("bob", room="lobby")
+    assert bob.of_type("members")[-1]["users"] == ["alice", "bob"]
+    sim.close(bob)
+    again = sim.connect("alice", room="lobby")
+    assert again.of_type("members")[-1]["users"] == ["alice"]
+    assert alice.connected

@@ -1,0 +1,115 @@
+"""The door: on asyncio over plain TCP, a complete and acceptable WebSocket upgrade
+is accepted from the protocol's callbacks, without a task (``ChatServer._door``);
+everything else goes to ``_http`` as ever. The two paths must not be told apart
+from outside: same bytes answered, same refusals counted once, same timeouts.
+Run on both backends (trio has no door: the same expectations hold for it).
+"""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import anyio.abc
+import pytest
+
+from chatcore_server import Limits
+
+from .conftest import GUARD, serving
+from .test_hostile import client_frame, read_all, send_frame, server_frames, upgrade
+
+pytestmark = pytest.mark.anyio
+
+JSON_UPGRADE = "Sec-WebSocket-Protocol: chatcore.v1"
+
+
+async def frames_after(stream: anyio.abc.SocketStream, want: int) -> list[tuple[int, bytes]]:
+    """The first ``want`` server frames after the 101 (the 101 itself checked)."""
+    out = b""
+    with anyio.fail_after(GUARD):
+        while True:
+            out += await stream.receive()
+            head, sep, rest = out.partition(b"\r\n\r\n")
+            if sep and len(server_frames(rest)) >= want:
+                assert head.startswith(b"HTTP/1.1 101 ")
+                return server_frames(rest)
+
+
+def texts(frames: list[tuple[int, bytes]]) -> list[dict[str, object]]:
+    return [json.loads(p) for op, p in frames if op == 1]
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 10_000])
+async def test_an_upgrade_with_a_frame_behind_it_is_the_same_whole_or_byte_by_byte(
+    pieces: int,
+) -> None:
+    # Invariant (h11's): how the bytes are cut up changes nothing. The request and a
+    # chat frame behind it in the same bytes: welcome, members, then the message's ack.
+    data = upgrade("user=ann&room=lobby", JSON_UPGRADE) + client_frame(1, send_frame("hello"))
+    size = max(1, len(data) // pieces)
+    async with serving() as srv, await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
+        for i in range(0, len(data), size):
+            await stream.send(data[i : i + size])
+        events = texts(await frames_after(stream, 3))
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["welcome", "members"]
+    assert "message" in kinds or "ack" in kinds
+
+
+async def test_a_page_then_an_upgrade_on_one_connection() -> None:
+    # The first request is not an upgrade: _http answers it, then upgrades the next.
+    page = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    async with serving() as srv, await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
+        await stream.send(page + upgrade("user=bo&room=lobby", JSON_UPGRADE))
+        out = b""
+        with anyio.fail_after(GUARD):
+            while b"101 Switching Protocols" not in out or b'"members"' not in out:
+                out += await stream.receive()
+    assert out.startswith(b"HTTP/1.1 ")
+    assert out.index(b"HTTP/1.1 101") > 0
+
+
+async def test_a_refused_upgrade_is_answered_and_counted_once() -> None:
+    async with serving() as srv:
+        async with await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
+            await stream.send(upgrade("room=lobby"))  # no user
+            out = await read_all(stream)
+        assert out.startswith(b"HTTP/1.1 400 ")
+        assert srv.server.transport_tally().refused["bad_query"] == 1
+        assert srv.server.transport_tally().refused["bad_handshake"] == 0
+
+
+async def test_half_a_request_is_closed_after_the_handshake_timeout() -> None:
+    async with serving(limits=Limits(handshake_timeout=0.3)) as srv:
+        async with await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
+            await stream.send(b"GET /ws?user=cy HTTP/1.1\r\nHost: x\r\n")
+            with anyio.fail_after(GUARD):
+                assert await read_all(stream) == b""  # closed, nothing said
+        async with await anyio.connect_tcp("127.0.0.1", srv.port) as idle:
+            with anyio.fail_after(GUARD):
+                assert await read_all(idle) == b""  # nothing sent at all: the same
+        assert srv.server._tcp == 0
+
+
+async def test_a_close_right_behind_the_upgrade_ends_the_session_cleanly() -> None:
+    data = upgrade("user=dee&room=lobby", JSON_UPGRADE) + client_frame(8, b"\x03\xe8")
+    async with serving() as srv:
+        async with await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
+            await stream.send(data)
+            out = await read_all(stream)
+        assert out.startswith(b"HTTP/1.1 101 ")
+        _, _, rest = out.partition(b"\r\n\r\n")
+        assert server_frames(rest)[-1] == (8, b"\x03\xe8")
+        with anyio.fail_after(GUARD):
+            while srv.server.connections or srv.server._tcp:
+                await anyio.sleep(0.01)
+        assert srv.server.engine.stats()["sessions"] == 0
+
+
+async def test_shutdown_closes_connections_that_sent_nothing() -> None:
+    async with serving() as srv:
+        stream = await anyio.connect_tcp("127.0.0.1", srv.port)
+        await anyio.sleep(0.05)  # accepted, waiting at the door
+    with anyio.fail_after(GUARD):
+        assert await read_all(stream) == b""
+    await stream.aclose()
