@@ -1,7 +1,11 @@
 """Start chatcore's ASGI app for the benchmark: ``ChatApp`` (rate limits lifted, history
 in memory) under uvicorn (its ``websockets-sansio`` implementation) or hypercorn.
 
-    python -m benchmarks.asgi_launch --port 8765 --server uvicorn|hypercorn
+    python -m benchmarks.asgi_launch --port 8765 --server uvicorn|hypercorn [--ws IMPL]
+
+``--ws`` picks uvicorn's WebSocket implementation (default ``websockets-sansio``,
+what ``ws="auto"`` picks when websockets is installed; python-socketio's peer uses
+the same).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--server", choices=["uvicorn", "hypercorn"], default="uvicorn")
+    parser.add_argument(
+        "--ws", choices=["websockets-sansio", "websockets", "wsproto"], default="websockets-sansio"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     app = ChatApp(config=unlimited_config(), store=MemoryStore())
@@ -32,7 +39,7 @@ def main() -> None:
             app,
             host=args.host,
             port=args.port,
-            ws="websockets-sansio",
+            ws=args.ws,
             log_level="warning",
             access_log=False,
             ws_ping_interval=None,

@@ -69,7 +69,7 @@ from chatcore_host._routes import answer
 from chatcore_host._tally import RefusalTally
 from chatcore_store import HistoryStore
 
-from ._link import Link, Message, Send, send_close
+from ._link import Link, Message, Send, Wake, send_close, wake_maker
 
 __all__ = ["ChatApp", "Identify", "Scope"]
 
@@ -179,7 +179,8 @@ class ChatApp(ChatControls):
         self._drained: list[int] = []
         self._written: list[tuple[int, int, int]] = []
         self._pongs: list[int] = []
-        self._report_wake: anyio.Event | None = None
+        self._report_wake: Wake | None = None
+        self._new_wake: Callable[[], Wake] = anyio.Event  # the running loop's, once running
 
     # -- what the routes need of their site -------------------------------------------
 
@@ -219,6 +220,7 @@ class ChatApp(ChatControls):
         """
         if self._running:
             raise RuntimeError("this ChatApp is running already")
+        self._new_wake = wake_maker()
         async with self.engine_host.running(), anyio.create_task_group() as service:
             service.start_soon(self._report_loop)
             self._running, self._stopping = True, False
@@ -303,7 +305,13 @@ class ChatApp(ChatControls):
             return
         connect, subprotocol = admitted
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
-        link = Link(connect.conn, connect.user, send, close_timeout=self.close_timeout)
+        link = Link(
+            connect.conn,
+            connect.user,
+            send,
+            close_timeout=self.close_timeout,
+            new_wake=self._new_wake,
+        )
         self._links[link.conn] = link
         self._open += 1
         self._opened += 1
@@ -470,9 +478,10 @@ class ChatApp(ChatControls):
     async def _report_loop(self) -> None:
         """Feed the writers' reports and the pings answered, once per event-loop pass."""
         host = self.engine_host
+        new_wake = self._new_wake
         while True:
             if not (self._drained or self._written or self._pongs):
-                wake = self._report_wake = anyio.Event()
+                wake = self._report_wake = new_wake()
                 await wake.wait()
             drained, self._drained = self._drained, []
             written, self._written = self._written, []

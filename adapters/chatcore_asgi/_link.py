@@ -17,18 +17,66 @@ its :class:`~chatcore_asgi.ChatApp` gives it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import suppress
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
-__all__ = ["Link", "Message", "Send"]
+__all__ = ["Link", "Message", "Send", "Wake", "wake_maker"]
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
+
+
+class Wake(Protocol):
+    """A one-shot signal: one task waits, anyone sets it (``anyio.Event``'s shape)."""
+
+    def set(self) -> None: ...
+
+    def wait(self) -> Awaitable[Any]: ...
+
+
+class _FutureWake:
+    """A one-shot :class:`Wake` on asyncio: one bare future.
+
+    A writer sleeps and wakes once per frame when its client is idle, so the
+    wake is on the per-delivery path: ``anyio.Event()`` costs a backend look-up
+    (the current task, via sniffio), an ``asyncio.Event`` and its loop binding
+    under a lock, then a future per wait; this is the future alone. Cancelling
+    the waiting task cancels the future, which ``set`` then leaves alone.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self._future = future
+
+    def set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def wait(self) -> Awaitable[None]:
+        return self._future
+
+
+def wake_maker() -> Callable[[], Wake]:
+    """How to make a :class:`Wake` in the running event loop (call it inside the loop).
+
+    On asyncio (uvicorn; hypercorn's default worker) a bare future; on any
+    other backend (hypercorn's trio worker) ``anyio.Event``.
+    """
+    try:
+        on_asyncio = asyncio.current_task() is not None
+    except RuntimeError:  # no asyncio loop running: another backend
+        on_asyncio = False
+    if on_asyncio:
+        create_future = asyncio.get_running_loop().create_future
+        return lambda: _FutureWake(create_future())
+    return anyio.Event
 
 
 class Link:
@@ -47,15 +95,25 @@ class Link:
         "_close_timeout",
         "_deadline",
         "_scope",
+        "_new_wake",
         "__weakref__",
     )
 
-    def __init__(self, conn: int, user: str, send: Send, *, close_timeout: float) -> None:
+    def __init__(
+        self,
+        conn: int,
+        user: str,
+        send: Send,
+        *,
+        close_timeout: float,
+        new_wake: Callable[[], Wake] = anyio.Event,
+    ) -> None:
         self.conn = conn
         self.user = user
         self._send = send
         self.queue: deque[str] = deque()
-        self._wake: anyio.Event | None = None
+        self._new_wake = new_wake
+        self._wake: Wake | None = None
         self.close_with: tuple[int, str] | None = None
         """Set once the connection is to close: (code, reason) after the queue."""
         self.closed = False
@@ -102,6 +160,7 @@ class Link:
         the connection ends without it (the server then drops the client).
         """
         queue = self.queue
+        new_wake = self._new_wake
         # One scope for the link's whole life until the close (not one per batch: a
         # scope costs more than the sends of a small batch); ``close`` cancels it.
         with anyio.CancelScope() as scope:
@@ -110,7 +169,7 @@ class Link:
                 if queue:
                     await self._write_all(written)
                 else:
-                    wake = self._wake = anyio.Event()
+                    wake = self._wake = new_wake()
                     await wake.wait()
         self._scope = None
         with anyio.CancelScope(deadline=self._deadline):
