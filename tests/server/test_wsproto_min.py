@@ -105,7 +105,8 @@ def test_every_member_but_the_sender_gets_each_message_once_in_order(port: int) 
         assert {(x["room"], x["type"]) for x in m[user].got} == {("r", "message")}
     assert m["a"].texts() == [f"b{i}" for i in range(n)]  # not its own
     assert m["b"].texts() == [f"a{i}" for i in range(n)]
-    assert not m["x"].got and not m["y"].got  # the other room heard nothing
+    assert not m["x"].got  # the other room heard nothing
+    assert not m["y"].got
     for x in m.values():
         x.sock.close()
 
@@ -127,16 +128,25 @@ def test_a_member_that_stops_reading_is_cut_off_and_the_others_lose_nothing(port
     # The stalled member was reset: reading it ends (EOF or reset), it does not block.
     stalled.setblocking(True)
     stalled.settimeout(10)
-    total = 0
-    with pytest.raises(ConnectionResetError):
-        while total < 50_000_000:
-            data = stalled.recv(1 << 20)
-            if not data:
-                raise ConnectionResetError("EOF")
-            total += len(data)
-    assert total < n * 1000  # it never got everything
+    assert drained(stalled) < n * 1000  # ended early: it never got everything
     for s in (stalled, sender, reader.sock):
         s.close()
+
+
+def drained(sock: socket.socket) -> int:
+    """Read ``sock`` to its end (EOF or reset); how many bytes came. A stream that
+    does not end within the socket's timeout fails the test."""
+    total = 0
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return total
+        except TimeoutError:
+            pytest.fail(f"not cut off: {total} bytes, then nothing")
+        if not data:
+            return total
+        total += len(data)
 
 
 def test_a_ping_is_answered(port: int) -> None:
