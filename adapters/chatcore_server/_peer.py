@@ -315,7 +315,19 @@ class Peer:
         # beyond its high-water mark, since nothing is written to it while paused.
         # (Holding frames until the buffer drains would report them late by a whole
         # flush, and close readers that keep up with big messages.)
-        transport.write(data)
+        if self.fd >= 0 and not transport.get_write_buffer_size():
+            # Straight to the socket, as the transport would (its buffer is empty), but
+            # without its checks: 1,800 instructions per write instead of 3,400, on
+            # the path every delivery takes when each flush carries one message. What
+            # the socket does not take, and any error, the transport takes as usual.
+            try:
+                sent = os.write(self.fd, data)
+            except OSError:
+                sent = 0
+            if sent < len(data):
+                transport.write(data[sent:] if sent else data)
+        else:
+            transport.write(data)
         self.tally.written += len(data)
         if self.closing and self.close_seen:
             transport.close()
