@@ -63,7 +63,15 @@ class Writes:
     def schedule(self) -> None:
         if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            asyncio.get_running_loop().call_soon(self.after_reads)
+
+    def after_reads(self) -> None:
+        # asyncio runs a ``call_soon`` callback before the reads its next iteration
+        # selects, so a flush scheduled straight away would write, then read what
+        # arrived meanwhile, which then waits for a whole flush before its own: at
+        # 1,000 clients (10 ms of writes) that doubled the latency. One more hop puts
+        # the flush after those reads: what arrived during a flush goes out in the next.
+        asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
