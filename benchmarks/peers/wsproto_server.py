@@ -9,7 +9,8 @@ What a chat server on this stack cannot do with less work per delivery:
   pile up (its socket stays full: it stopped reading) is cut off; the bound is
   checked once per flush, not per append;
 * each client with queued bytes gets one write per event-loop iteration (one
-  flush scheduled with ``call_soon``), straight to its socket (``os.write``);
+  flush, run after the reads of the iteration, see ``Writes.after_reads``),
+  straight to its socket (``os.write``);
   asyncio's transport only takes what the socket would not, and while it holds
   any, the client's next writes go through it too (in order), none while it
   asks for a pause.
