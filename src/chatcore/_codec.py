@@ -8,6 +8,7 @@ this module is its implementation. Decoding never raises anything but
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from dataclasses import replace
 from typing import Any, assert_never
@@ -347,8 +348,16 @@ def decode_line(text: str) -> str:
 def format_ts(ms: int) -> str:
     """Milliseconds since the epoch as ISO 8601 UTC, e.g. ``2026-11-21T22:00:00.000Z``."""
     seconds, millis = divmod(ms, 1000)
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+    return f"{_second_text(seconds)}{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_text(seconds: int) -> str:
+    """``2026-11-21T22:00:00.`` for ``seconds``. Every chat message is stamped and a
+    busy room's fall in the same second: strftime once per second cost more than
+    the rest of encoding a message."""
+    t = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}."
 
 
 def _message_obj(m: Message) -> dict[str, Any]:
