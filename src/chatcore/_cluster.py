@@ -540,7 +540,7 @@ def park(st: EngineState, session: Session, out: list[Effect]) -> None:
         return
     peers.parked.add(session.token)
     if session.moved is not None:
-        _hold_record(st, session, out)
+        _hold_record(st, session, session.moved[1], out)
     rooms = [] if session.moved is None else list(session.moved[1])
     for name in session.rooms:
         room = st.rooms[name]
@@ -564,14 +564,15 @@ def park(st: EngineState, session: Session, out: list[Effect]) -> None:
     )
 
 
-def _hold_record(st: EngineState, session: Session, out: list[Effect]) -> None:
+def _hold_record(
+    st: EngineState, session: Session, record: tuple[ParkedRoom, ...], out: list[Effect]
+) -> None:
     """A session claimed here is parked before its welcome: the rooms of its record
     stay held (loaded if they are not), so that this process hears who asks for
     their members and answers for its user, as the old process did while it was
     parked there. Its next connection, or its end, lets them go."""
-    assert session.moved is not None
     st.release_wanted(session)
-    names = [p.room for p in session.moved[1] if is_valid_room(p.room)]
+    names = [p.room for p in record if is_valid_room(p.room)]
     session.wanted = names
     st.want(session, names)
     for name in names:
