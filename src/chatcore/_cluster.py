@@ -57,7 +57,7 @@ from ._facts import (
     TypingChanged,
 )
 from ._messages import adopt_room, behind, held_back
-from ._names import dm_users
+from ._names import dm_users, is_valid_room
 from ._outbox import broadcast
 from ._peers import Peers
 from ._presence import came_or_went
@@ -138,6 +138,8 @@ def room_arrived(st: EngineState, room: Room, out: list[Effect]) -> None:
         room.flips = st.peers.flips
         room.heard = st.now
         st.peers.touch_room(room.name)
+        for move, user in st.peers.arriving.get(room.name, {}).items():
+            _departure_half(st, room, user, _HERE, move, out)
     held_back(st, room, out)
 
 
@@ -228,8 +230,18 @@ def _exchange_members(st: EngineState, names: list[str], out: list[Effect]) -> N
     """Ask the other holders of these rooms for their members, and tell them ours."""
     for name in names:
         out.append(Share(room=name, fact=MembersAsked()))
-        if users := st.rooms[name].users:
-            out.append(Share(room=name, fact=MembersTold(users=tuple(sorted(users)))))
+        if users := _own(st, st.rooms[name]):
+            out.append(Share(room=name, fact=MembersTold(users=users)))
+
+
+def _own(st: EngineState, room: Room) -> tuple[str, ...]:
+    """The members this process answers for in the room: its sessions in it, and
+    the users of sessions claimed here that have it in their record (not welcomed
+    yet: parked, or waiting for their rooms), whom the others count here."""
+    arriving = st.peers.arriving.get(room.name)
+    if not arriving:
+        return tuple(sorted(room.users))
+    return tuple(sorted({*room.users, *arriving.values()}))
 
 
 def _user_confirmed(st: EngineState, user: str, out: list[Effect]) -> None:
@@ -319,8 +331,8 @@ def _shared(st: EngineState, room: Room, cmd: Shared, out: list[Effect]) -> None
         case MembersTold():
             _told(st, room, cmd.origin, set(fact.users), out, replace=True)
         case MembersAsked():
-            if room.users:
-                st.share(room.name, MembersTold(users=tuple(sorted(room.users))), out)
+            if users := _own(st, room):
+                st.share(room.name, MembersTold(users=users), out)
         case TypingChanged():
             typing = Typing(room=room.name, user=fact.user, active=fact.active)
             broadcast(st, room, typing, None, out, ephemeral=True, skip_user=fact.user)
@@ -381,7 +393,13 @@ def _remote_gone(st: EngineState, room: Room, origin: str, user: str, out: list[
 # session and how many times it moved, so a half whose other half never comes
 # (lost on the bus, heard before the room was held) matches nothing else; the
 # halves kept are bounded per room, and a process that is gone takes the
-# predictions for it along.
+# predictions for it along. B predicts its own claimed sessions the same way (as
+# ``_HERE``) in the rooms of their record that it holds, until their welcome: a
+# session parked on B before its welcome is a member there, as it was on A, and
+# B holds those rooms and tells of it (``_own``) as of its own members.
+
+_HERE = "\x00here"
+"""The process a prediction is for when it is this one (no origin is named so)."""
 
 
 def _remember(
@@ -399,11 +417,20 @@ def _remember(
 def _departure_half(
     st: EngineState, room: Room, user: str, to: str, move: str, out: list[Effect]
 ) -> None:
-    """The departure half of ``move`` (``user`` now on ``to``), shared or heard."""
-    if st.peers.halves.get(room.name, {}).pop(move, None) is None:
+    """The departure half of ``move`` (``user`` now on ``to``), shared or heard, or
+    predicted here for a session claimed here (``to`` is ``_HERE``)."""
+    halves = st.peers.halves.get(room.name, {})
+    first = halves.get(move)
+    if first is None:
         _remember(st, room, move, (user, to), out)
         if room.add_remote(user):  # the prediction counts like a process holding them
             came_or_went(st, room, user, out)
+    elif not first[1]:  # the arrival half came first
+        del halves[move]
+    elif first[1] == _HERE and to != _HERE:
+        # Heard after this process predicted its own claim: counted already, and
+        # now the half the arrival matches.
+        halves[move] = (user, to)
 
 
 def _arrival_half(st: EngineState, room: Room, user: str, move: str, out: list[Effect]) -> None:
@@ -415,6 +442,8 @@ def _arrival_half(st: EngineState, room: Room, user: str, move: str, out: list[E
         _remember(st, room, move, (user, ""), out)
     elif first[1]:
         _remote_left(st, room, first[0], out)
+        if first[1] == _HERE:  # this process's own prediction: the departure half is to come
+            _remember(st, room, move, (user, ""), out)
 
 
 def _forget_predictions(st: EngineState, origin: str, out: list[Effect]) -> None:
@@ -432,9 +461,10 @@ def moved_away(st: EngineState, session: Session, by: str, out: list[Effect]) ->
     """The session moves to process ``by``: share the departure half in each of its
     rooms (and predict its user there). Returns the rooms where it was the user's
     last session here: leaving them is the move's, not a departure."""
-    if session.moved is not None:  # claimed here, moving on before its welcome
-        names = dict.fromkeys(p.room for p in session.moved[1])
-        _arrive(st, session, *session.moved, out, settle=False)
+    arrived = session.moved
+    if arrived is not None:  # claimed here, moving on before its welcome
+        names = dict.fromkeys(p.room for p in arrived[1])
+        _arrive(st, session, *arrived, out, settle=False, local=False)
         session.moved = None
     else:
         names = dict.fromkeys(session.rooms)
@@ -449,6 +479,10 @@ def moved_away(st: EngineState, session: Session, by: str, out: list[Effect]) ->
             _departure_half(st, room, session.user, by, move, out)
         if alone:
             last.add(name)
+    if arrived is not None:  # counted on for the next move first: it never leaves here
+        for p in arrived[1]:
+            if (room := st.rooms.get(p.room)) is not None:
+                _arrival_half(st, room, session.user, arrived[0], out)
     return last
 
 
@@ -475,16 +509,23 @@ def _arrive(
     out: list[Effect],
     *,
     settle: bool,
+    local: bool = True,
 ) -> None:
     user = session.user
+    arriving = st.peers.arriving
     for p in parked:
+        if (moves := arriving.get(p.room)) is not None:
+            moves.pop(move, None)
+            if not moves:
+                del arriving[p.room]
         room = st.rooms.get(p.room)
         here = room is not None and user in room.users
         st.share(p.room, MemberArrived(user=user, move=move), out)
         if room is not None:
             if here and p.epoch == room.epoch and p.read > room.reads.get(user, 0):
                 room.reads[user] = p.read
-            _arrival_half(st, room, user, move, out)
+            if local:
+                _arrival_half(st, room, user, move, out)
         if settle and not here:
             st.share(p.room, MemberDeparted(user=user), out)
 
@@ -498,6 +539,8 @@ def park(st: EngineState, session: Session, out: list[Effect]) -> None:
     if not peers.on or session.token in peers.taken:
         return
     peers.parked.add(session.token)
+    if session.moved is not None:
+        _hold_record(st, session, session.moved[1], out)
     rooms = [] if session.moved is None else list(session.moved[1])
     for name in session.rooms:
         room = st.rooms[name]
@@ -519,6 +562,22 @@ def park(st: EngineState, session: Session, out: list[Effect]) -> None:
             moves=session.moves,
         )
     )
+
+
+def _hold_record(
+    st: EngineState, session: Session, record: tuple[ParkedRoom, ...], out: list[Effect]
+) -> None:
+    """A session claimed here is parked before its welcome: the rooms of its record
+    stay held (loaded if they are not), so that this process hears who asks for
+    their members and answers for its user, as the old process did while it was
+    parked there. Its next connection, or its end, lets them go."""
+    st.release_wanted(session)
+    names = [p.room for p in record if is_valid_room(p.room)]
+    session.wanted = names
+    st.want(session, names)
+    for name in names:
+        if name not in st.rooms:
+            st.load_room(name, session, None, out)
 
 
 def unpark(st: EngineState, session: Session, out: list[Effect]) -> None:
@@ -571,10 +630,10 @@ def claim_answered(
     if claimed is not None and waiting is None:
         # Ours now, away: it waits out its grace period here, parked, and answers
         # for its user in the rooms it had until it resumes or ends.
-        park(st, _adopt(st, claimed, now), out)
+        park(st, _adopt(st, claimed, now, out), out)
         return None
     if claimed is not None:
-        _adopt(st, claimed, now)
+        _adopt(st, claimed, now, out)
         offsets = {p.room: p.offset for p in claimed.rooms}
         offsets.update(connect.offsets)
         epochs = {p.room: p.epoch for p in claimed.rooms}
@@ -595,7 +654,7 @@ def claim_answered(
     return connect, waiting[1]
 
 
-def _adopt(st: EngineState, claimed: SessionClaimed, now: float) -> Session:
+def _adopt(st: EngineState, claimed: SessionClaimed, now: float, out: list[Effect]) -> Session:
     config = st.config
     session = Session(
         claimed.id,
@@ -605,7 +664,12 @@ def _adopt(st: EngineState, claimed: SessionClaimed, now: float) -> Session:
         TokenBucket(config.request_burst, now),
     )
     session.moves = claimed.moves + 1
-    session.moved = (f"{session.id}.{session.moves}", claimed.rooms)
+    move = f"{session.id}.{session.moves}"
+    session.moved = (move, claimed.rooms)
+    for p in claimed.rooms:
+        st.peers.arriving.setdefault(p.room, {})[move] = session.user
+        if (room := st.rooms.get(p.room)) is not None:
+            _departure_half(st, room, session.user, _HERE, move, out)
     # It was live on another process and lost its connection: it comes in as any
     # dropped session, waiting out its grace period to be resumed.
     fire(session, SessionInput.READY)

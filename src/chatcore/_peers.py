@@ -41,6 +41,7 @@ class Peers:
         "answered",
         "taken",
         "halves",
+        "arriving",
     )
 
     def __init__(self, on: bool) -> None:
@@ -81,6 +82,10 @@ class Peers:
         # half comes: (user, to) for the departure half (``MemberMoved``), (user, "")
         # for the arrival half (``MemberArrived.move``). See ``_cluster``.
         self.halves: dict[str, dict[str, tuple[str, str]]] = {}
+        # room -> move -> user, of the sessions claimed here whose welcome has not
+        # come yet (``Session.moved``): members here in the rooms of their record,
+        # as the other processes predict, told with our own members.
+        self.arriving: dict[str, dict[str, str]] = {}
 
     @property
     def dirty(self) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from cluster_check import check_cluster
 
-from chatcore import MemberArrived, MemberMoved, SessionAsked, Shared, bus_fact, parse_bus
+from chatcore import Config, MemberArrived, MemberMoved, SessionAsked, Shared, bus_fact, parse_bus
 from chatcore_sim import Cluster, SimClient
 
 ROOM = "general"
@@ -269,3 +269,39 @@ def test_the_halves_of_a_move_survive_the_bus() -> None:
 )
 def test_a_peer_s_garbled_move_is_ignored(body: str) -> None:
     assert parse_bus(f'{{"o": "p", "r": "{ROOM}", "f": {body}}}') is None
+
+
+@pytest.mark.parametrize("departure", ["in_time", "late", "lost"])
+@pytest.mark.parametrize("then", [1, 2])
+def test_a_session_parked_mid_move_is_listed_by_every_holder(then: int, departure: str) -> None:
+    # MoveModel's example: dave moves from node 0 to node 1 and drops before node 1
+    # welcomed him (the room was still loading there), so he waits out his grace
+    # period parked on node 1, still a member. Node 0 counts him on node 1; node 1
+    # holds the room for him and counts him too, and tells whoever takes the room
+    # up (alice's node), whether node 0's half of the move reaches it or not.
+    cluster = Cluster(3, Config(grace_period=1e6), store_latency=0.1)
+    if departure == "late":
+        hold_back(cluster, DEPARTURE, 1.0)
+    elif departure == "lost":  # (the first move's: the bus loses that one fact)
+        cluster.bus.drop_if = lambda payload: DEPARTURE in payload and '.1"' in payload
+    bob = cluster.connect(0, "bob", rooms=[ROOM])
+    dave = cluster.connect(0, "dave", rooms=[ROOM])
+    cluster.advance(1.0)
+    bob.take()
+    cluster.move(dave, 1)
+    dave.sim.drop(dave)
+    cluster.advance(2.0)
+    alice = cluster.connect(then, "alice", rooms=[ROOM])
+    cluster.advance(2.0)
+    assert set(members(cluster)) == {("alice", "bob", "dave")}
+    assert presence(bob) == [("joined", "alice")]
+    alice.take()  # (node 2 heard of bob and dave after her welcome: joined)
+    cluster.move(dave, 2)  # he comes back, elsewhere: nobody sees it
+    cluster.advance(2.0)
+    assert dave.of_type("welcome")[-1]["resumed"] is True
+    assert set(members(cluster)) == {("alice", "bob", "dave")}
+    assert presence(bob) == presence(alice) == []
+    cluster.nodes[2].close(dave)  # then he leaves: once, and nobody keeps him
+    cluster.advance(2.0)
+    assert presence(bob) == presence(alice) == [("left", "dave")]
+    assert set(members(cluster)) == {("alice", "bob")}
