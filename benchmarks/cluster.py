@@ -40,7 +40,11 @@ Status (2026-12-03): measured, see benchmarks/README.md "Several processes
 (issue 12)": every layout delivers everything; 2 processes cost 1.08-1.20x
 one process per delivery at 100,000/s; 1.000 publish per message; every room
 at its head 0.11-0.55 s after a Redis restart. Latency across processes was
-not measurable against the 10 ms goal on the shared machine. The earlier runs
+not measurable against the 10 ms goal on the shared machine; the hop to the
+other process, 12-15 ms at p50 in a room of 1,000, was a publish that waited
+for its process's own fan-out and servers at the generator's real-time
+priority (B's probes read after B's whole fan-out): 1.6-4.5 ms since both
+were fixed (14:22-14:31 UTC). The earlier runs
 that delivered about 75% were a generator too slow for its own 60 s limit
 (1,000 ``websockets`` clients in one asyncio loop read about 20,000 frames/s
 on a quiet machine, far fewer beside other work); the missing publishes were
