@@ -10,6 +10,7 @@ reopened (centrifugo #1189: a node that stopped hearing the others).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -418,3 +419,40 @@ async def test_a_process_whose_heartbeat_stops_is_gone_once(redis_url: str) -> N
         await anyio.sleep(1.0)
         assert sink.of(ProcessGone) == [ProcessGone(origin=b.process_id)]
         outer.cancel_scope.cancel()
+
+
+async def test_a_publish_leaves_before_the_write_to_the_processs_own_members(
+    redis_url: str,
+) -> None:
+    # The host queues the publish, then ends its turn, which schedules the write of
+    # the same message to this process's own members: with 500 of them, 7-9 ms with
+    # the loop held. The publish must be on its way to Redis before that write, not
+    # after it (redis-py's socket timeout, via asyncio.wait_for, used to put it after).
+    import redis
+
+    bus = RedisBus(redis_url, prefix=prefix())
+    listener = redis.Redis.from_url(redis_url).pubsub()
+    try:
+        listener.subscribe(bus.channel("room:r"))
+        assert listener.get_message(timeout=GUARD) is not None  # the confirmation
+        async with running(bus):
+            bus.publish(message(1))  # connects
+            with anyio.fail_after(GUARD):
+                while bus.tally.publishes < 1:
+                    await anyio.sleep(0.01)
+            assert listener.get_message(timeout=GUARD) is not None
+            heard: list[dict[str, Any] | None] = []
+
+            def own_members() -> None:  # holds the loop, as a write to 500 sockets does
+                heard.append(listener.get_message(timeout=1.0))
+
+            bus.publish(message(2))
+            asyncio.get_running_loop().call_soon(own_members)
+            with anyio.fail_after(GUARD):  # (published late, it may also time out)
+                while bus.tally.publishes + bus.tally.publish_failures < 2:
+                    await anyio.sleep(0.01)
+        assert heard
+        assert heard[0] is not None, "the publish left after the loop's next turn"
+        assert heard[0]["type"] == "message"
+    finally:
+        listener.close()
