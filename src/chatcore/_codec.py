@@ -425,6 +425,7 @@ def event_to_dict(event: ServerEvent) -> dict[str, Any]:
                 "type": "ack",
                 "room": event.room,
                 "offset": event.offset,
+                "epoch": event.epoch,
                 "id": event.client_id,
             }
         case Joined():

@@ -77,6 +77,8 @@ class Welcome:
 class Ack:
     room: str
     offset: int
+    epoch: str
+    """The life of the room's history the offset counts in (as on a ``message``)."""
     client_id: str | None = None
 
 

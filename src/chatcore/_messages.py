@@ -278,7 +278,7 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
             return
     elif cmd.duplicate or room is None:
         if pending is not None:
-            _ack(st, pending, message.offset, out)
+            _ack(st, pending, message, out)
         if room is None and not cmd.duplicate:
             _unheld(st, message, out)
         return
@@ -296,7 +296,7 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
             # bring an old life's message late: only the log says which life is
             # the room's now, so ask it (the answer fetches this one if it is new).
             if pending is not None:
-                _ack(st, pending, message.offset, out)
+                _ack(st, pending, message, out)
             if bus and message.epoch not in room.past:
                 _ask_head(st, room, out)
             return
@@ -306,7 +306,7 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
     head = room.head
     if message.offset <= head:  # already delivered (a replayed answer)
         if pending is not None:
-            _ack(st, pending, message.offset, out)
+            _ack(st, pending, message, out)
         return
     if message.offset > head + 1:
         room.early[message.offset] = (message, pending)
@@ -495,9 +495,9 @@ def gap_filled(st: EngineState, gap: PendingGap, cmd: HistoryLoaded, out: list[E
                 _publish(st, room, m, None if held is None else held[1], out)
         for offset in [o for o in early if o <= room.head]:
             # Held back and delivered from the log since: only its ack is left to give.
-            pending = early.pop(offset)[1]
+            stored, pending = early.pop(offset)
             if pending is not None:
-                _ack(st, pending, offset, out)
+                _ack(st, pending, stored, out)
         _drain_early(st, room, out)
         if early:
             first = min(early)
@@ -539,7 +539,7 @@ def _publish(
     room.window.append(message)
     sender_conn: Connection | None = None
     if pending is not None:
-        sender_conn = _ack(st, pending, message.offset, out)
+        sender_conn = _ack(st, pending, message, out)
     if room.typing:
         room.typing.pop(message.sender, None)
     broadcast(st, room, message, None if st.config.echo else sender_conn, out, ephemeral=False)
@@ -559,12 +559,13 @@ def _caught_up(st: EngineState, room: Room, out: list[Effect]) -> None:
 
 
 def _ack(
-    st: EngineState, pending: PendingSend, offset: int, out: list[Effect]
+    st: EngineState, pending: PendingSend, message: Message, out: list[Effect]
 ) -> Connection | None:
     conn = pending.session.conn
     if conn is None or pending.session.state is not SessionState.LIVE:
         return None
-    ack = Ack(room=pending.room, offset=offset, client_id=pending.client_id)
+    offset = message.offset
+    ack = Ack(room=pending.room, offset=offset, epoch=message.epoch, client_id=pending.client_id)
     catchup = conn.catchup.get(pending.room)
     if catchup is not None and offset >= catchup.next:
         # The sender is replaying this room: its ack takes the message's place in

@@ -29,7 +29,9 @@ async def test_a_message_reaches_every_other_member_with_its_fields(server: Serv
         await send(a, type="send", room=room, text="hello 👋", id="m-1")
         ack = (await recv_until(a, is_type("ack")))[-1]
         start = hello["rooms"][room]["offset"]
-        assert ack == {"type": "ack", "room": room, "offset": start + 1, "id": "m-1"}
+        epoch = hello["rooms"][room]["epoch"]
+        want = {"type": "ack", "room": room, "offset": start + 1, "epoch": epoch, "id": "m-1"}
+        assert ack == want
         for conn in (b, c):
             message = (await recv_until(conn, is_type("message")))[-1]
             assert message["room"] == room
@@ -164,10 +166,11 @@ async def test_a_retry_after_reconnecting_gets_the_original_ack(server: Server) 
             stored = await say(a, room, "lost ack", "lost-1")
         # A new connection (the old session ended with 1000): same id, same ack.
         async with ws_open(server.ws(f"user={alice}&room={room}")) as again:
-            await welcome(again)
+            epoch = (await welcome(again))["rooms"][room]["epoch"]
             await send(again, type="send", room=room, text="lost ack", id="lost-1")
             ack = (await recv_until(again, lambda e: e["type"] in ("ack", "error")))[-1]
-            assert ack == {"type": "ack", "room": room, "offset": stored, "id": "lost-1"}
+            want = {"type": "ack", "room": room, "offset": stored, "epoch": epoch, "id": "lost-1"}
+            assert ack == want
             after = await say(again, room, "after", "after-1")
             assert after == stored + 1
         seen = await recv_until(b, lambda e: e.get("text") == "after")

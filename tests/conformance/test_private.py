@@ -88,10 +88,17 @@ async def test_a_dm_sent_while_away_waits_in_the_welcome(server: Server) -> None
         await welcome(a)
         await send(a, type="dm", to=bob, text="are you there?", id="dm-1")
         ack = (await recv_until(a, lambda e: e["type"] in ("ack", "error")))[-1]
-        assert ack == {"type": "ack", "room": room, "offset": ack["offset"], "id": "dm-1"}
+        assert ack == {
+            "type": "ack",
+            "room": room,
+            "offset": ack["offset"],
+            "epoch": ack["epoch"],
+            "id": "dm-1",
+        }
     async with ws_open(server.ws(f"user={bob}")) as b:
         hello = await welcome(b)
         assert room in hello["rooms"]
+        assert hello["rooms"][room]["epoch"] == ack["epoch"]  # the ack named the room's life
         await send(b, type="history", room=room, limit=10)
         page = (await recv_until(b, is_type("history")))[-1]
         assert [(m["from"], m["text"]) for m in page["messages"]] == [(alice, "are you there?")]

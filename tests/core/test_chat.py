@@ -36,10 +36,12 @@ def test_welcome_then_members_then_messages_in_order() -> None:
         (1, "alice", "one"),
         (2, "alice", "two"),
     ]
-    # The sender gets acks, not its own message back.
+    # The sender gets acks, not its own message back; an ack names the life of the
+    # room's history its offset counts in, as a message does.
+    epoch = bob.messages()[0]["epoch"]
     assert list(alice.take()) == [
-        {"type": "ack", "room": "general", "offset": 1, "id": None},
-        {"type": "ack", "room": "general", "offset": 2, "id": None},
+        {"type": "ack", "room": "general", "offset": 1, "epoch": epoch, "id": None},
+        {"type": "ack", "room": "general", "offset": 2, "epoch": epoch, "id": None},
     ]
 
 
@@ -213,7 +215,14 @@ def test_direct_messages_reach_every_session_of_the_recipient() -> None:
     assert room == "dm:alice:bob"
     assert bob1.texts(room) == ["psst"]
     assert bob2.texts(room) == ["psst"]
-    assert alice.of_type("ack")[-1] == {"type": "ack", "room": room, "offset": 1, "id": "d1"}
+    epoch = bob1.messages(room)[0]["epoch"]
+    assert alice.of_type("ack")[-1] == {
+        "type": "ack",
+        "room": room,
+        "offset": 1,
+        "epoch": epoch,
+        "id": "d1",
+    }
     assert carol.messages() == []
     carol.join(room)
     assert carol.of_type("error")[-1]["code"] == "forbidden"

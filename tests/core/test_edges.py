@@ -158,7 +158,7 @@ def test_typed_requests_work_without_json() -> None:
         Appended(message=msg("general", 1, "typed", sender="alice", client_id="c"), ref=append.ref)
     )
     assert h.last(2)["text"] == "typed"
-    assert h.last(1) == {"type": "ack", "room": "general", "offset": 1, "id": "c"}
+    assert h.last(1) == {"type": "ack", "room": "general", "offset": 1, "epoch": "e1", "id": "c"}
     h.do(StartTyping(conn=2, room="general"))
     h.do(MarkRead(conn=2, room="general", offset=1))
     assert h.kinds(1)[-2:] == ["typing", "read"]
@@ -272,8 +272,20 @@ def test_duplicate_answer_for_an_old_offset_acks_without_broadcast() -> None:
     h.do(Send(conn=1, room="general", text="again", client_id="r"))
     append = h.take_storage(Append)
     h.do(Appended(message=msg("general", 3), ref=append.ref))  # the log says: offset 3 already
-    assert h.last(1) == {"type": "ack", "room": "general", "offset": 3, "id": "r"}
+    assert h.last(1) == {"type": "ack", "room": "general", "offset": 3, "epoch": "e1", "id": "r"}
     assert "message" not in h.kinds(2)
+
+
+def test_an_ack_names_the_new_life_when_the_log_restarted_the_room() -> None:
+    """The log lost the room and numbers it afresh: the sender's own ack is the first
+    it hears of that, so the ack carries the new epoch (its offset counts there)."""
+    h = Host()
+    h.connect(1, "alice", "general")
+    h.open_room("general", head=4, recent=tuple(msg("general", i) for i in range(1, 5)))
+    h.do(Send(conn=1, room="general", text="after the loss", client_id="n"))
+    append = h.take_storage(Append)
+    h.do(Appended(message=msg("general", 1, epoch="e2", sender="alice"), ref=append.ref))
+    assert h.last(1) == {"type": "ack", "room": "general", "offset": 1, "epoch": "e2", "id": "n"}
 
 
 def test_a_gap_the_log_cannot_fill_is_skipped_and_later_messages_flow() -> None:

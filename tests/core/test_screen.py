@@ -46,7 +46,10 @@ def test_an_accepted_message_is_delivered_and_acked_as_usual() -> None:
         ("general", "alice", "hello", "c1")
     ]
     assert bob.texts() == ["hello"]
-    assert alice.of_type("ack") == [{"type": "ack", "room": "general", "offset": 1, "id": "c1"}]
+    epoch = bob.of_type("message")[0]["epoch"]
+    assert alice.of_type("ack") == [
+        {"type": "ack", "room": "general", "offset": 1, "epoch": epoch, "id": "c1"}
+    ]
 
 
 def test_a_replaced_message_is_stored_and_delivered_as_replaced() -> None:

@@ -349,6 +349,7 @@
   function onAck(ev) {
     const p = state.pending.get(ev.id);
     const room = ensureRoom(ev.room);
+    checkEpoch(room, ev.epoch); // the log may have restarted the room: our ack tells first
     room.head = Math.max(room.head, ev.offset);
     room.read = Math.max(room.read, ev.offset);
     if (p && !room.messages.has(ev.offset)) {
