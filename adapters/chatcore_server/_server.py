@@ -369,6 +369,10 @@ class ChatServer(ChatControls):
         class Accepted(protocol):  # type: ignore[valid-type, misc]
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
+                # asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and an
+                # accepted socket of a listener made with proto 0 says 0: without this,
+                # Nagle holds every small frame back until the last one is acked.
+                _no_delay(transport)
                 self.door: asyncio.Transport | None = cast(asyncio.Transport, transport)
                 self.http = h11.Connection(
                     h11.SERVER, max_incomplete_event_size=limits.max_request_bytes
@@ -940,6 +944,13 @@ def _loop_busy() -> float:
             return schedstat_busy(f.read())
     except (OSError, ValueError):
         return time.thread_time()
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with suppress(OSError):  # gone already: it ends as ever
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _asyncio_door() -> tuple[type[asyncio.Protocol], Any] | None:

@@ -8,6 +8,8 @@ Run on both backends (trio has no door: the same expectations hold for it).
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import anyio
 import anyio.abc
@@ -113,3 +115,35 @@ async def test_shutdown_closes_connections_that_sent_nothing() -> None:
     with anyio.fail_after(GUARD):
         assert await read_all(stream) == b""
     await stream.aclose()
+
+
+def _server_side_nodelay(client_address: tuple[str, int]) -> int:
+    """TCP_NODELAY of this process's socket whose peer is ``client_address`` (the
+    server runs in this process: its side of the connection is one of our fds)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.type != socket.SOCK_STREAM or sock.getpeername() != client_address:
+                    continue
+            except OSError:
+                continue
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    raise AssertionError(f"no server socket with peer {client_address}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd")
+async def test_an_accepted_connection_writes_small_frames_at_once() -> None:
+    # asyncio sets TCP_NODELAY only where a socket's proto says TCP, and an accepted
+    # socket of a listener made with proto 0 says 0; without it Nagle held each small
+    # frame until the one before was acked (the benchmark's p50 at 20,000 deliveries/s,
+    # 100 clients, went from 1.3 to 5.6 ms).
+    async with serving() as srv, await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
+        await stream.send(upgrade("user=ann&room=lobby", JSON_UPGRADE))
+        await frames_after(stream, 2)
+        local = stream.extra(anyio.abc.SocketAttribute.local_address)
+        assert isinstance(local, tuple)
+        assert _server_side_nodelay((str(local[0]), int(local[1]))) != 0
