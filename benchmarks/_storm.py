@@ -62,7 +62,7 @@ class StormResult:
     views_full: int | None = None  # JSON clients whose rebuilt view holds every client
     view_min: int | None = None
     frames: int = 0
-    bytes: int = 0
+    nbytes: int = 0
     # Per client in the room, the frames it had received when it was counted: what a
     # check can read to see that no client was counted before the server said so.
     at_count: list[list[bytes]] = field(default_factory=list)
@@ -249,7 +249,7 @@ def storm(
         seconds=round(t_full, 3) if t_full is not None else None,
         failures=failures[:10] + ([f"... {len(failures)} in all"] if len(failures) > 10 else []),
         frames=sum(len(c.frames) for c in joined),
-        bytes=sum(len(p) for c in joined for p in c.frames),
+        nbytes=sum(len(p) for c in joined for p in c.frames),
         at_count=[c.frames[: c.counted_after] for c in joined],
     )
     if flavor.kind == CHATCORE:
@@ -270,7 +270,7 @@ def as_dict(r: StormResult) -> dict[str, Any]:
         "views_full": r.views_full,
         "view_min": r.view_min,
         "frames_after_101": r.frames,
-        "bytes_after_101": r.bytes,
+        "bytes_after_101": r.nbytes,
     }
 
 

@@ -309,6 +309,14 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def redis_args(port: int, bind: str, log: Path) -> list[str]:
+    """``redis-server`` options for a test's own server: nothing kept on disk."""
+    return [
+        "--port", str(port), "--bind", bind, "--save", "", "--appendonly", "no",
+        "--dir", str(log.parent), "--logfile", str(log),
+    ]  # fmt: skip
+
+
 class PrivateRedis:
     """A ``redis-server`` of the test's own on a free port: stopped and started at will,
     so an outage test never touches the machine's shared Redis."""
@@ -330,21 +338,7 @@ class PrivateRedis:
             _unavailable("redis-server is not installed (the outage tests run one of their own)")
             return
         self.process = await anyio.open_process(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.tmp),
-                "--logfile",
-                str(self.tmp / f"redis-{self.port}.log"),
-            ]
+            [binary, *redis_args(self.port, "127.0.0.1", self.tmp / f"redis-{self.port}.log")]
         )
         with anyio.fail_after(GUARD):
             while redis_problem(self.url) is not None:

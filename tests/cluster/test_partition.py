@@ -32,7 +32,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from .conftest import GUARD, Cluster, Server, metric, redis_problem
+from .conftest import GUARD, Cluster, Server, metric, redis_args, redis_problem
 from .conftest import http_get as get
 from .test_live import one_by_one, view
 from .test_messages import ROOM, stream
@@ -74,28 +74,9 @@ class Partition:
             self._inside("addr", "add", f"10.{self.net}.{i}.2/30", "dev", inner)
             self._inside("link", "set", inner, "up")
         binary = shutil.which("redis-server") or "redis-server"
+        args = redis_args(6379, "0.0.0.0", self.tmp / "redis-ns.log")
         self.redis = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.ns,
-                binary,
-                "--port",
-                "6379",
-                "--bind",
-                "0.0.0.0",
-                "--protected-mode",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.tmp),
-                "--logfile",
-                str(self.tmp / "redis-ns.log"),
-            ],
+            ["ip", "netns", "exec", self.ns, binary, *args, "--protected-mode", "no"]
         )
 
     def cut(self, link: int) -> None:
