@@ -153,6 +153,23 @@ def test_both_failures_at_once_deliver_once_whichever_heals_first() -> None:
         check_cluster(cluster)
 
 
+def test_a_republished_copy_heard_while_the_recheck_loads_the_room_is_dropped() -> None:
+    """With a slow log, the sender's republish reaches the recipient's process while
+    its recheck is still asking the log or loading the conversation (or just after):
+    the copy is held with the load and merged by offset, or found delivered."""
+    for lag in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4):
+        cluster = Cluster(2, Config(head_probe_interval=PROBE), store_latency=0.1, seed=3)
+        alice = cluster.connect(0, "alice", "a-room")
+        bob = cluster.connect(1, "bob", "b-room")
+        cluster.advance(1.0)
+        cluster.cut(1, 1.0)
+        cluster.cut(0, 1.0 + lag)
+        alice.dm("bob", "psst", id="d1")
+        cluster.advance(3.0)
+        assert bob.texts(ROOM) == ["psst"], lag
+        check_cluster(cluster)
+
+
 def test_a_user_whose_sessions_ended_while_the_bus_was_away_costs_nothing() -> None:
     cluster, alice, bob = pair()
     queries = inbox_queries(cluster)
