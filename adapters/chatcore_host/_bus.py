@@ -43,12 +43,13 @@ a direct message) would not learn of it otherwise. What is kept is bounded
 (``max_kept`` publishes, ``max_kept_bytes`` of payload; past either the oldest
 are given up and counted); receivers drop a message they delivered already,
 so one that Redis took although the call failed costs only its bytes. Facts
-(presence) are not kept: they are exchanged again after a reconnect. Every time the
-subscription is (re)established the engine is fed ``BusResumed``, so every
-held room checks its head against the log. Every channel Redis confirms is fed
-as ``Subscribed`` (the engine takes up only rooms and users it had not heard
-confirmed: that room alone checks its head, asks for members and tells its
-own; that user's direct messages are checked).
+(presence) are not kept: they are exchanged again after a reconnect. Every
+time the subscription is (re)established the engine is fed ``BusResumed``, so
+every held room checks its head against the log and every user here has their
+direct messages checked. Every channel Redis confirms is fed as ``Subscribed``
+(the engine takes up only rooms and users it had not heard confirmed: that
+room alone checks its head, asks for members and tells its own; that user's
+direct messages are checked).
 """
 
 from __future__ import annotations
@@ -200,10 +201,12 @@ class RedisBus:
         self.reconnect_delay = reconnect_delay
         self.process_grace = process_grace
         self.claim_timeout = claim_timeout
-        self.max_kept = max_kept
-        self.max_kept_bytes = max_kept_bytes
         """Seconds a process's heartbeat may be missing before it is gone (default: the
         engine's grace period)."""
+        self.max_kept = max_kept
+        """Message publishes that failed kept to be made again (past it the oldest go)."""
+        self.max_kept_bytes = max_kept_bytes
+        """Bytes of payload kept so (past it the oldest go)."""
         self.tally = BusTally()
         self.listening = False
         """True while the subscription is in place (for ``/readyz``)."""
