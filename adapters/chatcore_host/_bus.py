@@ -35,13 +35,21 @@ on one Redis pick different ones):
   record its owner parks, trying again with growing pauses for up to
   ``claim_timeout`` (1 s); then it answers ``ClaimRefused`` (a fresh session).
 
-Every Redis call is bounded by ``publish_timeout`` (under a second; a failure
-is counted and never retried: the log has the message). Every time the
-subscription is (re)established the engine is fed ``BusResumed``, so every
-held room checks its head against the log. Every channel Redis confirms is fed
-as ``Subscribed`` (the engine takes up only rooms and users it had not heard
-confirmed: that room alone checks its head, asks for members and tells its
-own; that user's direct messages are checked).
+Every Redis call is bounded by ``publish_timeout`` (under a second). A
+message whose publish failed is kept and published again, before anything
+newer, once the link works (tried again every ``reconnect_delay``): the log
+has it, but a process that does not hold its room (the recipient's process of
+a direct message) would not learn of it otherwise. What is kept is bounded
+(``max_kept`` publishes, ``max_kept_bytes`` of payload; past either the oldest
+are given up and counted); receivers drop a message they delivered already,
+so one that Redis took although the call failed costs only its bytes. Facts
+(presence) are not kept: they are exchanged again after a reconnect. Every
+time the subscription is (re)established the engine is fed ``BusResumed``, so
+every held room checks its head against the log and every user here has their
+direct messages checked. Every channel Redis confirms is fed as ``Subscribed``
+(the engine takes up only rooms and users it had not heard confirmed: that
+room alone checks its head, asks for members and tells its own; that user's
+direct messages are checked).
 """
 
 from __future__ import annotations
@@ -100,6 +108,11 @@ PUBLISH_TIMEOUT = 0.5
 """Seconds one Redis call (a batch of publishes) may take before it counts as failed."""
 MAX_QUEUED = 100_000
 """Publishes waiting; past this the oldest are dropped (and counted as failures)."""
+MAX_KEPT = 10_000
+"""Message publishes that failed, kept to be published again; past this the oldest go."""
+MAX_KEPT_BYTES = 32 * 1024 * 1024
+"""Bytes of payload kept to be published again (a direct message's two channels share
+one payload but count twice); past this the oldest go."""
 _BATCH = 512  # publishes sent in one pipeline (one round trip)
 _FEED_BATCH = 256  # bus payloads fed to the engine in one turn
 _POLL = 0.05  # seconds the subscriber waits for a message before it looks around
@@ -165,11 +178,15 @@ class RedisBus:
         reconnect_delay: float = 0.25,
         process_grace: float | None = None,
         claim_timeout: float = CLAIM_TIMEOUT,
+        max_kept: int = MAX_KEPT,
+        max_kept_bytes: int = MAX_KEPT_BYTES,
     ) -> None:
         if not 0 < publish_timeout < 1:
             raise ValueError("publish_timeout must be within (0, 1) seconds")
         if claim_timeout <= 0:
             raise ValueError("claim_timeout must be positive")
+        if max_kept < 1 or max_kept_bytes < 1:
+            raise ValueError("max_kept and max_kept_bytes must be positive")
         if probe_timeout <= 0 or probe_interval <= 0 or heartbeat_ttl <= probe_interval:
             raise ValueError("need 0 < probe_interval < heartbeat_ttl and probe_timeout > 0")
         if not prefix or any(c in prefix for c in "{} *?[]\n"):
@@ -186,6 +203,10 @@ class RedisBus:
         self.claim_timeout = claim_timeout
         """Seconds a process's heartbeat may be missing before it is gone (default: the
         engine's grace period)."""
+        self.max_kept = max_kept
+        """Message publishes that failed kept to be made again (past it the oldest go)."""
+        self.max_kept_bytes = max_kept_bytes
+        """Bytes of payload kept so (past it the oldest go)."""
         self.tally = BusTally()
         self.listening = False
         """True while the subscription is in place (for ``/readyz``)."""
@@ -194,6 +215,8 @@ class RedisBus:
         self._origin = self.process_id.encode() + b"\n"
         self._queue: deque[tuple[str, bytes, bool]] = deque()
         self._queue_wake: anyio.Event | None = None
+        self._kept: deque[tuple[str, bytes]] = deque()  # failed message publishes, oldest first
+        self._kept_bytes = 0
         self._records: deque[SessionParked | SessionGone | ClaimSession] = deque()
         self._records_wake: anyio.Event | None = None
         self._held: dict[str, int] = {}  # channel -> how many holds (a room and a user may share)
@@ -355,11 +378,26 @@ class RedisBus:
 
     async def _publish_batches(self, redis: Redis) -> None:
         queue = self._queue
+        kept = self._kept
         while True:
-            while not queue:
+            while not queue and not kept:
                 wake = self._queue_wake = anyio.Event()
                 await wake.wait()
-            batch = [queue.popleft() for _ in range(min(len(queue), _BATCH))]
+            if kept:
+                # A publish failed: messages wait behind it (one channel's order is
+                # kept: a process that loads a direct-message room on the first
+                # message it hears delivers from there, so an older one heard later
+                # would be lost), facts do not wait.
+                for channel, data, message in [queue.popleft() for _ in range(len(queue))]:
+                    if message:
+                        self.tally.publish_failures += 1
+                        self._keep(channel, data)
+                    else:
+                        queue.append((channel, data, message))
+            again = min(len(kept), _BATCH)
+            batch = [(*kept.popleft(), True) for _ in range(again)]
+            self._kept_bytes -= sum(len(data) for _, data, _ in batch)
+            batch += [queue.popleft() for _ in range(min(len(queue), _BATCH - again))]
             messages = sum(item[2] for item in batch)
             ok = False
             with anyio.move_on_after(self.publish_timeout):
@@ -373,11 +411,31 @@ class RedisBus:
                     log.warning("bus publish failed (%d payloads): %s", len(batch), exc)
             if ok:
                 self.tally.publishes += messages
+                self.tally.republished += again
                 self.tally.facts += len(batch) - messages
-            else:
-                self.tally.publish_failures += messages
-                # A hung connection would hang the next batch as well: start afresh.
-                await _disconnect(redis)
+                continue
+            self.tally.publish_failures += messages - again  # (each message once)
+            for channel, data, message in reversed(batch):
+                if message:  # back in front, in order
+                    kept.appendleft((channel, data))
+                    self._kept_bytes += len(data)
+            self._bound_kept()
+            # A hung connection would hang the next batch as well: start afresh, after
+            # a pause (a refused connection fails at once).
+            await _disconnect(redis)
+            await anyio.sleep(self.reconnect_delay)
+
+    def _keep(self, channel: str, data: bytes) -> None:
+        self._kept.append((channel, data))
+        self._kept_bytes += len(data)
+        self._bound_kept()
+
+    def _bound_kept(self) -> None:
+        kept = self._kept
+        while len(kept) > self.max_kept or self._kept_bytes > self.max_kept_bytes:
+            _, data = kept.popleft()  # the oldest: the others catch up from the log
+            self._kept_bytes -= len(data)
+            self.tally.publishes_dropped += 1
 
     async def _keeper(self) -> None:
         """Parked sessions: records kept, forgotten and claimed, in the engine's order."""

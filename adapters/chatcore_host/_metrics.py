@@ -214,6 +214,17 @@ def _bus_families(tally: BusTally) -> Iterator[Metric]:
         value=tally.publish_failures,
     )
     yield CounterMetricFamily(
+        "chatcore_bus_republished",
+        "Messages whose publish failed and that were published again once the link worked",
+        value=tally.republished,
+    )
+    yield CounterMetricFamily(
+        "chatcore_bus_publishes_dropped",
+        "Messages whose publish failed and that were given up (more were kept than "
+        "the bounds); they are in the log",
+        value=tally.publishes_dropped,
+    )
+    yield CounterMetricFamily(
         "chatcore_bus_received",
         "Messages other processes appended, received from the bus",
         value=tally.received,

@@ -89,7 +89,13 @@ class BusTally:
     """Messages published: one per message and channel (a room's one channel; the two
     users' channels of a direct message), never per member."""
     publish_failures: int = 0
-    """Message publishes that failed: the bus refused, timed out, or its queue overflowed."""
+    """Message publishes that failed (each once): the bus refused or timed out, they
+    waited behind one that did, or the queue overflowed. All but the last are kept and
+    go out later (``republished``) or are given up (``publishes_dropped``)."""
+    republished: int = 0
+    """Message publishes that failed and went out later, once the link worked again."""
+    publishes_dropped: int = 0
+    """Message publishes that failed and were given up: more were kept than the bounds."""
     received: int = 0
     """Messages from other processes fed to the engine."""
     facts: int = 0

@@ -10,8 +10,12 @@ others, ``SessionAsked``, when there is no record: the session may be live on
 one of them), and feeds back what others published. The bus is pub/sub with
 seeded faults (:class:`Faults`): it drops, delays (so reorders across publishers), fails a
 publish after the commit, confirms subscriptions late (``Subscribed``; a node
-hears nothing on a channel before), and can be cut from one node for a while.
-Nothing sleeps; the same seed gives the same run.
+hears nothing on a channel before), and can be cut from one node for a while
+(or only that node's publishes fail: ``Cluster.mute``). A message whose publish
+failed because its node was cut or muted is kept and published again, in
+order, once the node's link works (as ``RedisBus`` does); one the bus lost
+silently (``drop``, ``fail_publish``, ``drop_if``) is not. Nothing sleeps; the
+same seed gives the same run.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class Bus:
         self._seq = 0
         self._last: dict[tuple[str, str], float] = {}  # (publisher, subscriber) -> time
         self.cut: set[str] = set()  # nodes cut off from the bus
+        self.muted: set[str] = set()  # nodes whose publishes fail (they still hear)
         self.drop_if: Callable[[str], bool] | None = None
         """A test's own fault: a payload it returns True for is not published."""
         self.delay_if: Callable[[str], float] | None = None
@@ -93,11 +98,13 @@ class Bus:
         (and holds back what its publisher sends after it, as on Redis)."""
         self.published = 0
 
-    def publish(self, sender: Node, channels: Iterable[str], payload: str, now: float) -> None:
-        if sender.name in self.cut:
-            return  # the publish fails; what was stored stays stored
+    def publish(self, sender: Node, channels: Iterable[str], payload: str, now: float) -> bool:
+        """Publish; False if it failed (the sender is cut off or muted), as the
+        publisher learns; a payload lost on the way still counts as published."""
+        if sender.name in self.cut or sender.name in self.muted:
+            return False  # what was stored stays stored
         if self.drop_if is not None and self.drop_if(payload):
-            return
+            return True
         self.published += 1
         receivers: set[Node] = set()
         for channel in channels:
@@ -115,6 +122,7 @@ class Bus:
             self._last[pair] = when
             self._seq += 1
             heapq.heappush(self._flight, (when, self._seq, node, payload))
+        return True
 
     def next_time(self) -> float | None:
         return self._flight[0][0] if self._flight else None
@@ -134,6 +142,8 @@ class Node(Simulation):
         self.alive = True
         self.execute_early = True
         self.channels: set[str] = set()
+        self.kept: list[tuple[tuple[str, ...], str]] = []
+        """Message publishes that failed, oldest first: published again when the link works."""
 
     def _answers(self, commands: list[Command]) -> list[Command]:
         cluster = self.cluster
@@ -143,10 +153,19 @@ class Node(Simulation):
                 if faults.fail_publish and cluster.rng.random() < faults.fail_publish:
                     continue
                 message = command.message
-                cluster.bus.publish(
-                    self, bus_channels(message.room), bus_message(message), self.now
-                )
+                self._publish(bus_channels(message.room), bus_message(message))
         return commands
+
+    def _publish(self, channels: tuple[str, ...], payload: str) -> None:
+        # Behind one that failed, a message waits its turn: one channel's order holds.
+        if self.kept or not self.cluster.bus.publish(self, channels, payload, self.now):
+            self.kept.append((channels, payload))
+
+    def republish(self) -> None:
+        """The node's link works again: what failed goes out, in its order."""
+        kept, self.kept = self.kept, []
+        for channels, payload in kept:
+            self._publish(channels, payload)
 
     def _effect(self, effect: Effect) -> None:
         cluster = self.cluster
@@ -247,7 +266,7 @@ class Cluster:
         self.now = START
         self.nodes = [Node(self, f"p{i}", self.config, seed * 100 + i) for i in range(n)]
         self._gone: list[tuple[float, str]] = []
-        self._resume_bus: list[tuple[float, str]] = []
+        self._resume_bus: list[tuple[float, str, bool]] = []  # (when, node, muted only)
         self._subs: list[tuple[float, int, Node, str]] = []  # subscriptions being confirmed
         self._sub_seq = 0
 
@@ -297,10 +316,18 @@ class Cluster:
         self._gone.append((self.now + self.heartbeat, dead.name))
 
     def cut(self, node: int, seconds: float) -> None:
-        """Cut the node off the bus for ``seconds``; then it reconnects (``BusResumed``)."""
+        """Cut the node off the bus for ``seconds``; then it reconnects (``BusResumed``)
+        and publishes again what failed meanwhile."""
         name = self.nodes[node].name
         self.bus.cut.add(name)
-        self._resume_bus.append((self.now + seconds, name))
+        self._resume_bus.append((self.now + seconds, name, False))
+
+    def mute(self, node: int, seconds: float) -> None:
+        """The node's publishes fail for ``seconds`` (its publishing link is down, its
+        subscription is not: no ``BusResumed``); then it publishes what failed."""
+        name = self.nodes[node].name
+        self.bus.muted.add(name)
+        self._resume_bus.append((self.now + seconds, name, True))
 
     def lose(self, room: str) -> None:
         """The log loses the room's data: its history starts a new life (new epoch)."""
@@ -364,7 +391,7 @@ class Cluster:
                 events.append((t, -1))
             for when, _ in self._gone:
                 events.append((when, -2))
-            for when, _ in self._resume_bus:
+            for when, _, _ in self._resume_bus:
                 events.append((when, -3))
             if self._subs:
                 events.append((self._subs[0][0], -4))
@@ -394,12 +421,14 @@ class Cluster:
                 node._settle()
             else:
                 self._resume_bus.sort()
-                _, name = self._resume_bus.pop(0)
-                self.bus.cut.discard(name)
+                _, name, muted = self._resume_bus.pop(0)
+                (self.bus.muted if muted else self.bus.cut).discard(name)
                 for node in self.nodes:
                     if node.name == name and node.alive:
-                        node.feed(BusResumed())
-                        node.feed(self._confirmed(node))
+                        node.republish()
+                        if not muted:
+                            node.feed(BusResumed())
+                            node.feed(self._confirmed(node))
         self.now = until
         self._catch_up(until)
 

@@ -107,6 +107,10 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
             # (Which channels are back the adapter says with Subscribed.)
             _load_heads(st, tuple(st.rooms), out)
             _exchange_members(st, [n for n in st.rooms if n in peers.asked], out)
+            # A direct message in a conversation not held here came only on its
+            # recipient's channel, and no probe covers that room: ask the log.
+            for user in sorted(peers.users_confirmed):
+                _recheck(st, user, out)
         case Subscribed():
             _subscribed(st, cmd, out)
         case Shared():
@@ -256,8 +260,18 @@ def _user_confirmed(st: EngineState, user: str, out: list[Effect]) -> None:
         for name in session.rooms:
             if dm_users(name) is not None:
                 peers.touch_room(name)
+    _recheck(st, user, out)
+
+
+def _recheck(st: EngineState, user: str, out: list[Effect]) -> None:
+    """Ask the log which of the user's direct-message rooms hold something unread
+    (``LoadInbox``), for a message the bus may have lost on the user's channel:
+    published before it was confirmed, or while the bus was away (``BusResumed``:
+    one query per user with a session here). The rooms held or loading here are
+    left to their head probes (``rechecked``), so nothing comes twice. (Only
+    users with a session here are held, so confirmed.)"""
     ref = st.awaits.next_ref()
-    peers.rechecks[ref] = user
+    st.peers.rechecks[ref] = user
     out.append(LoadInbox(ref=ref, user=user, limit=st.config.max_rooms_per_session))
 
 

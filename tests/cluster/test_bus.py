@@ -245,7 +245,7 @@ async def test_subscription_comes_back_after_redis_restarts(private_redis: Priva
         a.publish(message(1))
         await sb.until(lambda s: len(s.messages) == 1)
         await private_redis.stop()
-        a.publish(message(2))  # lost with Redis: the log has it, the engine will ask
+        a.publish(message(2))  # fails: kept, and published again once Redis is back
         with anyio.fail_after(GUARD):
             while a.tally.publish_failures < 1:
                 await anyio.sleep(0.01)
@@ -256,8 +256,10 @@ async def test_subscription_comes_back_after_redis_restarts(private_redis: Priva
             while not b.listening:
                 await anyio.sleep(0.01)
         a.publish(message(3))
-        await sb.until(lambda s: len(s.messages) >= 2)
-        assert [m.offset for m in sb.messages] == [1, 3]
+        await sb.until(lambda s: 3 in [m.offset for m in s.messages])
+        # 2 went out before 3, heard if b listened by then (else the engine's probe
+        # after BusResumed reads it from the log): never after 3, never twice.
+        assert [m.offset for m in sb.messages] in ([1, 2, 3], [1, 3])
 
 
 async def test_a_deaf_subscription_is_found_by_the_probe(redis_url: str) -> None:
