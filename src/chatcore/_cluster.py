@@ -52,6 +52,7 @@ from ._facts import (
     MemberDeparted,
     MemberMoved,
     MembersAsked,
+    MembersDigest,
     MembersTold,
     ReadMarked,
     TypingChanged,
@@ -114,6 +115,8 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
                 _shared(st, room, cmd, out)
         case ProcessGone():
             _forget_predictions(st, cmd.origin, out)
+            for heard in peers.seen.values():
+                heard.pop(cmd.origin, None)
             for name, origins in list(peers.remote.items()):
                 users = origins.pop(cmd.origin, None)
                 if users and (room := st.rooms.get(name)) is not None:
@@ -149,12 +152,23 @@ def flush(st: EngineState, out: list[Effect]) -> None:
     peers = st.peers
     touched = list(dict.fromkeys(peers.touched_rooms))
     peers.touched_rooms.clear()
+    flips = list(peers.flips)
+    peers.flips.clear()  # (in place: rooms hold this list)
+    facts: list[Share] = []
+    for name, user, arrived in flips:
+        seq = _numbered(st, name, held=True)
+        fact = MemberArrived(user=user, seq=seq) if arrived else MemberDeparted(user=user, seq=seq)
+        facts.append(Share(room=name, fact=fact))
     loading = st.awaits.rooms
     for name in touched:
         if name not in st.rooms:  # what was known of the others' members went with it
             peers.asked.discard(name)
             peers.remote.pop(name, None)
             peers.halves.pop(name, None)
+            peers.seen.pop(name, None)
+            peers.doubts.pop(name, None)
+            if name not in peers.retell:  # else kept for the room's last tell
+                peers.seq.pop(name, None)
         if name not in peers.rooms and (name in st.rooms or name in loading):
             # Subscribed from the start of the load: a message published while the
             # room loads is held and merged by offset, never missed between the two.
@@ -162,11 +176,7 @@ def flush(st: EngineState, out: list[Effect]) -> None:
             out.append(RoomHeld(room=name))
     if touched:
         _take_up(st, touched, out, probe=True)
-    flips = list(peers.flips)
-    peers.flips.clear()  # (in place: rooms hold this list)
-    for name, user, arrived in flips:
-        fact = MemberArrived(user=user) if arrived else MemberDeparted(user=user)
-        out.append(Share(room=name, fact=fact))
+    out += facts
     for name in touched:
         if name in peers.rooms and name not in st.rooms and name not in loading:
             peers.rooms.discard(name)
@@ -181,9 +191,9 @@ def flush(st: EngineState, out: list[Effect]) -> None:
             peers.users_confirmed.discard(user)
             out.append(UserReleased(user=user))
     peers.touched_users.clear()
-    if st.rooms and not peers.probe_gen:
+    if (st.rooms or peers.retell) and not peers.probe_gen:
         peers.probe_gen = st.awaits.next_ref()
-        peers.last_tick = st.now
+        peers.last_tick = peers.last_digest = st.now
         st.timers.push(st.now + st.config.head_probe_interval / 2, HeadProbe(peers.probe_gen))
 
 
@@ -231,7 +241,7 @@ def _exchange_members(st: EngineState, names: list[str], out: list[Effect]) -> N
     for name in names:
         out.append(Share(room=name, fact=MembersAsked()))
         if users := _own(st, st.rooms[name]):
-            out.append(Share(room=name, fact=MembersTold(users=users)))
+            _tell(st, name, users, out)
 
 
 def _own(st: EngineState, room: Room) -> tuple[str, ...]:
@@ -292,9 +302,14 @@ def probe(st: EngineState, timer: HeadProbe, now: float, out: list[Effect]) -> N
     tick. Ticks come every half interval, so a message the bus lost is fetched
     within one interval (plus the log's answer)."""
     peers = st.peers
-    if not st.rooms:
+    if not st.rooms and not peers.retell:
         peers.probe_gen = 0
         return
+    _retell(st, now, out)
+    _settle_doubts(st, now, out)
+    if now >= peers.last_digest + st.config.presence_check_interval:
+        peers.last_digest = now
+        _digest(st, now, out)
     idle = tuple(name for name, room in st.rooms.items() if room.heard <= peers.last_tick)
     peers.last_tick = now
     if idle and not peers.probes:
@@ -316,23 +331,32 @@ def _shared(st: EngineState, room: Room, cmd: Shared, out: list[Effect]) -> None
     fact = cmd.fact
     match fact:
         case MemberArrived():
+            _heard(st, room, cmd.origin, fact.seq, change=True)
             _told(st, room, cmd.origin, {fact.user}, out, replace=False)
             if fact.move:
                 _arrival_half(st, room, fact.user, fact.move, out)
         case MemberMoved():
+            _heard(st, room, cmd.origin, fact.seq, change=True)
             _departure_half(st, room, fact.user, fact.to, fact.move, out)
             if fact.last:
                 _remote_gone(st, room, cmd.origin, fact.user, out)
         case MemberDeparted():
+            _heard(st, room, cmd.origin, fact.seq, change=True)
             known = st.peers.remote.get(room.name, {}).get(cmd.origin)
             if known is not None and fact.user in known:
                 known.discard(fact.user)
                 _remote_left(st, room, fact.user, out)
         case MembersTold():
+            _heard(st, room, cmd.origin, fact.seq, change=False)
             _told(st, room, cmd.origin, set(fact.users), out, replace=True)
         case MembersAsked():
-            if users := _own(st, room):
-                st.share(room.name, MembersTold(users=users), out)
+            if not fact.of:
+                if users := _own(st, room):
+                    _tell(st, room.name, users, out)
+            elif not _heard_of(st, room.name, fact.of):
+                _tell(st, room.name, _own(st, room), out)  # (it may be this process)
+        case MembersDigest():
+            _digest_heard(st, room, cmd.origin, fact.seq, out)
         case TypingChanged():
             typing = Typing(room=room.name, user=fact.user, active=fact.active)
             broadcast(st, room, typing, None, out, ephemeral=True, skip_user=fact.user)
@@ -354,7 +378,7 @@ def _told(
     if replace:
         for user in sorted(known - users):
             known.discard(user)
-            _remote_left(st, room, user, out)
+            _doubt(st, room, user, out)
     limit = st.config.max_remote_members
     for user in sorted(users - known):
         if user not in room.remote and len(room.remote) >= limit:
@@ -375,6 +399,125 @@ def _remote_gone(st: EngineState, room: Room, origin: str, user: str, out: list[
     if known is not None and user in known:
         known.discard(user)
         _remote_left(st, room, user, out)
+
+
+# -- presence that the bus lost ------------------------------------------------------------
+#
+# Pub/sub drops a fact silently (a subscriber's buffer overflowed, a publish
+# timed out), and a lost ``MemberDeparted`` leaves a member listed for ever on
+# the others. So a process numbers its presence changes per room (``seq``),
+# tells all its members again (``MembersTold`` with the number of its last
+# change) once a room's members here have been quiet for a tick after a change,
+# and every ``presence_check_interval`` tells the number of each room with
+# members here (``MembersDigest``); a process whose view of it is behind that
+# number asks it (``MembersAsked(of=...)``). A tell replaces the sharer's
+# members; a user it drops that no departure was heard of stays listed for two
+# more probe intervals (a doubt: the user may only have moved, and the other half
+# of the move be lost too), and a process that said nothing for two check
+# intervals while members were listed for it is taken to have let the room go
+# (its last tell lost) the same way.
+
+
+def _numbered(st: EngineState, name: str, *, held: bool = False) -> int:
+    """The number of a presence change shared now in room ``name`` (0: unnumbered,
+    for a room this process neither holds nor has just let go); the room is told
+    again once quiet. ``held``: it is held, or was until this step."""
+    peers = st.peers
+    if not held and name not in st.rooms and name not in peers.seq:
+        return 0
+    seq = peers.seq.get(name, 1) + 1
+    peers.seq[name] = seq
+    first = peers.retell.get(name)
+    peers.retell[name] = (st.now if first is None else first[0], st.now)
+    return seq
+
+
+def _tell(st: EngineState, name: str, users: tuple[str, ...], out: list[Effect]) -> None:
+    """Tell the room's members here, all of them, as of the last change."""
+    peers = st.peers
+    peers.retell.pop(name, None)
+    seq = peers.seq.setdefault(name, 1) if name in st.rooms else peers.seq.pop(name, 0)
+    out.append(Share(room=name, fact=MembersTold(users=users, seq=seq)))
+
+
+def _retell(st: EngineState, now: float, out: list[Effect]) -> None:
+    """Rooms whose members here changed and have been quiet since the last tick
+    (or changing for a whole probe interval) are told again: a lost change, the
+    last of a burst included, is repaired within one interval."""
+    peers = st.peers
+    since = now - st.config.head_probe_interval
+    for name, (first, last) in list(peers.retell.items()):
+        if last <= peers.last_tick or first <= since:
+            room = st.rooms.get(name)
+            _tell(st, name, () if room is None else _own(st, room), out)
+
+
+def _digest(st: EngineState, now: float, out: list[Effect]) -> None:
+    """Each room with members here tells its number; what was heard of the others
+    is checked for silence."""
+    peers = st.peers
+    for name, room in st.rooms.items():
+        if name in peers.asked and name not in peers.retell and _own(st, room):
+            out.append(Share(room=name, fact=MembersDigest(seq=peers.seq.setdefault(name, 1))))
+    silent = now - 2 * st.config.presence_check_interval
+    for name, origins in peers.seen.items():
+        for origin, (_, heard) in list(origins.items()):
+            if heard < silent:
+                del origins[origin]
+                known = peers.remote.get(name, {}).get(origin)
+                if known and (held := st.rooms.get(name)) is not None:
+                    for user in sorted(known):
+                        _doubt(st, held, user, out)
+                    known.clear()
+
+
+def _heard(st: EngineState, room: Room, origin: str, seq: int, *, change: bool) -> None:
+    """A numbered presence fact from ``origin``: a change that does not follow the
+    last one heard means one was missed (until its next tell)."""
+    if seq:
+        origins = st.peers.seen.setdefault(room.name, {})
+        if change:
+            before = origins.get(origin)
+            if before is None or before[0] != seq - 1:
+                seq = -1
+        origins[origin] = (seq, st.now)
+
+
+def _heard_of(st: EngineState, name: str, origin: str) -> bool:
+    """Whether process ``origin`` said anything of its members in room ``name``."""
+    return origin in st.peers.seen.get(name, {}) or origin in st.peers.remote.get(name, {})
+
+
+def _digest_heard(st: EngineState, room: Room, origin: str, seq: int, out: list[Effect]) -> None:
+    origins = st.peers.seen.setdefault(room.name, {})
+    before = origins.get(origin)
+    if before is not None and before[0] == seq:
+        origins[origin] = (seq, st.now)
+        return
+    origins[origin] = (-1, st.now)
+    st.share(room.name, MembersAsked(of=origin), out)
+
+
+def _doubt(st: EngineState, room: Room, user: str, out: list[Effect]) -> None:
+    """A process no longer has ``user`` in the room, and no departure was heard:
+    listed for two more probe intervals (counted once however many such), by
+    when the process the user may have moved to has told its members again."""
+    doubts = st.peers.doubts.setdefault(room.name, {})
+    if user in doubts:
+        _remote_left(st, room, user, out)
+    doubts[user] = st.now + 2 * st.config.head_probe_interval
+
+
+def _settle_doubts(st: EngineState, now: float, out: list[Effect]) -> None:
+    peers = st.peers
+    for name, doubts in list(peers.doubts.items()):
+        room = st.rooms.get(name)  # (let go in this tick: forgotten at its end)
+        for user, until in list(doubts.items()):
+            if until <= now and room is not None:
+                del doubts[user]
+                _remote_left(st, room, user, out)
+        if not doubts:
+            del peers.doubts[name]
 
 
 # -- sessions that move: two halves, heard in either order --------------------------------
@@ -474,7 +617,9 @@ def moved_away(st: EngineState, session: Session, by: str, out: list[Effect]) ->
         room = st.rooms.get(name)
         mine = 1 if name in session.rooms else 0
         alone = room is None or room.users.get(session.user, 0) <= mine
-        st.share(name, MemberMoved(user=session.user, to=by, move=move, last=alone), out)
+        seq = _numbered(st, name)
+        moved = MemberMoved(user=session.user, to=by, move=move, last=alone, seq=seq)
+        st.share(name, moved, out)
         if room is not None:
             _departure_half(st, room, session.user, by, move, out)
         if alone:
@@ -520,14 +665,14 @@ def _arrive(
                 del arriving[p.room]
         room = st.rooms.get(p.room)
         here = room is not None and user in room.users
-        st.share(p.room, MemberArrived(user=user, move=move), out)
+        st.share(p.room, MemberArrived(user=user, move=move, seq=_numbered(st, p.room)), out)
         if room is not None:
             if here and p.epoch == room.epoch and p.read > room.reads.get(user, 0):
                 room.reads[user] = p.read
             if local:
                 _arrival_half(st, room, user, move, out)
         if settle and not here:
-            st.share(p.room, MemberDeparted(user=user), out)
+            st.share(p.room, MemberDeparted(user=user, seq=_numbered(st, p.room)), out)
 
 
 # -- sessions any process can claim -----------------------------------------------------
@@ -668,6 +813,7 @@ def _adopt(st: EngineState, claimed: SessionClaimed, now: float, out: list[Effec
     session.moved = (move, claimed.rooms)
     for p in claimed.rooms:
         st.peers.arriving.setdefault(p.room, {})[move] = session.user
+        _numbered(st, p.room)  # its members here changed, told in the next tell
         if (room := st.rooms.get(p.room)) is not None:
             _departure_half(st, room, session.user, _HERE, move, out)
     # It was live on another process and lost its connection: it comes in as any
