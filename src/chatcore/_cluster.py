@@ -167,6 +167,7 @@ def flush(st: EngineState, out: list[Effect]) -> None:
             peers.halves.pop(name, None)
             peers.seen.pop(name, None)
             peers.doubts.pop(name, None)
+            peers.predicted.pop(name, None)
             if name not in peers.retell:  # else kept for the room's last tell
                 peers.seq.pop(name, None)
         if name not in peers.rooms and (name in st.rooms or name in loading):
@@ -307,6 +308,7 @@ def probe(st: EngineState, timer: HeadProbe, now: float, out: list[Effect]) -> N
         return
     _retell(st, now, out)
     _settle_doubts(st, now, out)
+    _settle_predictions(st, now, out)
     if now >= peers.last_digest + st.config.presence_check_interval:
         peers.last_digest = now
         _digest(st, now, out)
@@ -483,9 +485,14 @@ def _heard(st: EngineState, room: Room, origin: str, seq: int, *, change: bool) 
         origins[origin] = (seq, st.now)
 
 
+_NAMED = -2
+"""What was heard of a process only named as where a user moved: nothing yet."""
+
+
 def _heard_of(st: EngineState, name: str, origin: str) -> bool:
     """Whether process ``origin`` said anything of its members in room ``name``."""
-    return origin in st.peers.seen.get(name, {}) or origin in st.peers.remote.get(name, {})
+    heard = st.peers.seen.get(name, {}).get(origin)
+    return (heard is not None and heard[0] != _NAMED) or origin in st.peers.remote.get(name, {})
 
 
 def _digest_heard(st: EngineState, room: Room, origin: str, seq: int, out: list[Effect]) -> None:
@@ -513,11 +520,23 @@ def _settle_doubts(st: EngineState, now: float, out: list[Effect]) -> None:
     for name, doubts in list(peers.doubts.items()):
         room = st.rooms.get(name)  # (let go in this tick: forgotten at its end)
         for user, until in list(doubts.items()):
-            if until <= now and room is not None:
+            if room is not None and _due(st, name, until, now):
                 del doubts[user]
                 _remote_left(st, room, user, out)
         if not doubts:
             del peers.doubts[name]
+
+
+def _due(st: EngineState, name: str, until: float, now: float) -> bool:
+    """Whether a doubt or a prediction in room ``name`` standing until ``until``
+    ends now: once this process has heard everything of every other process it
+    knows there (a tell, or a digest that matched, since anything was missed),
+    or else two check intervals later, at the latest."""
+    if until > now:
+        return False
+    if until + 2 * st.config.presence_check_interval <= now:
+        return True
+    return all(seq >= 1 for seq, _ in st.peers.seen.get(name, {}).values())
 
 
 # -- sessions that move: two halves, heard in either order --------------------------------
@@ -568,6 +587,11 @@ def _departure_half(
         _remember(st, room, move, (user, to), out)
         if room.add_remote(user):  # the prediction counts like a process holding them
             came_or_went(st, room, user, out)
+        if to != _HERE:
+            until = st.now + 2 * st.config.head_probe_interval
+            st.peers.predicted.setdefault(room.name, {})[move] = until
+            # Wait to hear from ``to`` (or of its silence) before the prediction ends.
+            st.peers.seen.setdefault(room.name, {}).setdefault(to, (_NAMED, st.now))
     elif not first[1]:  # the arrival half came first
         del halves[move]
     elif first[1] == _HERE and to != _HERE:
@@ -587,6 +611,27 @@ def _arrival_half(st: EngineState, room: Room, user: str, move: str, out: list[E
         _remote_left(st, room, first[0], out)
         if first[1] == _HERE:  # this process's own prediction: the departure half is to come
             _remember(st, room, move, (user, ""), out)
+
+
+def _settle_predictions(st: EngineState, now: float, out: list[Effect]) -> None:
+    """Predictions whose arrival half has not come within two probe intervals end:
+    the process the user moved to has told its members by then (its claim made it
+    tell them again within one), so it counts the user if it has them. A departure
+    half heard late (after its arrival half, in an earlier hold of the room) or an
+    arrival half the bus lost leaves nobody listed for ever."""
+    peers = st.peers
+    for name, moves in list(peers.predicted.items()):
+        room = st.rooms.get(name)
+        halves = peers.halves.get(name, {})
+        for move, until in list(moves.items()):
+            if room is not None and _due(st, name, until, now):
+                del moves[move]
+                half = halves.get(move)
+                if half is not None and half[1] not in ("", _HERE):
+                    del halves[move]
+                    _remote_left(st, room, half[0], out)
+        if not moves:
+            del peers.predicted[name]
 
 
 def _forget_predictions(st: EngineState, origin: str, out: list[Effect]) -> None:

@@ -47,6 +47,7 @@ class Peers:
         "seen",
         "doubts",
         "last_digest",
+        "predicted",
     )
 
     def __init__(self, on: bool) -> None:
@@ -105,6 +106,9 @@ class Peers:
         # heard) is still listed, counted once in ``Room.remote``: it may have moved.
         self.doubts: dict[str, dict[str, float]] = {}
         self.last_digest = 0.0  # when the rooms here last told their numbers
+        # room -> move -> until when a prediction (``halves``) for another process
+        # stands without its arrival half: by then that process told its members.
+        self.predicted: dict[str, dict[str, float]] = {}
 
     @property
     def dirty(self) -> bool:
