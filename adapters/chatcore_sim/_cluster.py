@@ -8,9 +8,10 @@ subscribes as the engine says (``RoomHeld``, ``UserHeld``), shares facts
 (``Share``), parks sessions in a registry any node can claim from (asking the
 others, ``SessionAsked``, when there is no record: the session may be live on
 one of them), and feeds back what others published. The bus is pub/sub with
-seeded faults (:class:`Faults`): it drops (anything, or presence facts only), delays (so reorders across publishers), fails a
-publish after the commit, confirms subscriptions late (``Subscribed``; a node
-hears nothing on a channel before), and can be cut from one node for a while.
+seeded faults (:class:`Faults`): it drops (anything, or presence facts
+only), delays (so reorders across publishers), fails a publish after the
+commit, confirms subscriptions late (``Subscribed``; a node hears nothing on a
+channel before), and can be cut from one node for a while.
 Nothing sleeps; the same seed gives the same run.
 """
 
