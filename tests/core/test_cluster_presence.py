@@ -317,10 +317,11 @@ def test_a_move_whose_halves_and_new_home_s_tell_are_lost_waits_for_the_digest()
     cluster.connect(2, "dave", ROOM)
     cluster.advance(PROBE)
     alice.take()
-    lose(cluster, ("moved", "bob"), ("in", "bob"))
+    lost = lose(cluster, ("moved", "bob"), ("in", "bob"), times=2)  # the half, and the flip
     lost_tell = lose_from(cluster, "p2", "here")
     cluster.move(bob, 2)
     cluster.advance(CHECK + 2 * PROBE)
+    assert len(lost) == 3
     assert lost_tell
     assert presence(alice) == []
     assert set(members(cluster).values()) == {("alice", "bob", "carol", "dave")}
@@ -507,3 +508,35 @@ DeafPresenceModel.TestCase.settings = settings(
 test_centrifugo_1189_a_node_deaf_to_presence_lists_the_truth_once_faults_stop = (
     DeafPresenceModel.TestCase
 )
+
+
+# -- examples hypothesis found, replayed as they were found ---------------------------------
+
+
+def test_deaf_model_a_prediction_waits_for_a_lost_answer_to_be_asked_again() -> None:
+    # Bob moves 1 -> 0 -> 1; alice then takes the room up on node 2, whose ask node
+    # 1 answers (lost). Node 2 hears node 0's departure half (bob on node 1, a
+    # prediction) and nothing of node 1: the prediction ended after two probe
+    # intervals and bob was reported left, though node 1's digest and the answer
+    # to node 2's ask were still to come.
+    state = DeafPresenceModel()
+    state.start(seed=588, drop=0.3, delay=0.0)
+    state.connect(node=1, rooms={"general"}, user="bob")
+    state.drop_and_resume(node=0, user="bob")
+    state.drop_and_resume(node=1, user="bob")
+    state.connect(node=2, rooms={"general"}, user="alice")
+    state.advance(seconds=4.0)
+    state.advance(seconds=4.0)
+    state.nobody_who_only_moved_is_reported_left()
+    state.teardown()
+
+
+def test_deaf_model_a_late_departure_half_for_a_session_that_ended() -> None:
+    state = DeafPresenceModel()
+    state.start(seed=0, drop=0.1, delay=0.0)
+    state.connect(node=1, rooms={"general"}, user="alice")
+    state.drop_and_resume(node=0, user="alice")
+    state.leave_for_good(user="alice")
+    state.connect(node=0, rooms={"general"}, user="bob")
+    state.nobody_who_only_moved_is_reported_left()
+    state.teardown()
