@@ -162,6 +162,23 @@ def test_a_lost_departure_is_repaired_by_the_tell_once_the_room_is_quiet() -> No
     assert len(set(members(cluster).values())) == 1
 
 
+def test_a_user_lost_on_two_processes_leaves_once() -> None:
+    cluster = Cluster(3, CONFIG)
+    alice = cluster.connect(0, "alice", ROOM)
+    cluster.connect(1, "bob", ROOM)
+    cluster.connect(2, "carol", ROOM)
+    dans = [cluster.connect(1, "dan", ROOM), cluster.connect(2, "dan", ROOM)]
+    cluster.advance(PROBE)
+    assert presence(alice) == [("joined", "bob"), ("joined", "carol"), ("joined", "dan")]
+    lose(cluster, ("out", "dan"), times=2)
+    for node, dan in zip((1, 2), dans, strict=True):
+        cluster.nodes[node].close(dan)
+    until(cluster, lambda: "dan" not in members(cluster)["p0"], 3 * PROBE)
+    assert presence(alice) == [("left", "dan")]
+    cluster.advance(3 * PROBE)
+    assert set(members(cluster).values()) == {("alice", "bob", "carol")}
+
+
 def test_a_lost_departure_of_the_last_member_there_is_repaired_after_the_room_is_let_go() -> None:
     cluster, alice, bob = two()
     lose(cluster, ("out", "bob"))
