@@ -512,9 +512,7 @@ class DeafPresenceModel(RuleBasedStateMachine):
 
 
 DeafPresenceModel.TestCase.settings = settings(
-    # ~0.35 s an example on this machine: 100 by default, as many as the other
-    # cluster models when CHATCORE_CLUSTER_EXAMPLES says.
-    max_examples=int(os.environ.get("CHATCORE_CLUSTER_EXAMPLES", "100")),
+    max_examples=int(os.environ.get("CHATCORE_CLUSTER_EXAMPLES", "150")),
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
