@@ -459,7 +459,8 @@ def _digest(st: EngineState, now: float, out: list[Effect]) -> None:
     is checked for silence."""
     peers = st.peers
     for name, room in st.rooms.items():
-        if name in peers.asked and name not in peers.retell and _own(st, room):
+        members = room.users or peers.arriving.get(name)  # (``_own`` without sorting)
+        if members and name in peers.asked and name not in peers.retell:
             out.append(Share(room=name, fact=MembersDigest(seq=peers.seq.setdefault(name, 1))))
     silent = now - 2 * st.config.presence_check_interval
     for name, origins in peers.seen.items():
