@@ -572,6 +572,7 @@ def _remember(
     if len(halves) >= st.config.max_remote_members:
         oldest = next(iter(halves))  # its other half is long overdue
         user, to = halves.pop(oldest)
+        _unpredict(st, room.name, oldest)
         if to:
             _remote_left(st, room, user, out)
     halves[move] = half
@@ -609,6 +610,7 @@ def _arrival_half(st: EngineState, room: Room, user: str, move: str, out: list[E
     if first is None:
         _remember(st, room, move, (user, ""), out)
     elif first[1]:
+        _unpredict(st, room.name, move)
         _remote_left(st, room, first[0], out)
         if first[1] == _HERE:  # this process's own prediction: the departure half is to come
             _remember(st, room, move, (user, ""), out)
@@ -627,12 +629,19 @@ def _settle_predictions(st: EngineState, now: float, out: list[Effect]) -> None:
         for move, until in list(moves.items()):
             if room is not None and _due(st, name, until, now):
                 del moves[move]
-                half = halves.get(move)
-                if half is not None and half[1] not in ("", _HERE):
-                    del halves[move]
+                half = halves.pop(move, None)  # (always the prediction: see _unpredict)
+                if half is not None:
                     _remote_left(st, room, half[0], out)
         if not moves:
             del peers.predicted[name]
+
+
+def _unpredict(st: EngineState, name: str, move: str) -> None:
+    """The prediction of ``move`` is gone from ``halves``: so is its end (so that
+    these stay within the bound of ``halves``)."""
+    moves = st.peers.predicted.get(name)
+    if moves is not None and moves.pop(move, None) is not None and not moves:
+        del st.peers.predicted[name]
 
 
 def _forget_predictions(st: EngineState, origin: str, out: list[Effect]) -> None:
@@ -642,6 +651,7 @@ def _forget_predictions(st: EngineState, origin: str, out: list[Effect]) -> None
         room = st.rooms.get(name)
         for move in gone:
             user, _ = halves.pop(move)
+            _unpredict(st, name, move)
             if room is not None:
                 _remote_left(st, room, user, out)
 
