@@ -8,7 +8,8 @@ subscribes as the engine says (``RoomHeld``, ``UserHeld``), shares facts
 (``Share``), parks sessions in a registry any node can claim from (asking the
 others, ``SessionAsked``, when there is no record: the session may be live on
 one of them), and feeds back what others published. The bus is pub/sub with
-seeded faults (:class:`Faults`): it drops, delays (so reorders across publishers), fails a
+seeded faults (:class:`Faults`): it drops (anything, or presence facts
+only), delays (so reorders across publishers), fails a
 publish after the commit, confirms subscriptions late (``Subscribed``; a node
 hears nothing on a channel before), and can be cut from one node for a while
 (or only that node's publishes fail: ``Cluster.mute``). A message whose publish
@@ -21,6 +22,7 @@ same seed gives the same run.
 from __future__ import annotations
 
 import heapq
+import json
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -69,6 +71,10 @@ class Faults:
     publish (``fail_publish``: the message is stored, its publish is lost)."""
 
     drop: float = 0.0
+    drop_presence: float = 0.0
+    """Per delivery of a presence fact (a member arriving, leaving or moving, a
+    members tell, ask or digest): dropped, while messages and the rest go
+    through, as when a subscriber's buffer overflows on a busy presence channel."""
     fail_publish: float = 0.0
     max_delay: float = 0.0
     """Each delivery takes up to this long (seconds), so deliveries from two
@@ -114,6 +120,12 @@ class Bus:
                 continue
             if self.faults.drop and self._rng.random() < self.faults.drop:
                 continue
+            if (
+                self.faults.drop_presence
+                and _presence(payload)
+                and self._rng.random() < self.faults.drop_presence
+            ):
+                continue
             delay = self._rng.uniform(0, self.faults.max_delay) if self.faults.max_delay else 0.0
             if self.delay_if is not None:
                 delay += self.delay_if(payload)
@@ -130,6 +142,17 @@ class Bus:
     def pop(self) -> tuple[float, Node, str]:
         when, _, node, payload = heapq.heappop(self._flight)
         return when, node, payload
+
+
+_PRESENCE = {"in", "out", "moved", "here", "ask", "sum"}
+
+
+def _presence(payload: str) -> bool:
+    """Whether a bus payload is a presence fact (``chatcore.bus_fact``'s kinds)."""
+    if not payload.startswith('{"f":'):
+        return False
+    kind = json.loads(payload)["f"].get("k")
+    return isinstance(kind, str) and kind in _PRESENCE
 
 
 class Node(Simulation):

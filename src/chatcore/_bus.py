@@ -7,7 +7,12 @@ so that processes built on different adapters understand each other. It also
 names the channels: one per group room, one per user (direct messages and
 their facts travel on the parties' user channels, so that a process that does
 not hold a direct-message room yet still hears of it). Text that does not
-decode is a peer's fault: the decoders return None, never raise.
+not decode is a peer's fault: the decoders return None, never raise.
+
+A presence fact's number (``seq``) travels as ``"n"``, left out when 0; a
+process built before it ignores the key (and the digest, ``"k":"sum"``, whose
+kind it does not know), and one built after reads a fact without it as
+unnumbered.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ._facts import (
     MemberDeparted,
     MemberMoved,
     MembersAsked,
+    MembersDigest,
     MembersTold,
     ReadMarked,
     TypingChanged,
@@ -77,23 +83,34 @@ def bus_message(message: Message) -> str:
 def bus_fact(origin: str, room: str, fact: Fact) -> str:
     """A ``Share`` effect's fact, sent by process ``origin``."""
     body: dict[str, Any]
+    seq = 0
     match fact:
         case MemberArrived():
             body = {"k": "in", "u": fact.user}
             if fact.move:
                 body["mv"] = fact.move
+            seq = fact.seq
         case MemberDeparted():
             body = {"k": "out", "u": fact.user}
+            seq = fact.seq
         case MemberMoved():
             body = {"k": "moved", "u": fact.user, "to": fact.to, "mv": fact.move, "l": fact.last}
+            seq = fact.seq
         case TypingChanged():
             body = {"k": "typing", "u": fact.user, "a": fact.active}
         case ReadMarked():
             body = {"k": "read", "u": fact.user, "o": fact.offset}
         case MembersAsked():
             body = {"k": "ask"}
+            if fact.of:
+                body["of"] = fact.of
         case MembersTold():
             body = {"k": "here", "us": list(fact.users)}
+            seq = fact.seq
+        case MembersDigest():
+            body = {"k": "sum", "n": fact.seq}
+    if seq:
+        body["n"] = seq
     return json.dumps({"f": body, "o": origin, "r": room}, separators=(",", ":"))
 
 
@@ -151,26 +168,32 @@ def _user(value: object) -> str | None:
 
 def _fact(body: Any) -> Fact | None:
     kind = body["k"]
+    seq = body.get("n", 0)
+    if not _int(seq) or seq < 0:
+        return None
     if kind == "ask":
-        return MembersAsked()
+        of = body.get("of", "")
+        return MembersAsked(of=of) if isinstance(of, str) else None
+    if kind == "sum":
+        return MembersDigest(seq=seq)
     if kind == "here":
         users = body["us"]
         if not isinstance(users, list) or any(_user(u) is None for u in users):
             return None
-        return MembersTold(users=tuple(users))
+        return MembersTold(users=tuple(users), seq=seq)
     user = _user(body["u"])
     if user is None:
         return None
     if kind == "in":
         move = body.get("mv", "")
-        return MemberArrived(user=user, move=move) if isinstance(move, str) else None
+        return MemberArrived(user=user, move=move, seq=seq) if isinstance(move, str) else None
     if kind == "moved":
         to, move, last = body["to"], body["mv"], body["l"]
         if isinstance(to, str) and to and isinstance(move, str) and move and isinstance(last, bool):
-            return MemberMoved(user=user, to=to, move=move, last=last)
+            return MemberMoved(user=user, to=to, move=move, last=last, seq=seq)
         return None
     if kind == "out":
-        return MemberDeparted(user=user)
+        return MemberDeparted(user=user, seq=seq)
     if kind == "typing" and isinstance(body["a"], bool):
         return TypingChanged(user=user, active=body["a"])
     if kind == "read" and _int(body["o"]) and body["o"] >= 0:

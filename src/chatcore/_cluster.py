@@ -52,6 +52,7 @@ from ._facts import (
     MemberDeparted,
     MemberMoved,
     MembersAsked,
+    MembersDigest,
     MembersTold,
     ReadMarked,
     TypingChanged,
@@ -118,6 +119,8 @@ def handle(st: EngineState, cmd: BusCommand, out: list[Effect]) -> None:
                 _shared(st, room, cmd, out)
         case ProcessGone():
             _forget_predictions(st, cmd.origin, out)
+            for heard in peers.seen.values():
+                heard.pop(cmd.origin, None)
             for name, origins in list(peers.remote.items()):
                 users = origins.pop(cmd.origin, None)
                 if users and (room := st.rooms.get(name)) is not None:
@@ -153,12 +156,24 @@ def flush(st: EngineState, out: list[Effect]) -> None:
     peers = st.peers
     touched = list(dict.fromkeys(peers.touched_rooms))
     peers.touched_rooms.clear()
+    flips = list(peers.flips)
+    peers.flips.clear()  # (in place: rooms hold this list)
+    facts: list[Share] = []
+    for name, user, arrived in flips:
+        seq = _numbered(st, name, held=True)
+        fact = MemberArrived(user=user, seq=seq) if arrived else MemberDeparted(user=user, seq=seq)
+        facts.append(Share(room=name, fact=fact))
     loading = st.awaits.rooms
     for name in touched:
         if name not in st.rooms:  # what was known of the others' members went with it
             peers.asked.discard(name)
             peers.remote.pop(name, None)
             peers.halves.pop(name, None)
+            peers.seen.pop(name, None)
+            peers.doubts.pop(name, None)
+            peers.predicted.pop(name, None)
+            if name not in peers.retell:  # else kept for the room's last tell
+                peers.seq.pop(name, None)
         if name not in peers.rooms and (name in st.rooms or name in loading):
             # Subscribed from the start of the load: a message published while the
             # room loads is held and merged by offset, never missed between the two.
@@ -166,11 +181,7 @@ def flush(st: EngineState, out: list[Effect]) -> None:
             out.append(RoomHeld(room=name))
     if touched:
         _take_up(st, touched, out, probe=True)
-    flips = list(peers.flips)
-    peers.flips.clear()  # (in place: rooms hold this list)
-    for name, user, arrived in flips:
-        fact = MemberArrived(user=user) if arrived else MemberDeparted(user=user)
-        out.append(Share(room=name, fact=fact))
+    out += facts
     for name in touched:
         if name in peers.rooms and name not in st.rooms and name not in loading:
             peers.rooms.discard(name)
@@ -185,9 +196,9 @@ def flush(st: EngineState, out: list[Effect]) -> None:
             peers.users_confirmed.discard(user)
             out.append(UserReleased(user=user))
     peers.touched_users.clear()
-    if st.rooms and not peers.probe_gen:
+    if (st.rooms or peers.retell) and not peers.probe_gen:
         peers.probe_gen = st.awaits.next_ref()
-        peers.last_tick = st.now
+        peers.last_tick = peers.last_digest = st.now
         st.timers.push(st.now + st.config.head_probe_interval / 2, HeadProbe(peers.probe_gen))
 
 
@@ -235,7 +246,7 @@ def _exchange_members(st: EngineState, names: list[str], out: list[Effect]) -> N
     for name in names:
         out.append(Share(room=name, fact=MembersAsked()))
         if users := _own(st, st.rooms[name]):
-            out.append(Share(room=name, fact=MembersTold(users=users)))
+            _tell(st, name, users, out)
 
 
 def _own(st: EngineState, room: Room) -> tuple[str, ...]:
@@ -306,9 +317,15 @@ def probe(st: EngineState, timer: HeadProbe, now: float, out: list[Effect]) -> N
     tick. Ticks come every half interval, so a message the bus lost is fetched
     within one interval (plus the log's answer)."""
     peers = st.peers
-    if not st.rooms:
+    if not st.rooms and not peers.retell:
         peers.probe_gen = 0
         return
+    _retell(st, now, out)
+    _settle_doubts(st, now, out)
+    _settle_predictions(st, now, out)
+    if now >= peers.last_digest + st.config.presence_check_interval:
+        peers.last_digest = now
+        _digest(st, now, out)
     idle = tuple(name for name, room in st.rooms.items() if room.heard <= peers.last_tick)
     peers.last_tick = now
     if idle and not peers.probes:
@@ -330,23 +347,32 @@ def _shared(st: EngineState, room: Room, cmd: Shared, out: list[Effect]) -> None
     fact = cmd.fact
     match fact:
         case MemberArrived():
+            _heard(st, room, cmd.origin, fact.seq, change=True)
             _told(st, room, cmd.origin, {fact.user}, out, replace=False)
             if fact.move:
                 _arrival_half(st, room, fact.user, fact.move, out)
         case MemberMoved():
+            _heard(st, room, cmd.origin, fact.seq, change=True)
             _departure_half(st, room, fact.user, fact.to, fact.move, out)
             if fact.last:
                 _remote_gone(st, room, cmd.origin, fact.user, out)
         case MemberDeparted():
+            _heard(st, room, cmd.origin, fact.seq, change=True)
             known = st.peers.remote.get(room.name, {}).get(cmd.origin)
             if known is not None and fact.user in known:
                 known.discard(fact.user)
                 _remote_left(st, room, fact.user, out)
         case MembersTold():
+            _heard(st, room, cmd.origin, fact.seq, change=False)
             _told(st, room, cmd.origin, set(fact.users), out, replace=True)
         case MembersAsked():
-            if users := _own(st, room):
-                st.share(room.name, MembersTold(users=users), out)
+            if not fact.of:
+                if users := _own(st, room):
+                    _tell(st, room.name, users, out)
+            elif not _heard_of(st, room.name, fact.of):
+                _tell(st, room.name, _own(st, room), out)  # (it may be this process)
+        case MembersDigest():
+            _digest_heard(st, room, cmd.origin, fact.seq, out)
         case TypingChanged():
             typing = Typing(room=room.name, user=fact.user, active=fact.active)
             broadcast(st, room, typing, None, out, ephemeral=True, skip_user=fact.user)
@@ -368,7 +394,7 @@ def _told(
     if replace:
         for user in sorted(known - users):
             known.discard(user)
-            _remote_left(st, room, user, out)
+            _doubt(st, room, user, out)
     limit = st.config.max_remote_members
     for user in sorted(users - known):
         if user not in room.remote and len(room.remote) >= limit:
@@ -389,6 +415,143 @@ def _remote_gone(st: EngineState, room: Room, origin: str, user: str, out: list[
     if known is not None and user in known:
         known.discard(user)
         _remote_left(st, room, user, out)
+
+
+# -- presence that the bus lost ------------------------------------------------------------
+#
+# Pub/sub drops a fact silently (a subscriber's buffer overflowed, a publish
+# timed out), and a lost ``MemberDeparted`` leaves a member listed for ever on
+# the others. So a process numbers its presence changes per room (``seq``),
+# tells all its members again (``MembersTold`` with the number of its last
+# change) once a room's members here have been quiet for a tick after a change,
+# and every ``presence_check_interval`` tells the number of each room with
+# members here (``MembersDigest``); a process whose view of it is behind that
+# number asks it (``MembersAsked(of=...)``). A tell replaces the sharer's
+# members; a user it drops that no departure was heard of stays listed for two
+# more probe intervals (a doubt: the user may only have moved, and the other half
+# of the move be lost too), and a process that said nothing for two check
+# intervals while members were listed for it is taken to have let the room go
+# (its last tell lost) the same way.
+
+
+def _numbered(st: EngineState, name: str, *, held: bool = False) -> int:
+    """The number of a presence change shared now in room ``name`` (0: unnumbered,
+    for a room this process neither holds nor has just let go); the room is told
+    again once quiet. ``held``: it is held, or was until this step."""
+    peers = st.peers
+    if not held and name not in st.rooms and name not in peers.seq:
+        return 0
+    seq = peers.seq.get(name, 1) + 1
+    peers.seq[name] = seq
+    first = peers.retell.get(name)
+    peers.retell[name] = (st.now if first is None else first[0], st.now)
+    return seq
+
+
+def _tell(st: EngineState, name: str, users: tuple[str, ...], out: list[Effect]) -> None:
+    """Tell the room's members here, all of them, as of the last change."""
+    peers = st.peers
+    peers.retell.pop(name, None)
+    seq = peers.seq.setdefault(name, 1) if name in st.rooms else peers.seq.pop(name, 0)
+    out.append(Share(room=name, fact=MembersTold(users=users, seq=seq)))
+
+
+def _retell(st: EngineState, now: float, out: list[Effect]) -> None:
+    """Rooms whose members here changed and have been quiet since the last tick
+    (or changing for a whole probe interval) are told again: a lost change, the
+    last of a burst included, is repaired within one interval."""
+    peers = st.peers
+    since = now - st.config.head_probe_interval
+    for name, (first, last) in list(peers.retell.items()):
+        if last <= peers.last_tick or first <= since:
+            room = st.rooms.get(name)
+            _tell(st, name, () if room is None else _own(st, room), out)
+
+
+def _digest(st: EngineState, now: float, out: list[Effect]) -> None:
+    """Each room with members here tells its number; what was heard of the others
+    is checked for silence."""
+    peers = st.peers
+    for name, room in st.rooms.items():
+        members = room.users or peers.arriving.get(name)  # (``_own`` without sorting)
+        if members and name in peers.asked and name not in peers.retell:
+            out.append(Share(room=name, fact=MembersDigest(seq=peers.seq.setdefault(name, 1))))
+    silent = now - 2 * st.config.presence_check_interval
+    for name, origins in peers.seen.items():
+        for origin, (_, heard) in list(origins.items()):
+            if heard < silent:
+                del origins[origin]
+                known = peers.remote.get(name, {}).get(origin)
+                if known and (held := st.rooms.get(name)) is not None:
+                    for user in sorted(known):
+                        _doubt(st, held, user, out)
+                    known.clear()
+
+
+def _heard(st: EngineState, room: Room, origin: str, seq: int, *, change: bool) -> None:
+    """A numbered presence fact from ``origin``: a change that does not follow the
+    last one heard means one was missed (until its next tell)."""
+    if seq:
+        origins = st.peers.seen.setdefault(room.name, {})
+        if change:
+            before = origins.get(origin)
+            if before is None or before[0] != seq - 1:
+                seq = -1
+        origins[origin] = (seq, st.now)
+
+
+_NAMED = -2
+"""What was heard of a process only named as where a user moved: nothing yet."""
+
+
+def _heard_of(st: EngineState, name: str, origin: str) -> bool:
+    """Whether process ``origin`` said anything of its members in room ``name``."""
+    heard = st.peers.seen.get(name, {}).get(origin)
+    return (heard is not None and heard[0] != _NAMED) or origin in st.peers.remote.get(name, {})
+
+
+def _digest_heard(st: EngineState, room: Room, origin: str, seq: int, out: list[Effect]) -> None:
+    origins = st.peers.seen.setdefault(room.name, {})
+    before = origins.get(origin)
+    if before is not None and before[0] == seq:
+        origins[origin] = (seq, st.now)
+        return
+    origins[origin] = (-1, st.now)
+    st.share(room.name, MembersAsked(of=origin), out)
+
+
+def _doubt(st: EngineState, room: Room, user: str, out: list[Effect]) -> None:
+    """A process no longer has ``user`` in the room, and no departure was heard:
+    listed for two more probe intervals (counted once however many such), by
+    when the process the user may have moved to has told its members again."""
+    doubts = st.peers.doubts.setdefault(room.name, {})
+    if user in doubts:
+        _remote_left(st, room, user, out)
+    doubts[user] = st.now + 2 * st.config.head_probe_interval
+
+
+def _settle_doubts(st: EngineState, now: float, out: list[Effect]) -> None:
+    peers = st.peers
+    for name, doubts in list(peers.doubts.items()):
+        room = st.rooms.get(name)  # (let go in this tick: forgotten at its end)
+        for user, until in list(doubts.items()):
+            if room is not None and _due(st, name, until, now):
+                del doubts[user]
+                _remote_left(st, room, user, out)
+        if not doubts:
+            del peers.doubts[name]
+
+
+def _due(st: EngineState, name: str, until: float, now: float) -> bool:
+    """Whether a doubt or a prediction in room ``name`` standing until ``until``
+    ends now: once this process has heard everything of every other process it
+    knows there (a tell, or a digest that matched, since anything was missed),
+    or else two check intervals later, at the latest."""
+    if until > now:
+        return False
+    if until + 2 * st.config.presence_check_interval <= now:
+        return True
+    return all(seq >= 1 for seq, _ in st.peers.seen.get(name, {}).values())
 
 
 # -- sessions that move: two halves, heard in either order --------------------------------
@@ -423,6 +586,7 @@ def _remember(
     if len(halves) >= st.config.max_remote_members:
         oldest = next(iter(halves))  # its other half is long overdue
         user, to = halves.pop(oldest)
+        _unpredict(st, room.name, oldest)
         if to:
             _remote_left(st, room, user, out)
     halves[move] = half
@@ -439,6 +603,11 @@ def _departure_half(
         _remember(st, room, move, (user, to), out)
         if room.add_remote(user):  # the prediction counts like a process holding them
             came_or_went(st, room, user, out)
+        if to != _HERE:
+            until = st.now + 2 * st.config.head_probe_interval
+            st.peers.predicted.setdefault(room.name, {})[move] = until
+            # Wait to hear from ``to`` (or of its silence) before the prediction ends.
+            st.peers.seen.setdefault(room.name, {}).setdefault(to, (_NAMED, st.now))
     elif not first[1]:  # the arrival half came first
         del halves[move]
     elif first[1] == _HERE and to != _HERE:
@@ -455,9 +624,38 @@ def _arrival_half(st: EngineState, room: Room, user: str, move: str, out: list[E
     if first is None:
         _remember(st, room, move, (user, ""), out)
     elif first[1]:
+        _unpredict(st, room.name, move)
         _remote_left(st, room, first[0], out)
         if first[1] == _HERE:  # this process's own prediction: the departure half is to come
             _remember(st, room, move, (user, ""), out)
+
+
+def _settle_predictions(st: EngineState, now: float, out: list[Effect]) -> None:
+    """Predictions whose arrival half has not come within two probe intervals end:
+    the process the user moved to has told its members by then (its claim made it
+    tell them again within one), so it counts the user if it has them. A departure
+    half heard late (after its arrival half, in an earlier hold of the room) or an
+    arrival half the bus lost leaves nobody listed for ever."""
+    peers = st.peers
+    for name, moves in list(peers.predicted.items()):
+        room = st.rooms.get(name)
+        halves = peers.halves.get(name, {})
+        for move, until in list(moves.items()):
+            if room is not None and _due(st, name, until, now):
+                del moves[move]
+                half = halves.pop(move, None)  # (always the prediction: see _unpredict)
+                if half is not None:
+                    _remote_left(st, room, half[0], out)
+        if not moves:
+            del peers.predicted[name]
+
+
+def _unpredict(st: EngineState, name: str, move: str) -> None:
+    """The prediction of ``move`` is gone from ``halves``: so is its end (so that
+    these stay within the bound of ``halves``)."""
+    moves = st.peers.predicted.get(name)
+    if moves is not None and moves.pop(move, None) is not None and not moves:
+        del st.peers.predicted[name]
 
 
 def _forget_predictions(st: EngineState, origin: str, out: list[Effect]) -> None:
@@ -467,6 +665,7 @@ def _forget_predictions(st: EngineState, origin: str, out: list[Effect]) -> None
         room = st.rooms.get(name)
         for move in gone:
             user, _ = halves.pop(move)
+            _unpredict(st, name, move)
             if room is not None:
                 _remote_left(st, room, user, out)
 
@@ -488,7 +687,9 @@ def moved_away(st: EngineState, session: Session, by: str, out: list[Effect]) ->
         room = st.rooms.get(name)
         mine = 1 if name in session.rooms else 0
         alone = room is None or room.users.get(session.user, 0) <= mine
-        st.share(name, MemberMoved(user=session.user, to=by, move=move, last=alone), out)
+        seq = _numbered(st, name)
+        moved = MemberMoved(user=session.user, to=by, move=move, last=alone, seq=seq)
+        st.share(name, moved, out)
         if room is not None:
             _departure_half(st, room, session.user, by, move, out)
         if alone:
@@ -534,14 +735,14 @@ def _arrive(
                 del arriving[p.room]
         room = st.rooms.get(p.room)
         here = room is not None and user in room.users
-        st.share(p.room, MemberArrived(user=user, move=move), out)
+        st.share(p.room, MemberArrived(user=user, move=move, seq=_numbered(st, p.room)), out)
         if room is not None:
             if here and p.epoch == room.epoch and p.read > room.reads.get(user, 0):
                 room.reads[user] = p.read
             if local:
                 _arrival_half(st, room, user, move, out)
         if settle and not here:
-            st.share(p.room, MemberDeparted(user=user), out)
+            st.share(p.room, MemberDeparted(user=user, seq=_numbered(st, p.room)), out)
 
 
 # -- sessions any process can claim -----------------------------------------------------
@@ -682,6 +883,7 @@ def _adopt(st: EngineState, claimed: SessionClaimed, now: float, out: list[Effec
     session.moved = (move, claimed.rooms)
     for p in claimed.rooms:
         st.peers.arriving.setdefault(p.room, {})[move] = session.user
+        _numbered(st, p.room)  # its members here changed, told in the next tell
         if (room := st.rooms.get(p.room)) is not None:
             _departure_half(st, room, session.user, _HERE, move, out)
     # It was live on another process and lost its connection: it comes in as any

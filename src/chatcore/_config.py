@@ -103,6 +103,12 @@ class Config:
     head_probe_interval: float = 5.0
     """With ``cluster``: how often the heads of held rooms are read from the log
     (one ``LoadHeads``), so that a message the bus lost is fetched within it."""
+    presence_check_interval: float = 30.0
+    """With ``cluster``: how often each room with members here tells the other
+    holders the number of its last presence fact (``MembersDigest``), so that one
+    that missed a fact and its repair asks again; a process silent for two of them
+    in a room where it had members is taken to have let the room go (docs/engine.md
+    "Presence")."""
     max_remote_members: int = 10_000
     """With ``cluster``: users per room known to be members on other processes;
     past it more are not listed (they still receive messages on their process)."""

@@ -5,6 +5,13 @@ other process holding the room, as the command ``Shared(origin, room, fact)``
 (``origin`` names the process that shared it; the adapter adds it and never
 hands a process its own facts back). Messages are not facts: they travel as
 ``Appended`` (see ``_bus``). This module holds values only.
+
+Presence facts (``MemberArrived``, ``MemberDeparted``, ``MemberMoved``,
+``MembersTold``) carry ``seq``: the sharing process numbers its presence facts
+per room (2, 3, ...; a tell repeats the number of the last change it
+includes), so that a receiver knows whether it heard every change since the
+last full tell. ``seq`` 0 means unnumbered (a process built before the
+numbering, or a room the sharer does not hold): taken as it comes, unchecked.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ __all__ = [
     "MemberDeparted",
     "MemberMoved",
     "MembersAsked",
+    "MembersDigest",
     "MembersTold",
     "ReadMarked",
     "TypingChanged",
@@ -35,6 +43,7 @@ class MemberArrived:
 
     user: str
     move: str = ""
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +51,7 @@ class MemberDeparted:
     """``user``'s last session in the room on the sharing process left it."""
 
     user: str
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +66,7 @@ class MemberMoved:
     to: str
     move: str
     last: bool = True
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,7 +88,14 @@ class ReadMarked:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MembersAsked:
     """The sharing process started holding the room: every other process that
-    holds it answers with ``MembersTold`` (its members there)."""
+    holds it answers with ``MembersTold`` (its members there).
+
+    With ``of``: only process ``of`` is asked (its digest did not match what the
+    asker heard of it); it answers even with no members. The engine does not
+    know its own name, so a process that has heard nothing from ``of`` in the
+    room answers too (it may be ``of``; an extra tell is only a publish more)."""
+
+    of: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +104,17 @@ class MembersTold:
     the receiver replaces what it knew of that process's members in the room."""
 
     users: tuple[str, ...]
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MembersDigest:
+    """The sharing process has members in the room, and ``seq`` is the number of
+    its last presence fact there: a receiver that did not hear everything up to
+    it (a fact or a tell was lost) asks that process (``MembersAsked(of=...)``).
+    Shared every ``Config.presence_check_interval`` per room with members."""
+
+    seq: int
 
 
 Fact = (
@@ -96,4 +125,5 @@ Fact = (
     | ReadMarked
     | MembersAsked
     | MembersTold
+    | MembersDigest
 )

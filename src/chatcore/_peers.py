@@ -42,6 +42,12 @@ class Peers:
         "taken",
         "halves",
         "arriving",
+        "seq",
+        "retell",
+        "seen",
+        "doubts",
+        "last_digest",
+        "predicted",
     )
 
     def __init__(self, on: bool) -> None:
@@ -86,6 +92,23 @@ class Peers:
         # come yet (``Session.moved``): members here in the rooms of their record,
         # as the other processes predict, told with our own members.
         self.arriving: dict[str, dict[str, str]] = {}
+        # Presence repair (``_cluster``, "Presence" in docs/engine.md). room -> the
+        # number of this process's last presence change there, for rooms held (and
+        # rooms dropped whose last tell is still to go out).
+        self.seq: dict[str, int] = {}
+        # room -> (first, last) time its members here changed since its last tell:
+        # told again once quiet for a tick (or changing for a whole interval).
+        self.retell: dict[str, tuple[float, float]] = {}
+        # room -> origin -> (the number up to which every presence change of that
+        # process there was heard, -1 if one was missed; when it was last heard).
+        self.seen: dict[str, dict[str, tuple[int, float]]] = {}
+        # room -> user -> until when a user whom a repair removed (not a departure
+        # heard) is still listed, counted once in ``Room.remote``: it may have moved.
+        self.doubts: dict[str, dict[str, float]] = {}
+        self.last_digest = 0.0  # when the rooms here last told their numbers
+        # room -> move -> until when a prediction (``halves``) for another process
+        # stands without its arrival half: by then that process told its members.
+        self.predicted: dict[str, dict[str, float]] = {}
 
     @property
     def dirty(self) -> bool:

@@ -172,7 +172,7 @@ def test_holding_is_said_once_per_room_and_user_and_not_without_cluster() -> Non
     assert [e.rooms for e in out if isinstance(e, LoadHeads)] == [("general",)]
     assert [e for e in out if isinstance(e, Share)] == [
         Share(room="general", fact=MembersAsked()),
-        Share(room="general", fact=MembersTold(users=("ann", "bo"))),
+        Share(room="general", fact=MembersTold(users=("ann", "bo"), seq=3)),
     ]
     assert one.do(Subscribed(rooms=("general",))) == []  # (once)
     one.do(Disconnected(conn=1, code=1000))
@@ -228,7 +228,7 @@ def test_a_holder_answers_who_is_here() -> None:
     one = One()
     one.open(1, "ann")
     out = one.do(Shared(origin="p2", room="general", fact=MembersAsked()))
-    assert out == [Share(room="general", fact=MembersTold(users=("ann",)))]
+    assert out == [Share(room="general", fact=MembersTold(users=("ann",), seq=2))]
 
 
 def test_remote_members_are_bounded() -> None:

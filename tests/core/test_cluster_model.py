@@ -157,7 +157,7 @@ class MoveModel(RuleBasedStateMachine):
     user whose session moves is never reported gone while a session of theirs
     exists. Once quiet, every process holding a room lists the same members,
     each with a session somewhere (no one kept who is gone, nobody missing).
-    (A bus that loses facts can still lose presence news: not modelled here.)
+    (A bus that loses facts: ``DeafPresenceModel`` in test_cluster_presence.py.)
     """
 
     cluster: Cluster
