@@ -38,7 +38,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from ._frames import MessageBound
+from ._frames import MessageBound, read_text_frame
 
 __all__ = ["Peer", "PeerOwner", "adopt_asyncio", "attach_transport"]
 
@@ -143,6 +143,7 @@ class Peer:
         "send_scope",
         "parts",
         "bound",
+        "between",
         "done",
         "transport",
         "transport_fd",
@@ -195,6 +196,9 @@ class Peer:
         # The message being received, in pieces (fragments, or a frame read in parts).
         self.parts: list[str] = []
         self.bound = bound
+        # Everything wsproto was given ended at a frame boundary outside a message
+        # (it holds nothing): the next whole text frames may be read without it.
+        self.between = True
         self.done: anyio.Event | None = None
         # asyncio only: the transport this peer drives through callbacks, no task at all.
         self.transport: asyncio.Transport | None = None
@@ -416,12 +420,24 @@ class Peer:
                 return
 
     def _receive(self, data: bytes) -> None:
-        over = None if self.closing else self.bound.check(data)
+        bound = self.bound
+        over = None if self.closing else bound.check(data)
         with self.owner.turn():
             if over is None:
-                self.ws.receive_data(data)
-                self._events()
+                start = 0
+                if self.between and self.ws.state is ConnectionState.OPEN:
+                    # wsproto holds nothing: whole text frames are read here (see
+                    # ``_frames.read_text_frame``); from the first other one on, wsproto.
+                    owner = self.owner
+                    while not self.closing and (got := read_text_frame(data, start)):
+                        text, start = got
+                        owner.peer_received(self, text)
+                if start < len(data):
+                    self.ws.receive_data(data[start:] if start else data)
+                    self._events()
+                self.between = bound.between_messages
                 return
+            self.between = False  # (closing: read by wsproto alone from now on)
             # A header over a bound: what came before it still counts, then 1009.
             at, reason = over
             at = max(at, 0)
