@@ -505,9 +505,9 @@ def _message_json(m: Message) -> str:
 
     Every chat message is encoded once per mode when it fans out; building its
     dict and walking it with the encoder were 11% of the server's samples
-    (py-spy, 100 members, 300,000 deliveries/s). The same keys in the same order, each string through
-    the encoder's own escaping, so the bytes are those of ``_message_obj``
-    (a property test compares the two).
+    (py-spy, 100 members, 300,000 deliveries/s). The same keys in the same
+    order, each string through the encoder's own escaping, so the bytes are
+    those of ``_message_obj`` (a property test compares the two).
     """
     cid = m.client_id
     return (
