@@ -280,8 +280,49 @@ class Peer:
         """Send what is queued without blocking; True if that emptied a queue that
         held engine frames (the engine hears it as ``Drained``: no counting)."""
         self.dirty = False
-        if self.transport is not None:
-            return self._flush_transport()
+        transport = self.transport
+        if transport is not None:  # (inline: once per recipient of every flush)
+            if self.paused or transport.is_closing():
+                return False  # kept (and counted by the engine) until the client reads again
+            out = self.out
+            if not out:
+                return False
+            # ``_take``, inlined: this runs once per recipient of every flush.
+            data = out[0] if len(out) == 1 else b"".join(out)
+            frames = len(out) - self.control
+            self.out = []
+            if self.control:
+                self.control = self.control_bytes = 0
+            # Taken by the transport counts as written: its buffer holds at most one flush
+            # beyond its high-water mark, since nothing is written to it while paused.
+            # (Holding frames until the buffer drains would report them late by a whole
+            # flush, and close readers that keep up with big messages.)
+            fd = self.transport_fd
+            if fd == -2:
+                sock = transport.get_extra_info("socket")
+                fd = self.transport_fd = sock.fileno() if sock is not None else -1
+            if fd >= 0 and not (self.buffered and transport.get_write_buffer_size()):
+                self.buffered = False
+                # Straight to the socket, as the transport would (its buffer is empty), but
+                # without its checks: 1,800 instructions per write instead of 3,400, on
+                # the path every delivery takes when each flush carries one message. What
+                # the socket does not take, and any error, the transport takes as usual.
+                # (The descriptor is the transport's own while it is not closing, checked
+                # above: once it closes, no write comes here and the number may be reused.)
+                try:
+                    sent = os.write(fd, data)
+                except OSError:
+                    sent = 0
+                if sent < len(data):
+                    transport.write(data[sent:] if sent else data)
+                    self.buffered = True
+            else:
+                transport.write(data)
+                self.buffered = True
+            self.tally.written += len(data)
+            if self.closing and self.close_seen:
+                transport.close()
+            return frames > 0 and not self.closing
         out = self.out
         if not out:
             return False
@@ -312,52 +353,6 @@ class Peer:
         nbytes += self.nbytes
         self.frames = self.nbytes = 0
         return frames > 0
-
-    def _flush_transport(self) -> bool:
-        transport = self.transport
-        if transport is None:
-            return False
-        if self.paused or transport.is_closing():
-            return False  # kept (and counted by the engine) until the client reads again
-        out = self.out
-        if not out:
-            return False
-        # ``_take``, inlined: this runs once per recipient of every flush.
-        data = out[0] if len(out) == 1 else b"".join(out)
-        frames = len(out) - self.control
-        self.out = []
-        if self.control:
-            self.control = self.control_bytes = 0
-        # Taken by the transport counts as written: its buffer holds at most one flush
-        # beyond its high-water mark, since nothing is written to it while paused.
-        # (Holding frames until the buffer drains would report them late by a whole
-        # flush, and close readers that keep up with big messages.)
-        fd = self.transport_fd
-        if fd == -2:
-            sock = transport.get_extra_info("socket")
-            fd = self.transport_fd = sock.fileno() if sock is not None else -1
-        if fd >= 0 and not (self.buffered and transport.get_write_buffer_size()):
-            self.buffered = False
-            # Straight to the socket, as the transport would (its buffer is empty), but
-            # without its checks: 1,800 instructions per write instead of 3,400, on
-            # the path every delivery takes when each flush carries one message. What
-            # the socket does not take, and any error, the transport takes as usual.
-            # (The descriptor is the transport's own while it is not closing, checked
-            # above: once it closes, no write comes here and the number may be reused.)
-            try:
-                sent = os.write(fd, data)
-            except OSError:
-                sent = 0
-            if sent < len(data):
-                transport.write(data[sent:] if sent else data)
-                self.buffered = True
-        else:
-            transport.write(data)
-            self.buffered = True
-        self.tally.written += len(data)
-        if self.closing and self.close_seen:
-            transport.close()
-        return frames > 0 and not self.closing
 
     def start_writer(self) -> None:
         if not self.writer:
