@@ -492,8 +492,11 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 def encode_json(event: ServerEvent) -> str:
     """The ``chatcore.v1`` text frame for ``event``."""
-    if type(event) is Message and not event.deleted and not event.text.startswith(ENCRYPTED):
-        return _message_json(event)
+    if type(event) is Message:
+        if not event.deleted and not event.text.startswith(ENCRYPTED):
+            return _message_json(event)
+    elif type(event) is Ack:
+        return _ack_json(event)
     return _ENCODER.encode(event_to_dict(event))
 
 
@@ -521,6 +524,16 @@ def _message_json(m: Message) -> str:
 def encode_string(text: str) -> str:
     """``text`` as a JSON string, encoded as :func:`encode_json` encodes strings."""
     return _ENCODER.encode(text)
+
+
+def _ack_json(a: Ack) -> str:
+    """:func:`encode_json` of an ack, written out as :func:`_message_json` is (one
+    per message sent: its sender's)."""
+    cid = a.client_id
+    return (
+        f'{{"type":"ack","room":{_json_string(a.room)},"offset":{a.offset:d},'
+        f'"epoch":{_json_string(a.epoch)},"id":{"null" if cid is None else _json_string(cid)}}}'
+    )
 
 
 _NO_USERS = '"users":[]'

@@ -1,7 +1,7 @@
-"""A chat message's frame is written out by hand (``encode_json``'s fast path):
-it must be the frame the general encoder makes of the same message.
+"""A chat message's frame and its ack are written out by hand (``encode_json``'s
+fast path): they must be the frames the general encoder makes of the same events.
 
-Invariant: for any message, ``encode_json`` gives exactly the string that
+Invariant: for any message or ack, ``encode_json`` gives exactly the string that
 ``json.dumps`` (compact, not ASCII-only) makes of ``event_to_dict`` of it, and
 that string decodes back to the same fields. The plain model is the dict.
 """
@@ -13,7 +13,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatcore import Message, encode_json, event_to_dict
+from chatcore import Ack, Message, encode_json, event_to_dict
 
 LAST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
@@ -33,12 +33,21 @@ messages = st.builds(
 )
 
 
-def general(m: Message) -> str:
+acks = st.builds(
+    Ack,
+    room=texts,
+    offset=st.integers(0, 2**53 - 1),
+    epoch=texts,
+    client_id=st.one_of(st.none(), texts),
+)
+
+
+def general(m: Message | Ack) -> str:
     return json.dumps(event_to_dict(m), ensure_ascii=False, separators=(",", ":"))
 
 
-@given(messages)
-def test_a_message_frame_is_the_general_encoders(m: Message) -> None:
+@given(st.one_of(messages, acks))
+def test_a_message_or_ack_frame_is_the_general_encoders(m: Message | Ack) -> None:
     assert encode_json(m) == general(m)
 
 
