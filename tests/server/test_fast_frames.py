@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from unittest import mock
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from wsproto.events import TextMessage
 
@@ -93,6 +93,8 @@ def heard(data: bytes, cuts: list[int], *, fast: bool) -> tuple[object, ...]:
 
 
 @settings(max_examples=400, deadline=None)
+# A fragment, then a whole text frame in the next read: wsproto must see it (1002).
+@example([frame(1, b"a", fin=False), frame(1, b"b")], [], [1])
 @given(
     st.lists(frames, max_size=8),
     st.lists(st.integers(0, 3000), max_size=6),
