@@ -37,8 +37,8 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Protocol, TypeAlias, TypeGuard
 
 import anyio
@@ -243,6 +243,7 @@ class EngineHost:
         """The store's admin and maintenance calls, if it has them (retention, HTTP reads)."""
         self._transport = transport
         self._turns = 0
+        self._turn = _Turn(self)
         # The one timer, a cancel scope whose deadline follows engine.next_deadline().
         self._timer: anyio.CancelScope | None = None
         self._armed: float | None = None
@@ -262,16 +263,17 @@ class EngineHost:
 
     # -- feeding the engine -------------------------------------------------------------
 
-    @contextmanager
-    def turn(self) -> Iterator[None]:
+    def turn(self) -> AbstractContextManager[None]:
         """Commands fed inside share one end of turn (their writes coalesce)."""
+        return self._turn  # (one object, not a generator per read: every read opens one)
+
+    def _enter_turn(self) -> None:
         self._turns += 1
-        try:
-            yield
-        finally:
-            self._turns -= 1
-            if not self._turns:
-                self._transport.end_turn(nested=False)
+
+    def _leave_turn(self) -> None:
+        self._turns -= 1
+        if not self._turns:
+            self._transport.end_turn(nested=False)
 
     def feed(self, command: Command) -> None:
         """Hand ``command`` to the engine and carry out its effects at once.
@@ -601,6 +603,21 @@ class EngineHost:
         if loaded is None:
             raise StoreUnavailable("history not available")
         return loaded.messages
+
+
+class _Turn(AbstractContextManager[None]):
+    """:meth:`EngineHost.turn`: reentrant, so one per host serves every turn."""
+
+    __slots__ = ("_host",)
+
+    def __init__(self, host: EngineHost) -> None:
+        self._host = host
+
+    def __enter__(self) -> None:
+        self._host._enter_turn()
+
+    def __exit__(self, *exc: object) -> None:
+        self._host._leave_turn()
 
 
 def _checked(screen: Screen, verdict: object) -> Screened:

@@ -10,13 +10,27 @@ of a message's fragments. :class:`MessageBound` reads only the frame headers
 of the same bytes, before wsproto sees them, so that a header announcing too
 much is refused the moment it is complete, without waiting for its payload.
 Everything else (pings, pongs, close frames, UTF-8, reassembly) is wsproto's.
+
+One exception, :func:`read_text_frame`: a chat client's frames are almost
+all complete, unfragmented, masked text frames of a few hundred bytes, and
+wsproto's generators, buffer and per-frame objects cost more than the rest of
+reading one (18% of the server's samples at 300,000 deliveries/s, 100 members).
+We prefer a maintained parser, and keep it for everything that has rules to
+get wrong: the peer reads a frame itself only when wsproto holds nothing (at a
+frame boundary, outside a fragmented message) and the frame is the one easy
+case, whole in the bytes read; any other frame, and everything after it in
+that read, goes to wsproto as before. An invalid easy case (bad UTF-8, a
+length not in its shortest form) is left to wsproto too, which refuses it with
+its own close code. tests/server/test_fast_frames.py feeds the same bytes,
+whole and byte by byte, to this path and to wsproto alone and compares what
+comes out.
 """
 
 from __future__ import annotations
 
 import struct
 
-__all__ = ["MessageBound", "text_frame"]
+__all__ = ["MessageBound", "read_text_frame", "text_frame"]
 
 _FIN_TEXT = 0x81
 _PACK_16 = struct.Struct("!BBH").pack
@@ -31,6 +45,44 @@ def text_frame(payload: bytes) -> bytes:
     if n < 65536:
         return _PACK_16(_FIN_TEXT, 126, n) + payload
     return _PACK_64(_FIN_TEXT, 127, n) + payload
+
+
+def read_text_frame(data: bytes, pos: int) -> tuple[str, int] | None:
+    """The text of the frame at ``data[pos:]`` and where it ends, if that frame is
+    a whole, final, masked text frame with no reserved bits, its length in the
+    shortest form under 64 KiB, and valid UTF-8; else None (wsproto's to read).
+
+    The caller checks sizes first (:class:`MessageBound`) and calls this only
+    where wsproto holds nothing.
+    """
+    end = len(data)
+    if end - pos < 6 or data[pos] != _FIN_TEXT:
+        return None
+    second = data[pos + 1]
+    if second < 0x80:  # unmasked: a protocol error, for wsproto to refuse
+        return None
+    length = second & 0x7F
+    if length < 126:
+        start = pos + 6
+    elif length == 126 and end - pos >= 8:
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 126:
+            return None
+        start = pos + 8
+    else:
+        return None
+    stop = start + length
+    if stop > end:
+        return None
+    key = data[start - 4 : start]
+    payload = (
+        int.from_bytes(data[start:stop], "little")
+        ^ int.from_bytes((key * ((length >> 2) + 1))[:length], "little")
+    ).to_bytes(length, "little")
+    try:
+        return payload.decode(), stop
+    except UnicodeDecodeError:
+        return None
 
 
 class MessageBound:
@@ -52,6 +104,11 @@ class MessageBound:
         self._skip = 0  # payload bytes of the current frame still to come
         self._size = 0  # what the message being received counts so far
         self._fragments = 0  # its frames so far
+
+    @property
+    def between_messages(self) -> bool:
+        """Everything checked so far ended at a frame boundary outside any message."""
+        return not (self._skip or self._head or self._fragments)
 
     def check(self, data: bytes) -> tuple[int, str] | None:
         """Where in ``data`` the first header over a bound starts and why, or None.

@@ -38,7 +38,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from ._frames import MessageBound
+from ._frames import MessageBound, read_text_frame
 
 __all__ = ["Peer", "PeerOwner", "adopt_asyncio", "attach_transport"]
 
@@ -143,9 +143,11 @@ class Peer:
         "send_scope",
         "parts",
         "bound",
+        "between",
         "done",
         "transport",
         "transport_fd",
+        "buffered",
         "paused",
         "timer",
         "finished",
@@ -195,10 +197,17 @@ class Peer:
         # The message being received, in pieces (fragments, or a frame read in parts).
         self.parts: list[str] = []
         self.bound = bound
+        # Everything wsproto was given ended at a frame boundary outside a message
+        # (it holds nothing): the next whole text frames may be read without it.
+        self.between = True
         self.done: anyio.Event | None = None
         # asyncio only: the transport this peer drives through callbacks, no task at all.
         self.transport: asyncio.Transport | None = None
         self.transport_fd = -2  # its socket's descriptor, looked up at the first write
+        # The transport may hold bytes of ours (a write it took, or anyio's before
+        # adoption): ask it before writing past it. False once it said it holds
+        # none and nothing went to it since: no need to ask on every flush.
+        self.buffered = True
         self.paused = False  # the transport's buffer is above its high-water mark
         self.timer: asyncio.TimerHandle | None = None
         self.finished = False
@@ -271,8 +280,49 @@ class Peer:
         """Send what is queued without blocking; True if that emptied a queue that
         held engine frames (the engine hears it as ``Drained``: no counting)."""
         self.dirty = False
-        if self.transport is not None:
-            return self._flush_transport()
+        transport = self.transport
+        if transport is not None:  # (inline: once per recipient of every flush)
+            if self.paused or transport.is_closing():
+                return False  # kept (and counted by the engine) until the client reads again
+            out = self.out
+            if not out:
+                return False
+            # ``_take``, inlined: this runs once per recipient of every flush.
+            data = out[0] if len(out) == 1 else b"".join(out)
+            frames = len(out) - self.control
+            self.out = []
+            if self.control:
+                self.control = self.control_bytes = 0
+            # Taken by the transport counts as written: its buffer holds at most one flush
+            # beyond its high-water mark, since nothing is written to it while paused.
+            # (Holding frames until the buffer drains would report them late by a whole
+            # flush, and close readers that keep up with big messages.)
+            fd = self.transport_fd
+            if fd == -2:
+                sock = transport.get_extra_info("socket")
+                fd = self.transport_fd = sock.fileno() if sock is not None else -1
+            if fd >= 0 and not (self.buffered and transport.get_write_buffer_size()):
+                self.buffered = False
+                # Straight to the socket, as the transport would (its buffer is empty), but
+                # without its checks: 1,800 instructions per write instead of 3,400, on
+                # the path every delivery takes when each flush carries one message. What
+                # the socket does not take, and any error, the transport takes as usual.
+                # (The descriptor is the transport's own while it is not closing, checked
+                # above: once it closes, no write comes here and the number may be reused.)
+                try:
+                    sent = os.write(fd, data)
+                except OSError:
+                    sent = 0
+                if sent < len(data):
+                    transport.write(data[sent:] if sent else data)
+                    self.buffered = True
+            else:
+                transport.write(data)
+                self.buffered = True
+            self.tally.written += len(data)
+            if self.closing and self.close_seen:
+                transport.close()
+            return frames > 0 and not self.closing
         out = self.out
         if not out:
             return False
@@ -303,43 +353,6 @@ class Peer:
         nbytes += self.nbytes
         self.frames = self.nbytes = 0
         return frames > 0
-
-    def _flush_transport(self) -> bool:
-        transport = self.transport
-        if transport is None:
-            return False
-        if self.paused or transport.is_closing():
-            return False  # kept (and counted by the engine) until the client reads again
-        if not self.out:
-            return False
-        data, frames, _ = self._take()
-        # Taken by the transport counts as written: its buffer holds at most one flush
-        # beyond its high-water mark, since nothing is written to it while paused.
-        # (Holding frames until the buffer drains would report them late by a whole
-        # flush, and close readers that keep up with big messages.)
-        fd = self.transport_fd
-        if fd == -2:
-            sock = transport.get_extra_info("socket")
-            fd = self.transport_fd = sock.fileno() if sock is not None else -1
-        if fd >= 0 and not transport.get_write_buffer_size():
-            # Straight to the socket, as the transport would (its buffer is empty), but
-            # without its checks: 1,800 instructions per write instead of 3,400, on
-            # the path every delivery takes when each flush carries one message. What
-            # the socket does not take, and any error, the transport takes as usual.
-            # (The descriptor is the transport's own while it is not closing, checked
-            # above: once it closes, no write comes here and the number may be reused.)
-            try:
-                sent = os.write(fd, data)
-            except OSError:
-                sent = 0
-            if sent < len(data):
-                transport.write(data[sent:] if sent else data)
-        else:
-            transport.write(data)
-        self.tally.written += len(data)
-        if self.closing and self.close_seen:
-            transport.close()
-        return frames > 0 and not self.closing
 
     def start_writer(self) -> None:
         if not self.writer:
@@ -416,12 +429,24 @@ class Peer:
                 return
 
     def _receive(self, data: bytes) -> None:
-        over = None if self.closing else self.bound.check(data)
+        bound = self.bound
+        over = None if self.closing else bound.check(data)
         with self.owner.turn():
             if over is None:
-                self.ws.receive_data(data)
-                self._events()
+                start = 0
+                if self.between and self.ws.state is ConnectionState.OPEN:
+                    # wsproto holds nothing: whole text frames are read here (see
+                    # ``_frames.read_text_frame``); from the first other one on, wsproto.
+                    owner = self.owner
+                    while not self.closing and (got := read_text_frame(data, start)):
+                        text, start = got
+                        owner.peer_received(self, text)
+                if start < len(data):
+                    self.ws.receive_data(data[start:] if start else data)
+                    self._events()
+                self.between = bound.between_messages
                 return
+            self.between = False  # (closing: read by wsproto alone from now on)
             # A header over a bound: what came before it still counts, then 1009.
             at, reason = over
             at = max(at, 0)

@@ -492,12 +492,48 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 def encode_json(event: ServerEvent) -> str:
     """The ``chatcore.v1`` text frame for ``event``."""
+    if type(event) is Message:
+        if not event.deleted and not event.text.startswith(ENCRYPTED):
+            return _message_json(event)
+    elif type(event) is Ack:
+        return _ack_json(event)
     return _ENCODER.encode(event_to_dict(event))
+
+
+_json_string = json.encoder.encode_basestring  # what _ENCODER uses for every str
+
+
+def _message_json(m: Message) -> str:
+    """:func:`encode_json` of a plain chat message, written out without a dict.
+
+    Every chat message is encoded once per mode when it fans out; building its
+    dict and walking it with the encoder were 11% of the server's samples
+    (py-spy, 100 members, 300,000 deliveries/s). The same keys in the same
+    order, each string through the encoder's own escaping, so the bytes are
+    those of ``_message_obj`` (a property test compares the two).
+    """
+    cid = m.client_id
+    return (
+        f'{{"type":"message","room":{_json_string(m.room)},"offset":{m.offset:d},'
+        f'"epoch":{_json_string(m.epoch)},"from":{_json_string(m.sender)},'
+        f'"text":{_json_string(m.text)},"ts":"{format_ts(m.ts)}",'
+        f'"id":{"null" if cid is None else _json_string(cid)}}}'
+    )
 
 
 def encode_string(text: str) -> str:
     """``text`` as a JSON string, encoded as :func:`encode_json` encodes strings."""
     return _ENCODER.encode(text)
+
+
+def _ack_json(a: Ack) -> str:
+    """:func:`encode_json` of an ack, written out as :func:`_message_json` is (one
+    per message sent: its sender's)."""
+    cid = a.client_id
+    return (
+        f'{{"type":"ack","room":{_json_string(a.room)},"offset":{a.offset:d},'
+        f'"epoch":{_json_string(a.epoch)},"id":{"null" if cid is None else _json_string(cid)}}}'
+    )
 
 
 _NO_USERS = '"users":[]'

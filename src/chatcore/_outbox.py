@@ -111,6 +111,7 @@ def broadcast(
             continue  # nothing to show in plain-text mode
         size = len(data.encode())
         recipients: list[ConnId] = []
+        add = recipients.append
         # The hot loop of every chat message: a few attribute reads and adds per member.
         for conn in conns.values():
             if conn.frames < max_frames and conn.nbytes + size <= max_bytes:
@@ -118,7 +119,7 @@ def broadcast(
                     continue
                 conn.frames += 1
                 conn.nbytes += size
-                recipients.append(conn.id)
+                add(conn.id)
             elif not ephemeral and conn is not skip:
                 overflow.append(conn)
         if recipients:

@@ -287,17 +287,17 @@ async def test_a_connection_ending_in_any_state_leaves_the_others_alone(
 async def test_a_failure_reading_one_connection_closes_it_1011_and_spares_the_rest(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    events = Peer._events
+    receive = Peer._receive  # (the whole read: whole text frames never reach _events)
 
-    def broken_for_victim(self: Peer) -> None:
+    def broken_for_victim(self: Peer, data: bytes) -> None:
         if self.user == "victim":
             raise RuntimeError("planted bug")
-        events(self)
+        receive(self, data)
 
     async with serving() as srv, sessions(srv, "probe", 3) as probes:
         async with ws_connect(f"{srv.ws}?user=victim&room=lobby", **JSON) as victim:
             await welcome(victim)
-            monkeypatch.setattr(Peer, "_events", broken_for_victim)
+            monkeypatch.setattr(Peer, "_receive", broken_for_victim)
             await victim.send(json.dumps({"type": "send", "room": "lobby", "text": "boom"}))
             assert await close_code(victim) == 1011
         await all_hear(probes, "still fine")
