@@ -64,7 +64,6 @@ _UPGRADE_HEAD = re.compile(
 )
 _FIELDS = re.compile(_FIELD)
 _BARE_LF_END = re.compile(rb"\n\r?\n")  # where h11 sees a head end that CRLF does not
-_BODY_FIELDS = frozenset((b"content-length", b"transfer-encoding"))
 
 NEED_DATA: Final = None
 """``read_upgrade_head``: no whole head yet, and nothing wrong so far."""
@@ -106,14 +105,11 @@ def read_upgrade_head(
     head = _UPGRADE_HEAD.match(data, 0, end + 4)
     if head is None or head.end() != end + 4:
         return NOT_OURS
-    fields = _FIELDS.findall(head.group(2))
-    headers = [(name.lower(), value) for name, value in fields]
-    hosts = 0
-    for name, _ in headers:
-        if name == b"host":
-            hosts += 1
-        elif name in _BODY_FIELDS:
-            return NOT_OURS  # h11 decides what a body on an upgrade means
-    if hosts != 1:
+    # Every line of the head is a field now, so a field's name is what follows a CRLF.
+    names = data[:end].lower()
+    if names.count(b"\r\nhost:") != 1:
         return NOT_OURS  # h11 refuses none or several (HTTP/1.1)
+    if b"\r\ncontent-length:" in names or b"\r\ntransfer-encoding:" in names:
+        return NOT_OURS  # h11 decides what a body on an upgrade means
+    headers = [(name.lower(), value) for name, value in _FIELDS.findall(head.group(2))]
     return UpgradeHead(head.group(1), headers, end, bytes(data[end + 4 :]))

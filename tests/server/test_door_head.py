@@ -126,6 +126,8 @@ def door_reads(data: bytes, pieces: int = 1) -> UpgradeHead | bool | None:
 @example(GOOD.replace(b"Upgrade: websocket", b"Upgrade: websocket\r\n  folded"), 1)
 @example(GOOD.replace(b"\r\n\r\n", b"\r\nHost: again\r\n\r\n"), 1)
 @example(GOOD.replace(b"\r\n\r\n", b"\r\nContent-Length: 3\r\n\r\nabc"), 1)
+@example(GOOD.replace(b"\r\n\r\n", b"\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"), 1)
+@example(GOOD.replace(b"Host: 127.0.0.1:8000\r\n", b""), 1)
 def test_what_the_door_reads_h11_reads_the_same_way(data: bytes, pieces: int) -> None:
     answer = door_reads(data, pieces)
     assert answer == door_reads(data, 1)  # however the bytes are cut up
