@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/churn_memory.py                  # 10,000 cycles, memory store
     .venv/bin/python benchmarks/churn_memory.py --cycles 2000 --db sqlite:///TMP/churn.db
     .venv/bin/python benchmarks/churn_memory.py --callgrind 400 [--code DIR | --peer websockets]
+    .venv/bin/python benchmarks/churn_memory.py --callgrind-storm [--code DIR | --peer picows]
 
 Starts ``python -m chatcore_server serve --port 0``, connects 100 idle members
 to ``room0`` (they read everything sent to them), then runs connect+close
@@ -31,6 +32,13 @@ crowded room's ``presence`` frame never comes due (at full speed one frame
 every 0.5 s covers ~500 cycles). ``--peer websockets`` counts a peer
 server's cycle the same way (it sends no welcome, member list or presence;
 its own keepalive pings stay on, one per member per 20 s).
+
+``--callgrind-storm`` counts the join storm the same way (``benchmarks._storm``:
+1,000 clients into one room, 50 handshakes in flight): instrumentation is on
+from the first connect until the room is full and quiet, and the total is
+divided by 1,000. With no clock-paced work a crowded room's ``presence``
+frames never come due, so the check that every view holds everyone is not
+made here (the timed storm makes it).
 """
 
 from __future__ import annotations
@@ -191,6 +199,43 @@ def callgrind(db: str, n: int, members: int, peer: str | None, code: Path) -> No
     )
 
 
+def callgrind_storm(db: str, peer: str | None, code: Path) -> None:
+    """Instructions the server spends per join of the 1,000-client join storm."""
+    from benchmarks._servers import SERVERS
+    from benchmarks._storm import CLIENTS, storm
+
+    out = Path(tempfile.mkdtemp(prefix="storm-callgrind-")) / "callgrind.out"
+    prefix = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found")
+    flavor = SERVERS[peer].flavor if peer is not None else FLAVOR
+    proc, port = start_server(db, prefix, peer, code)
+    try:
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        result, socks = storm(port, flavor, timeout=900)
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        for sock in socks:
+            sock.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    total = 0
+    for dump in out.parent.glob("callgrind.out*"):
+        counts = re.findall(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+        total = max([total, *map(int, counts)])
+    print(
+        f"join storm: {result.in_room:,} of {CLIENTS:,} in the room; {total:,} instructions, "
+        f"{total / CLIENTS / 1e6:.2f} M per join (dumps in {out.parent})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="benchmarks/churn_memory.py")
     parser.add_argument("--cycles", type=int, default=10_000)
@@ -198,7 +243,12 @@ def main() -> None:
     parser.add_argument("--db", default="memory")
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--callgrind", type=int, metavar="N", help="instructions per cycle")
-    parser.add_argument("--peer", help="with --callgrind: a peer server instead (websockets)")
+    parser.add_argument(
+        "--callgrind-storm", action="store_true", help="instructions per join of the join storm"
+    )
+    parser.add_argument(
+        "--peer", help="with --callgrind(-storm): a peer server instead (websockets, picows)"
+    )
     parser.add_argument(
         "--code", type=Path, help="run the src/ and adapters/ of DIR (git archive of a commit)"
     )
@@ -207,6 +257,9 @@ def main() -> None:
     db = args.db.replace("TMP", tempfile.gettempdir())
     if args.callgrind:
         callgrind(db, args.callgrind, args.members, args.peer, code)
+        return
+    if args.callgrind_storm:
+        callgrind_storm(db, args.peer, code)
         return
     proc, port = start_server(db, code=code)
     try:

@@ -32,6 +32,7 @@ import binascii
 import logging
 import socket
 import ssl
+import sys
 import time
 from asyncio.trsock import TransportSocket
 from collections.abc import Mapping, Sequence
@@ -73,8 +74,6 @@ from chatcore_host import (
     RecordFile,
     ScreenHook,
     authenticate,
-    header,
-    header_tokens,
     origin_allowed,
     parse_origin,
     repeated_header,
@@ -97,6 +96,10 @@ log = logging.getLogger("chatcore_server")
 
 # Upgrade headers that must appear once (h11 already refuses a repeated Host).
 _SINGLE_HEADERS = (b"origin", b"sec-websocket-key", b"sec-websocket-version")
+# The fields ``ChatServer._handshake`` reads (authentication reads its own).
+_HANDSHAKE_FIELDS = frozenset(
+    (*_SINGLE_HEADERS, b"host", b"upgrade", b"connection", b"sec-websocket-protocol")
+)
 _CLOSE_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 
 
@@ -122,6 +125,9 @@ class Limits:
     """Seconds a closing connection gets to take its last frames and answer the close."""
     send_buffer: int | None = 64 * 1024
     """``SO_SNDBUF`` asked for on every upgraded socket (Linux keeps twice this).
+
+    On Linux over plain TCP it is set on the listening socket, whose accepted
+    sockets inherit it (HTTP requests' sockets as well as upgraded ones).
 
     Bytes the kernel has taken count as written for the engine, so this is the
     kernel's share of a slow reader's backlog: kept modest, the engine's outbox
@@ -235,7 +241,11 @@ class ChatServer(ChatControls):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writers: anyio.abc.TaskGroup | None = None
         self._adopted: set[Peer] = set()  # asyncio peers driven by callbacks, not tasks
-        self._doors: set[asyncio.Protocol] = set()  # accepted, first request not read yet
+        # Accepted, first request not read yet: each with its deadline (see _at_door).
+        self._doors: dict[asyncio.Protocol, float] = {}
+        self._door_timer: asyncio.TimerHandle | None = None
+        # Accepted sockets carry TCP_NODELAY and SO_SNDBUF from their listener (Linux).
+        self._options_inherited = False
         # Metrics: read at scrape time from the engine, the host and these two.
         self._opened = 0
         self._bytes = ByteTally()
@@ -317,6 +327,9 @@ class ChatServer(ChatControls):
                 peer.abort()
             for door in list(self._doors):
                 door.shut()  # type: ignore[attr-defined]
+            if self._door_timer is not None:
+                self._door_timer.cancel()
+                self._door_timer = None
             log.info("chatcore stopped")
 
     def shutdown(self) -> None:
@@ -361,50 +374,72 @@ class ChatServer(ChatControls):
         """
         protocol, stream = door
         server = self
-        limits = self.limits
         start = conns.start_soon
         handle = self._handle_tcp
-        doors = self._doors
+        at_door = self._at_door
+        left_door = self._doors.pop
+        max_size = self.limits.max_request_bytes
+        inherited = _set_on_listeners(sockets, self.limits.send_buffer)
+        self._options_inherited = inherited
+        nodelay = not inherited
 
         class Accepted(protocol):  # type: ignore[valid-type, misc]
+            """anyio's protocol, whose own state is made only if ``_handle_tcp`` takes
+            the connection over (``to_task``): an upgrade at the door never needs it."""
+
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                super().connection_made(transport)
-                # asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and an
-                # accepted socket of a listener made with proto 0 says 0: without this,
-                # Nagle holds every small frame back until the last one is acked.
-                _no_delay(transport)
+                if nodelay:
+                    # asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+                    # and an accepted socket of a listener made with proto 0 says 0:
+                    # without it, Nagle holds every small frame back until the last
+                    # one is acked. (Set on the listener instead where it carries over.)
+                    _no_delay(transport)
+                _small_reads(transport)
                 self.door: asyncio.Transport | None = cast(asyncio.Transport, transport)
-                self.http = h11.Connection(
-                    h11.SERVER, max_incomplete_event_size=limits.max_request_bytes
-                )
-                # Too slow to send a whole request: closed, as _http closes one.
-                self.timer = loop.call_later(limits.handshake_timeout, self.shut)
+                self.task = False
+                self.data: bytes | bytearray = b""
                 server._tcp += 1
-                doors.add(self)
+                at_door(self)  # too slow to send a whole request: closed, as _http closes one
 
             def data_received(self, data: bytes) -> None:
-                super().data_received(data)  # kept for _handle_tcp, should it take over
                 transport = self.door
                 if transport is None:
+                    if self.task:
+                        super().data_received(data)
                     return
+                searched = len(self.data)
+                if not searched:
+                    self.data = data
+                elif type(self.data) is bytes:
+                    self.data = bytearray(self.data) + data
+                else:
+                    self.data += data
                 try:
-                    self.http.receive_data(data)
-                    done = server._door(self.http, transport)
-                except Exception:  # h11's errors, or a bug before any peer exists:
+                    done = server._door(self.data, searched, transport, max_size)
+                except Exception:  # a bug before any peer exists:
                     done = False  # _handle_tcp reads the request again, answers or logs it
                 if done is not None:
                     self.leave(transport, upgraded=done)
 
             def eof_received(self) -> bool | None:
-                kept = cast("bool | None", super().eof_received())
-                self.to_task()
-                return kept
+                if self.door is not None:
+                    self.to_task()
+                return cast("bool | None", super().eof_received())
 
             def connection_lost(self, exc: Exception | None) -> None:
-                super().connection_lost(exc)
                 if self.door is not None:  # gone before a whole request came
                     self.leave(self.door, upgraded=True)
                     server._tcp -= 1
+                elif self.task:
+                    super().connection_lost(exc)
+
+            def pause_writing(self) -> None:
+                if self.task:
+                    super().pause_writing()
+
+            def resume_writing(self) -> None:
+                if self.task:
+                    super().resume_writing()
 
             def to_task(self) -> None:
                 if self.door is not None:
@@ -418,10 +453,14 @@ class ChatServer(ChatControls):
 
             def leave(self, transport: asyncio.Transport, *, upgraded: bool) -> None:
                 self.door = None
-                self.timer.cancel()
-                doors.discard(self)
+                left_door(self, None)
+                data, self.data = self.data, b""
                 if not upgraded:  # _handle_tcp counts it again (an upgraded peer stays counted)
                     server._tcp -= 1
+                    self.task = True
+                    super().connection_made(transport)  # anyio's state, made only now
+                    if data:
+                        super().data_received(bytes(data))  # read from its start
                     start(handle, stream(transport, self))
 
         # (anyio listens with a backlog of 65536; asyncio would set its own 100.)
@@ -757,8 +796,17 @@ class ChatServer(ChatControls):
     ) -> _Upgrade | tuple[str, Reply]:
         """What accepting an upgrade request needs, or why it is refused and the reply
         (to count with ``_refuse``). Changes nothing: the door asks it too."""
-        upgrade = [t.lower() for t in header_tokens(headers, b"upgrade")]
-        connection = [t.lower() for t in header_tokens(headers, b"connection")]
+        # One pass over the fields the checks read (names are lower case, as h11 and
+        # the door give them); the checks then read this, in the order they always had.
+        fields: dict[bytes, list[bytes]] = {}
+        for name, value in headers:
+            if name in _HANDSHAKE_FIELDS:
+                if (seen := fields.get(name)) is None:
+                    fields[name] = [value]
+                else:
+                    seen.append(value)
+        upgrade = [t.lower() for t in _tokens(fields.get(b"upgrade"))]
+        connection = [t.lower() for t in _tokens(fields.get(b"connection"))]
         if "websocket" not in upgrade or "upgrade" not in connection:
             return "bad_handshake", error(
                 426,
@@ -772,19 +820,20 @@ class ChatServer(ChatControls):
             )
         if self._stopping:
             return "shutting_down", error(503, "shutting down", ("retry-after", "5"))
-        repeated = repeated_header(headers, _SINGLE_HEADERS)
-        if repeated is not None:
+        if any(len(fields.get(name, ())) > 1 for name in _SINGLE_HEADERS):
+            repeated = repeated_header(headers, _SINGLE_HEADERS) or b"?"
             return "bad_handshake", error(400, f"more than one {repeated.decode()} header")
         scheme = "https" if self.ssl_context is not None else "http"
-        if not origin_allowed(
-            header(headers, b"origin"), header(headers, b"host"), scheme, self.allow_origins
+        origin = _first(fields.get(b"origin"))
+        if origin is not None and not origin_allowed(
+            origin, _first(fields.get(b"host")), scheme, self.allow_origins
         ):
             return "origin_not_allowed", error(403, "origin not allowed")
-        if header(headers, b"sec-websocket-version") != "13":
+        if _first(fields.get(b"sec-websocket-version")) != "13":
             return "bad_handshake", error(
                 426, "WebSocket version 13 only", ("sec-websocket-version", "13")
             )
-        key = header(headers, b"sec-websocket-key")
+        key = _first(fields.get(b"sec-websocket-key"))
         if key is None or not _valid_key(key):
             return "bad_handshake", error(400, "missing or invalid Sec-WebSocket-Key")
         user: str | None = None
@@ -793,7 +842,7 @@ class ChatServer(ChatControls):
                 user = authenticate(headers, parse_qsl(query), self.jwt_secret)
             except AuthError as exc:
                 return "unauthorized", error(401, str(exc), ("www-authenticate", "Bearer"))
-        mode, subprotocol = select_mode(header_tokens(headers, b"sec-websocket-protocol"))
+        mode, subprotocol = select_mode(_tokens(fields.get(b"sec-websocket-protocol")))
         try:
             connect = parse_connect(self._next_id + 1, query, mode, user=user)
         except HandshakeError as exc:
@@ -807,7 +856,7 @@ class ChatServer(ChatControls):
         feeds its ``Connect`` (once the peer is attached to its transport)."""
         connect = upgrade.connect
         self._next_id = conn = connect.conn
-        if raw is not None and self.limits.send_buffer is not None:
+        if raw is not None and self.limits.send_buffer is not None and not self._options_inherited:
             with suppress(OSError):
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
         fd = -1 if raw is None or stream is None or self.ssl_context is not None else raw.fileno()
@@ -841,29 +890,31 @@ class ChatServer(ChatControls):
 
     # -- the door: the happy path of a WebSocket upgrade without a task (asyncio) ----------
 
-    def _door(self, http: h11.Connection, transport: asyncio.Transport) -> bool | None:
+    def _door(
+        self,
+        data: bytes | bytearray,
+        searched: int,
+        transport: asyncio.Transport,
+        max_size: int,
+    ) -> bool | None:
         """Upgrade a connection from callbacks alone, if its first request is a
         complete, acceptable WebSocket upgrade: True once upgraded, None to wait
         for more bytes, False to hand the connection to ``_handle_tcp``, which
-        reads it from its start (every other request, every refusal, every
-        error: one place answers those). Raises only what h11 raises.
+        reads it from its start with h11 (every other request, every refusal,
+        every error, anything ``read_upgrade_head`` does not read: one place
+        answers those).
         """
-        event = http.next_event()
-        if event is h11.NEED_DATA:
-            return None
-        if type(event) is not h11.Request or type(http.next_event()) is not h11.EndOfMessage:
-            return False
-        headers = list(event.headers)
+        head = _http.read_upgrade_head(data, max_size, searched)
+        if head is None or head is False:
+            return head
+        headers = head.headers
         if (
-            _request_size(event.target, headers) > self.limits.max_request_bytes
+            head.size > max_size
             or len(headers) > self.limits.max_headers
             or self._tcp > self.limits.max_connections
         ):
             return False
-        parts = urlsplit(event.target.decode("latin-1"))
-        if parts.path != "/ws":
-            return False
-        checked = self._handshake(event.method, headers, parts.query)
+        checked = self._handshake(b"GET", headers, head.query)
         if not isinstance(checked, _Upgrade):
             return False
         peer = self._open_peer(checked, None, transport.get_extra_info("socket"))
@@ -871,9 +922,8 @@ class ChatServer(ChatControls):
         self._adopted.add(peer)
         try:
             self.engine_host.feed(checked.connect)
-            trailing, _ = http.trailing_data
-            if trailing:
-                peer.feed(bytes(trailing))
+            if head.rest:
+                peer.feed(head.rest)
         except Exception:
             # A bug, not the peer's doing: this connection alone is lost.
             log.exception("internal error on a connection")
@@ -881,6 +931,39 @@ class ChatServer(ChatControls):
                 self._forget(peer)
             transport.abort()
         return True
+
+    # -- waiting at the door: one timer for every connection's handshake timeout ---------
+
+    def _at_door(self, door: asyncio.Protocol) -> None:
+        """``door`` waits for its first request; closed if it is not whole in time.
+
+        Every door has the same timeout, so the dict's order is its deadlines'
+        order, and one timer, armed for the oldest door, serves them all
+        (a timer per connection cost a handle and a heap entry each, left in
+        asyncio's heap for the whole timeout once cancelled).
+        """
+        loop = self._loop
+        if loop is None:  # (no door without an asyncio loop)
+            return
+        deadline = loop.time() + self.limits.handshake_timeout
+        self._doors[door] = deadline
+        if self._door_timer is None:
+            self._door_timer = loop.call_at(deadline, self._door_sweep)
+
+    def _door_sweep(self) -> None:
+        self._door_timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        late: list[asyncio.Protocol] = []
+        for door, deadline in self._doors.items():
+            if deadline > now:
+                self._door_timer = loop.call_at(deadline, self._door_sweep)
+                break
+            late.append(door)
+        for door in late:
+            door.shut()  # type: ignore[attr-defined]
 
 
 class _Upgrade(NamedTuple):
@@ -953,6 +1036,41 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+_READ_SIZE = 64 * 1024
+
+
+def _small_reads(transport: asyncio.BaseTransport) -> None:
+    """Read at most 64 KiB at a time from ``transport`` (as anyio's streams do).
+
+    asyncio's socket transport reads into a new 256 KiB bytes object and then
+    shrinks it to what came. Above glibc's 128 KiB threshold every such
+    buffer is a fresh ``mmap`` (then ``mremap``, ``munmap`` and a page fault):
+    six system calls per connect+close cycle, ~40% of the server's kernel time
+    in it. 64 KiB comes from the heap. (An asyncio without this attribute,
+    or another loop's transport, is left as it is.)
+    """
+    if getattr(transport, "max_size", None) == 256 * 1024:
+        transport.max_size = _READ_SIZE  # type: ignore[attr-defined]
+
+
+def _set_on_listeners(sockets: list[socket.socket], send_buffer: int | None) -> bool:
+    """Set TCP_NODELAY and ``SO_SNDBUF`` on the listening sockets, where accepted
+    sockets inherit them (Linux copies a listener's options into each socket it
+    accepts): two system calls per connection fewer. True if they were set there;
+    False elsewhere, where each accepted socket gets them as before."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        for sock in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if send_buffer is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    except OSError:
+        return False
+    return True
+
+
 def _asyncio_door() -> tuple[type[asyncio.Protocol], Any] | None:
     """anyio's asyncio protocol and stream classes for an accepted socket, or None
     if this anyio does not have them under these names (then anyio accepts)."""
@@ -994,6 +1112,21 @@ def _raw_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
         if isinstance(raw, socket.socket | TransportSocket):
             return cast(socket.socket, raw)
     return stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+
+
+def _first(values: list[bytes] | None) -> str | None:
+    """The first value of a field (``chatcore_host.header``'s answer)."""
+    return None if values is None else bytes(values[0]).decode("latin-1")
+
+
+def _tokens(values: list[bytes] | None) -> list[str]:
+    """The comma-separated tokens of a field's values (``header_tokens``' answer)."""
+    if values is None:
+        return []
+    items: list[str] = []
+    for value in values:
+        items.extend(t.strip() for t in bytes(value).decode("latin-1").split(",") if t.strip())
+    return items
 
 
 def _valid_key(key: str) -> bool:

@@ -104,6 +104,9 @@ class MemoryStore:
         if max_position_users is not None and max_position_users < 1:
             raise ValueError("max_position_users must be at least 1 (or None: no bound)")
         self._rooms: dict[str, _Room] = {}
+        # user -> the direct-message rooms they are one of the two users of: a new
+        # session's inbox look-up reads these, not every room of the log.
+        self._dm_rooms: dict[str, list[str]] = {}
         self._epoch_prefix = epoch_prefix
         self._epochs = 0
         self.max_messages = max_messages
@@ -205,6 +208,8 @@ class MemoryStore:
         fresh = _Room(epoch=f"{self._epoch_prefix}{self._epochs}")
         if old is not None:
             fresh.private, fresh.allow = old.private, old.allow
+        else:
+            self._index_dm(room)
         self._rooms[room] = fresh
 
     def messages(self, room: str) -> list[Message]:
@@ -220,7 +225,15 @@ class MemoryStore:
             private, allow = room_rule(name, private=False, allow=frozenset())
             epoch = f"{self._epoch_prefix}{self._epochs}"
             room = self._rooms[name] = _Room(epoch=epoch, private=private, allow=allow)
+            self._index_dm(name)
         return room
+
+    def _index_dm(self, name: str) -> None:
+        """A room new to the log: if it is a direct-message room, index it by user."""
+        pair = dm_users(name)
+        if pair is not None:
+            for user in pair:
+                self._dm_rooms.setdefault(user, []).append(name)
 
     def _apply(self, effect: StorageEffect) -> Command | None:
         # An outage fails what would touch the database's log; rooms and marks are kept.
@@ -336,10 +349,8 @@ class MemoryStore:
 
     def _inbox(self, effect: LoadInbox) -> tuple[str, ...]:
         found = []
-        for name, room in self._rooms.items():
-            pair = dm_users(name)
-            if pair is None or effect.user not in pair:
-                continue
+        for name in self._dm_rooms.get(effect.user, ()):
+            room = self._rooms[name]
             read = self.positions_by_key.get((effect.user, name), (0, 0))[1]
             newest = room.messages[-1] if room.messages else None
             if room.head > read and (newest is None or newest.sender != effect.user):

@@ -36,6 +36,19 @@ def select_mode(offered: Iterable[str]) -> tuple[Mode, str | None]:
     return Mode.TEXT, None
 
 
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    """``parse_qsl(query, keep_blank_values=True)``, read directly when nothing in
+    the query is escaped (no ``%`` or ``+``: then unquoting changes nothing)."""
+    if "%" in query or "+" in query:
+        return parse_qsl(query, keep_blank_values=True)
+    pairs = []
+    for field in query.split("&"):
+        if field:
+            key, _, value = field.partition("=")
+            pairs.append((key, value))
+    return pairs
+
+
 def parse_connect(conn: ConnId, query: str, mode: Mode, *, user: str | None = None) -> Connect:
     """Build the ``Connect`` for a handshake's query string.
 
@@ -50,7 +63,7 @@ def parse_connect(conn: ConnId, query: str, mode: Mode, *, user: str | None = No
     epochs: dict[str, str] = {}
     resume: str | None = None
     given_user: str | None = None
-    for key, value in parse_qsl(query, keep_blank_values=True):
+    for key, value in _query_pairs(query):
         if key == "user":
             given_user = value
         elif key == "room":

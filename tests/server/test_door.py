@@ -117,8 +117,8 @@ async def test_shutdown_closes_connections_that_sent_nothing() -> None:
     await stream.aclose()
 
 
-def _server_side_nodelay(client_address: tuple[str, int]) -> int:
-    """TCP_NODELAY of this process's socket whose peer is ``client_address`` (the
+def _server_side_option(client_address: tuple[str, int], level: int, option: int) -> int:
+    """An option of this process's socket whose peer is ``client_address`` (the
     server runs in this process: its side of the connection is one of our fds)."""
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -131,7 +131,7 @@ def _server_side_nodelay(client_address: tuple[str, int]) -> int:
                     continue
             except OSError:
                 continue
-            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            return sock.getsockopt(level, option)
     raise AssertionError(f"no server socket with peer {client_address}")
 
 
@@ -146,4 +146,60 @@ async def test_an_accepted_connection_writes_small_frames_at_once() -> None:
         await frames_after(stream, 2)
         local = stream.extra(anyio.abc.SocketAttribute.local_address)
         assert isinstance(local, tuple)
-        assert _server_side_nodelay((str(local[0]), int(local[1]))) != 0
+        address = (str(local[0]), int(local[1]))
+        assert _server_side_option(address, socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd")
+@pytest.mark.parametrize("send_buffer", [32 * 1024, 96 * 1024])
+async def test_an_upgraded_socket_has_the_send_buffer_asked_for(send_buffer: int) -> None:
+    # Set once on the listener where accepted sockets inherit it (Linux), else on
+    # each socket: either way the kernel's share of a slow reader's backlog is bounded.
+    async with (
+        serving(limits=Limits(send_buffer=send_buffer)) as srv,
+        await anyio.connect_tcp("127.0.0.1", srv.port) as stream,
+    ):
+        await stream.send(upgrade("user=ann&room=lobby", JSON_UPGRADE))
+        await frames_after(stream, 2)
+        local = stream.extra(anyio.abc.SocketAttribute.local_address)
+        assert isinstance(local, tuple)
+        address = (str(local[0]), int(local[1]))
+        got = _server_side_option(address, socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert send_buffer <= got <= 2 * send_buffer  # (Linux reports twice what was asked)
+
+
+async def test_each_connection_at_the_door_gets_its_own_handshake_timeout() -> None:
+    # One timer serves every door: the first is closed at its deadline and the one
+    # that came later is not closed with it, but at its own deadline after.
+    async with serving(limits=Limits(handshake_timeout=0.4)) as srv:
+        async with await anyio.connect_tcp("127.0.0.1", srv.port) as first:
+            await first.send(b"GET /ws?user=cy HTTP/1.1\r\nHost: x\r\n")
+            await anyio.sleep(0.25)
+            async with await anyio.connect_tcp("127.0.0.1", srv.port) as second:
+                await second.send(b"GET /ws?user=di HTTP/1.1\r\n")
+                with anyio.fail_after(GUARD):
+                    assert await read_all(first) == b""
+                with anyio.move_on_after(0.05) as still_open:
+                    await second.receive()
+                assert still_open.cancelled_caught
+                with anyio.fail_after(GUARD):
+                    assert await read_all(second) == b""
+        with anyio.fail_after(GUARD):
+            while srv.server._tcp:
+                await anyio.sleep(0.01)
+
+
+async def test_an_upgraded_connection_reads_into_buffers_the_heap_can_hold(
+    anyio_backend: str,
+) -> None:
+    # asyncio's transport reads into a fresh 256 KiB buffer: above glibc's mmap threshold,
+    # that was an mmap, mremap and munmap (and a page fault) for every read of every
+    # connection, ~40% of the server's kernel time in a connect+close cycle (strace -c).
+    if anyio_backend != "asyncio":
+        pytest.skip("asyncio's transports only")
+    async with serving() as srv, await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
+        await stream.send(upgrade("user=ann&room=lobby", JSON_UPGRADE))
+        await frames_after(stream, 2)
+        [peer] = srv.server._adopted
+        assert peer.transport is not None
+        assert getattr(peer.transport, "max_size", 0) <= 128 * 1024
