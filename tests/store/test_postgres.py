@@ -232,3 +232,34 @@ async def test_an_append_whose_insert_fails_stores_nothing_and_the_next_batch_wo
         assert [m.text for m in page.messages] == ["m1", "m4"]
     finally:
         await store.close()
+
+
+async def test_a_batch_cancelled_in_its_transaction_leaves_nothing_for_the_next(
+    schema: str,
+) -> None:
+    # BEGIN and COMMIT are plain statements on the store's one connection: a batch
+    # cancelled between them (its server shutting down) must not leave its transaction
+    # open for the next batch to commit or trip over.
+    store = PostgresStore(PG_URL, schema=schema)
+    await store.open()
+    try:
+        [first] = await store.execute([append(1)])
+        assert isinstance(first, Appended)
+        db = await psycopg.AsyncConnection.connect(PG_URL, autocommit=True)
+        async with db, db.transaction():
+            await db.execute(
+                sql.SQL("SELECT * FROM {}.rooms WHERE name = 'lobby' FOR UPDATE").format(
+                    sql.Identifier(schema)
+                )
+            )
+            with anyio.move_on_after(0.5) as waited:
+                await store.execute([append(2)])  # waits for the row lock
+            assert waited.cancelled_caught
+        [again] = await store.execute([append(3)])
+        assert isinstance(again, Appended)
+        assert again.message.offset == 2
+        [page] = await store.execute([LoadHistory(ref=5, room="lobby", after=0, before=10)])
+        assert isinstance(page, HistoryLoaded)
+        assert [m.text for m in page.messages] == ["m1", "m3"]
+    finally:
+        await store.close()
