@@ -242,40 +242,38 @@ class _Driver:
         # Pipeline mode: a statement goes out without waiting for the one before, and
         # the client waits only where the work needs an answer. The BEGIN leaves with
         # the first statement, the quiet ones (an append run's INSERT and head moves)
-        # with the COMMIT: an append run is two round trips (three with client ids)
-        # where it was six. Every round trip is a wake-up of the database's backend
-        # and of this loop, which a busy machine (this process's own fan-out) delays.
-        # BEGIN and COMMIT are plain statements: psycopg's transaction() syncs the
-        # pipeline on the way in and out, two round trips more.
-        async with db.pipeline() as pipeline:
+        # with the COMMIT, whose answer is awaited by the pipeline's closing sync: an
+        # append run is two round trips (three with client ids) where it was six.
+        # Every round trip is a wake-up of the database's backend and of this loop,
+        # which a busy machine delays. BEGIN and COMMIT are plain statements:
+        # psycopg's transaction() syncs the pipeline on the way in and out.
+        try:
+            async with db.pipeline() as pipeline:
 
-            async def execute(statement: Statement) -> Rows:
-                if statement.many:
-                    async with db.cursor() as many:
-                        await many.executemany(statement.sql, statement.params)
-                    return []
-                cursor = await db.execute(statement.sql, statement.params)
-                if statement.quiet:
-                    return []
-                await pipeline.sync()
-                if statement.count:
-                    return [(cursor.rowcount,)]
-                return await cursor.fetchall() if cursor.description is not None else []
+                async def execute(statement: Statement) -> Rows:
+                    if statement.many:
+                        async with db.cursor() as many:
+                            await many.executemany(statement.sql, statement.params)
+                        return []
+                    cursor = await db.execute(statement.sql, statement.params)
+                    if statement.quiet:
+                        return []
+                    await pipeline.sync()
+                    if statement.count:
+                        return [(cursor.rowcount,)]
+                    return await cursor.fetchall() if cursor.description is not None else []
 
-            await db.execute("BEGIN")
-            try:
+                await db.execute("BEGIN")
                 result = await drive_async(work, execute)
                 await db.execute("COMMIT")
-                await pipeline.sync()
-            except psycopg.Error:
-                # Undo what the failed statement left open; a connection too broken
-                # for that is dropped by broken(). (A batch cancelled half-way leaves
-                # its transaction open: _connection() replaces that connection.)
-                with contextlib.suppress(psycopg.Error):
-                    await db.execute("ROLLBACK")
-                    await pipeline.sync()
-                raise
-            return result
+        except psycopg.Error:
+            # Undo what the failed statement left open; a connection too broken for
+            # that is dropped by broken(). (A batch cancelled half-way may leave its
+            # transaction open: _connection() replaces such a connection.)
+            with contextlib.suppress(psycopg.Error):
+                await db.execute("ROLLBACK")
+            raise
+        return result  # the pipeline's closing sync answered the COMMIT
 
     async def broken(self, exc: Exception) -> None:
         db = self._db
