@@ -9,8 +9,10 @@ annotations), speaks libpq's connection strings and URLs unchanged, and its
 ``binary`` wheel needs nothing installed on the machine. It runs on asyncio,
 so a server using this store runs anyio's asyncio backend.
 
-Rows travel as one array per column (``unnest``), so a run of appends costs a
-fixed handful of round trips however long it is. The rooms' rows are locked
+Rows travel as one array per column (``unnest``), and each batch runs in
+psycopg's pipeline mode (statements that answer nothing leave with the
+COMMIT), so a run of appends costs two round trips (three with client ids)
+however long it is. The rooms' rows are locked
 in name order (two servers never deadlock); the locks make offsets gap-free
 and the exactly-once key hold even with several servers writing the same room.
 """
