@@ -44,7 +44,14 @@ not measurable against the 10 ms goal on the shared machine; the hop to the
 other process, 12-15 ms at p50 in a room of 1,000, was a publish that waited
 for its process's own fan-out and servers at the generator's real-time
 priority (B's probes read after B's whole fan-out): 1.6-4.5 ms since both
-were fixed (14:22-14:31 UTC). The earlier runs
+were fixed (14:22-14:31 UTC). The 10 ms p99 goal is not met on this
+machine: one process with PostgreSQL spent about 3 ms of its p50 in the
+store's round trips to PostgreSQL, now 2 per append run instead of 5-6
+(pipeline mode; p50 at 20,000/s 8.0-8.7 -> 5.5-6.4 ms, p99 10.7-21 ms, 17:01-17:07
+UTC under others' load); what is left is two round trips and the WAL flush.
+B, sharing core 0 with A, waits for A's sweep to its 500 members (B's p50
+13-16 ms); the goal needs a core per server besides the generator's, the
+database's and Redis's. The earlier runs
 that delivered about 75% were a generator too slow for its own 60 s limit
 (1,000 ``websockets`` clients in one asyncio loop read about 20,000 frames/s
 on a quiet machine, far fewer beside other work); the missing publishes were

@@ -42,12 +42,16 @@ _NAME = (("name", "text"),)
 class Statement:
     """One statement and its parameters. ``count``: the driver answers
     ``[(rows changed,)]`` instead of the rows; ``many``: ``params`` is a list
-    of parameter rows, the statement runs once for each (and answers ``[]``)."""
+    of parameter rows, the statement runs once for each (and answers ``[]``);
+    ``quiet``: it returns no rows and its work needs no answer, so a driver may
+    answer ``[]`` at once and send it with what follows (its failure, if any,
+    then fails the transaction at a later statement or at the COMMIT)."""
 
     sql: str
     params: Sequence[Any] = ()
     count: bool = False
     many: bool = False
+    quiet: bool = False
 
 
 def allow_json(allow: Iterable[str]) -> str:
@@ -104,7 +108,13 @@ class Dialect:
         ]
 
     def insert(
-        self, into: str, columns: Sequence[Column], rows: Sequence[tuple[Any, ...]], suffix: str
+        self,
+        into: str,
+        columns: Sequence[Column],
+        rows: Sequence[tuple[Any, ...]],
+        suffix: str,
+        *,
+        quiet: bool = False,
     ) -> Statement:
         names = ", ".join(c for c, _ in columns)
 
@@ -114,12 +124,12 @@ class Dialect:
         if self.array_types is None:
             marks = ", ".join(value(c, "?") for c in columns)
             text = f"INSERT INTO {into} ({names}) VALUES ({marks}){suffix}"
-            return Statement(self.sql(text), rows, many=True)
+            return Statement(self.sql(text), rows, many=True, quiet=quiet)
         table, params = self.table("v", columns, rows)
         select = ", ".join(value(c, c[0]) for c in columns)
         text = f"WITH {table} INSERT INTO {into} ({names}) SELECT {select} FROM v WHERE true"
         text += suffix  # "WHERE true": an ON CONFLICT after a SELECT must not read as a join
-        return Statement(self.sql(text), params)
+        return Statement(self.sql(text), params, quiet=quiet)
 
     def chunks(
         self, rows: Sequence[tuple[Any, ...]], width: int
@@ -230,12 +240,17 @@ class Statements:
         )
 
     def _bulk(
-        self, columns: Sequence[Column], rows: Sequence[tuple[Any, ...]], template: str
+        self,
+        columns: Sequence[Column],
+        rows: Sequence[tuple[Any, ...]],
+        template: str,
+        *,
+        quiet: bool = False,
     ) -> Iterator[Statement]:
         """``WITH v AS (rows) <template>``, as many statements as the dialect needs."""
         for part in self.dialect.chunks(rows, len(columns)):
             table, params = self.dialect.table("v", columns, part)
-            yield Statement(self.dialect.sql(f"WITH {table} {template}"), params)
+            yield Statement(self.dialect.sql(f"WITH {table} {template}"), params, quiet=quiet)
 
     def heads(self, names: Sequence[str]) -> Iterator[Statement]:
         """(name, epoch, head) of those rooms that exist, locked for the run."""
@@ -270,11 +285,14 @@ class Statements:
         )
 
     def insert_messages(self, rows: Sequence[tuple[Any, ...]]) -> Statement:
-        return self.dialect.insert("messages", _MESSAGE, rows, "")
+        """The new messages of an append run (quiet: sent with the COMMIT)."""
+        return self.dialect.insert("messages", _MESSAGE, rows, "", quiet=True)
 
     def move_heads(self, rows: Sequence[tuple[str, int]]) -> Iterator[Statement]:
+        """The heads an append run moved (quiet: sent with the COMMIT)."""
         return self._bulk(
             _HEAD,
             rows,
             "UPDATE rooms SET head = v.head FROM v WHERE rooms.name = v.name",  # SQLite 3.33+
+            quiet=True,
         )

@@ -9,20 +9,24 @@ annotations), speaks libpq's connection strings and URLs unchanged, and its
 ``binary`` wheel needs nothing installed on the machine. It runs on asyncio,
 so a server using this store runs anyio's asyncio backend.
 
-Rows travel as one array per column (``unnest``), so a run of appends costs a
-fixed handful of round trips however long it is. The rooms' rows are locked
+Rows travel as one array per column (``unnest``), and each batch runs in
+psycopg's pipeline mode (statements that answer nothing leave with the
+COMMIT), so a run of appends costs two round trips (three with client ids)
+however long it is. The rooms' rows are locked
 in name order (two servers never deadlock); the locks make offsets gap-free
 and the exactly-once key hold even with several servers writing the same room.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from ._base import Rows, SQLStore, Work, drive_async, new_epoch
 from ._sql import Dialect, Statement, Statements
@@ -237,19 +241,41 @@ class _Driver:
 
     async def run(self, work: Work[T], *, write: bool = True) -> T:
         db = await self._connection()
+        # Pipeline mode: a statement goes out without waiting for the one before, and
+        # the client waits only where the work needs an answer. The BEGIN leaves with
+        # the first statement, the quiet ones (an append run's INSERT and head moves)
+        # with the COMMIT, whose answer is awaited by the pipeline's closing sync: an
+        # append run is two round trips (three with client ids) where it was six.
+        # Every round trip is a wake-up of the database's backend and of this loop,
+        # which a busy machine delays. BEGIN and COMMIT are plain statements:
+        # psycopg's transaction() syncs the pipeline on the way in and out.
+        try:
+            async with db.pipeline() as pipeline:
 
-        async def execute(statement: Statement) -> Rows:
-            if statement.many:
-                async with db.cursor() as many:
-                    await many.executemany(statement.sql, statement.params)
-                return []
-            cursor = await db.execute(statement.sql, statement.params)
-            if statement.count:
-                return [(cursor.rowcount,)]
-            return await cursor.fetchall() if cursor.description is not None else []
+                async def execute(statement: Statement) -> Rows:
+                    if statement.many:
+                        async with db.cursor() as many:
+                            await many.executemany(statement.sql, statement.params)
+                        return []
+                    cursor = await db.execute(statement.sql, statement.params)
+                    if statement.quiet:
+                        return []
+                    await pipeline.sync()
+                    if statement.count:
+                        return [(cursor.rowcount,)]
+                    return await cursor.fetchall() if cursor.description is not None else []
 
-        async with db.transaction():
-            return await drive_async(work, execute)
+                await db.execute("BEGIN")
+                result = await drive_async(work, execute)
+                await db.execute("COMMIT")
+        except psycopg.Error:
+            # Undo what the failed statement left open; a connection too broken for
+            # that is dropped by broken(). (A batch cancelled half-way may leave its
+            # transaction open: _connection() replaces such a connection.)
+            with contextlib.suppress(psycopg.Error):
+                await db.execute("ROLLBACK")
+            raise
+        return result  # the pipeline's closing sync answered the COMMIT
 
     async def broken(self, exc: Exception) -> None:
         db = self._db
@@ -267,7 +293,9 @@ class _Driver:
         if self._closed:
             raise psycopg.InterfaceError("the store is closed")
         if self._db is not None and not self._db.closed:
-            return self._db
+            if self._db.info.transaction_status == TransactionStatus.IDLE:
+                return self._db
+            await self._drop()  # a batch cancelled in its transaction: start afresh
         db = await psycopg.AsyncConnection.connect(
             self.conninfo,
             autocommit=True,  # transactions are explicit, one per batch

@@ -188,3 +188,78 @@ async def test_open_store_reads_the_schema_from_the_url(schema: str) -> None:
 def test_bad_schema_names_are_refused() -> None:
     with pytest.raises(ValueError, match="schema"):
         PostgresStore(PG_URL, schema='x"; DROP TABLE rooms; --')
+
+
+async def test_an_append_whose_insert_fails_stores_nothing_and_the_next_batch_works(
+    schema: str,
+) -> None:
+    # The INSERT and the head moves leave with the COMMIT, unanswered (pipeline mode):
+    # their failure must still fail the whole batch, and leave the connection usable.
+    store = PostgresStore(PG_URL, schema=schema)
+    await store.open()
+    try:
+        [first] = await store.execute([append(1)])
+        assert isinstance(first, Appended)
+        assert first.message.offset == 1
+        async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as db:
+            # A row at the next offset that the head does not know of: the INSERT collides.
+            await db.execute(
+                sql.SQL(
+                    "INSERT INTO {}.messages (room, msg_offset, epoch, sender, text, ts)"
+                    " VALUES ('lobby', 2, 'x', 'mallory', 'squatter', 0)"
+                ).format(sql.Identifier(schema))
+            )
+            answers = await store.execute([append(2), append(3)])
+            assert [type(a) for a in answers] == [AppendFailed, AppendFailed]
+            head = await (
+                await db.execute(
+                    sql.SQL("SELECT head FROM {}.rooms WHERE name = 'lobby'").format(
+                        sql.Identifier(schema)
+                    )
+                )
+            ).fetchone()
+            assert head == (1,)  # the head moved in the same transaction did not stay moved
+            await db.execute(
+                sql.SQL("DELETE FROM {}.messages WHERE sender = 'mallory'").format(
+                    sql.Identifier(schema)
+                )
+            )
+        [again] = await store.execute([append(4)])
+        assert isinstance(again, Appended)
+        assert again.message.offset == 2
+        [page] = await store.execute([LoadHistory(ref=5, room="lobby", after=0, before=10)])
+        assert isinstance(page, HistoryLoaded)
+        assert [m.text for m in page.messages] == ["m1", "m4"]
+    finally:
+        await store.close()
+
+
+async def test_a_batch_cancelled_in_its_transaction_leaves_nothing_for_the_next(
+    schema: str,
+) -> None:
+    # BEGIN and COMMIT are plain statements on the store's one connection: a batch
+    # cancelled between them (its server shutting down) must not leave its transaction
+    # open for the next batch to commit or trip over.
+    store = PostgresStore(PG_URL, schema=schema)
+    await store.open()
+    try:
+        [first] = await store.execute([append(1)])
+        assert isinstance(first, Appended)
+        db = await psycopg.AsyncConnection.connect(PG_URL, autocommit=True)
+        async with db, db.transaction():
+            await db.execute(
+                sql.SQL("SELECT * FROM {}.rooms WHERE name = 'lobby' FOR UPDATE").format(
+                    sql.Identifier(schema)
+                )
+            )
+            with anyio.move_on_after(0.5) as waited:
+                await store.execute([append(2)])  # waits for the row lock
+            assert waited.cancelled_caught
+        [again] = await store.execute([append(3)])
+        assert isinstance(again, Appended)
+        assert again.message.offset == 2
+        [page] = await store.execute([LoadHistory(ref=5, room="lobby", after=0, before=10)])
+        assert isinstance(page, HistoryLoaded)
+        assert [m.text for m in page.messages] == ["m1", "m3"]
+    finally:
+        await store.close()
