@@ -117,6 +117,42 @@ def start_server(
     return proc, int(url.rstrip("/").rsplit(":", 1)[1])
 
 
+def callgrind_out(name: str) -> tuple[Path, tuple[str, ...]]:
+    """A fresh dump path and the valgrind prefix that writes there, counting off at start."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found")
+    out = Path(tempfile.mkdtemp(prefix=f"{name}-callgrind-")) / "callgrind.out"
+    prefix = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
+    return out, prefix
+
+
+def counting(pid: int, on: bool) -> None:
+    """Start or stop counting a process's instructions under callgrind (stopping dumps them)."""
+    run = ["callgrind_control", "-i", "on" if on else "off", str(pid)]
+    subprocess.run(run, check=True, capture_output=True)
+    if not on:
+        subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+
+
+def instructions(out: Path) -> int:
+    """What the dumps beside ``out`` counted (the explicit dump holds it; the exit
+    dump is about empty)."""
+    total = 0
+    for dump in out.parent.glob("callgrind.out*"):
+        counts = re.findall(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+        total = max([total, *map(int, counts)])
+    return total
+
+
+def stop(proc: subprocess.Popen[bytes], wait: float = 30) -> None:
+    """End a server started by ``start_server``, killing it if it does not go in ``wait`` s."""
+    proc.terminate()
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def drain(readers: list[FrameCounter]) -> None:
     """Read what the members were sent, and answer the server's pings (a run is
     longer than its heartbeat)."""
@@ -160,38 +196,23 @@ def run_cycles(port: int, members: list[FrameCounter], first: int, n: int) -> tu
 
 def callgrind(db: str, n: int, members: int, peer: str | None, code: Path) -> None:
     """Instructions the server spends per connect+close cycle (see the docstring)."""
-    out = Path(tempfile.mkdtemp(prefix="churn-callgrind-")) / "callgrind.out"
-    prefix = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
-    if shutil.which("valgrind") is None:
-        raise SystemExit("valgrind not found")
+    out, prefix = callgrind_out("churn")
     proc, port = start_server(db, prefix, peer, code)
     try:
         readers = connect_members(port, members)
         run_cycles(port, readers, 0, 200)
         time.sleep(1.0)
         drain(readers)
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        counting(proc.pid, True)
         t0 = time.monotonic()
         done, failures = run_cycles(port, readers, 200, n)
         wall = time.monotonic() - t0
-        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        counting(proc.pid, False)
         for reader in readers:
             reader.sock.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    dumps = sorted(out.parent.glob("callgrind.out*"), key=lambda p: p.stat().st_size)
-    total = 0
-    for dump in dumps:  # the explicit dump (-d) holds the cycles; the exit dump is ~empty
-        counts = re.findall(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
-        total = max([total, *map(int, counts)])
+        stop(proc)
+    total = instructions(out)
     print(
         f"{done:,} cycles ({failures} failures, {done / wall:,.1f}/s under valgrind): "
         f"{total:,} instructions, {total / max(done, 1) / 1e6:.2f} M per connect+close cycle "
@@ -204,32 +225,18 @@ def callgrind_storm(db: str, peer: str | None, code: Path) -> None:
     from benchmarks._servers import SERVERS
     from benchmarks._storm import CLIENTS, storm
 
-    out = Path(tempfile.mkdtemp(prefix="storm-callgrind-")) / "callgrind.out"
-    prefix = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
-    if shutil.which("valgrind") is None:
-        raise SystemExit("valgrind not found")
+    out, prefix = callgrind_out("storm")
     flavor = SERVERS[peer].flavor if peer is not None else FLAVOR
     proc, port = start_server(db, prefix, peer, code)
     try:
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        counting(proc.pid, True)
         result, socks = storm(port, flavor, timeout=900)
-        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        counting(proc.pid, False)
         for sock in socks:
             sock.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    total = 0
-    for dump in out.parent.glob("callgrind.out*"):
-        counts = re.findall(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
-        total = max([total, *map(int, counts)])
+        stop(proc)
+    total = instructions(out)
     print(
         f"join storm: {result.in_room:,} of {CLIENTS:,} in the room; {total:,} instructions, "
         f"{total / CLIENTS / 1e6:.2f} M per join (dumps in {out.parent})"
@@ -298,11 +305,7 @@ def main() -> None:
         for reader in members:
             reader.sock.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 10)
 
 
 if __name__ == "__main__":

@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._wire import FrameCounter, client_frame
-from benchmarks.churn_memory import ROOT, connect_members, drain, start_server
+from benchmarks.churn_memory import (
+    ROOT,
+    callgrind_out,
+    connect_members,
+    counting,
+    drain,
+    instructions,
+    start_server,
+    stop,
+)
 
 SENDERS = 4
 
@@ -58,12 +63,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=1)
     parser.add_argument("--code", type=Path, default=ROOT)
     args = parser.parse_args()
-    if shutil.which("valgrind") is None:
-        raise SystemExit("valgrind not found")
-    out = Path(tempfile.mkdtemp(prefix="fanout-callgrind-")) / "callgrind.out"
-    prefix = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
+    out, prefix = callgrind_out("fanout")
     proc, port = start_server("memory", prefix, None, args.code)
-    pid = str(proc.pid)
     try:
         members = connect_members(port, args.members)
         # Each message: an ack to its sender, the message to every other member.
@@ -73,25 +74,17 @@ def main() -> None:
         time.sleep(1.0)  # (under valgrind: let the joins' late frames come in first)
         drain(members)
         base = sum(m.frames for m in members)
-        subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+        counting(proc.pid, True)
         sent = 0
         while sent < args.messages:
             n = min(args.burst, args.messages - sent)
             send_and_wait(members, 20 + sent, n, base + (sent + n) * per)
             sent += n
-        subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
-        subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+        counting(proc.pid, False)
         frames = sum(m.frames for m in members) - base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    total = 0
-    for dump in out.parent.glob("callgrind.out*"):
-        counts = re.findall(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
-        total = max([total, *map(int, counts)])
+        stop(proc)
+    total = instructions(out)
     deliveries = frames - args.messages  # (the acks are frames too, not deliveries)
     print(
         f"{args.members} members, {args.messages} messages in bursts of {args.burst}: "
