@@ -9,7 +9,8 @@ with an owner of its own.
 Writes cost no task switch: fan-out appends the shared frame bytes to
 ``out`` and marks the peer dirty; once per turn the server flushes every
 dirty peer with one non-blocking write of everything queued to the raw
-socket. Only a peer whose socket is full (a slow reader), a TLS peer (whose
+socket (for a ``direct`` peer the server makes that write itself, see
+``ChatServer._flush``). Only a peer whose socket is full (a slow reader), a TLS peer (whose
 bytes must go through the TLS layer) or a closing peer gets a writer task,
 which sends through the anyio stream from then on, so order is kept.
 """
@@ -67,7 +68,8 @@ class PeerOwner(Protocol):
         ...
 
     def queued(self, peer: Peer) -> None:
-        """``peer`` has bytes queued and was not dirty: flush it at the end of the turn."""
+        """``peer`` is about to queue bytes of its own (a pong, a close): put what the
+        owner holds for it in its queue first, and flush it at the end of the turn."""
         ...
 
     def flush_peer(self, peer: Peer) -> None:
@@ -222,13 +224,11 @@ class Peer:
 
     def queue(self, data: bytes) -> None:
         """Queue bytes that are not engine frames (101, ping, pong, close)."""
+        self.owner.queued(self)
         self.out.append(data)
         self.control += 1
         self.control_bytes += len(data)
         self.direct = False  # (``flush`` counts what is not an engine frame)
-        if not self.dirty:
-            self.dirty = True
-            self.owner.queued(self)
 
     def ping(self) -> None:
         if self.ws.state is ConnectionState.OPEN:
