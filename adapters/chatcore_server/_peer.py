@@ -9,7 +9,8 @@ with an owner of its own.
 Writes cost no task switch: fan-out appends the shared frame bytes to
 ``out`` and marks the peer dirty; once per turn the server flushes every
 dirty peer with one non-blocking write of everything queued to the raw
-socket. Only a peer whose socket is full (a slow reader), a TLS peer (whose
+socket (for a ``direct`` peer the server makes that write itself, see
+``ChatServer._flush``). Only a peer whose socket is full (a slow reader), a TLS peer (whose
 bytes must go through the TLS layer) or a closing peer gets a writer task,
 which sends through the anyio stream from then on, so order is kept.
 """
@@ -67,7 +68,8 @@ class PeerOwner(Protocol):
         ...
 
     def queued(self, peer: Peer) -> None:
-        """``peer`` has bytes queued and was not dirty: flush it at the end of the turn."""
+        """``peer`` is about to queue bytes of its own (a pong, a close): put what the
+        owner holds for it in its queue first, and flush it at the end of the turn."""
         ...
 
     def flush_peer(self, peer: Peer) -> None:
@@ -148,6 +150,7 @@ class Peer:
         "transport",
         "transport_fd",
         "buffered",
+        "direct",
         "paused",
         "timer",
         "finished",
@@ -208,6 +211,11 @@ class Peer:
         # adoption): ask it before writing past it. False once it said it holds
         # none and nothing went to it since: no need to ask on every flush.
         self.buffered = True
+        # The server may write this peer's queue itself (``ChatServer._flush``), with no
+        # call into it: an adopted transport that holds nothing of ours, whose socket is
+        # known, not closing, not paused, with only engine frames queued. Set only by
+        # ``flush`` (which checks all of that), cleared by everything that ends one of them.
+        self.direct = False
         self.paused = False  # the transport's buffer is above its high-water mark
         self.timer: asyncio.TimerHandle | None = None
         self.finished = False
@@ -216,12 +224,11 @@ class Peer:
 
     def queue(self, data: bytes) -> None:
         """Queue bytes that are not engine frames (101, ping, pong, close)."""
+        self.owner.queued(self)
         self.out.append(data)
         self.control += 1
         self.control_bytes += len(data)
-        if not self.dirty:
-            self.dirty = True
-            self.owner.queued(self)
+        self.direct = False  # (``flush`` counts what is not an engine frame)
 
     def ping(self) -> None:
         if self.ws.state is ConnectionState.OPEN:
@@ -236,6 +243,7 @@ class Peer:
         if self.closing:
             return
         self.closing = True
+        self.direct = False
         self.close_code = code
         if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             self.queue(self.ws.send(CloseConnection(code=code, reason=reason)))
@@ -251,6 +259,7 @@ class Peer:
         """The transport is gone: drop what is queued and stop."""
         self.closing = True
         self.aborted = True
+        self.direct = False
         self.out.clear()
         self.control = self.control_bytes = 0
         if self.transport is not None:
@@ -314,14 +323,14 @@ class Peer:
                 except OSError:
                     sent = 0
                 if sent < len(data):
-                    transport.write(data[sent:] if sent else data)
-                    self.buffered = True
+                    self.short_write(data, sent)
             else:
                 transport.write(data)
                 self.buffered = True
             self.tally.written += len(data)
             if self.closing and self.close_seen:
                 transport.close()
+            self.direct = not (self.buffered or self.closing or self.paused)
             return frames > 0 and not self.closing
         out = self.out
         if not out:
@@ -353,6 +362,14 @@ class Peer:
         nbytes += self.nbytes
         self.frames = self.nbytes = 0
         return frames > 0
+
+    def short_write(self, data: bytes, sent: int) -> None:
+        """A write straight to the socket took ``sent`` bytes of ``data``: the transport
+        takes the rest (and any error, as usual), and holds bytes of ours from now on."""
+        if self.transport is not None:
+            self.transport.write(data[sent:] if sent else data)
+        self.buffered = True
+        self.direct = False
 
     def start_writer(self) -> None:
         if not self.writer:
@@ -652,6 +669,7 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         peer = self.peer
+        peer.direct = False  # its socket is closed after this returns
         if peer.timer is not None:
             peer.timer.cancel()
         try:
@@ -664,6 +682,7 @@ class _Link(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.peer.paused = True
+        self.peer.direct = False
 
     def resume_writing(self) -> None:
         peer = self.peer

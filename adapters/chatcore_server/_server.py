@@ -17,7 +17,11 @@ is specific to sockets:
   the same bytes to every recipient's queue; once per event-loop iteration
   every peer with queued bytes gets one write, and the engine hears of all
   of them in one ``Drained`` (see ``_peer``); only a saturated process
-  holds that write back a little (see ``_saturation``);
+  holds that write back a little (see ``_saturation``). The first fan-out
+  of an iteration is held whole instead, and the flush writes it straight
+  to each recipient with nothing else queued (one message per flush, the
+  common case below saturation, costs no queue per recipient); anything
+  else queued to a peer first puts it in the queues, so order holds;
 * a failure while writing to one peer ends that peer alone (reset, logged
   with its traceback); the other peers of the same flush are written.
 
@@ -30,6 +34,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -227,6 +232,9 @@ class ChatServer(ChatControls):
         self._ws_running = 0
         # Peers with queued bytes, flushed once per turn (a read, a store batch, a tick).
         self.dirty: list[Peer] = []
+        # A fan-out not put in its recipients' queues yet: the flush writes it straight
+        # to every recipient that has nothing else queued (see ``deliver``).
+        self._fanout: tuple[tuple[int, ...], bytes] | None = None
         self._flushing = False
         # A queue this long is flushed at once, turn or not, to stay inside the outbox bound.
         self._high_water = max(1, self.config.outbox_frames // 4)
@@ -482,9 +490,27 @@ class ChatServer(ChatControls):
     # -- the host's transport: effects to peers ------------------------------------------
 
     def deliver(self, to: tuple[int, ...], text: str) -> None:
-        # The hot loop of fan-out: one frame, one append per recipient. The engine
-        # counts the frames; a flush works out what it wrote from the queue it took.
+        # One frame for all recipients. The first fan-out of a flush is kept whole: a
+        # recipient with nothing else queued gets it from the flush, written as is,
+        # with no queue of its own (one message per flush, below saturation). Anything
+        # else queued to a peer first puts that fan-out in the queues (``_spill``), so
+        # every peer's bytes keep their order.
         frame = text_frame(text.encode())
+        if self._fanout is None and len(to) > 1 and not self._flushing:
+            self._fanout = (to, frame)
+            return
+        self._spill()
+        self._queue(to, frame)
+
+    def _spill(self) -> None:
+        """The fan-out held for the flush goes into its recipients' queues."""
+        if (fanout := self._fanout) is not None:
+            self._fanout = None
+            self._queue(*fanout)
+
+    def _queue(self, to: tuple[int, ...], frame: bytes) -> None:
+        # The hot loop of fan-out: one append per recipient. The engine counts the
+        # frames; a flush works out what it wrote from the queue it took.
         get = self._peers.get
         mark = self.dirty.append
         high = self._high_water
@@ -502,6 +528,7 @@ class ChatServer(ChatControls):
                 self._pressure = True
 
     def close(self, conn: int, code: int, reason: str) -> None:
+        self._spill()  # (what was sent to it before goes out before the close frame)
         peer = self._peers.pop(conn, None)
         if peer is not None:
             peer.close(code, reason)
@@ -527,7 +554,7 @@ class ChatServer(ChatControls):
         Only a saturated process waits a little longer (``_saturation.flush_delay``),
         so that each peer's one write carries several iterations' messages.
         """
-        if self._flush_pending or not self.dirty:
+        if self._flush_pending or not (self.dirty or self._fanout):
             return
         self._flush_pending = True
         core, now = self._core, time.monotonic()
@@ -576,20 +603,72 @@ class ChatServer(ChatControls):
         self._pressure = False
         started = time.monotonic()
         try:
-            while self.dirty:
+            write = os.write
+            while self.dirty or self._fanout:
                 dirty, self.dirty = self.dirty, []
                 drained: list[int] = []
+                add = drained.append
                 lost: list[Peer] = []
+                written = 0
+                if (fanout := self._fanout) is not None:
+                    self._fanout = None
+                    to, frame = fanout
+                    size = len(frame)
+                    get = self._peers.get
+                    for conn in to:
+                        if (peer := get(conn)) is None:
+                            continue
+                        try:
+                            if peer.direct and not peer.out:
+                                try:
+                                    sent = write(peer.transport_fd, frame)
+                                except OSError:
+                                    sent = 0
+                                written += size
+                                if sent < size:
+                                    peer.short_write(frame, sent)
+                                add(conn)
+                                continue
+                        except Exception:
+                            log.exception(
+                                "internal error writing to conn=%d user=%s", peer.id, peer.user
+                            )
+                            peer.close_seen = True  # its state is not to be trusted
+                            lost.append(peer)
+                            continue
+                        # Something waits before it: queued after it, written below.
+                        peer.out.append(frame)
+                        if not peer.dirty:
+                            peer.dirty = True
+                            dirty.append(peer)
                 for peer in dirty:
                     try:
-                        if peer.flush(lost):
-                            drained.append(peer.id)
+                        if peer.direct:
+                            # ``Peer.flush``'s path to the socket, inline: once per
+                            # recipient of every flush (see ``Peer.direct``).
+                            peer.dirty = False
+                            out = peer.out
+                            if out:
+                                data = out[0] if len(out) == 1 else b"".join(out)
+                                peer.out = []
+                                try:
+                                    sent = write(peer.transport_fd, data)
+                                except OSError:
+                                    sent = 0
+                                size = len(data)
+                                written += size
+                                if sent < size:
+                                    peer.short_write(data, sent)
+                                add(peer.id)
+                        elif peer.flush(lost):
+                            add(peer.id)
                     except Exception:
                         log.exception(
                             "internal error writing to conn=%d user=%s", peer.id, peer.user
                         )
                         peer.close_seen = True  # its state is not to be trusted: read no more
                         lost.append(peer)
+                self._bytes.written += written
                 if drained:
                     self.engine_host.feed_or_log(Drained(conns=tuple(drained)))
                 for peer in lost:
@@ -612,7 +691,10 @@ class ChatServer(ChatControls):
         return self.engine_host.turn()
 
     def queued(self, peer: Peer) -> None:
-        self.dirty.append(peer)
+        self._spill()
+        if not peer.dirty:
+            peer.dirty = True
+            self.dirty.append(peer)
 
     def flush_now(self) -> None:
         self._flush()

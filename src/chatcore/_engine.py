@@ -479,12 +479,15 @@ class Engine:
 
     def _drained(self, conn_ids: tuple[ConnId, ...], out: list[Effect]) -> None:
         st = self._st
-        get = st.conns.get
-        for conn_id in conn_ids:
-            if (conn := get(conn_id)) is not None:
-                conn.frames = conn.nbytes = 0
-                if conn.catchup:
-                    _replay.pump(st, conn, out)
+        conns = st.conns
+        for conn_id in conn_ids:  # (once per recipient of every flush)
+            try:
+                conn = conns[conn_id]
+            except KeyError:
+                continue  # closed meanwhile
+            conn.frames = conn.nbytes = 0
+            if conn.catchup:
+                _replay.pump(st, conn, out)
 
     # -- the log's answers: each goes where it was asked from ----------------------------
 

@@ -96,6 +96,7 @@ def broadcast(
 ) -> None:
     """Fan one event out to the room's live connections: encoded once per mode.
 
+    ``skip_user`` (whose connections are passed by) is for ephemeral events only.
     Past half its outbox a connection is lagging: ephemeral events are
     dropped for it, and a chat message puts it behind (see ``_fall_behind``)
     rather than being queued, so that however many messages the room
@@ -103,6 +104,10 @@ def broadcast(
     """
     max_frames, max_bytes = st.soft_frames, st.soft_bytes
     overflow: list[Connection] = []
+    # For the loop, the connection passed by looks like a lagging one (its count at
+    # the bound, put back below): one test per member finds the recipients.
+    if skip is not None:
+        skip_frames, skip.frames = skip.frames, max_frames
     for conns, encode in ((room.conns, encode_json), (room.text_conns, encode_text)):
         if not conns:
             continue
@@ -112,18 +117,29 @@ def broadcast(
         size = len(data.encode())
         recipients: list[ConnId] = []
         add = recipients.append
-        # The hot loop of every chat message: a few attribute reads and adds per member.
-        for conn in conns.values():
-            if conn.frames < max_frames and conn.nbytes + size <= max_bytes:
-                if conn is skip or (skip_user is not None and conn.session.user == skip_user):
-                    continue
-                conn.frames += 1
-                conn.nbytes += size
-                add(conn.id)
-            elif not ephemeral and conn is not skip:
-                overflow.append(conn)
+        if skip_user is None:
+            # The hot loop of every chat message: a few attribute reads and adds per member.
+            for conn in conns.values():
+                if conn.frames < max_frames and (nbytes := conn.nbytes + size) <= max_bytes:
+                    conn.frames += 1
+                    conn.nbytes = nbytes
+                    add(conn.id)
+                elif not ephemeral and conn is not skip:
+                    overflow.append(conn)
+        else:  # (an ephemeral event: a lagging connection just goes without it)
+            for conn in conns.values():
+                if (
+                    conn.frames < max_frames
+                    and (nbytes := conn.nbytes + size) <= max_bytes
+                    and conn.session.user != skip_user
+                ):
+                    conn.frames += 1
+                    conn.nbytes = nbytes
+                    add(conn.id)
         if recipients:
             out.append(Deliver(to=tuple(recipients), event=event, data=data, size=size))
+    if skip is not None:
+        skip.frames = skip_frames
     if ephemeral:
         return
     offset = cast(Message, event).offset

@@ -8,6 +8,8 @@ from typing import Any
 import anyio
 import pytest
 
+from chatcore import Config
+
 from .conftest import JSON, recv, recv_until, serving, welcome, ws_connect
 
 pytestmark = pytest.mark.anyio
@@ -18,6 +20,27 @@ def send(room: str, text: str, cid: str | None = None) -> str:
     if cid is not None:
         frame["id"] = cid
     return json.dumps(frame)
+
+
+async def test_with_echo_each_sender_gets_its_ack_before_its_own_message() -> None:
+    """What the engine hands one connection in one step arrives in that order, even
+    when a flush writes a fan-out straight to the sockets: with ``echo`` the sender's
+    ack (its own frame) comes before the room's copy of its message (a fan-out)."""
+    async with (
+        serving(config=Config(echo=True)) as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
+        ws_connect(f"{srv.ws}?user=bob&room=general", **JSON) as bob,
+    ):
+        await welcome(alice)
+        await welcome(bob)
+        await recv_until(alice, lambda e: e.get("user") == "bob")
+        for i in range(5):
+            await alice.send(send("general", f"a{i}", f"id{i}"))
+            got = await recv_until(alice, lambda e, i=i: e.get("text") == f"a{i}")
+            assert [e["type"] for e in got] == ["ack", "message"], got
+            assert got[0]["offset"] == got[1]["offset"]
+        got = await recv_until(bob, lambda e: e.get("text") == "a4")
+        assert [e["text"] for e in got if e["type"] == "message"] == [f"a{i}" for i in range(5)]
 
 
 async def test_messages_reach_exactly_the_room_members_in_order() -> None:

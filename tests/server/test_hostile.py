@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -339,21 +340,29 @@ async def test_a_failure_writing_to_one_connection_drops_it_and_spares_the_rest(
 async def test_a_failure_flushing_one_connection_drops_it_and_spares_the_rest(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    flush = Peer.flush
+    # The bug is planted in the write itself, which every way of flushing a peer
+    # takes (``Peer.flush``, and the flush's own path straight to the socket).
+    write = os.write
+    victim_fds: set[int] = set()
 
-    def broken_for_victim(self: Peer, lost: list[Peer]) -> bool:
-        if self.user == "victim":
+    def broken_for_victim(fd: int, data: Any) -> int:
+        if fd in victim_fds:
             raise RuntimeError("planted bug")
-        return flush(self, lost)
+        return write(fd, data)
 
     # Sessions on both sides of the victim: all of them are flushed in the same loop.
     async with serving() as srv, sessions(srv, "before", 2) as before:
         async with ws_connect(f"{srv.ws}?user=victim&room=lobby", **JSON) as victim:
             await welcome(victim)
             async with sessions(srv, "after", 2) as after:
-                monkeypatch.setattr(Peer, "flush", broken_for_victim)
+                for peer in srv.server._peers.values():
+                    if peer.user == "victim":
+                        victim_fds.update(fd for fd in (peer.fd, peer.transport_fd) if fd >= 0)
+                assert victim_fds
+                monkeypatch.setattr(os, "write", broken_for_victim)
                 await all_hear(before + after, "still fine")
                 assert (await ended(victim)).rcvd is None  # the victim alone: a reset
+                victim_fds.clear()  # (closed: its number may come back for another socket)
                 await all_hear(after + before, "and again")
         await still_serving(srv)
     assert_logged(internal_errors(caplog), "planted bug")

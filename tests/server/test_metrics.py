@@ -58,6 +58,31 @@ def send(room: str, text: str) -> str:
     return json.dumps({"type": "send", "room": room, "text": text})
 
 
+async def test_written_bytes_count_every_frame_a_reader_got() -> None:
+    """However a peer's queue is written (through its transport, or by the flush
+    straight to its socket), ``chatcore_written_bytes_total`` counts the bytes."""
+    async with (
+        serving(config=Config(**UNLIMITED)) as srv,
+        ws_connect(f"{srv.ws}?user=alice&room=general", **JSON) as alice,
+        ws_connect(f"{srv.ws}?user=bob&room=general", **JSON) as bob,
+    ):
+        await welcome(alice)
+        await welcome(bob)
+        await recv_until(alice, lambda e: e.get("user") == "bob")
+        before = await scrape(srv.url)
+        got = 0
+        for i in range(10):
+            await alice.send(send("general", f"m{i} " + "x" * 200))
+            with anyio.fail_after(GUARD):
+                frame = await bob.recv()
+            assert json.loads(frame)["text"].startswith(f"m{i} ")
+            got += len(frame.encode()) + 4  # (a frame of 126-65,535 bytes: a 4-byte header)
+        after = await scrape(srv.url)
+    written = value(after, "chatcore_written_bytes_total")
+    # Alice's acks came on top of what bob got.
+    assert written - value(before, "chatcore_written_bytes_total") > got
+
+
 async def test_metrics_follow_messages_refusals_and_resumes() -> None:
     config = Config(grace_period=30, rate_burst=3, rate_per_second=0.01)
     async with (
