@@ -114,8 +114,10 @@ def start_server(
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        module = "chatcore_launch" if peer is None else f"peers.{peer}_server"
-        args = ["-m", f"benchmarks.{module}", "--port", str(port), *(["--db", db] if paced else [])]
+        if peer is None:
+            args = ["-m", "benchmarks.chatcore_launch", "--port", str(port), "--db", db]
+        else:
+            args = ["-m", f"benchmarks.peers.{peer}_server", "--port", str(port)]
     elif prefix:
         args = ["-c", _UNPACED, db]
     else:
