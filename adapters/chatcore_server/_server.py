@@ -17,9 +17,7 @@ is specific to sockets:
   the same bytes to every recipient's queue; once per event-loop iteration
   every peer with queued bytes gets one write, and the engine hears of all
   of them in one ``Drained`` (see ``_peer``); only a saturated process
-  holds that write back a little (see ``_saturation``), and never a connection's
-  set-up or tear-down: the 101 with its welcome, and the answer to a client's
-  close, are written at once (``_write_now``);
+  holds that write back a little (see ``_saturation``);
 * a failure while writing to one peer ends that peer alone (reset, logged
   with its traceback); the other peers of the same flush are written.
 
@@ -645,34 +643,6 @@ class ChatServer(ChatControls):
         peer.closing = True
         if self._peers.pop(peer.id, None) is not None:
             self.engine_host.feed(Disconnected(conn=peer.id, code=code))
-        self._write_now(peer)  # our close frame, then the socket is closed
-
-    def _write_now(self, peer: Peer) -> None:
-        """Write a callback-driven peer's queue now if the flush is being held back.
-
-        For a connection's set-up (its 101, welcome and member list) and tear-down
-        (the answer to its close): a saturated process holds the flush back so that
-        one write per peer carries several iterations' messages, but these are one
-        write per connection however long they wait. Waiting bought nothing and cost
-        every connect and close up to ``_saturation.MAX_DELAY``, and a timer's
-        wake-up of the loop: clients that open and close connections as fast as
-        they are answered left the loop idle while it waited, and the rule, seeing
-        it busy, kept waiting (benchmarks/README.md, "Churn").
-        """
-        if not peer.dirty or peer.transport is None or self._flushing:
-            return
-        if not self._core.saturated(time.monotonic()):
-            return  # the flush at the end of this iteration writes it, with the others
-        # Called inside a turn: written and off the dirty list before the turn ends, so a
-        # turn that queued nothing else schedules no flush (a held flush is a timer, and
-        # a wake-up of the loop for nothing).
-        dirty = self.dirty
-        for i in range(len(dirty) - 1, -1, -1):  # (it was queued last, or nearly)
-            if dirty[i] is peer:
-                del dirty[i]
-                break
-        if peer.flush([]):  # (a transport peer is never lost here: its errors go to it)
-            self.engine_host.feed_or_log(Drained(conns=(peer.id,)))
 
     def peer_refused(self, peer: Peer, code: int, reason: str) -> None:
         """The client broke a rule the transport enforces (size, UTF-8, binary)."""
@@ -951,9 +921,7 @@ class ChatServer(ChatControls):
         attach_transport(peer, transport)
         self._adopted.add(peer)
         try:
-            with self.engine_host.turn():  # (the turn ends once the peer is written)
-                self.engine_host.feed(checked.connect)
-                self._write_now(peer)  # the 101, welcome and member list: one write
+            self.engine_host.feed(checked.connect)
             if head.rest:
                 peer.feed(head.rest)
         except Exception:

@@ -203,33 +203,3 @@ async def test_an_upgraded_connection_reads_into_buffers_the_heap_can_hold(
         [peer] = srv.server._adopted
         assert peer.transport is not None
         assert getattr(peer.transport, "max_size", 0) <= 128 * 1024
-
-
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (trio has no door)
-async def test_a_saturated_server_answers_a_connect_and_a_close_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A saturated server holds its fan-out writes back (``_saturation``). A connection's
-    # 101 with its welcome, and the answer to its close, are one write each however
-    # long they wait, so they never wait: here the hold is made endless, and both
-    # must still come.
-    from chatcore_server import _server
-
-    class Saturated:
-        def due(self, wall: float) -> bool:
-            return False
-
-        def saturated(self, wall: float) -> bool:
-            return True
-
-    monkeypatch.setattr(_server, "flush_delay", lambda saturated, last_flush: 3600.0)
-    async with serving() as srv, await anyio.connect_tcp("127.0.0.1", srv.port) as stream:
-        srv.server._core = Saturated()  # type: ignore[assignment]
-        await stream.send(upgrade("user=eve&room=lobby", JSON_UPGRADE))
-        assert [e["type"] for e in texts(await frames_after(stream, 2))] == [
-            "welcome",
-            "members",
-        ]
-        await stream.send(client_frame(8, b"\x03\xe8"))
-        out = await read_all(stream)
-    assert server_frames(out) == [(8, b"\x03\xe8")]
