@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/churn_memory.py --cycles 2000 --db sqlite:///TMP/churn.db
     .venv/bin/python benchmarks/churn_memory.py --callgrind 400 [--code DIR | --peer websockets]
     .venv/bin/python benchmarks/churn_memory.py --callgrind-storm [--code DIR | --peer picows]
+    .venv/bin/python benchmarks/churn_memory.py --cycles 4000 --paced --pin [--peer websockets]
 
 Starts ``python -m chatcore_server serve --port 0``, connects 100 idle members
 to ``room0`` (they read everything sent to them), then runs connect+close
@@ -33,6 +34,13 @@ every 0.5 s covers ~500 cycles). ``--peer websockets`` counts a peer
 server's cycle the same way (it sends no welcome, member list or presence;
 its own keepalive pings stay on, one per member per 20 s).
 
+``--paced`` runs the benchmark's own server (``benchmarks.chatcore_launch``, every
+clock-paced thing on) instead of ``chatcore serve`` or ``_UNPACED``; ``--pin`` puts
+the server on core 0 and this client on core 1, as the benchmark does; ``--peer``
+runs a peer server; ``--in-flight N`` changes the 20 cycles in flight (1: nothing
+for the server's loop to batch). Without ``--callgrind`` the server's CPU time per
+cycle (user + system, ``/proc``) is printed with the rate.
+
 ``--callgrind-storm`` counts the join storm the same way (``benchmarks._storm``:
 1,000 clients into one room, 50 handshakes in flight): instrumentation is on
 from the first connect until the room is full and quiet, and the total is
@@ -57,7 +65,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._proc import rss_kib
+from benchmarks._proc import proc_cpu, rss_kib
 from benchmarks._wire import CHATCORE, Flavor, FrameCounter, close_all, open_many
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,21 +93,31 @@ anyio.run(main, backend="asyncio")
 
 
 def start_server(
-    db: str, prefix: tuple[str, ...] = (), peer: str | None = None, code: Path = ROOT
+    db: str,
+    prefix: tuple[str, ...] = (),
+    peer: str | None = None,
+    code: Path = ROOT,
+    *,
+    paced: bool = False,
+    pin: bool = False,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``chatcore serve`` on a free port; with a ``prefix`` (valgrind) the benchmark's
-    server without clock-paced work, or the benchmark's ``peer`` server module."""
+    server without clock-paced work (``paced``: with it, ``benchmarks.chatcore_launch``
+    exactly as the benchmark runs it), or the benchmark's ``peer`` server module."""
     env = dict(os.environ)
     path = [str(code / "src"), str(code / "adapters"), str(ROOT)]
     if env.get("PYTHONPATH"):
         path.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(path)
     env["PYTHONHASHSEED"] = "0"
-    if peer is not None:
+    if peer is not None or paced:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        args = ["-m", f"benchmarks.peers.{peer}_server", "--port", str(port)]
+        if peer is None:
+            args = ["-m", "benchmarks.chatcore_launch", "--port", str(port), "--db", db]
+        else:
+            args = ["-m", f"benchmarks.peers.{peer}_server", "--port", str(port)]
     elif prefix:
         args = ["-c", _UNPACED, db]
     else:
@@ -108,9 +126,18 @@ def start_server(
     proc = subprocess.Popen(
         [*prefix, sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
     )
+    if pin:  # the server on core 0, this client on core 1, as the benchmark runs them
+        os.sched_setaffinity(proc.pid, {0})
+        os.sched_setaffinity(0, {1})
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
-    if peer is not None:  # "listening on HOST:PORT"
+    if peer is not None or paced:  # "listening on HOST:PORT", said before it listens
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.connect(("127.0.0.1", port))
+                break
+            time.sleep(0.2)
         return proc, port
     # "chatcore is running: open http://127.0.0.1:PORT/ in a browser", or "open URL"
     url = line.split("open ", 1)[1].split()[0]
@@ -165,13 +192,13 @@ def drain(readers: list[FrameCounter]) -> None:
             reader.reply = b""
 
 
-def cycle_batch(port: int, first: int) -> tuple[int, int]:
-    """Connect IN_FLIGHT new users and close each at once; (cycles done, failures)."""
-    targets = [FLAVOR.target(f"churn{first + i}", ["room0"]) for i in range(IN_FLIGHT)]
+def cycle_batch(port: int, first: int, in_flight: int = IN_FLIGHT) -> tuple[int, int]:
+    """Connect ``in_flight`` new users and close each at once; (cycles done, failures)."""
+    targets = [FLAVOR.target(f"churn{first + i}", ["room0"]) for i in range(in_flight)]
     try:
         opened = open_many(port, targets, FLAVOR.subprotocol, timeout=5)
     except Exception:  # a refused or failed handshake counts, then go on
-        return 0, IN_FLIGHT
+        return 0, in_flight
     return close_all(opened, FLAVOR.after_open)
 
 
@@ -183,29 +210,40 @@ def connect_members(port: int, n: int) -> list[FrameCounter]:
     return members
 
 
-def run_cycles(port: int, members: list[FrameCounter], first: int, n: int) -> tuple[int, int]:
+def run_cycles(
+    port: int, members: list[FrameCounter], first: int, n: int, in_flight: int = IN_FLIGHT
+) -> tuple[int, int]:
     """``n`` cycles of new users from ``churn{first}`` on; (cycles done, failures)."""
     done = failures = 0
     while done + failures < n:
-        ok, failed = cycle_batch(port, first + done + failures)
+        ok, failed = cycle_batch(port, first + done + failures, in_flight)
         done += ok
         failures += failed
         drain(members)
     return done, failures
 
 
-def callgrind(db: str, n: int, members: int, peer: str | None, code: Path) -> None:
+def callgrind(
+    db: str,
+    n: int,
+    members: int,
+    peer: str | None,
+    code: Path,
+    *,
+    paced: bool = False,
+    in_flight: int = IN_FLIGHT,
+) -> None:
     """Instructions the server spends per connect+close cycle (see the docstring)."""
     out, prefix = callgrind_out("churn")
-    proc, port = start_server(db, prefix, peer, code)
+    proc, port = start_server(db, prefix, peer, code, paced=paced)
     try:
         readers = connect_members(port, members)
-        run_cycles(port, readers, 0, 200)
+        run_cycles(port, readers, 0, 200, in_flight)
         time.sleep(1.0)
         drain(readers)
         counting(proc.pid, True)
         t0 = time.monotonic()
-        done, failures = run_cycles(port, readers, 200, n)
+        done, failures = run_cycles(port, readers, 200, n, in_flight)
         wall = time.monotonic() - t0
         counting(proc.pid, False)
         for reader in readers:
@@ -253,8 +291,18 @@ def main() -> None:
     parser.add_argument(
         "--callgrind-storm", action="store_true", help="instructions per join of the join storm"
     )
+    parser.add_argument("--peer", help="a peer server instead (websockets, picows)")
     parser.add_argument(
-        "--peer", help="with --callgrind(-storm): a peer server instead (websockets, picows)"
+        "--paced",
+        action="store_true",
+        help="benchmarks.chatcore_launch as the benchmark runs it (with --callgrind: "
+        "heartbeat and presence frames on)",
+    )
+    parser.add_argument(
+        "--pin", action="store_true", help="server on core 0, this client on core 1"
+    )
+    parser.add_argument(
+        "--in-flight", type=int, default=IN_FLIGHT, help="with --callgrind: cycles in flight"
     )
     parser.add_argument(
         "--code", type=Path, help="run the src/ and adapters/ of DIR (git archive of a commit)"
@@ -263,12 +311,20 @@ def main() -> None:
     code = ROOT if args.code is None else args.code.resolve()
     db = args.db.replace("TMP", tempfile.gettempdir())
     if args.callgrind:
-        callgrind(db, args.callgrind, args.members, args.peer, code)
+        callgrind(
+            db,
+            args.callgrind,
+            args.members,
+            args.peer,
+            code,
+            paced=args.paced,
+            in_flight=args.in_flight,
+        )
         return
     if args.callgrind_storm:
         callgrind_storm(db, args.peer, code)
         return
-    proc, port = start_server(db, code=code)
+    proc, port = start_server(db, peer=args.peer, code=code, paced=args.paced, pin=args.pin)
     try:
         members = connect_members(port, args.members)
         n = failures = 0
@@ -281,7 +337,7 @@ def main() -> None:
         drain(members)
         start = rss_kib(proc.pid)
         print(f"after {n:,} warm-up cycles: RSS {start / 1024:.1f} MiB", flush=True)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), proc_cpu(proc.pid)
         cycles = 0
         while cycles < args.cycles:
             done, failed = cycle_batch(port, n)
@@ -291,14 +347,16 @@ def main() -> None:
             drain(members)
             if cycles % 1000 < IN_FLIGHT:
                 print(f"  {cycles:6,} cycles  RSS {rss_kib(proc.pid) / 1024:.1f} MiB", flush=True)
-        wall = time.monotonic() - t0
+        wall, cpu = time.monotonic() - t0, proc_cpu(proc.pid) - cpu0
         for _ in range(6):  # idle: nothing left to come due should hold departed users
             time.sleep(0.5)
             drain(members)
         end = rss_kib(proc.pid)
         print(
-            f"{cycles:,} distinct-user cycles in {wall:.1f} s ({cycles / wall:,.0f}/s), "
-            f"{failures} failures; RSS {start / 1024:.1f} -> {end / 1024:.1f} MiB "
+            f"{cycles:,} distinct-user cycles in {wall:.1f} s ({cycles / wall:,.0f}/s, "
+            f"server CPU {cpu / max(cycles, 1) * 1e3:.3f} ms a cycle, "
+            f"{cpu / wall:.0%} of a core), {failures} failures; "
+            f"RSS {start / 1024:.1f} -> {end / 1024:.1f} MiB "
             f"({(end - start) / 1024:+.2f} MiB, {(end - start) * 1024 / max(cycles, 1):+.0f} B "
             f"per departed user); goal: within 1 MiB"
         )

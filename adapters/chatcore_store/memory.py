@@ -241,9 +241,15 @@ class MemoryStore:
             effect, (Append, LoadHistory, LoadInbox, LoadHeads, StoreDeviceKeys, ClaimPrekeys)
         ):
             return failed(effect)
+        # Tried top to bottom: what every message and every session brings first.
         match effect:
             case Append():
                 return self._append(effect)
+            case LoadInbox():
+                return InboxLoaded(ref=effect.ref, rooms=self._inbox(effect))
+            case SavePositions():
+                self._save_positions(effect)
+                return None
             case LoadRoom():
                 room = self._room(effect.room)
                 return RoomLoaded(
@@ -263,8 +269,6 @@ class MemoryStore:
                 )
             case LoadHistory():
                 return HistoryLoaded(ref=effect.ref, messages=self._range(effect))
-            case LoadInbox():
-                return InboxLoaded(ref=effect.ref, rooms=self._inbox(effect))
             case SaveRoom():
                 room = self._room(effect.room)
                 room.private, room.allow = room_rule(
@@ -289,9 +293,6 @@ class MemoryStore:
                     gone = room.messages[i] = replace(room.messages[i], text="", deleted=True)
                     if gone.client_id is not None:
                         room.keys[gone.room, gone.sender, gone.client_id] = gone
-                return None
-            case SavePositions():
-                self._save_positions(effect)
                 return None
             case StoreDeviceKeys():
                 return self._store_keys(effect)

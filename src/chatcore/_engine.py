@@ -146,6 +146,8 @@ class Engine:
         out: list[Effect] = []
         st = self._st
         st.now = now
+        # The cases are tried top to bottom (a class pattern costs ~500 instructions when it
+        # fails), so the commands every message and every connection brings come first.
         match command:
             case Receive():
                 if (conn := st.conns.get(command.conn)) is not None:
@@ -159,6 +161,30 @@ class Engine:
                     # Its session is being claimed from another process: the frame
                     # waits, as a frame before the welcome does (and within its bound).
                     claiming[1].append(command.text)
+            case Written():
+                self._written(((command.conn, command.frames, command.nbytes),), out)
+            case WrittenMany():
+                self._written(command.reports, out)
+            case Drained():
+                self._drained(command.conns, out)
+            case Appended():
+                _messages.appended(st, command, out)
+            case Connect():
+                self._run_held(_lifecycle.connect(st, command, now, out), now, out)
+            case InboxLoaded():
+                if not _cluster.rechecked(st, command.ref, command.rooms, out):
+                    held = _lifecycle.inbox_loaded(st, command.ref, command.rooms, now, out)
+                    self._run_held(held, now, out)
+            case InboxFailed():
+                if not _cluster.rechecked(st, command.ref, (), out):
+                    held = _lifecycle.inbox_loaded(st, command.ref, (), now, out)
+                    self._run_held(held, now, out)
+            case Disconnected():
+                st.peers.claiming.pop(command.conn, None)
+                _lifecycle.disconnected(st, command, out)
+            case Pong():
+                if (conn := st.conns.get(command.conn)) is not None:
+                    conn.last_seen = now
             case (
                 Send()
                 | Join()
@@ -174,22 +200,6 @@ class Engine:
                 if (conn := st.conns.get(command.conn)) is not None:
                     conn.last_seen = now
                     self._request(conn.session, command, now, out)
-            case Written():
-                self._written(((command.conn, command.frames, command.nbytes),), out)
-            case WrittenMany():
-                self._written(command.reports, out)
-            case Drained():
-                self._drained(command.conns, out)
-            case Appended():
-                _messages.appended(st, command, out)
-            case Connect():
-                self._run_held(_lifecycle.connect(st, command, now, out), now, out)
-            case Disconnected():
-                st.peers.claiming.pop(command.conn, None)
-                _lifecycle.disconnected(st, command, out)
-            case Pong():
-                if (conn := st.conns.get(command.conn)) is not None:
-                    conn.last_seen = now
             case RoomLoaded():
                 self._room_loaded(command, now, out)
             case RoomLoadFailed():
@@ -200,14 +210,6 @@ class Engine:
                 _history.history_loaded(st, command, out)
             case HistoryFailed():
                 _history.history_failed(st, command, out)
-            case InboxLoaded():
-                if not _cluster.rechecked(st, command.ref, command.rooms, out):
-                    held = _lifecycle.inbox_loaded(st, command.ref, command.rooms, now, out)
-                    self._run_held(held, now, out)
-            case InboxFailed():
-                if not _cluster.rechecked(st, command.ref, (), out):
-                    held = _lifecycle.inbox_loaded(st, command.ref, (), now, out)
-                    self._run_held(held, now, out)
             case DeviceKeysStored():
                 _keys.stored(st, command, out)
             case PrekeysClaimed():

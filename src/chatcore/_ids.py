@@ -1,7 +1,8 @@
 """Where session ids and resume tokens come from.
 
 The engine draws no randomness of its own: it asks an :class:`IdSource`.
-Adapters pass :class:`RandomIds` fed by ``secrets.token_bytes``; tests pass
+Adapters pass :class:`RandomIds` fed by the OS's random bytes (the engine host
+draws them 4 KiB at a time: ``chatcore_host._entropy``); tests pass
 :class:`SeededIds`, which gives the same ids for the same seed.
 """
 
