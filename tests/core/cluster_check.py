@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
+
 from chatcore_sim import Cluster, SimClient
 
 __all__ = ["check_client", "check_cluster", "positions"]
@@ -92,3 +95,42 @@ def check_cluster(cluster: Cluster) -> None:
         for client in node.clients:
             if client.sim is node:
                 check_client(cluster, client)
+
+
+USERS = ["alice", "bob", "carol", "dave"]
+ROOMS = ["general", "tech"]
+
+
+class MovingUsers(RuleBasedStateMachine):
+    """Users who connect to any of three processes and move between them (resumed
+    elsewhere, or reconnected while the old link is still open): the rules the
+    move models share. A subclass starts ``cluster``, ``clients`` and ``every``."""
+
+    cluster: Cluster
+    clients: dict[str, SimClient]
+    every: list[SimClient]
+
+    @rule(
+        node=st.integers(0, 2),
+        user=st.sampled_from(USERS),
+        rooms=st.sets(st.sampled_from(ROOMS), min_size=1),
+    )
+    def connect(self, node: int, user: str, rooms: set[str]) -> None:
+        if user not in self.clients:
+            client = self.cluster.connect(node, user, rooms=sorted(rooms))
+            self.clients[user] = client
+            self.every.append(client)
+
+    @rule(user=st.sampled_from(USERS), node=st.integers(0, 2))
+    def drop_and_resume(self, user: str, node: int) -> None:
+        client = self.clients.get(user)
+        if client is not None and client.token is not None:
+            self.cluster.move(client, node)
+
+    @rule(user=st.sampled_from(USERS), node=st.integers(0, 2))
+    def reconnect_with_the_old_link_open(self, user: str, node: int) -> None:
+        client = self.clients.get(user)
+        if client is not None and client.token is not None and client.conn is not None:
+            twin = self.cluster.reconnect(client, node)
+            self.clients[user] = twin
+            self.every.append(twin)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from cluster_check import check_cluster, positions
+from cluster_check import ROOMS, USERS, MovingUsers, check_cluster, positions
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -31,8 +31,6 @@ from chatcore import Config
 from chatcore_sim import Cluster, Faults, SimClient
 
 PROBE = 4.0
-USERS = ["alice", "bob", "carol", "dave"]
-ROOMS = ["general", "tech"]
 
 
 class ClusterModel(RuleBasedStateMachine):
@@ -145,7 +143,7 @@ ClusterModel.TestCase.settings = settings(
 test_cluster_model = ClusterModel.TestCase
 
 
-class MoveModel(RuleBasedStateMachine):
+class MoveModel(MovingUsers):
     """Users who only move: each connects once, then drops, resumes on any process
     (a parked session claimed) or reconnects to any process while its old
     connection is still open there (a live session handed over), while the bus
@@ -178,31 +176,6 @@ class MoveModel(RuleBasedStateMachine):
         self.delay = delay
         self.clients: dict[str, SimClient] = {}
         self.every: list[SimClient] = []
-
-    @rule(
-        node=st.integers(0, 2),
-        user=st.sampled_from(USERS),
-        rooms=st.sets(st.sampled_from(ROOMS), min_size=1),
-    )
-    def connect(self, node: int, user: str, rooms: set[str]) -> None:
-        if user not in self.clients:
-            client = self.cluster.connect(node, user, rooms=sorted(rooms))
-            self.clients[user] = client
-            self.every.append(client)
-
-    @rule(user=st.sampled_from(USERS), node=st.integers(0, 2))
-    def drop_and_resume(self, user: str, node: int) -> None:
-        client = self.clients.get(user)
-        if client is not None and client.token is not None:
-            self.cluster.move(client, node)
-
-    @rule(user=st.sampled_from(USERS), node=st.integers(0, 2))
-    def reconnect_with_the_old_link_open(self, user: str, node: int) -> None:
-        client = self.clients.get(user)
-        if client is not None and client.token is not None and client.conn is not None:
-            twin = self.cluster.reconnect(client, node)
-            self.clients[user] = twin
-            self.every.append(twin)
 
     @rule(user=st.sampled_from(USERS))
     def drop(self, user: str) -> None:

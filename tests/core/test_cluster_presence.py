@@ -27,9 +27,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from cluster_check import ROOMS, USERS, MovingUsers
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import initialize, invariant, rule
 
 from chatcore import (
     Config,
@@ -411,11 +412,8 @@ def test_numbers_travel_and_an_older_process_reads_past_them() -> None:
 
 # -- the property: a node deaf to presence -------------------------------------------------------
 
-USERS = ["alice", "bob", "carol", "dave"]
-ROOMS = ["general", "tech"]
 
-
-class DeafPresenceModel(RuleBasedStateMachine):
+class DeafPresenceModel(MovingUsers):
     """centrifugo #1189 was a node that went deaf and never knew it; here every
     process is partly deaf to presence: the bus drops presence facts at random
     (and delays deliveries, so two publishers' facts reorder) while users
@@ -448,31 +446,6 @@ class DeafPresenceModel(RuleBasedStateMachine):
         self.clients: dict[str, SimClient] = {}
         self.every: list[SimClient] = []
         self.ended: set[str] = set()
-
-    @rule(
-        node=st.integers(0, 2),
-        user=st.sampled_from(USERS),
-        rooms=st.sets(st.sampled_from(ROOMS), min_size=1),
-    )
-    def connect(self, node: int, user: str, rooms: set[str]) -> None:
-        if user not in self.clients:
-            client = self.cluster.connect(node, user, rooms=sorted(rooms))
-            self.clients[user] = client
-            self.every.append(client)
-
-    @rule(user=st.sampled_from(USERS), node=st.integers(0, 2))
-    def drop_and_resume(self, user: str, node: int) -> None:
-        client = self.clients.get(user)
-        if client is not None and client.token is not None:
-            self.cluster.move(client, node)
-
-    @rule(user=st.sampled_from(USERS), node=st.integers(0, 2))
-    def reconnect_with_the_old_link_open(self, user: str, node: int) -> None:
-        client = self.clients.get(user)
-        if client is not None and client.token is not None and client.conn is not None:
-            twin = self.cluster.reconnect(client, node)
-            self.clients[user] = twin
-            self.every.append(twin)
 
     @rule(user=st.sampled_from(USERS))
     def leave_for_good(self, user: str) -> None:
