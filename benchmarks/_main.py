@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                     if "sustained" in run:
                         log(
                             f"  -> {name} {sc}: sustained {run['sustained']:,}/s, "
-                            f"{run.get('us_per_delivery')} us/delivery at 100k, "
+                            f"{run.get('us_per_delivery')} us/delivery at 100k "
+                            f"({run.get('sys_us_per_delivery')} in the kernel), "
                             f"p99 at 20k {run.get('p99_ms_20k')} ms, "
                             f"{run.get('rss_per_idle_conn_kib')} KiB/conn ({run['stop']}; "
                             f"{run['seconds']} s)"

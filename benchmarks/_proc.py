@@ -13,13 +13,22 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 def proc_cpu(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads), in seconds; zeros if it is gone.
+
+    The kernel's part (stime) is mostly the socket writes, which cost the same
+    whichever server makes them; the user part is the server's own code.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     # After the command name: state is field 3, utime 14 and stime 15 (1-based).
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def rss_kib(pid: int) -> int:
@@ -67,15 +76,22 @@ class CpuWatch:
         self.start_t = time.monotonic()
         self.start_busy = busy_seconds()
         self.start_steal = steal_ticks()
-        self.start = {name: proc_cpu(pid) for name, pid in pids.items()}
+        self.start_split = {name: proc_cpu_split(pid) for name, pid in pids.items()}
+        self.start = {name: sum(split) for name, split in self.start_split.items()}
 
     def stop(self) -> dict[str, float]:
-        """Seconds of CPU per watched process, ``others``, ``wall``, and ``steal<N>``:
-        seconds the hypervisor stole from core N (not counted in ``others``)."""
+        """Seconds of CPU per watched process (``<name>_sys``: of it, in the kernel),
+        ``others``, ``wall``, and ``steal<N>``: seconds the hypervisor stole from
+        core N (not counted in ``others``)."""
         wall = time.monotonic() - self.start_t
         busy = busy_seconds() - self.start_busy
-        used = {name: proc_cpu(pid) - self.start[name] for name, pid in self.pids.items()}
-        used["others"] = max(0.0, busy - sum(used.values()))
+        used: dict[str, float] = {}
+        for name, pid in self.pids.items():
+            user, system = proc_cpu_split(pid)
+            user0, system0 = self.start_split[name]
+            used[name] = user + system - user0 - system0
+            used[f"{name}_sys"] = system - system0
+        used["others"] = max(0.0, busy - sum(used[name] for name in self.pids))
         used["wall"] = wall
         for core, ticks in steal_ticks().items():
             used[f"steal{core}"] = (ticks - self.start_steal.get(core, ticks)) / TICK

@@ -220,6 +220,10 @@ def summarize(st: Step) -> dict[str, Any]:
         "samples": len(st.latencies_ns),
         "server_cpu_share": round(server_cpu / wall, 3),
         "server_us_per_delivery": round(server_cpu / deliveries * 1e6, 3) if deliveries else None,
+        # Of it, in the kernel (mostly the writes: the same cost whichever server makes them).
+        "server_sys_us_per_delivery": (
+            round(cpu.get("server_sys", 0.0) / deliveries * 1e6, 3) if deliveries else None
+        ),
         "generator_share": round(gen, 3),
         "counter_busy": round(st.counter_busy, 3),
         "others_share": round(others, 3),
@@ -285,6 +289,7 @@ def ladder_run(
         if cpu_steps:
             s = cpu_steps[-1]
             out["us_per_delivery"] = s["server_us_per_delivery"]
+            out["sys_us_per_delivery"] = s["server_sys_us_per_delivery"]
             out["us_per_delivery_sustained"] = s["passed"]
         lat_steps = [s for s in out["steps"] if s["offered"] == LATENCY_RATE]
         if lat_steps:

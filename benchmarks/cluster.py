@@ -202,7 +202,9 @@ def _step(
             result.update(watch[0].stop())
 
     st = load.step(rate, seconds, counters, marks)
-    result["server"] = sum(v for k, v in result.items() if k.startswith("server"))
+    result["server"] = sum(
+        v for k, v in result.items() if k.startswith("server") and not k.endswith("_sys")
+    )
     # Until the last delivery arrived (the drain included): CPU for every delivery made.
     result["server_to_end"] = sum(
         proc_cpu(s.pid) - watch[0].start[f"server{i}"] for i, s in enumerate(servers)
