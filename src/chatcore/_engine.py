@@ -20,7 +20,9 @@ below imports this one, and none imports a module that imports it back.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import filterfalse
 from typing import assert_never
 
 from . import (
@@ -366,7 +368,7 @@ class Engine:
         c = self._st.conns.get(conn)
         if c is None:
             raise LocalProtocolError(f"no open connection {conn!r}")
-        return c.frames, c.nbytes
+        return c.outbox()
 
     @property
     def connections(self) -> int:
@@ -472,24 +474,69 @@ class Engine:
         get = st.conns.get
         for conn_id, frames, nbytes in reports:
             if (conn := get(conn_id)) is not None:
-                left = conn.frames - frames
-                conn.frames = left if left > 0 else 0
-                left = conn.nbytes - nbytes
-                conn.nbytes = left if left > 0 else 0
+                ledger = conn.ledger
+                if ledger is None:
+                    left = conn.frames - frames
+                    conn.frames = left if left > 0 else 0
+                    left = conn.nbytes - nbytes
+                    conn.nbytes = left if left > 0 else 0
+                else:  # (its outbox is its own counts plus its ledger's, see Ledger)
+                    left = conn.frames + ledger.frames - frames
+                    conn.frames = (left if left > 0 else 0) - ledger.frames
+                    left = conn.nbytes + ledger.nbytes - nbytes
+                    conn.nbytes = (left if left > 0 else 0) - ledger.nbytes
+                    ledger.owing.add(conn_id)
                 if conn.catchup:
                     _replay.pump(st, conn, out)
 
     def _drained(self, conn_ids: tuple[ConnId, ...], out: list[Effect]) -> None:
         st = self._st
         conns = st.conns
-        for conn_id in conn_ids:  # (once per recipient of every flush)
-            try:
-                conn = conns[conn_id]
-            except KeyError:
+        rest: Iterable[ConnId] = conn_ids
+        if ledgers := st.ledgers:
+            # A ledger all of whose members are drained goes back to zero, with the own
+            # counts of those it owes (the others' are zero): a few C-level steps per
+            # member instead of a few bytecodes per recipient. The rest one by one.
+            if len(ledgers) == 1:
+                ledger = next(iter(ledgers))
+                done = [ledger] if ledger.drained_by(conn_ids) else []
+            else:
+                named = set(conn_ids)
+                done = [g for g in ledgers if g.ids <= named]
+            covered = 0
+            for ledger in done:
+                members = ledger.members
+                for conn_id in ledger.owing:
+                    member = members[conn_id]
+                    member.frames = member.nbytes = 0
+                ledger.owing.clear()
+                ledger.frames = ledger.nbytes = ledger.top_frames = ledger.top_bytes = 0
+                del ledgers[ledger]
+                covered += len(members)
+            if covered == len(conn_ids):
+                rest = ()  # (each id a member of one of them: none named twice, none else)
+            elif covered:
+                reset = done[0].ids if len(done) == 1 else set().union(*(g.ids for g in done))
+                rest = filterfalse(reset.__contains__, conn_ids)
+        for conn_id in rest:
+            if (conn := conns.get(conn_id)) is None:
                 continue  # closed meanwhile
-            conn.frames = conn.nbytes = 0
-            if conn.catchup:
-                _replay.pump(st, conn, out)
+            if (counted_by := conn.ledger) is None:
+                conn.frames = conn.nbytes = 0
+            else:
+                conn.frames = -counted_by.frames
+                conn.nbytes = -counted_by.nbytes
+                counted_by.owing.add(conn_id)
+        # Then the replays, in the order the adapter named the connections.
+        catching = st.catching
+        if catching and not catching.keys().isdisjoint(conn_ids):
+            for conn_id in conn_ids:
+                if (replaying := catching.get(conn_id)) is None:
+                    continue
+                if replaying.catchup and conns.get(conn_id) is replaying:
+                    _replay.pump(st, replaying, out)
+                if not replaying.catchup or conns.get(conn_id) is not replaying:
+                    st.catching.pop(conn_id, None)
 
     # -- the log's answers: each goes where it was asked from ----------------------------
 

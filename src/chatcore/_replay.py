@@ -24,12 +24,15 @@ __all__ = ["catchup_failed", "catchup_loaded", "pump"]
 
 def pump(st: EngineState, conn: Connection, out: list[Effect]) -> None:
     """Replay missed messages while the connection's outbox has room."""
+    if conn.catchup:
+        st.catching_up(conn)
     soft_frames, soft_bytes = st.soft_frames, st.soft_bytes
     for name in list(conn.catchup):
         room = st.rooms[name]
         catchup = conn.catchup[name]
         while True:
-            if conn.frames >= soft_frames or conn.nbytes >= soft_bytes:
+            frames, nbytes = conn.outbox()
+            if frames >= soft_frames or nbytes >= soft_bytes:
                 return  # also when the connection is closing: its outbox counts as full
             n = catchup.next
             if n > room.head + 1:

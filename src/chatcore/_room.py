@@ -14,7 +14,7 @@ from ._awaits import PendingSend
 from ._codec import encode_string, members_shell
 from ._commands import Mode
 from ._events import Members, Message
-from ._session import Connection
+from ._session import Connection, Ledger
 
 __all__ = ["Room"]
 
@@ -29,6 +29,10 @@ class Room:
         "window",
         "conns",
         "text_conns",
+        "counted",
+        "ledger",
+        "_ids",
+        "_where",
         "behind",
         "users",
         "_sorted",
@@ -71,6 +75,14 @@ class Room:
         # Live recipients (connections of members that are caught up), by mode.
         self.conns: dict[int, Connection] = {}
         self.text_conns: dict[int, Connection] = {}
+        # The live JSON connections' outboxes: those this room's ledger counts (its
+        # members), and the rest (counted by another room's ledger, or by none),
+        # which the fan-out counts one by one. See _session.Ledger.
+        self.ledger = Ledger()
+        self.counted: dict[int, Connection] = {}
+        # tuple(self.conns) until it changes, and each id's place in it.
+        self._ids: tuple[int, ...] | None = None
+        self._where: dict[int, int] | None = None
         # Connections that fell behind the live fan-out (their outbox filled): they
         # replay from the window as they write, and are given up once it moves past them.
         self.behind: dict[int, Connection] = {}
@@ -114,16 +126,52 @@ class Room:
         self.past: set[str] = set()
 
     def attach(self, conn: Connection) -> None:
-        (self.conns if conn.mode is Mode.JSON else self.text_conns)[conn.id] = conn
+        """Put ``conn`` on the live fan-out (again: nothing changes)."""
+        if conn.mode is not Mode.JSON:
+            self.text_conns[conn.id] = conn
+        elif conn.id not in self.conns:
+            self.conns[conn.id] = conn
+            self._ids = None
+            if conn.ledger is None:
+                self.ledger.join(conn)
+            else:
+                self.counted[conn.id] = conn
         if self.behind:
             self.behind.pop(conn.id, None)
 
     def detach(self, conn: Connection) -> None:
-        (self.conns if conn.mode is Mode.JSON else self.text_conns).pop(conn.id, None)
+        """Take ``conn`` off the live fan-out, and off the lists of those waiting."""
+        if conn.mode is not Mode.JSON:
+            self.text_conns.pop(conn.id, None)
+        elif self.conns.pop(conn.id, None) is not None:
+            self._ids = None
+            if conn.ledger is self.ledger:
+                self.ledger.leave(conn)
+            else:
+                del self.counted[conn.id]
         if self.behind:
             self.behind.pop(conn.id, None)
         if self.ahead:
             self.ahead.pop(conn.id, None)
+
+    def live_ids(self) -> tuple[int, ...]:
+        """The live JSON connections' ids, in the order they went live."""
+        ids = self._ids
+        if ids is None:
+            ids = self._ids = tuple(self.conns)
+            self._where = None
+        return ids
+
+    def live_without(self, conn_id: int) -> tuple[int, ...] | None:
+        """:meth:`live_ids` less ``conn_id``; None if it is not among them."""
+        ids = self.live_ids()
+        where = self._where
+        if where is None:
+            where = self._where = dict(zip(ids, range(len(ids)), strict=True))
+        i = where.get(conn_id)
+        if i is None:
+            return None
+        return ids[:i] + ids[i + 1 :]
 
     def window_start(self) -> int:
         """The lowest offset held in memory (head + 1 when none is)."""

@@ -222,6 +222,87 @@ class Catchup:
         self.lost_below = 0
 
 
+class Ledger:
+    """One room's live fan-out, counted once for all the members it counts.
+
+    A chat message to a room of N members would otherwise cost N increments of
+    N outbox counts, and the adapter's ``Drained`` N resets. Instead, a
+    broadcast that every member certainly has room for (``_outbox.broadcast``)
+    adds to the ledger once, and a ``Drained`` that covers every member
+    zeroes it once. A connection is counted by at most one ledger: that of
+    the first room whose live JSON fan-out it joined (``Room.attach``); in
+    its other rooms it is counted one by one (``Room.counted``). For every
+    open connection ``c`` (the exactness invariant):
+
+        outbox of c  ==  (c.frames, c.nbytes) + (c.ledger.frames, c.ledger.nbytes)
+
+    (the ledger's part being nothing when ``c.ledger`` is None). A member's own
+    counts may therefore be negative: one that joins a ledger, or is passed by
+    as a message's sender, is credited in advance what the ledger holds for
+    the others. Two more invariants keep the fast path and the reset sound:
+    every member's own counts are at most ``top_frames``/``top_bytes`` (an
+    upper bound, raised wherever own counts rise, made exact again by
+    ``_outbox``'s tightening); and every member whose own counts are not zero
+    is in ``owing`` (a member not in it has own counts of zero).
+    """
+
+    __slots__ = ("frames", "nbytes", "top_frames", "top_bytes", "members", "ids", "_order", "owing")
+
+    def __init__(self) -> None:
+        self.frames = 0  # handed to each member by broadcasts since the last reset
+        self.nbytes = 0
+        self.top_frames = 0  # at least every member's own frames
+        self.top_bytes = 0
+        self.members: dict[ConnId, Connection] = {}
+        self.ids: set[ConnId] = set()  # the members' ids, for a Drained to be held against
+        self._order: tuple[ConnId, ...] | None = None  # tuple(members), until they change
+        self.owing: set[ConnId] = set()
+
+    def owe(self, conn: Connection) -> None:
+        """A member's own counts went up: keep the bound and know to reset it."""
+        self.owing.add(conn.id)
+        self.top_frames = max(self.top_frames, conn.frames)
+        self.top_bytes = max(self.top_bytes, conn.nbytes)
+
+    def join(self, conn: Connection) -> None:
+        """``conn`` is counted here from now on: credited what the others were handed."""
+        conn.ledger = self
+        self.members[conn.id] = conn
+        self.ids.add(conn.id)
+        self._order = None
+        if self.frames or self.nbytes:
+            conn.frames -= self.frames
+            conn.nbytes -= self.nbytes
+        self.owe(conn)
+
+    def leave(self, conn: Connection) -> None:
+        """``conn`` is counted one by one from now on: its own counts take its share."""
+        conn.frames += self.frames
+        conn.nbytes += self.nbytes
+        conn.ledger = None
+        del self.members[conn.id]
+        self.ids.discard(conn.id)
+        self._order = None
+        self.owing.discard(conn.id)
+
+    def drained_by(self, conn_ids: tuple[ConnId, ...]) -> bool:
+        """Whether ``conn_ids`` names every member (and perhaps others)."""
+        order = self._order
+        if order is None:
+            order = self._order = tuple(self.members)
+        if conn_ids == order:
+            return True
+        # What a server that writes a fan-out before the queues it makes names: the
+        # members in the order they were handed it, the sender (its ack) last. Each
+        # comparison is one C loop over pointers; the general test below, two loops
+        # that hash (a set difference), costs several times more per member.
+        if len(conn_ids) == len(order) and (last := conn_ids[-1]) in self.ids:
+            i = order.index(last)
+            if conn_ids[:i] == order[:i] and conn_ids[i:-1] == order[i + 1 :]:
+                return True
+        return not self.ids.difference(conn_ids)
+
+
 class Connection:
     __slots__ = (
         "id",
@@ -229,6 +310,7 @@ class Connection:
         "mode",
         "frames",
         "nbytes",
+        "ledger",
         "last_seen",
         "ping_sent",
         "catchup",
@@ -239,14 +321,24 @@ class Connection:
         self.id = conn_id
         self.session = session
         self.mode = mode
-        self.frames = 0  # outbox: handed to the adapter, not yet reported written
+        # Outbox: handed to the adapter, not yet reported written, apart from what
+        # the ledger of its room counts for it (see Ledger and outbox()).
+        self.frames = 0
         self.nbytes = 0
+        self.ledger: Ledger | None = None
         self.last_seen = now
         self.ping_sent: float | None = None
         self.catchup: dict[str, Catchup] = {}
         # Set when the engine decided to close it during a step; the close itself
         # happens at the end of the step (see _outbox.close_later).
         self.closing = False
+
+    def outbox(self) -> tuple[int, int]:
+        """(frames, bytes) handed to the adapter and not yet reported written."""
+        ledger = self.ledger
+        if ledger is None:
+            return self.frames, self.nbytes
+        return self.frames + ledger.frames, self.nbytes + ledger.nbytes
 
 
 class Session:

@@ -19,7 +19,7 @@ from ._facts import Fact
 from ._ids import IdSource
 from ._peers import Peers
 from ._room import Room
-from ._session import Connection, Session, SessionState
+from ._session import Connection, Ledger, Session, SessionState
 from ._timers import Timers
 
 __all__ = ["Counters", "EngineState"]
@@ -90,6 +90,8 @@ class EngineState:
         "now",
         "soft_frames",
         "soft_bytes",
+        "ledgers",
+        "catching",
         "moderating",
         "calls",
         "counters",
@@ -114,12 +116,36 @@ class EngineState:
         # Past these a connection is lagging (see _outbox.broadcast).
         self.soft_frames = max(1, config.outbox_frames // 2)
         self.soft_bytes = max(1, config.outbox_bytes // 2)
+        # Ledgers a broadcast added to since their last reset: a ``Drained`` that
+        # covers all of one's members zeroes it at once (see _session.Ledger).
+        self.ledgers: dict[Ledger, None] = {}
+        # At least every open connection with a replay under way (``Connection.catchup``),
+        # so that a ``Drained`` finds them without asking every connection it names.
+        self.catching: dict[ConnId, Connection] = {}
         # Moderation of rooms whose load was asked before it and answered after it:
         # applied to the room when it arrives (``_moderation.room_arrived``).
         self.moderating: dict[str, list[Moderation]] = {}
         self.calls = Calls(config, self.ringable, online=self.online)  # see _signals
         self.counters = Counters()
         self.peers = Peers(config.cluster)  # see _cluster
+
+    def catching_up(self, conn: Connection) -> None:
+        """``conn`` has a replay under way: a ``Drained`` that names it pumps it.
+
+        Every place that starts a replay calls this (``_outbox._fall_behind``,
+        ``_replay.pump``, which the welcome calls at once), and the engine never
+        forgets one that is not over. Closed connections are swept out
+        once they outnumber the open ones, so the map holds no more than twice
+        the open connections.
+        """
+        catching = self.catching
+        if catching.get(conn.id) is not conn:
+            if len(catching) >= 2 * len(self.conns) + 16:
+                conns = self.conns
+                catching = self.catching = {
+                    i: c for i, c in catching.items() if c.catchup and conns.get(i) is c
+                }
+            catching[conn.id] = conn
 
     def share(self, room: str, fact: Fact, out: list[Effect]) -> None:
         """Tell the other processes holding ``room`` (only with ``Config.cluster``)."""
@@ -174,4 +200,5 @@ class EngineState:
     def forget_if_empty(self, room: Room) -> None:
         if not room.users and room.name not in self.wanted and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+            self.ledgers.pop(room.ledger, None)
             self.peers.touch_room(room.name)

@@ -38,6 +38,10 @@ receive. The invariant, checked after every step:
 Every run also starts with a reader that stops reading, is sent messages, drops
 with them unread and resumes: the session must replay exactly what it missed.
 
+Half the runs report writes as a server that knows when a queue is empty does,
+one ``Drained`` for all the readers it emptied, instead of a ``Written`` count
+per client (the outbox counts of a room's whole fan-out then reset at once).
+
 The model is exact when the store answers at once; with a slow store (a third
 of the runs) the stream, privacy, bound and retry checks still apply.
 """
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +58,17 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from chatcore import Close, Config, Deliver, Effect, Publish, SessionState, dm_room, dm_users
+from chatcore import (
+    Close,
+    Config,
+    Deliver,
+    Drained,
+    Effect,
+    Publish,
+    SessionState,
+    dm_room,
+    dm_users,
+)
 from chatcore_sim import SimClient, Simulation
 
 USERS = ["alice", "alice", "bob", "carol", "dave"]  # alice has two tabs
@@ -116,11 +131,28 @@ class MeasuredSimulation(Simulation):
     client's queue when a run of commands began, plus what arrived during it).
     """
 
-    def __init__(self, config: Config, *, seed: int, store_latency: float) -> None:
+    def __init__(
+        self, config: Config, *, seed: int, store_latency: float, drained: bool = False
+    ) -> None:
         super().__init__(config, seed=seed, store_latency=store_latency)
         self.peak: dict[SimClient, int] = {}
         self._window: dict[SimClient, int] = {}
         self._depth = 0
+        # Report writes as a server that knows when a queue is empty does: one
+        # ``Drained`` for every reader emptied, instead of a ``Written`` count each.
+        self.drained = drained
+
+    def _drain(self, clients: Iterable[SimClient]) -> None:
+        if not self.drained:
+            super()._drain(clients)
+            return
+        emptied = []
+        for client in clients:
+            if client.reading and client.conn is not None and client._unread:
+                client._read_all()
+                emptied.append(client.conn)
+        if emptied:
+            self._queue.append(Drained(conns=tuple(emptied)))
 
     def _settle(self) -> None:
         self._enter()
@@ -571,6 +603,7 @@ class ChatModel(RuleBasedStateMachine):
 
     @initialize(
         latency=st.sampled_from([0.0, 0.0, 0.7]),
+        drained=st.booleans(),
         seed=st.integers(0, 2**16),
         wanted=st.lists(
             st.lists(rooms, max_size=3, unique=True), min_size=len(USERS), max_size=len(USERS)
@@ -579,9 +612,15 @@ class ChatModel(RuleBasedStateMachine):
         unread=st.integers(1, 6),
     )
     def setup(
-        self, latency: float, seed: int, wanted: list[list[str]], unread_slot: int, unread: int
+        self,
+        latency: float,
+        drained: bool,
+        seed: int,
+        wanted: list[list[str]],
+        unread_slot: int,
+        unread: int,
     ) -> None:
-        self.sim = MeasuredSimulation(CONFIG, seed=seed, store_latency=latency)
+        self.sim = MeasuredSimulation(CONFIG, seed=seed, store_latency=latency, drained=drained)
         self.model = Model(self.sim) if latency == 0 else None
         self.sim.create_room("staff", allow=STAFF)
         # Everyone starts connected, so that every step has someone to act on.

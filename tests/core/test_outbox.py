@@ -19,6 +19,7 @@ from chatcore import (
     Config,
     Connect,
     Deliver,
+    Disconnected,
     Drained,
     Effect,
     Engine,
@@ -48,6 +49,8 @@ class Adapter:
         self.appends: list[Append] = []
         self.offset = 0
         self.most = (0, 0)  # the fullest outbox seen: frames, bytes
+        self.queued: dict[int, list[int]] = {}  # sizes handed and not yet written
+        self.delivers: list[Deliver] = []
 
     def do(self, command: Any) -> None:
         self.run(self.engine.handle(command, NOW))
@@ -55,9 +58,11 @@ class Adapter:
     def run(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Deliver):
+                self.delivers.append(effect)
                 for conn in effect.to:
                     self.frames.setdefault(conn, []).append(json.loads(effect.data))
                     self.unwritten.add(conn)
+                    self.queued.setdefault(conn, []).append(effect.size)
             elif isinstance(effect, Close):
                 self.closed[effect.conn] = (effect.code, effect.reason)
             elif isinstance(effect, Append):
@@ -91,7 +96,15 @@ class Adapter:
         """Flush every socket but the stalled ones, as often as there is more to write."""
         while ready := tuple(sorted(self.unwritten - stalled - self.closed.keys())):
             self.unwritten -= set(ready)
+            for conn in ready:
+                self.queued[conn] = []
             self.do(Drained(conns=ready))
+
+    def check_outboxes(self) -> None:
+        """The engine counts for every open connection exactly what it holds unwritten."""
+        for conn, sizes in self.queued.items():
+            if conn not in self.closed:
+                assert self.engine.outbox(conn) == (len(sizes), sum(sizes)), conn
 
     def messages(self, conn: int) -> list[dict[str, Any]]:
         return [f for f in self.frames.get(conn, []) if f["type"] == "message"]
@@ -158,3 +171,100 @@ def test_a_reader_that_stops_is_closed_once_the_window_has_moved_past_it() -> No
     assert [m["offset"] for m in a.messages(2)] == list(range(1, sent + 1))
     assert a.most[1] <= config.outbox_bytes
     assert a.engine.stats()["connections"] == 2
+
+
+def test_in_a_busy_room_a_reader_who_lags_catches_up_and_one_who_stops_is_closed() -> None:
+    """One fan-out to the whole room while everyone keeps up; a lagging reader leaves
+    it, replays, and comes back to it; a stopped one is given up; nobody else notices."""
+    config = Config(
+        outbox_frames=16,  # past 8 frames a reader lags
+        history_window=40,
+        rate_burst=10_000,
+        rate_per_second=10_000.0,
+        request_burst=10_000,
+        request_per_second=10_000.0,
+    )
+    a = Adapter(config)
+    members = range(1, 31)
+    lagging, stuck = 29, 30
+    for conn in members:
+        a.do(Connect(conn=conn, user=f"u{conn}", rooms=("busy",)))
+    a.write()
+    sent = 0
+
+    def send(stalled: frozenset[int], burst: int = 1) -> None:
+        nonlocal sent
+        for _ in range(burst):
+            sent += 1
+            a.do(Send(conn=1 + sent % 4, room="busy", text=f"m{sent} " + "z" * 50))
+        a.commit()
+        a.write(stalled=stalled)
+        a.check_outboxes()
+
+    for _ in range(10):  # everyone reads
+        send(frozenset())
+    for _ in range(15):  # the lagging one stops a while (and falls behind), the stuck one for good
+        send(frozenset({lagging, stuck}), burst=2)
+    assert stuck not in a.closed
+    assert lagging not in a.closed
+    for _ in range(40):  # the lagging one reads again: it replays and goes live again
+        send(frozenset({stuck}))
+    assert a.closed == {stuck: (1013, "slow consumer")}
+    # It did fall behind: some messages were handed to it alone, from the window.
+    assert any(isinstance(d.event, Message) and d.to == (lagging,) for d in a.delivers)
+    # The last message went out as one fan-out to the whole room, the lagging reader in it.
+    last = [d for d in a.delivers if isinstance(d.event, Message) and d.event.offset == sent]
+    assert len(last) == 1
+    assert set(last[0].to) == set(members) - {stuck, 1 + sent % 4}
+    for conn in members:
+        if conn == stuck:
+            continue
+        got = [m["offset"] for m in a.messages(conn)]
+        own = [f["offset"] for f in a.frames[conn] if f["type"] == "ack"]
+        # Every message once, in order: its own as acks in their places.
+        assert sorted(got + own) == list(range(1, sent + 1)), conn
+        stream = [f["offset"] for f in a.frames[conn] if f["type"] in ("message", "ack")]
+        assert stream == list(range(1, sent + 1)), conn
+    got = [m["offset"] for m in a.messages(stuck)]
+    assert got == list(range(1, len(got) + 1))  # what it was handed: in order, from the start
+    assert a.most[0] <= config.outbox_frames
+
+
+def test_readers_closed_while_replaying_are_not_remembered() -> None:
+    """Connections that fall behind and then go (closed as slow, or dropped) leave no
+    trace in what the engine keeps to find replays (``EngineState.catching``)."""
+    config = Config(
+        outbox_frames=4,
+        history_window=5,
+        rate_burst=10_000,
+        rate_per_second=10_000.0,
+        request_burst=10_000,
+        request_per_second=10_000.0,
+    )
+    a = Adapter(config)
+    a.do(Connect(conn=1, user="talker", rooms=("r",)))
+    a.write()
+    conn = 1
+    for round in range(40):
+        readers = [conn + 1, conn + 2]
+        conn += 2
+        for reader in readers:
+            a.do(Connect(conn=reader, user=f"r{reader}", rooms=("r",)))
+        a.write()
+        for i in range(4):  # they stop reading: past 2 frames they fall behind
+            a.do(Send(conn=1, room="r", text=f"{round}.{i}"))
+            a.commit()
+            a.write(stalled=frozenset(readers))
+        if round % 2:
+            for reader in readers:
+                a.closed[reader] = (1006, "gone")
+                a.do(Disconnected(conn=reader))
+        else:
+            for i in range(6):  # the window passes them: closed as slow
+                a.do(Send(conn=1, room="r", text=f"{round}.{i}"))
+                a.commit()
+                a.write(stalled=frozenset(readers))
+            assert set(readers) <= a.closed.keys()
+        a.check_outboxes()
+    # The test reaches in on purpose: this map must not grow with connections gone.
+    assert len(a.engine._st.catching) <= 2 * a.engine.connections + 16
