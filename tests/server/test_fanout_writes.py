@@ -24,6 +24,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -289,3 +290,26 @@ async def test_a_socket_number_taken_over_by_a_new_connection_gets_nothing_meant
             await say(sender, "next")
             got = await recv_until(newcomer, lambda e: e.get("type") in ("message", "stray"))
             assert got[-1].get("text") == "next", got[-1]
+
+
+def frame_size(text: str) -> int:
+    """Bytes of the unmasked server frame that carries ``text``."""
+    n = len(text.encode())
+    return n + (2 if n < 126 else 4 if n < 65536 else 10)
+
+
+async def test_the_bytes_written_count_every_byte_each_member_and_the_sender_got() -> None:
+    config = replace(UNLIMITED, ping_interval=1e6)
+    async with (
+        serving(config=config) as srv,
+        room(srv, ping_interval=None) as (sender, members),
+    ):
+        before = srv.server.transport_tally().bytes_written
+        got = 0
+        for text in TEXTS:
+            await sender.send(json.dumps({"type": "send", "room": "lobby", "text": text}))
+            with anyio.fail_after(GUARD):
+                got += frame_size(await sender.recv())  # its ack
+                for member in members:
+                    got += frame_size(await member.recv())
+        assert srv.server.transport_tally().bytes_written - before == got
