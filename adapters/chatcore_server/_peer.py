@@ -10,8 +10,8 @@ Writes cost no task switch: fan-out appends the shared frame bytes to
 ``out`` and marks the peer dirty; once per turn the server flushes every
 dirty peer with one non-blocking write of everything queued to the raw
 socket (for a ``direct`` peer the server makes that write itself, see
-``ChatServer._flush``; a ``direct`` peer with nothing queued is in the
-owner's ``ready``, so a fan-out reaches it with no call into it at all).
+``ChatServer._flush``; a ``direct`` peer is in its owner's ``ready``, so
+that a fan-out can reach it with no call into it at all).
 Only a peer whose socket is full (a slow reader), a TLS peer (whose bytes
 must go through the TLS layer) or a closing peer gets a writer task, which
 sends through the anyio stream from then on, so order is kept.
@@ -221,10 +221,9 @@ class Peer:
         # ``flush`` (which checks all of that), cleared by everything that ends one of them
         # (through ``end_direct``).
         self.direct = False
-        # The owner's peers that can take a frame straight away, id -> socket descriptor:
-        # this one is in it while it is ``direct``, unless the owner queued bytes to it
-        # (the owner takes it out then, and puts it back once it wrote them). The owner
-        # writes a fan-out to them with no call into any peer (``ChatServer._flush``).
+        # The owner's ``direct`` peers, id -> socket descriptor: this one is in it exactly
+        # while it is ``direct``. The owner writes a fan-out to those of them with nothing
+        # queued with no call into any peer (``ChatServer._flush``).
         self.ready = ready if ready is not None else {}
         self.paused = False  # the transport's buffer is above its high-water mark
         self.timer: asyncio.TimerHandle | None = None

@@ -238,8 +238,8 @@ class ChatServer(ChatControls):
         # A fan-out not put in its recipients' queues yet: the flush writes it straight
         # to every recipient that has nothing else queued (see ``deliver``).
         self._fanout: tuple[tuple[int, ...], bytes] | None = None
-        # The peers that can take a frame straight away (``direct``, nothing queued),
-        # id -> socket descriptor: the held fan-out goes to them from C-level loops.
+        # The ``direct`` peers, id -> socket descriptor (kept by each peer, see
+        # ``Peer.end_direct``): the held fan-out goes to them from C-level loops.
         self._ready: dict[int, int] = {}
         self._flushing = False
         # A queue this long is flushed at once, turn or not, to stay inside the outbox bound.
@@ -519,7 +519,6 @@ class ChatServer(ChatControls):
         # frames; a flush works out what it wrote from the queue it took.
         get = self._peers.get
         mark = self.dirty.append
-        unready = self._ready.pop
         high = self._high_water
         for conn in to:
             peer = get(conn)
@@ -530,7 +529,6 @@ class ChatServer(ChatControls):
             if not peer.dirty:
                 peer.dirty = True
                 mark(peer)
-                unready(conn, None)  # (back once the flush wrote its queue)
             elif len(out) >= high and not (peer.paused or peer.writer):
                 # (A blocked peer cannot take more now: flushing early won't help.)
                 self._pressure = True
@@ -623,12 +621,23 @@ class ChatServer(ChatControls):
                 if (fanout := self._fanout) is not None:
                     self._fanout = None
                     to, frame = fanout
-                    try:
-                        # Each recipient's socket if every one can take the frame straight
-                        # away, else KeyError. (A held fan-out has two recipients or more:
-                        # ``itemgetter`` gives a tuple.)
-                        fds = itemgetter(*to)(ready)
-                    except KeyError:
+                    # The recipients' sockets, if every one can take the frame straight
+                    # away: ``direct`` (in ``ready``) with nothing queued (a ``direct``
+                    # peer with bytes queued is ``dirty``: out of ``ready`` meanwhile).
+                    # Once as many peers are dirty as there are recipients (a burst,
+                    # whose fan-outs went into the queues), the loop costs less.
+                    fds = None
+                    if len(dirty) < len(to):
+                        for peer in dirty:
+                            ready.pop(peer.id, None)
+                        try:  # (a held fan-out has two recipients or more: a tuple)
+                            fds = itemgetter(*to)(ready)
+                        except KeyError:  # one cannot
+                            fds = None
+                        for peer in dirty:
+                            if peer.direct:
+                                ready[peer.id] = peer.transport_fd
+                    if fds is None:
                         written = self._fan_out_each(to, frame, dirty, drained, lost)
                     else:
                         # The common case below saturation: no bytecode per recipient.
@@ -655,8 +664,6 @@ class ChatServer(ChatControls):
                                 written += size
                                 if sent < size:
                                     peer.short_write(data, sent)
-                                else:
-                                    ready[peer.id] = peer.transport_fd  # nothing queued now
                                 add(peer.id)
                         elif peer.flush(lost):
                             add(peer.id)
@@ -714,7 +721,6 @@ class ChatServer(ChatControls):
             if not peer.dirty:
                 peer.dirty = True
                 dirty.append(peer)
-                self._ready.pop(conn, None)
         return written
 
     def _not_whole(

@@ -313,3 +313,23 @@ async def test_the_bytes_written_count_every_byte_each_member_and_the_sender_got
                 for member in members:
                     got += frame_size(await member.recv())
         assert srv.server.transport_tally().bytes_written - before == got
+
+
+async def test_a_reply_queued_to_a_member_goes_out_before_a_fan_out_that_follows_it() -> None:
+    # One read each, in one loop iteration: a member's refused request (its error is
+    # queued to it) and then the sender's message (its fan-out held for the flush,
+    # which must not write it straight to that member, past the error).
+    async with serving(config=UNLIMITED) as srv, room(srv) as (sender, members):
+        asker = members[int(MIDDLE[1:])]
+        refused = {"type": "send", "room": "nowhere", "text": "?", "id": "refused"}
+        await send_raw(asker, masked_frame(1, json.dumps(refused).encode()))
+        await send_raw(sender, masked_frame(1, json.dumps(send_to_lobby("after")).encode()))
+        got = await recv_until(asker, lambda e: e.get("text") == "after")
+        assert [e["type"] for e in got] == ["error", "message"], got
+        for member in members:
+            if member is not asker:
+                assert await heard(member, "after") == ["after"]
+
+
+def send_to_lobby(text: str) -> dict[str, str]:
+    return {"type": "send", "room": "lobby", "text": text}
