@@ -189,6 +189,22 @@ async def test_a_member_whose_socket_is_full_mid_fan_out_gets_it_later_the_other
             assert await heard(member, TEXTS[-1]) == TEXTS  # each once, in order
 
 
+async def test_a_member_that_just_sent_is_written_with_the_others_and_its_trouble_is_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its ack was queued to it (it was set aside for that flush): the next fan-out
+    # finds it among the peers the C-level loop writes to.
+    async with serving(config=UNLIMITED) as srv, room(srv) as (sender, members):
+        middle = members[int(MIDDLE[1:])]
+        await say(middle, "mine")
+        with planted(monkeypatch, socket_of(srv, MIDDLE), b"theirs", full) as met:
+            await say(sender, "theirs")
+        assert met == ["_write_all"]
+        for member in members:
+            expected = ["theirs"] if member is middle else ["mine", "theirs"]
+            assert await heard(member, "theirs") == expected
+
+
 async def test_a_member_whose_socket_takes_part_of_a_frame_gets_the_rest_in_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -221,7 +237,9 @@ async def test_a_member_whose_socket_is_reset_mid_fan_out_is_dropped_alone(
 
 async def test_a_member_that_stops_reading_gets_everything_later_the_others_as_it_comes() -> None:
     # A real full socket: the middle member reads nothing while the room talks (its
-    # kernel buffers hold a few KB), then reads it all.
+    # kernel buffers hold a few KB), then reads it all. Halfway it asks something that
+    # is refused, in the same loop iteration as a message comes: its error goes out
+    # after what waited for it and before that message, however later ones are written.
     total, size = 40, 16_000
     texts = [f"{i:03d}:" + "x" * size for i in range(total)]
     async with serving(config=UNLIMITED) as srv, AsyncExitStack() as stack:
@@ -243,14 +261,23 @@ async def test_a_member_that_stops_reading_gets_everything_later_the_others_as_i
         stalled = members[int(MIDDLE[1:])]
         stalled.transport.pause_reading()
         await say(sender, "warm-up")
-        for text in texts:
-            await say(sender, text)
+        for i, text in enumerate(texts):
+            if i == total // 2:
+                refused = {"type": "send", "room": "nowhere", "text": "?", "id": "refused"}
+                await send_raw(stalled, masked_frame(1, json.dumps(refused).encode()))
+                message = {**send_to_lobby(text), "id": text[:16]}
+                await send_raw(sender, masked_frame(1, json.dumps(message).encode()))
+                await recv_until(sender, lambda e, ref=text[:16]: e.get("id") == ref)
+            else:
+                await say(sender, text)
             for member in members:
                 if member is not stalled:
                     assert (await heard(member, text))[-1] == text
         stalled.transport.resume_reading()
-        got = await heard(stalled, texts[-1])
-        assert got == ["warm-up", *texts]
+        got = await recv_until(stalled, lambda e: e.get("text") == texts[-1])
+        seen = [e["text"] if e["type"] == "message" else e["type"] for e in got]
+        seen = [x for x in seen if x not in ("joined", "presence")]
+        assert seen == ["warm-up", *texts[: total // 2], "error", *texts[total // 2 :]]
 
 
 async def test_messages_sent_in_one_write_reach_every_member_in_the_order_sent() -> None:
