@@ -10,9 +10,11 @@ Writes cost no task switch: fan-out appends the shared frame bytes to
 ``out`` and marks the peer dirty; once per turn the server flushes every
 dirty peer with one non-blocking write of everything queued to the raw
 socket (for a ``direct`` peer the server makes that write itself, see
-``ChatServer._flush``). Only a peer whose socket is full (a slow reader), a TLS peer (whose
-bytes must go through the TLS layer) or a closing peer gets a writer task,
-which sends through the anyio stream from then on, so order is kept.
+``ChatServer._flush``; a ``direct`` peer is in its owner's ``ready``, so
+that a fan-out can reach it with no call into it at all).
+Only a peer whose socket is full (a slow reader), a TLS peer (whose bytes
+must go through the TLS layer) or a closing peer gets a writer task, which
+sends through the anyio stream from then on, so order is kept.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ class Peer:
         "transport_fd",
         "buffered",
         "direct",
+        "ready",
         "paused",
         "timer",
         "finished",
@@ -169,6 +172,7 @@ class Peer:
         bound: MessageBound,
         close_timeout: float,
         tally: ByteTally | None = None,
+        ready: dict[int, int] | None = None,
     ) -> None:
         self.tally = tally if tally is not None else ByteTally()
         self.id = conn
@@ -214,8 +218,13 @@ class Peer:
         # The server may write this peer's queue itself (``ChatServer._flush``), with no
         # call into it: an adopted transport that holds nothing of ours, whose socket is
         # known, not closing, not paused, with only engine frames queued. Set only by
-        # ``flush`` (which checks all of that), cleared by everything that ends one of them.
+        # ``flush`` (which checks all of that), cleared by everything that ends one of them
+        # (through ``end_direct``).
         self.direct = False
+        # The owner's ``direct`` peers, id -> socket descriptor: this one is in it exactly
+        # while it is ``direct``. The owner writes a fan-out to those of them with nothing
+        # queued with no call into any peer (``ChatServer._flush``).
+        self.ready = ready if ready is not None else {}
         self.paused = False  # the transport's buffer is above its high-water mark
         self.timer: asyncio.TimerHandle | None = None
         self.finished = False
@@ -228,7 +237,7 @@ class Peer:
         self.out.append(data)
         self.control += 1
         self.control_bytes += len(data)
-        self.direct = False  # (``flush`` counts what is not an engine frame)
+        self.end_direct()  # (``flush`` counts what is not an engine frame)
 
     def ping(self) -> None:
         if self.ws.state is ConnectionState.OPEN:
@@ -243,7 +252,7 @@ class Peer:
         if self.closing:
             return
         self.closing = True
-        self.direct = False
+        self.end_direct()
         self.close_code = code
         if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             self.queue(self.ws.send(CloseConnection(code=code, reason=reason)))
@@ -259,7 +268,7 @@ class Peer:
         """The transport is gone: drop what is queued and stop."""
         self.closing = True
         self.aborted = True
-        self.direct = False
+        self.end_direct()
         self.out.clear()
         self.control = self.control_bytes = 0
         if self.transport is not None:
@@ -330,7 +339,11 @@ class Peer:
             self.tally.written += len(data)
             if self.closing and self.close_seen:
                 transport.close()
-            self.direct = not (self.buffered or self.closing or self.paused)
+            if self.buffered or self.closing or self.paused:
+                self.end_direct()
+            else:
+                self.direct = True
+                self.ready[self.id] = fd
             return frames > 0 and not self.closing
         out = self.out
         if not out:
@@ -369,7 +382,12 @@ class Peer:
         if self.transport is not None:
             self.transport.write(data[sent:] if sent else data)
         self.buffered = True
+        self.end_direct()
+
+    def end_direct(self) -> None:
+        """Every write goes through ``flush`` from now on (see ``direct``)."""
         self.direct = False
+        self.ready.pop(self.id, None)
 
     def start_writer(self) -> None:
         if not self.writer:
@@ -669,7 +687,7 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         peer = self.peer
-        peer.direct = False  # its socket is closed after this returns
+        peer.end_direct()  # its socket is closed after this returns
         if peer.timer is not None:
             peer.timer.cancel()
         try:
@@ -682,7 +700,7 @@ class _Link(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.peer.paused = True
-        self.peer.direct = False
+        self.peer.end_direct()
 
     def resume_writing(self) -> None:
         peer = self.peer

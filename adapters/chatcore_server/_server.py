@@ -20,8 +20,9 @@ is specific to sockets:
   holds that write back a little (see ``_saturation``). The first fan-out
   of an iteration is held whole instead, and the flush writes it straight
   to each recipient with nothing else queued (one message per flush, the
-  common case below saturation, costs no queue per recipient); anything
-  else queued to a peer first puts it in the queues, so order holds;
+  common case below saturation, costs no queue per recipient, and when
+  every recipient can take it, no bytecode per recipient: ``_write_all``);
+  anything else queued to a peer first puts it in the queues, so order holds;
 * a failure while writing to one peer ends that peer alone (reset, logged
   with its traceback); the other peers of the same flush are written.
 
@@ -43,6 +44,8 @@ from asyncio.trsock import TransportSocket
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -235,6 +238,9 @@ class ChatServer(ChatControls):
         # A fan-out not put in its recipients' queues yet: the flush writes it straight
         # to every recipient that has nothing else queued (see ``deliver``).
         self._fanout: tuple[tuple[int, ...], bytes] | None = None
+        # The ``direct`` peers, id -> socket descriptor (kept by each peer, see
+        # ``Peer.end_direct``): the held fan-out goes to them from C-level loops.
+        self._ready: dict[int, int] = {}
         self._flushing = False
         # A queue this long is flushed at once, turn or not, to stay inside the outbox bound.
         self._high_water = max(1, self.config.outbox_frames // 4)
@@ -604,43 +610,42 @@ class ChatServer(ChatControls):
         started = time.monotonic()
         try:
             write = os.write
+            ready = self._ready
             while self.dirty or self._fanout:
                 dirty, self.dirty = self.dirty, []
                 drained: list[int] = []
                 add = drained.append
                 lost: list[Peer] = []
+                reached: tuple[int, ...] = ()
                 written = 0
                 if (fanout := self._fanout) is not None:
                     self._fanout = None
                     to, frame = fanout
-                    size = len(frame)
-                    get = self._peers.get
-                    for conn in to:
-                        if (peer := get(conn)) is None:
-                            continue
-                        try:
-                            if peer.direct and not peer.out:
-                                try:
-                                    sent = write(peer.transport_fd, frame)
-                                except OSError:
-                                    sent = 0
-                                written += size
-                                if sent < size:
-                                    peer.short_write(frame, sent)
-                                add(conn)
-                                continue
-                        except Exception:
-                            log.exception(
-                                "internal error writing to conn=%d user=%s", peer.id, peer.user
-                            )
-                            peer.close_seen = True  # its state is not to be trusted
-                            lost.append(peer)
-                            continue
-                        # Something waits before it: queued after it, written below.
-                        peer.out.append(frame)
-                        if not peer.dirty:
-                            peer.dirty = True
-                            dirty.append(peer)
+                    # The recipients' sockets, if every one can take the frame straight
+                    # away: ``direct`` (in ``ready``) with nothing queued (a ``direct``
+                    # peer with bytes queued is ``dirty``: out of ``ready`` meanwhile).
+                    # Once as many peers are dirty as there are recipients (a burst,
+                    # whose fan-outs went into the queues), the loop costs less.
+                    fds = None
+                    if len(dirty) < len(to):
+                        for peer in dirty:
+                            ready.pop(peer.id, None)
+                        try:  # (a held fan-out has two recipients or more: a tuple)
+                            fds = itemgetter(*to)(ready)
+                        except KeyError:  # one cannot
+                            fds = None
+                        for peer in dirty:
+                            if peer.direct:
+                                ready[peer.id] = peer.transport_fd
+                    if fds is None:
+                        written = self._fan_out_each(to, frame, dirty, drained, lost)
+                    else:
+                        # The common case below saturation: no bytecode per recipient.
+                        results = _write_all(fds, frame)
+                        if results.count(len(frame)) == len(results):
+                            reached, written = to, len(frame) * len(to)
+                        else:
+                            reached, written = self._not_whole(to, results, frame, lost)
                 for peer in dirty:
                     try:
                         if peer.direct:
@@ -663,19 +668,96 @@ class ChatServer(ChatControls):
                         elif peer.flush(lost):
                             add(peer.id)
                     except Exception:
-                        log.exception(
-                            "internal error writing to conn=%d user=%s", peer.id, peer.user
-                        )
-                        peer.close_seen = True  # its state is not to be trusted: read no more
-                        lost.append(peer)
+                        self._failed(peer, lost)
                 self._bytes.written += written
                 if drained:
-                    self.engine_host.feed_or_log(Drained(conns=tuple(drained)))
+                    reached += tuple(drained)
+                if reached:
+                    self.engine_host.feed_or_log(Drained(conns=reached))
                 for peer in lost:
                     self._drop(peer)
         finally:
             self._flushing = False
             self._flush_cost = time.monotonic() - started
+
+    def _fan_out_each(
+        self,
+        to: tuple[int, ...],
+        frame: bytes,
+        dirty: list[Peer],
+        drained: list[int],
+        lost: list[Peer],
+    ) -> int:
+        """The held fan-out, one recipient at a time; the bytes written.
+
+        Straight to a recipient with nothing else queued (the transport takes what
+        its socket does not), which joins ``drained``; after what waits in the queue
+        of any other, which joins ``dirty``.
+        """
+        add = drained.append
+        size = len(frame)
+        written = 0
+        write = os.write
+        get = self._peers.get
+        for conn in to:
+            if (peer := get(conn)) is None:
+                continue
+            try:
+                if peer.direct and not peer.out:
+                    try:
+                        sent = write(peer.transport_fd, frame)
+                    except OSError:
+                        sent = 0
+                    written += size
+                    if sent < size:
+                        peer.short_write(frame, sent)
+                    add(conn)
+                    continue
+            except Exception:
+                self._failed(peer, lost)
+                continue
+            # Something waits before it: queued after it, written below.
+            peer.out.append(frame)
+            if not peer.dirty:
+                peer.dirty = True
+                dirty.append(peer)
+        return written
+
+    def _not_whole(
+        self,
+        to: tuple[int, ...],
+        results: list[int | Exception],
+        frame: bytes,
+        lost: list[Peer],
+    ) -> tuple[tuple[int, ...], int]:
+        """``_write_all``'s ``results`` for ``to``, some of them not the whole ``frame``:
+        the recipients written to and the bytes.
+
+        What a socket did not take, and an ``OSError``, its transport takes (and
+        meets the error as usual, see ``Peer.short_write``). Any other exception is
+        a bug of ours on that connection, which is dropped alone.
+        """
+        size = len(frame)
+        reached: list[int] = []
+        for conn, result in zip(to, results, strict=True):
+            if result != size and (peer := self._peers.get(conn)) is not None:
+                try:
+                    if isinstance(result, Exception) and not isinstance(result, OSError):
+                        raise result
+                    peer.short_write(frame, result if isinstance(result, int) else 0)
+                except Exception:
+                    self._failed(peer, lost)
+                    continue
+            reached.append(conn)
+        return tuple(reached), size * len(reached)
+
+    def _failed(self, peer: Peer, lost: list[Peer]) -> None:
+        """Writing to ``peer`` raised what it never should (called in an ``except``
+        block): a bug of ours on that connection, logged with its traceback; the
+        peer is dropped once the flush is done."""
+        log.exception("internal error writing to conn=%d user=%s", peer.id, peer.user)
+        peer.close_seen = True  # its state is not to be trusted: read no more
+        lost.append(peer)
 
     def _drop(self, peer: Peer) -> None:
         """A peer lost while flushing: the engine hears of it, its socket is reset."""
@@ -797,6 +879,7 @@ class ChatServer(ChatControls):
     def _forget(self, peer: Peer) -> None:
         """Drop an upgraded peer whose task ended before it could finish it."""
         peer.close_seen = peer.aborted = peer.closing = True
+        peer.end_direct()
         peer.fd = -1
         try:
             self.peer_finished(peer)
@@ -954,6 +1037,7 @@ class ChatServer(ChatControls):
             bound=bound,
             close_timeout=self.limits.close_timeout,
             tally=self._bytes,
+            ready=self._ready,
         )
         # The 101 leads the peer's queue: it goes out in one write with the welcome.
         peer.queue(upgrade.accept)
@@ -1096,6 +1180,24 @@ async def _send_reply(
     except _CLOSE_ERRORS:
         return False
     return True
+
+
+def _write_all(fds: Sequence[int], data: bytes) -> list[int | Exception]:
+    """``os.write(fd, data)`` to each of ``fds``: what each took, or what it raised.
+
+    The loop is C's (``list.extend`` over ``map``), not bytecode. ``extend`` keeps
+    what ``map`` gave before a write raised, and ``map`` goes on with the next
+    descriptor after it.
+    """
+    results: list[int | Exception] = []
+    writes = map(os.write, fds, repeat(data))
+    while True:
+        try:
+            results.extend(writes)
+        except Exception as exc:  # (that write's alone)
+            results.append(exc)
+        else:
+            return results
 
 
 def _loop_busy() -> float:
