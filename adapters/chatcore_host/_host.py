@@ -275,6 +275,7 @@ class EngineHost:
         self._turns -= 1
         if not self._turns:
             self._transport.end_turn(nested=False)
+            self._rearm()
 
     def feed(self, command: Command) -> None:
         """Hand ``command`` to the engine and carry out its effects at once.
@@ -285,8 +286,12 @@ class EngineHost:
         effects = self._handle(command, time.time())
         if effects:
             self._run(effects)
-        self._transport.end_turn(nested=self._turns > 0)
-        self._rearm()
+        if self._turns:
+            # The timer is re-armed once, when the turn ends: nothing runs in between.
+            self._transport.end_turn(nested=True)
+        else:
+            self._transport.end_turn(nested=False)
+            self._rearm()
 
     def _handle(self, command: Command, now: float) -> list[Effect]:
         if self._recorder is None:
