@@ -408,8 +408,7 @@ class Engine:
                 # neither waits for the request tokens nor spends them.
                 self._dispatch(session, request, now, out)
                 return
-            ref = _requests.ref_of(session.user, request)
-            if not _requests.over_rate(self._st, session, ref, now, out):
+            if _requests.admit(self._st, session, request, now, out):
                 self._dispatch(session, request, now, out)
         elif action is _Do.HOLD:
             _requests.hold(self._st, session, request, out)
