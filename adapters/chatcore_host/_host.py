@@ -226,14 +226,17 @@ class EngineHost:
         # (The OS's random bytes, drawn 4 KiB at a time: see _entropy.)
         ids = ids or RandomIds(BufferedEntropy())
         # Every call into the engine goes through _handle and _tick: the engine's own
-        # methods, or the recorder's when recording (one None check when not).
+        # methods, or the recorder's when recording (bound once, here).
         self._record = record
-        self._recorder: Recorder | None = None
+        self._handle: Callable[[Command, float], list[Effect]]
+        self._tick: Callable[[float], list[Effect]]
         if record is None:
             self.engine = Engine(self.config, ids)
+            self._handle, self._tick = self.engine.handle, self.engine.tick
         else:
-            self._recorder = Recorder(self.config, ids, record.write)
-            self.engine = self._recorder.engine
+            recorder = Recorder(self.config, ids, record.write)
+            self.engine = recorder.engine
+            self._handle, self._tick = recorder.handle, recorder.tick
         self._screen = screen
         self._screening: deque[tuple[Screen, Screened | Awaitable[Screened]]] = deque()
         self._screen_wake: anyio.Event | None = None
@@ -283,25 +286,16 @@ class EngineHost:
         An exception from the engine goes to the caller: whoever fed a
         connection's command decides what becomes of that connection.
         """
-        effects = self._handle(command, time.time())
+        now = time.time()
+        effects = self._handle(command, now)
         if effects:
-            self._run(effects)
+            self._run(effects, now)
         if self._turns:
             # The timer is re-armed once, when the turn ends: nothing runs in between.
             self._transport.end_turn(nested=True)
         else:
             self._transport.end_turn(nested=False)
             self._rearm()
-
-    def _handle(self, command: Command, now: float) -> list[Effect]:
-        if self._recorder is None:
-            return self.engine.handle(command, now)
-        return self._recorder.handle(command, now)
-
-    def _tick(self, now: float) -> list[Effect]:
-        if self._recorder is None:
-            return self.engine.tick(now)
-        return self._recorder.tick(now)
 
     def feed_or_log(self, command: Command) -> None:
         """:meth:`feed` a command that no one connection is answerable for.
@@ -318,7 +312,8 @@ class EngineHost:
                 exc_info=True,
             )
 
-    def _run(self, effects: list[Effect]) -> None:
+    def _run(self, effects: list[Effect], now: float) -> None:
+        """Carry out one engine call's effects (made at ``now``)."""
         transport = self._transport
         storage: list[StorageEffect] = []
         screens: list[Screen] = []
@@ -352,11 +347,11 @@ class EngineHost:
                 case _:
                     log.error("no adapter for effect %r; dropped", effect)
         if storage:
-            self._store(storage)
+            self._store(storage, now)
         for screen in screens:  # after the step's own effects, as the store's answers
-            self._ask_screen(screen)
+            self._ask_screen(screen, now)
 
-    def _store(self, storage: list[StorageEffect]) -> None:
+    def _store(self, storage: list[StorageEffect], now: float) -> None:
         if self._instant is None:
             self._storage.extend(storage)
             if (wake := self._storage_wake) is not None:
@@ -368,10 +363,14 @@ class EngineHost:
         self.tally.store_call(time.perf_counter() - started, answers)
         if self.bus is not None:
             self._publish(self.bus, answers)
-        self._answer(answers)
+        self._answer(answers, now)
 
-    def _answer(self, answers: Sequence[Command]) -> None:
-        """Feed answers that came at once (a store's, a sync hook's), in order."""
+    def _answer(self, answers: Sequence[Command], now: float) -> None:
+        """Feed answers that came at once (a store's, a sync hook's), in order.
+
+        They are fed at ``now``, the time of the engine call that asked: an answer
+        that comes at once comes at the same instant (and costs no clock read).
+        """
         self._answers.extend(answers)
         if self._answering:
             return  # the loop below, further up the stack, feeds them
@@ -380,19 +379,19 @@ class EngineHost:
         self._answering = True
         try:
             while self._answers:
-                effects = self._handle_answer(self._answers.popleft())
+                effects = self._handle_answer(self._answers.popleft(), now)
                 if effects:
-                    self._run(effects)
+                    self._run(effects, now)
         finally:
             self._answering = False
 
-    def _handle_answer(self, command: Command) -> list[Effect]:
+    def _handle_answer(self, command: Command, now: float) -> list[Effect]:
         if type(command) is not Screened:
-            return self._handle(command, time.time())
+            return self._handle(command, now)
         try:
-            return self._handle(command, time.time())
+            return self._handle(command, now)
         except LocalProtocolError as exc:  # nothing changed: refuse instead
-            return self._handle(_refused_instead(command, exc), time.time())
+            return self._handle(_refused_instead(command, exc), now)
 
     # -- the bus -----------------------------------------------------------------------
 
@@ -413,10 +412,10 @@ class EngineHost:
 
     # -- screening ----------------------------------------------------------------------
 
-    def _ask_screen(self, screen: Screen) -> None:
+    def _ask_screen(self, screen: Screen, now: float) -> None:
         hook = self._screen
         if hook is None:  # screen_messages set after construction: refuse, do not hang
-            self._answer([screen.refuse("no screening hook")])
+            self._answer([screen.refuse("no screening hook")], now)
             return
         try:
             verdict = hook(screen)
@@ -424,7 +423,7 @@ class EngineHost:
             log.exception("screen hook raised; message refused")
             verdict = screen.refuse("message could not be screened")
         if not self._screening and not inspect.isawaitable(verdict):
-            self._answer([_checked(screen, verdict)])
+            self._answer([_checked(screen, verdict)], now)
             return
         # An async verdict (or one queued behind it): the worker feeds them in order.
         self._screening.append((screen, verdict))
@@ -473,9 +472,10 @@ class EngineHost:
             self._timer = None
             try:
                 with self.turn():
-                    effects = self._tick(time.time())
+                    now = time.time()
+                    effects = self._tick(now)
                     if effects:
-                        self._run(effects)
+                        self._run(effects, now)
             except Exception:
                 log.critical(
                     "engine bug: tick raised; the timer tries again in %.0f s",
