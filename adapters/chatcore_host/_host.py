@@ -322,14 +322,14 @@ class EngineHost:
                 case Deliver():
                     transport.deliver(effect.to, effect.data)
                     self.tally.deliveries += len(effect.to)
+                case _ if is_storage_effect(effect):
+                    # (Every message's Append, each session's inbox and positions come
+                    # this way, and a class pattern that fails costs ~460 instructions.)
+                    storage.append(effect)
                 case Close():
                     transport.close(effect.conn, effect.code, effect.reason)
                 case Ping():
                     transport.ping(effect.conn)
-                case _ if is_storage_effect(effect):
-                    # (Before the eight bus effects: each session's inbox and positions
-                    # come this way, and a class pattern that fails costs ~460 instructions.)
-                    storage.append(effect)
                 case Screen():
                     screens.append(effect)
                 case (
