@@ -271,15 +271,6 @@ class EngineHost:
         """Commands fed inside share one end of turn (their writes coalesce)."""
         return self._turn  # (one object, not a generator per read: every read opens one)
 
-    def _enter_turn(self) -> None:
-        self._turns += 1
-
-    def _leave_turn(self) -> None:
-        self._turns -= 1
-        if not self._turns:
-            self._transport.end_turn(nested=False)
-            self._rearm()
-
     def feed(self, command: Command) -> None:
         """Hand ``command`` to the engine and carry out its effects at once.
 
@@ -454,8 +445,10 @@ class EngineHost:
     # -- the timer ----------------------------------------------------------------------
 
     def _rearm(self) -> None:
+        if self._timer is None:  # (not running, or the timer loop is in a tick)
+            return
         deadline = self.engine.next_deadline()
-        if deadline is None or self._timer is None:
+        if deadline is None:
             return
         if self._armed is not None and deadline >= self._armed:
             return
@@ -622,10 +615,14 @@ class _Turn(AbstractContextManager[None]):
         self._host = host
 
     def __enter__(self) -> None:
-        self._host._enter_turn()
+        self._host._turns += 1
 
     def __exit__(self, *exc: object) -> None:
-        self._host._leave_turn()
+        host = self._host
+        host._turns -= 1
+        if not host._turns:
+            host._transport.end_turn(nested=False)
+            host._rearm()
 
 
 def _checked(screen: Screen, verdict: object) -> Screened:
