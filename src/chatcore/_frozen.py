@@ -7,11 +7,12 @@ a generic call that looks the name up on the type and repacks its arguments,
 about 1,300 instructions a field (a plain slot store is about 200). One chat
 message builds nine such values with 37 fields between them (``Receive``,
 ``Send``, ``Append``, ``Message``, ``Appended``, ``Ack``, two ``Deliver``,
-``Drained``), a tenth of the server's work per message at 4 members.
+``Drained``).
 
 :func:`quick_init` replaces that ``__init__`` with one of the same signature
 that sets each slot through its own descriptor's ``__set__``, bound once at
-import: no lookup by name, about half the cost a field. Nothing else
+import: no lookup by name, about half the cost a field (27k instructions less
+per message at 4 members, of the ~340k the whole server spent). Nothing else
 changes: the class is the same frozen dataclass (``fields``, ``replace``,
 equality, ``repr``, ``match``, pickling), and assigning to a field of an
 instance still raises ``FrozenInstanceError``.
