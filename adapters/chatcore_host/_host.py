@@ -226,17 +226,14 @@ class EngineHost:
         # (The OS's random bytes, drawn 4 KiB at a time: see _entropy.)
         ids = ids or RandomIds(BufferedEntropy())
         # Every call into the engine goes through _handle and _tick: the engine's own
-        # methods, or the recorder's when recording (bound once, here).
+        # methods, or the recorder's when recording (one None check when not).
         self._record = record
-        self._handle: Callable[[Command, float], list[Effect]]
-        self._tick: Callable[[float], list[Effect]]
+        self._recorder: Recorder | None = None
         if record is None:
             self.engine = Engine(self.config, ids)
-            self._handle, self._tick = self.engine.handle, self.engine.tick
         else:
-            recorder = Recorder(self.config, ids, record.write)
-            self.engine = recorder.engine
-            self._handle, self._tick = recorder.handle, recorder.tick
+            self._recorder = Recorder(self.config, ids, record.write)
+            self.engine = self._recorder.engine
         self._screen = screen
         self._screening: deque[tuple[Screen, Screened | Awaitable[Screened]]] = deque()
         self._screen_wake: anyio.Event | None = None
@@ -302,6 +299,16 @@ class EngineHost:
                 type(command).__name__,
                 exc_info=True,
             )
+
+    def _handle(self, command: Command, now: float) -> list[Effect]:
+        if self._recorder is None:
+            return self.engine.handle(command, now)
+        return self._recorder.handle(command, now)
+
+    def _tick(self, now: float) -> list[Effect]:
+        if self._recorder is None:
+            return self.engine.tick(now)
+        return self._recorder.tick(now)
 
     def _run(self, effects: list[Effect], now: float) -> None:
         """Carry out one engine call's effects (made at ``now``)."""

@@ -6,11 +6,11 @@ Adapters need only :class:`HistoryStore`. Admin tools (``chatcore rooms``,
 
 What a store does with a batch is written here once: how appends are
 numbered (:func:`number_appends`, one at a time :func:`number_append`, which
-:class:`~chatcore_store.MemoryStore` uses), what a failure is answered with (:func:`failed`), and, in
-:class:`SQLStore`, the whole algorithm of the database stores: one
-transaction per batch, runs of appends stored with a few statements, one
-retry on a fresh connection, and the degraded batch that answers what it
-still can. A database plugs in as an :class:`SQLDriver` that runs the
+:class:`~chatcore_store.MemoryStore` uses), what a failure is answered with
+(:func:`failed`), and, in :class:`SQLStore`, the whole algorithm of the
+database stores: one transaction per batch, runs of appends stored with a few
+statements, one retry on a fresh connection, and the degraded batch that
+answers what it still can. A database plugs in as an :class:`SQLDriver` that runs the
 statements (``_sql``) the algorithm yields; it owns only its connection and
 its schema.
 """
