@@ -268,35 +268,22 @@ class EngineHost:
         """Commands fed inside share one end of turn (their writes coalesce)."""
         return self._turn  # (one object, not a generator per read: every read opens one)
 
-    def _enter_turn(self) -> None:
-        self._turns += 1
-
-    def _leave_turn(self) -> None:
-        self._turns -= 1
-        if not self._turns:
-            self._transport.end_turn(nested=False)
-
     def feed(self, command: Command) -> None:
         """Hand ``command`` to the engine and carry out its effects at once.
 
         An exception from the engine goes to the caller: whoever fed a
         connection's command decides what becomes of that connection.
         """
-        effects = self._handle(command, time.time())
+        now = time.time()
+        effects = self._handle(command, now)
         if effects:
-            self._run(effects)
-        self._transport.end_turn(nested=self._turns > 0)
-        self._rearm()
-
-    def _handle(self, command: Command, now: float) -> list[Effect]:
-        if self._recorder is None:
-            return self.engine.handle(command, now)
-        return self._recorder.handle(command, now)
-
-    def _tick(self, now: float) -> list[Effect]:
-        if self._recorder is None:
-            return self.engine.tick(now)
-        return self._recorder.tick(now)
+            self._run(effects, now)
+        if self._turns:
+            # The timer is re-armed once, when the turn ends: nothing runs in between.
+            self._transport.end_turn(nested=True)
+        else:
+            self._transport.end_turn(nested=False)
+            self._rearm()
 
     def feed_or_log(self, command: Command) -> None:
         """:meth:`feed` a command that no one connection is answerable for.
@@ -313,7 +300,18 @@ class EngineHost:
                 exc_info=True,
             )
 
-    def _run(self, effects: list[Effect]) -> None:
+    def _handle(self, command: Command, now: float) -> list[Effect]:
+        if self._recorder is None:
+            return self.engine.handle(command, now)
+        return self._recorder.handle(command, now)
+
+    def _tick(self, now: float) -> list[Effect]:
+        if self._recorder is None:
+            return self.engine.tick(now)
+        return self._recorder.tick(now)
+
+    def _run(self, effects: list[Effect], now: float) -> None:
+        """Carry out one engine call's effects (made at ``now``)."""
         transport = self._transport
         storage: list[StorageEffect] = []
         screens: list[Screen] = []
@@ -322,14 +320,14 @@ class EngineHost:
                 case Deliver():
                     transport.deliver(effect.to, effect.data)
                     self.tally.deliveries += len(effect.to)
+                case _ if is_storage_effect(effect):
+                    # (Every message's Append, each session's inbox and positions come
+                    # this way, and a class pattern that fails costs ~460 instructions.)
+                    storage.append(effect)
                 case Close():
                     transport.close(effect.conn, effect.code, effect.reason)
                 case Ping():
                     transport.ping(effect.conn)
-                case _ if is_storage_effect(effect):
-                    # (Before the eight bus effects: each session's inbox and positions
-                    # come this way, and a class pattern that fails costs ~460 instructions.)
-                    storage.append(effect)
                 case Screen():
                     screens.append(effect)
                 case (
@@ -347,11 +345,11 @@ class EngineHost:
                 case _:
                     log.error("no adapter for effect %r; dropped", effect)
         if storage:
-            self._store(storage)
+            self._store(storage, now)
         for screen in screens:  # after the step's own effects, as the store's answers
-            self._ask_screen(screen)
+            self._ask_screen(screen, now)
 
-    def _store(self, storage: list[StorageEffect]) -> None:
+    def _store(self, storage: list[StorageEffect], now: float) -> None:
         if self._instant is None:
             self._storage.extend(storage)
             if (wake := self._storage_wake) is not None:
@@ -363,10 +361,14 @@ class EngineHost:
         self.tally.store_call(time.perf_counter() - started, answers)
         if self.bus is not None:
             self._publish(self.bus, answers)
-        self._answer(answers)
+        self._answer(answers, now)
 
-    def _answer(self, answers: Sequence[Command]) -> None:
-        """Feed answers that came at once (a store's, a sync hook's), in order."""
+    def _answer(self, answers: Sequence[Command], now: float) -> None:
+        """Feed answers that came at once (a store's, a sync hook's), in order.
+
+        They are fed at ``now``, the time of the engine call that asked: an answer
+        that comes at once comes at the same instant (and costs no clock read).
+        """
         self._answers.extend(answers)
         if self._answering:
             return  # the loop below, further up the stack, feeds them
@@ -375,19 +377,19 @@ class EngineHost:
         self._answering = True
         try:
             while self._answers:
-                effects = self._handle_answer(self._answers.popleft())
+                effects = self._handle_answer(self._answers.popleft(), now)
                 if effects:
-                    self._run(effects)
+                    self._run(effects, now)
         finally:
             self._answering = False
 
-    def _handle_answer(self, command: Command) -> list[Effect]:
+    def _handle_answer(self, command: Command, now: float) -> list[Effect]:
         if type(command) is not Screened:
-            return self._handle(command, time.time())
+            return self._handle(command, now)
         try:
-            return self._handle(command, time.time())
+            return self._handle(command, now)
         except LocalProtocolError as exc:  # nothing changed: refuse instead
-            return self._handle(_refused_instead(command, exc), time.time())
+            return self._handle(_refused_instead(command, exc), now)
 
     # -- the bus -----------------------------------------------------------------------
 
@@ -408,10 +410,10 @@ class EngineHost:
 
     # -- screening ----------------------------------------------------------------------
 
-    def _ask_screen(self, screen: Screen) -> None:
+    def _ask_screen(self, screen: Screen, now: float) -> None:
         hook = self._screen
         if hook is None:  # screen_messages set after construction: refuse, do not hang
-            self._answer([screen.refuse("no screening hook")])
+            self._answer([screen.refuse("no screening hook")], now)
             return
         try:
             verdict = hook(screen)
@@ -419,7 +421,7 @@ class EngineHost:
             log.exception("screen hook raised; message refused")
             verdict = screen.refuse("message could not be screened")
         if not self._screening and not inspect.isawaitable(verdict):
-            self._answer([_checked(screen, verdict)])
+            self._answer([_checked(screen, verdict)], now)
             return
         # An async verdict (or one queued behind it): the worker feeds them in order.
         self._screening.append((screen, verdict))
@@ -450,8 +452,10 @@ class EngineHost:
     # -- the timer ----------------------------------------------------------------------
 
     def _rearm(self) -> None:
+        if self._timer is None:  # (not running, or the timer loop is in a tick)
+            return
         deadline = self.engine.next_deadline()
-        if deadline is None or self._timer is None:
+        if deadline is None:
             return
         if self._armed is not None and deadline >= self._armed:
             return
@@ -468,9 +472,10 @@ class EngineHost:
             self._timer = None
             try:
                 with self.turn():
-                    effects = self._tick(time.time())
+                    now = time.time()
+                    effects = self._tick(now)
                     if effects:
-                        self._run(effects)
+                        self._run(effects, now)
             except Exception:
                 log.critical(
                     "engine bug: tick raised; the timer tries again in %.0f s",
@@ -617,10 +622,14 @@ class _Turn(AbstractContextManager[None]):
         self._host = host
 
     def __enter__(self) -> None:
-        self._host._enter_turn()
+        self._host._turns += 1
 
     def __exit__(self, *exc: object) -> None:
-        self._host._leave_turn()
+        host = self._host
+        host._turns -= 1
+        if not host._turns:
+            host._transport.end_turn(nested=False)
+            host._rearm()
 
 
 def _checked(screen: Screen, verdict: object) -> Screened:

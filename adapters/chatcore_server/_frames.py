@@ -35,13 +35,14 @@ __all__ = ["MessageBound", "read_text_frame", "text_frame"]
 _FIN_TEXT = 0x81
 _PACK_16 = struct.Struct("!BBH").pack
 _PACK_64 = struct.Struct("!BBQ").pack
+_SHORT_HEADS = [bytes((_FIN_TEXT, n)) for n in range(126)]  # (every frame of an ack, say)
 
 
 def text_frame(payload: bytes) -> bytes:
     """One final, unmasked text frame carrying ``payload`` (already UTF-8)."""
     n = len(payload)
     if n < 126:
-        return bytes((_FIN_TEXT, n)) + payload
+        return _SHORT_HEADS[n] + payload
     if n < 65536:
         return _PACK_16(_FIN_TEXT, 126, n) + payload
     return _PACK_64(_FIN_TEXT, 127, n) + payload
@@ -117,50 +118,66 @@ class MessageBound:
         comes before it is a prefix to parse as usual; then the connection is
         to be closed with 1009 and the reason returned.
         """
+        # Once per read of every client, once per frame in it: locals, attributes
+        # written back when the read is done, a header read where it lies in
+        # ``data`` unless an earlier read cut it short.
         end = len(data)
         pos = 0
+        skip = self._skip
+        carried = self._head
+        max_bytes, max_fragments = self.max_bytes, self.max_fragments
         while True:
-            if self._skip:
-                if self._skip >= end - pos:
-                    self._skip -= end - pos
+            if skip:
+                if skip >= end - pos:
+                    self._skip = skip - (end - pos)
                     return None
-                pos += self._skip
-                self._skip = 0
+                pos += skip
+                skip = 0
             if pos >= end:
+                self._skip = 0
                 return None
-            carried = len(self._head)
-            head = self._head + data[pos : pos + 14 - carried] if carried else data[pos : pos + 14]
-            if len(head) < 2:
-                self._head = head
+            if carried:
+                head = carried + data[pos : pos + 14 - len(carried)]
+                at = 0
+            else:
+                head, at = data, pos
+            have = len(head) - at
+            if have < 2:
+                self._head, self._skip = head[at:], 0
                 return None
-            second = head[1]
+            second = head[at + 1]
             length = second & 0x7F
             size = (
                 2
                 + (4 if second & 0x80 else 0)
                 + (2 if length == 126 else 8 if length == 127 else 0)
             )
-            if len(head) < size:
-                self._head = head
+            if have < size:
+                self._head, self._skip = head[at : at + have], 0
                 return None
             if length == 126:
-                length = int.from_bytes(head[2:4], "big")
+                length = (head[at + 2] << 8) | head[at + 3]
             elif length == 127:
-                length = int.from_bytes(head[2:10], "big")
-            first = head[0]
+                length = int.from_bytes(head[at + 2 : at + 10], "big")
+            first = head[at]
             opcode = first & 0x0F
             if opcode < 0x8:  # a data frame (control frames are wsproto's: at most 125 bytes)
                 if opcode:
-                    self._size, self._fragments = length, 1
+                    total, count = length, 1
                 else:
-                    self._size += size + length
-                    self._fragments += 1
-                if self._size > self.max_bytes:
-                    return pos - carried, "message too big"
-                if self._fragments > self.max_fragments:
-                    return pos - carried, "message in too many fragments"
+                    total, count = self._size + size + length, self._fragments + 1
+                if total > max_bytes or count > max_fragments:
+                    self._size, self._fragments, self._skip = total, count, 0
+                    too = (
+                        "message too big" if total > max_bytes else "message in too many fragments"
+                    )
+                    return pos - len(carried), too
                 if first & 0x80:  # FIN: the message is complete
-                    self._size = self._fragments = 0
-            self._head = b""
-            self._skip = length
-            pos += size - carried
+                    total = count = 0
+                self._size, self._fragments = total, count
+            if carried:
+                self._head = b""
+                pos -= len(carried)
+                carried = b""
+            skip = length
+            pos += size

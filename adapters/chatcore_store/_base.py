@@ -5,12 +5,12 @@ Adapters need only :class:`HistoryStore`. Admin tools (``chatcore rooms``,
 :class:`DurableStore`, which the SQLite and PostgreSQL stores implement.
 
 What a store does with a batch is written here once: how appends are
-numbered (:func:`number_appends`, which :class:`~chatcore_store.MemoryStore`
-uses too), what a failure is answered with (:func:`failed`), and, in
-:class:`SQLStore`, the whole algorithm of the database stores: one
-transaction per batch, runs of appends stored with a few statements, one
-retry on a fresh connection, and the degraded batch that answers what it
-still can. A database plugs in as an :class:`SQLDriver` that runs the
+numbered (:func:`number_appends`, one at a time :func:`number_append`, which
+:class:`~chatcore_store.MemoryStore` uses), what a failure is answered with
+(:func:`failed`), and, in :class:`SQLStore`, the whole algorithm of the
+database stores: one transaction per batch, runs of appends stored with a few
+statements, one retry on a fresh connection, and the degraded batch that
+answers what it still can. A database plugs in as an :class:`SQLDriver` that runs the
 statements (``_sql``) the algorithm yields; it owns only its connection and
 its schema.
 """
@@ -88,6 +88,7 @@ __all__ = [
     "history_request",
     "is_storage_effect",
     "new_epoch",
+    "number_append",
     "number_appends",
 ]
 
@@ -139,35 +140,47 @@ def number_appends(
     heads: dict[str, tuple[str, int]],
     stored: dict[tuple[str, str, str], Message],
 ) -> tuple[list[Appended], list[Message]]:
-    """Give each append of a run its offset, the one after its room's head, unless
-    its ``(room, sender, client_id)`` is in ``stored`` (a retry: answered as a
-    duplicate with the stored message). ``heads`` maps each room of the run to
-    ``(epoch, head)``; both dicts are updated as the run goes. Returns the answers
-    in order and the new messages, for the store to insert."""
+    """Number a run of appends, each as :func:`number_append` does. ``heads`` maps
+    each room of the run to ``(epoch, head)``; both dicts are updated as the run
+    goes. Returns the answers in order and the new messages, for the store to insert."""
     answers: list[Appended] = []
     new: list[Message] = []
     for a in run:
-        key = (a.room, a.sender, a.client_id) if a.client_id is not None else None
-        seen = stored.get(key) if key is not None else None
-        if seen is not None:
-            answers.append(Appended(message=seen, ref=a.ref, duplicate=True))
-            continue
         epoch, head = heads[a.room]
-        heads[a.room] = (epoch, head + 1)
-        message = Message(
-            room=a.room,
-            offset=head + 1,
-            epoch=epoch,
-            sender=a.sender,
-            text=a.text,
-            ts=a.ts,
-            client_id=a.client_id,
-        )
-        if key is not None:
-            stored[key] = message
-        new.append(message)
-        answers.append(Appended(message=message, ref=a.ref))
+        answer, message = number_append(a, epoch, head, stored)
+        if message is not None:
+            heads[a.room] = (epoch, message.offset)
+            new.append(message)
+        answers.append(answer)
     return answers, new
+
+
+def number_append(
+    a: Append, epoch: str, head: int, stored: dict[tuple[str, str, str], Message]
+) -> tuple[Appended, Message | None]:
+    """Give an append the offset after its room's ``head``, unless its ``(room,
+    sender, client_id)`` is in ``stored`` (a retry: answered as a duplicate with
+    the stored message, and no new message). A new message with a client id is
+    added to ``stored``."""
+    if a.client_id is None:
+        key = None
+    else:
+        key = (a.room, a.sender, a.client_id)
+        seen = stored.get(key)
+        if seen is not None:
+            return Appended(message=seen, ref=a.ref, duplicate=True), None
+    message = Message(
+        room=a.room,
+        offset=head + 1,
+        epoch=epoch,
+        sender=a.sender,
+        text=a.text,
+        ts=a.ts,
+        client_id=a.client_id,
+    )
+    if key is not None:
+        stored[key] = message
+    return Appended(message=message, ref=a.ref), message
 
 
 def new_epoch() -> str:

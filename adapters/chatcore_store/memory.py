@@ -46,7 +46,7 @@ from ._base import (
     StorageEffect,
     failed,
     history_request,
-    number_appends,
+    number_append,
 )
 
 __all__ = ["MemoryStore"]
@@ -360,12 +360,12 @@ class MemoryStore:
 
     def _append(self, effect: Append) -> Appended:
         room = self._room(effect.room)
-        heads = {effect.room: (room.epoch, room.head)}
-        [answer], new = number_appends([effect], heads, room.keys)
-        room.head = heads[effect.room][1]
-        room.messages.extend(new)
-        if self.max_messages is not None and len(room.messages) > self.max_messages:
-            room.cut(len(room.messages) - self.max_messages)
+        answer, message = number_append(effect, room.epoch, room.head, room.keys)
+        if message is not None:
+            room.head = message.offset
+            room.messages.append(message)
+            if self.max_messages is not None and len(room.messages) > self.max_messages:
+                room.cut(len(room.messages) - self.max_messages)
         return answer
 
     def _range(self, effect: LoadHistory) -> tuple[Message, ...]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from ._events import Message
 from ._facts import Fact
+from ._frozen import quick_init
 
 __all__ = [
     "AppendFailed",
@@ -120,6 +121,7 @@ class Connect:
     mode: Mode = Mode.JSON
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Receive:
     """One text frame from the client, to be decoded by the engine's codec."""
@@ -144,6 +146,7 @@ class Disconnected:
     code: int | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Written:
     """The adapter handed ``frames`` frames, ``nbytes`` bytes, to the socket."""
@@ -164,6 +167,7 @@ class WrittenMany:
     reports: tuple[tuple[ConnId, int, int], ...]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Drained:
     """Everything delivered to these connections so far has been written.
@@ -175,6 +179,7 @@ class Drained:
     conns: tuple[ConnId, ...]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pong:
     """The client answered a ping (any received frame also counts as alive)."""
@@ -197,6 +202,7 @@ class Leave:
     room: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Send:
     """``encrypted``: ``text`` is an end-to-end encrypted envelope (``_keys.ENCRYPTED``
@@ -351,6 +357,7 @@ class RoomLoadFailed:
     reason: str = "store unavailable"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Appended:
     """The log stored ``message`` (or already had it: ``duplicate``).

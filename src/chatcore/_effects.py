@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ._commands import ConnId, ParkedRoom, Prekey, Screened, Verdict
 from ._events import ServerEvent
 from ._facts import Fact
+from ._frozen import quick_init
 
 __all__ = [
     "Append",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Deliver:
     """Write ``data`` (one text frame, already encoded) to every connection in ``to``.
@@ -90,6 +92,7 @@ class LoadRoom:
     recent: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Append:
     """Append a message; answer ``Appended`` with the offset the log assigned.

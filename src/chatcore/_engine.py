@@ -163,14 +163,14 @@ class Engine:
                     # Its session is being claimed from another process: the frame
                     # waits, as a frame before the welcome does (and within its bound).
                     claiming[1].append(command.text)
+            case Appended():
+                _messages.appended(st, command, out)
+            case Drained():
+                self._drained(command.conns, out)
             case Written():
                 self._written(((command.conn, command.frames, command.nbytes),), out)
             case WrittenMany():
                 self._written(command.reports, out)
-            case Drained():
-                self._drained(command.conns, out)
-            case Appended():
-                _messages.appended(st, command, out)
             case Connect():
                 self._run_held(_lifecycle.connect(st, command, now, out), now, out)
             case InboxLoaded():
@@ -249,7 +249,7 @@ class Engine:
             _lifecycle.close_deferred(st, out)
         if st.timers.stale:
             st.timers.compact(self._timer_live)
-        if st.peers.dirty:
+        if st.peers.on and st.peers.dirty:  # (never dirty alone: ``on`` is a cheaper test)
             _cluster.flush(st, out)
         return out
 
@@ -410,8 +410,7 @@ class Engine:
                 # neither waits for the request tokens nor spends them.
                 self._dispatch(session, request, now, out)
                 return
-            ref = _requests.ref_of(session.user, request)
-            if not _requests.over_rate(self._st, session, ref, now, out):
+            if _requests.admit(self._st, session, request, now, out):
                 self._dispatch(session, request, now, out)
         elif action is _Do.HOLD:
             _requests.hold(self._st, session, request, out)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ._frozen import quick_init
+
 __all__ = [
     "Ack",
     "CallEvent",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
     """One chat message as the log stored it.
@@ -73,6 +76,7 @@ class Welcome:
     rooms: Mapping[str, RoomPosition] = field(default_factory=dict)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ack:
     room: str

@@ -320,7 +320,8 @@ def appended(st: EngineState, cmd: Appended, out: list[Effect]) -> None:
             _fetch_gap(st, room, message.offset, out)
         return
     _publish(st, room, message, pending, out)
-    _drain_early(st, room, out)
+    if room.early:
+        _drain_early(st, room, out)
 
 
 def _unheld(st: EngineState, message: Message, out: list[Effect]) -> None:

@@ -26,7 +26,7 @@ from ._outbox import error
 from ._session import Connection, Session
 from ._state import EngineState
 
-__all__ = ["decode", "hold", "over_rate", "ref_of"]
+__all__ = ["admit", "decode", "hold", "over_rate", "ref_of"]
 
 
 def decode(
@@ -64,6 +64,18 @@ def _refuse(
         error(st, session, code, message, ref, out)
 
 
+def admit(
+    st: EngineState, session: Session, request: ClientRequest, now: float, out: list[Effect]
+) -> bool:
+    """Take one request token for ``request``; without one, answer ``rate_limited``
+    (naming the request, :func:`ref_of`) and return False."""
+    config = st.config
+    wait = session.requests.take(now, config.request_burst, config.request_per_second)
+    if wait:
+        _rate_limited(st, session, wait, ref_of(session.user, request), out)
+    return not wait
+
+
 def over_rate(
     st: EngineState, session: Session, ref: str | None, now: float, out: list[Effect]
 ) -> bool:
@@ -71,17 +83,23 @@ def over_rate(
     config = st.config
     wait = session.requests.take(now, config.request_burst, config.request_per_second)
     if wait:
-        st.counters.limit("requests")
-        error(
-            st,
-            session,
-            ErrorCode.RATE_LIMITED,
-            "too many requests",
-            ref,
-            out,
-            retry_after=round(wait, 3),
-        )
+        _rate_limited(st, session, wait, ref, out)
     return bool(wait)
+
+
+def _rate_limited(
+    st: EngineState, session: Session, wait: float, ref: str | None, out: list[Effect]
+) -> None:
+    st.counters.limit("requests")
+    error(
+        st,
+        session,
+        ErrorCode.RATE_LIMITED,
+        "too many requests",
+        ref,
+        out,
+        retry_after=round(wait, 3),
+    )
 
 
 def hold(st: EngineState, session: Session, request: ClientRequest, out: list[Effect]) -> None:

@@ -44,6 +44,10 @@ __all__ = [
 
 
 class SessionState(enum.Enum):
+    # Hashed by identity, as members are compared: Enum's own hash is a Python call,
+    # and every frame looks its session up in the table by (state, input).
+    __hash__ = object.__hash__
+
     OPENING = "opening"
     """A fresh session waiting for its rooms to load; no welcome sent yet."""
     RESUMING = "resuming"
@@ -55,6 +59,8 @@ class SessionState(enum.Enum):
 
 
 class SessionInput(enum.Enum):
+    __hash__ = object.__hash__  # (as SessionState's)
+
     READY = "ready"
     """Every room the session needs is loaded: the welcome goes out."""
     FRAME = "frame"

@@ -1,9 +1,12 @@
 """Frames outside wsproto: the shared encoder writes exactly what wsproto would, at
 every length boundary, and ``MessageBound`` refuses a message from its headers."""
 
+import itertools
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol
 
 from chatcore_server._frames import MessageBound, text_frame
@@ -103,3 +106,73 @@ def test_control_frames_between_fragments_do_not_count() -> None:
     ping = client_frame(0x9, b"p" * 125)
     data = first + ping * 10 + client_frame(0x0, b"b", fin=False) + ping + client_frame(0x0, b"c")
     assert same_at_any_chunking(data) is None
+
+
+def whole_stream(data: bytes, max_bytes: int, fragments: int) -> tuple[object, bool]:
+    """The plain model: every header read from the whole stream at once. Returns the
+    first refusal (offset, reason) or None, and whether the stream ends between messages."""
+    pos = size = count = 0
+    while len(data) - pos >= 2:
+        first, second = data[pos], data[pos + 1]
+        n = second & 0x7F
+        extra = 2 if n == 126 else 8 if n == 127 else 0
+        length = 2 + (4 if second & 0x80 else 0) + extra
+        if len(data) - pos < length:
+            break
+        if extra:
+            n = int.from_bytes(data[pos + 2 : pos + 2 + extra], "big")
+        if first & 0x0F < 0x8:
+            size, count = (n, 1) if first & 0x0F else (size + length + n, count + 1)
+            if size > max_bytes:
+                return (pos, "message too big"), False
+            if count > fragments:
+                return (pos, "message in too many fragments"), False
+            if first & 0x80:
+                size = count = 0
+        pos += length + n
+    return None, pos == len(data) and not count
+
+
+def any_frame(opcode: int, n: int, fin: bool, masked: bool) -> bytes:
+    head = header(opcode, n, fin=fin)
+    if not masked:  # (a protocol error, wsproto's to refuse: the bound only counts)
+        head = bytes((head[0], head[1] & 0x7F)) + head[2:-4]
+    return head + b"z" * n
+
+
+frames = st.builds(
+    any_frame,
+    st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA]),
+    st.integers(0, 140) | st.sampled_from([125, 126, 127, 300, 1100]),
+    st.booleans(),
+    st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(frames, max_size=8).map(b"".join),
+    st.lists(st.integers(0, 4000), max_size=6),
+    st.data(),
+)
+def test_any_stream_at_any_cuts_is_judged_as_the_whole(
+    data: bytes, cuts: list[int], draw: st.DataObject
+) -> None:
+    """Invariant: however a stream is cut into reads, ``check`` refuses at the
+    offset and for the reason the plain model finds in the whole stream (a stream
+    cut short at its end included), and says it is between messages exactly
+    where the model does."""
+    max_bytes = draw.draw(st.sampled_from([0, 5, 130, 1000]))
+    fragments = draw.draw(st.integers(1, 4))
+    expected, between = whole_stream(data, max_bytes, fragments)
+    bound = MessageBound(max_bytes, fragments)
+    got: object = None
+    edges = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    for start, stop in itertools.pairwise(edges):
+        over = bound.check(data[start:stop])
+        if over is not None:
+            got = (start + over[0], over[1])
+            break
+    assert got == expected
+    if expected is None:
+        assert bound.between_messages is between

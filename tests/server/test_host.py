@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from chatcore import (
@@ -136,6 +137,23 @@ async def test_the_timer_ends_a_grace_period_that_runs_out(store: HistoryStore) 
         # No command comes: only the host's timer, armed from next_deadline(), can do it.
         await wire.until(lambda: bool(wire.of(1, "left")))
         assert wire.of(1, "left")[0]["user"] == "bob"
+
+
+async def test_a_timer_armed_inside_a_turn_is_armed_when_the_turn_ends() -> None:
+    # A server feeds the frames of one read inside a turn; the host re-arms once, as
+    # the turn ends. Nothing is fed after it here (no flush reports come back).
+    quiet = Config(grace_period=0.2, ping_interval=1e6, presence_interval=1e6)
+    async with hosted(MemoryStore(), quiet) as (host, wire):
+        connect(host, 1, "alice")
+        connect(host, 2, "bob")
+        await wire.until(lambda: bool(wire.of(1, "joined")))
+        with anyio.fail_after(GUARD):
+            while host._timer is None:  # (its task starts at this test's first checkpoint)
+                await anyio.lowlevel.checkpoint()
+        with host.turn():
+            host.feed(Disconnected(conn=2))
+        # No other timer is due: only the grace period's deadline ends this in time.
+        await wire.until(lambda: bool(wire.of(1, "left")))
 
 
 async def test_the_timer_pings_through_the_transport() -> None:
