@@ -14,7 +14,8 @@ changes nothing anyone can see:
   ``Written`` (the oldest first), nothing after a ``Drained``;
 * no queue ever holds more than the outbox bounds;
 * per room, the messages and acks a connection receives come in offset order,
-  none twice.
+  none twice; and once the readers have written everything, each has every
+  message of its rooms (a replay is never left waiting).
 
 Clients connect in either mode (a user with two tabs, so typing passes both
 by), join and leave rooms, send, type and mark reads, stop and start reading,
@@ -49,7 +50,9 @@ from chatcore import (
     Engine,
     Join,
     Leave,
+    Left,
     MarkRead,
+    Members,
     Message,
     Mode,
     Publish,
@@ -148,6 +151,10 @@ class Outboxes(RuleBasedStateMachine):
         event = effect.event
         if isinstance(event, Welcome):
             client.token = event.resume
+        elif isinstance(event, Members):  # (what follows it comes after its offset)
+            client.seen.setdefault(event.room, event.offset)
+        elif isinstance(event, Left) and event.user == client.user:
+            client.seen.pop(event.room, None)  # (joined again, it starts afresh)
         elif isinstance(event, Message | Ack):
             last = client.seen.get(event.room, 0)
             assert event.offset > last, ("out of order or twice", client.conn, event, last)
@@ -278,6 +285,27 @@ class Outboxes(RuleBasedStateMachine):
         if extra is not None and self.by_conn[extra].closed is None:
             self.by_conn[extra].queue.clear()  # (a replay may have refilled it)
             self.feed(Drained(conns=(extra, extra)))  # one connection named twice
+
+    @rule()
+    def everyone_reads(self) -> None:
+        """Readers write all they are handed, replays included, until nothing is left:
+        then every one of them has every message its rooms hold (or was closed)."""
+        for _ in range(100):
+            ready = [c for c in self.clients if c is not None and c.closed is None and c.reading]
+            if not any(c.queue for c in ready):
+                break
+            for client in ready:
+                client.queue.clear()
+            self.feed(Drained(conns=tuple(c.conn for c in ready)))
+        for client in self.clients:
+            if client is None or client.closed is not None or not client.reading:
+                continue
+            session = self.fast.session_of(client.conn)
+            assert session is not None
+            for room in session.rooms:
+                if stored := self.store.messages(room):
+                    head = stored[-1].offset
+                    assert client.seen.get(room, head) == head, (client.conn, room)
 
     @rule(seconds=st.sampled_from([0.5, 3.0, 6.0]))
     def wait(self, seconds: float) -> None:
